@@ -1,0 +1,30 @@
+"""lowbit: quantize large language models and fine-tune them parameter-efficiently.
+
+    import lowbit
+    model, tokenizer = lowbit.load_model("smollm2-135m")
+    report = lowbit.quantize(model, lowbit.QuantConfig(format="nf4", block_size=64, double_quant=True))
+    ppl = lowbit.evaluate.perplexity(model, tokenizer, text, context_length=512, stride=512)
+    lowbit.save_quantized(model, "smollm2-nf4");  model = lowbit.load_quantized("smollm2-nf4")
+"""
+
+from lowbit import evaluate, formats, nn
+from lowbit.io.loading import load_model
+from lowbit.io.quantized import CheckpointError, load_quantized, save_quantized
+from lowbit.nn.quant_linear import QuantLinear
+from lowbit.quantize import QuantConfig, QuantReport, quantize
+
+__version__ = "0.1.0"
+
+__all__ = [
+    "CheckpointError",
+    "QuantConfig",
+    "QuantLinear",
+    "QuantReport",
+    "evaluate",
+    "formats",
+    "load_model",
+    "load_quantized",
+    "nn",
+    "quantize",
+    "save_quantized",
+]

@@ -1,0 +1,115 @@
+"""QuantLinear: a drop-in `nn.Linear` whose weight is stored in a low-bit format.
+
+The weight lives only in its storage tensors (buffers: packed codes, scales, …). Each forward
+dequantizes it to the compute dtype just for the matmul and drops it again; the backward pass
+dequantizes once more instead of keeping the dense weight alive, so training through a QuantLinear
+(QLoRA) costs the memory of the low-bit weight only. The weight itself is frozen: gradients flow to
+the input (and to a bias, if it requires them).
+"""
+
+from __future__ import annotations
+
+import torch
+from torch import nn
+
+from lowbit.formats.weight import WeightFormat
+
+COMPUTE_DTYPES = (torch.float32, torch.bfloat16, torch.float16)
+
+
+class _DequantMatmul(torch.autograd.Function):
+    """y = x @ W.T with W re-materialised from its storage in forward and in backward."""
+
+    @staticmethod
+    def forward(ctx, x: torch.Tensor, module: QuantLinear) -> torch.Tensor:
+        ctx.module = module
+        return x @ module.dequantize(x.dtype).t()  # (…, in) @ (in, out) → (…, out)
+
+    @staticmethod
+    def backward(ctx, grad_out: torch.Tensor):
+        grad_x = grad_out @ ctx.module.dequantize(grad_out.dtype) if ctx.needs_input_grad[0] else None
+        return grad_x, None
+
+
+class QuantLinear(nn.Module):
+    """y = x · dequant(W)ᵀ + b, with W stored as `fmt` describes and computed in `compute_dtype`."""
+
+    def __init__(
+        self,
+        in_features: int,
+        out_features: int,
+        bias: bool = True,
+        fmt: WeightFormat | None = None,
+        compute_dtype: torch.dtype = torch.float32,
+        device: torch.device | str | None = None,
+    ) -> None:
+        super().__init__()
+        if compute_dtype not in COMPUTE_DTYPES:
+            raise TypeError(f"compute_dtype must be one of {COMPUTE_DTYPES}, got {compute_dtype}")
+        self.in_features, self.out_features = in_features, out_features
+        self.fmt = fmt or WeightFormat()
+        self.compute_dtype = compute_dtype
+        self.storage_names = []
+        for name, tensor in self.fmt.empty((out_features, in_features), device).items():
+            self._register_storage(name, tensor)
+        self.bias = nn.Parameter(torch.zeros(out_features, device=device), requires_grad=False) if bias else None
+
+    def _register_storage(self, name: str, tensor: torch.Tensor) -> None:
+        # Buffers, not Parameters: they move with .to() and live in the state dict, but no optimizer
+        # ever sees them (integer storage cannot take gradients).
+        self.register_buffer(f"weight_{name}" if name != "weight" else "weight", tensor)
+        if name not in self.storage_names:
+            self.storage_names.append(name)
+
+    @classmethod
+    def from_linear(
+        cls, linear: nn.Linear, fmt: WeightFormat, compute_dtype: torch.dtype | None = None
+    ) -> QuantLinear:
+        """Quantize an `nn.Linear` (round-to-nearest in `fmt`)."""
+        return cls.from_storage(linear, fmt.encode(linear.weight.detach()), fmt, compute_dtype)
+
+    @classmethod
+    def from_storage(
+        cls,
+        linear: nn.Linear,
+        storage: dict[str, torch.Tensor],
+        fmt: WeightFormat,
+        compute_dtype: torch.dtype | None = None,
+    ) -> QuantLinear:
+        """Build from storage tensors an algorithm produced for `linear`'s weight (its bias is kept)."""
+        dtype = compute_dtype or (linear.weight.dtype if linear.weight.dtype in COMPUTE_DTYPES else torch.float32)
+        module = cls(linear.in_features, linear.out_features, linear.bias is not None, fmt, dtype, device="meta")
+        for name, tensor in storage.items():
+            module._register_storage(name, tensor)
+        if linear.bias is not None:
+            module.bias = nn.Parameter(linear.bias.detach().to(dtype), requires_grad=False)
+        return module
+
+    def storage(self) -> dict[str, torch.Tensor]:
+        """The storage tensors by their format names (`weight`, `absmax`, …)."""
+        return {n: getattr(self, "weight" if n == "weight" else f"weight_{n}") for n in self.storage_names}
+
+    def dequantize(self, dtype: torch.dtype | None = None) -> torch.Tensor:
+        """The dense (out, in) weight in `dtype` (default: the compute dtype)."""
+        return self.fmt.decode(self.storage(), (self.out_features, self.in_features), dtype or self.compute_dtype)
+
+    def weight_nbytes(self) -> int:
+        return sum(t.numel() * t.element_size() for t in self.storage().values())
+
+    def bits_per_parameter(self) -> float:
+        return 8 * self.weight_nbytes() / (self.in_features * self.out_features)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if x.shape[-1] != self.in_features:
+            raise ValueError(f"QuantLinear expects input (…, {self.in_features}), got {tuple(x.shape)}")
+        y = _DequantMatmul.apply(x.to(self.compute_dtype), self)
+        if self.bias is not None:
+            y = y + self.bias.to(y.dtype)
+        return y.to(x.dtype)  # like nn.Linear in a model of x's dtype, whatever the compute dtype
+
+    def extra_repr(self) -> str:
+        f = self.fmt
+        detail = f"block_size={f.block_size}, double_quant={f.double_quant}" if f.is_codebook else (
+            f"group_size={f.group_size}, symmetric={f.symmetric}")  # fmt: skip
+        return (f"in_features={self.in_features}, out_features={self.out_features}, bias={self.bias is not None}, "
+                f"format={f.name}, {detail}, compute_dtype={self.compute_dtype}")  # fmt: skip
