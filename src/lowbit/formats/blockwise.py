@@ -20,7 +20,7 @@ from dataclasses import dataclass, field, replace
 
 import torch
 
-from lowbit.formats.codebooks import dynamic_codebook, get_codebook, nearest_code
+from lowbit.formats.codebooks import byte_pair_table, dynamic_codebook, get_codebook, nearest_code
 
 NESTED_BLOCK_SIZE = 256
 SUPPORTED_DTYPES = (torch.float32, torch.float16, torch.bfloat16, torch.float64)
@@ -180,6 +180,9 @@ def quantize_4bit(
 
 def dequantize_4bit(packed: torch.Tensor, state: QuantState, dtype: torch.dtype | None = None) -> torch.Tensor:
     """Inverse of `quantize_4bit`, in `dtype` (default: the dtype that was quantized)."""
-    codes = unpack_4bit(packed, state.numel)
-    values = dequantize_blockwise(codes, state.block_absmax(), state.code.to(packed.device), state.block_size)
-    return values.view(state.shape).to(dtype or state.dtype)
+    n = state.numel
+    if packed.numel() != (n + 1) // 2:
+        raise ValueError(f"{packed.numel()} packed bytes cannot hold a {state.shape} tensor")
+    pairs = byte_pair_table(state.quant_type, packed.device)[packed.reshape(-1).view(torch.uint8).long()]
+    values = _blocks(pairs.reshape(-1)[:n], state.block_size) * state.block_absmax().unsqueeze(1)
+    return values.reshape(-1)[:n].view(state.shape).to(dtype or state.dtype)

@@ -1,5 +1,7 @@
 """Codebooks: the finite sets of values a quantized code can stand for.
 
+Codebooks are cached: treat the returned tensors as read-only.
+
 A codebook format stores, for each weight, the index of the nearest codebook entry after the weight has
 been divided by its block's absmax, so every codebook here lives in [-1, 1] and is sorted where the
 format allows it (NF4, the dynamic map). bitsandbytes' FP4 table is not sorted: its index is a bit
@@ -7,6 +9,8 @@ pattern, so lookups go through `nearest_code`, which handles any order.
 """
 
 from __future__ import annotations
+
+from functools import lru_cache
 
 import torch
 
@@ -38,6 +42,7 @@ def nf4_from_quantiles(offset: float = NF4_OFFSET) -> torch.Tensor:
     return values / values.abs().max()
 
 
+@lru_cache(maxsize=None)
 def nf4_codebook() -> torch.Tensor:
     """The 16 NF4 values, sorted ascending, float32 (the published table)."""
     return torch.tensor(NF4_TABLE, dtype=torch.float32)
@@ -47,6 +52,7 @@ def nf4_codebook() -> torch.Tensor:
 _E2M1_MAGNITUDES = (0.0, 0.5, 1.0, 1.5, 2.0, 3.0, 4.0, 6.0)
 
 
+@lru_cache(maxsize=None)
 def e2m1_codebook() -> torch.Tensor:
     """Standard FP4 E2M1 (OCP microscaling spec), indexed by its bit pattern s·e1e0·m, scaled to [-1, 1].
 
@@ -56,6 +62,7 @@ def e2m1_codebook() -> torch.Tensor:
     return torch.cat([mags, -mags])
 
 
+@lru_cache(maxsize=None)
 def bnb_fp4_codebook() -> torch.Tensor:
     """bitsandbytes' FP4 table, indexed by its 4-bit code (sign bit first).
 
@@ -75,6 +82,7 @@ def bnb_fp4_codebook() -> torch.Tensor:
     return torch.cat([mags_t, -mags_t]) + 0.0  # + 0.0 turns -0.0 into 0.0, as in bitsandbytes' table
 
 
+@lru_cache(maxsize=None)
 def dynamic_codebook() -> torch.Tensor:
     """The signed 8-bit dynamic tree map of Dettmers (2015), used for double quantization.
 
@@ -105,6 +113,17 @@ def get_codebook(name: str, device: torch.device | str | None = None) -> torch.T
     if name not in CODEBOOKS:
         raise ValueError(f"unknown 4-bit codebook {name!r}; choose one of {sorted(CODEBOOKS)}")
     return CODEBOOKS[name]().to(device) if device is not None else CODEBOOKS[name]()
+
+
+@lru_cache(maxsize=None)
+def byte_pair_table(name: str, device: torch.device | str = "cpu") -> torch.Tensor:
+    """(256, 2) float32: the two codebook values a packed byte stands for (high nibble first).
+
+    Decoding a packed tensor is then one gather per byte instead of two shifts and two lookups.
+    """
+    code = get_codebook(name, device)
+    byte = torch.arange(256, device=device)
+    return torch.stack([code[byte >> 4], code[byte & 0xF]], dim=1)
 
 
 def nearest_code(x: torch.Tensor, codebook: torch.Tensor) -> torch.Tensor:
