@@ -71,7 +71,9 @@ def perplexity(
     if max_windows is not None:
         _check_positive_int("max_windows", max_windows)
     if stride > context_length:
-        raise ValueError(f"stride ({stride}) must not exceed context_length ({context_length}): tokens would be skipped")
+        raise ValueError(
+            f"stride ({stride}) must not exceed context_length ({context_length}): tokens would be skipped"
+        )
     if context_length < 2:
         raise ValueError("context_length must be at least 2: a window needs a context token and a target")
 

@@ -47,7 +47,9 @@ def load_model(name_or_path, dtype: torch.dtype = torch.float32, cache_dir=None)
 
     The model is in eval mode and in ``dtype``. ``cache_dir`` is where the packaged model's converted copy lives
     (default: ``$LOWBIT_CACHE`` or ``~/.cache/lowbit``); it is ignored for the other sources, which are read
-    in place. Nothing is ever downloaded: every transformers call passes ``local_files_only=True``.
+    in place. Nothing is ever downloaded: every transformers call passes ``local_files_only=True``. A string
+    that is a packaged name means the packaged model even if a directory of that name exists; pass a ``Path``
+    (or ``"./smollm2-135m"``) for the directory.
     """
     if isinstance(name_or_path, str) and name_or_path.strip().lower() in PACKAGED_NAMES:
         model, tokenizer = _load_packaged(dtype, cache_dir)
