@@ -87,6 +87,7 @@ def double_quant_ref(absmax: torch.Tensor, nested_block: int = 256) -> torch.Ten
 
 # ---------------------------------------------------------------- scaled (int / fp8) references
 
+
 def group_ids(shape: tuple[int, ...], kind: str, size: int | None = None) -> torch.Tensor:
     """Group index of every element (row-major flat order), numbering groups row by row.
 

@@ -2,6 +2,7 @@
 
 import math
 
+import bitsandbytes.functional as bnbF
 import pytest
 import torch
 from hypothesis import given, settings
@@ -27,8 +28,8 @@ from ._reference import (
 
 CODEBOOK_REFS = {
     # published / peer tables, not lowbit's
-    "nf4": lambda: __import__("bitsandbytes").functional.get_4bit_type("nf4", device="cpu").double(),
-    "fp4": lambda: __import__("bitsandbytes").functional.get_4bit_type("fp4", device="cpu").double(),
+    "nf4": lambda: bnbF.get_4bit_type("nf4", device="cpu").double(),
+    "fp4": lambda: bnbF.get_4bit_type("fp4", device="cpu").double(),
     "e2m1": lambda: torch.tensor([0, 0.5, 1, 1.5, 2, 3, 4, 6, -0.0, -0.5, -1, -1.5, -2, -3, -4, -6]).double() / 6,
 }
 
@@ -79,7 +80,9 @@ def test_quantize_4bit_codes_match_float64_reference(name, dtype, block):
 
 
 @pytest.mark.parametrize("name", ["nf4", "fp4", "e2m1"])
-@pytest.mark.parametrize("shape, block", [((7, 13), 64), ((3, 37), 64), ((1,), 64), ((5, 64), 128), ((129,), 64), ((2, 3, 11), 16)])
+@pytest.mark.parametrize(
+    "shape, block", [((7, 13), 64), ((3, 37), 64), ((1,), 64), ((5, 64), 128), ((129,), 64), ((2, 3, 11), 16)]
+)
 def test_odd_and_non_divisible_sizes(name, shape, block):
     torch.manual_seed(2)
     w = torch.randn(*shape)
@@ -202,6 +205,7 @@ def test_quantize_4bit_property_random_shapes(name, shape, block, log_scale, see
 
 # ------------------------------------------------------------------------------------ packing
 
+
 def test_pack_high_nibble_first_on_hand_written_bytes():
     codes = torch.tensor([1, 2, 3, 4, 15, 0, 10, 11], dtype=torch.uint8)
     assert pack_4bit(codes).tolist() == [0x12, 0x34, 0xF0, 0xAB]
@@ -210,6 +214,14 @@ def test_pack_high_nibble_first_on_hand_written_bytes():
     assert pack_4bit(torch.tensor([1, 2, 3, 4, 5], dtype=torch.uint8)).tolist() == [0x12, 0x34, 0x50]
     assert unpack_4bit(torch.tensor([0x12, 0x34, 0x5F], dtype=torch.uint8), 5).tolist() == [1, 2, 3, 4, 5]
     assert unpack_4bit(torch.tensor([0xFF], dtype=torch.uint8), 1).tolist() == [15]
+
+
+def test_dequantize_rejects_wrong_packed_size():
+    packed, state = quantize_4bit(torch.randn(4, 64), "nf4", 64, double_quant=False)
+    with pytest.raises(ValueError):
+        dequantize_4bit(packed[:-1], state)
+    with pytest.raises(ValueError):
+        dequantize_4bit(torch.cat([packed, packed[:1]]), state)
 
 
 def test_unpack_rejects_wrong_count():
@@ -237,6 +249,7 @@ def test_pack_unpack_round_trip(values):
 
 # --------------------------------------------------------------------- quantize_blockwise (8-bit)
 
+
 @pytest.mark.parametrize("block", [256, 64, 100])
 def test_quantize_blockwise_dynamic_map_matches_float64_nearest(block):
     torch.manual_seed(5)
@@ -261,6 +274,7 @@ def test_nf4_reference_table_is_published():
 
 
 # ------------------------------------------------------------------------------------- errors
+
 
 @pytest.mark.parametrize("bad", [float("nan"), float("inf"), float("-inf")])
 def test_non_finite_rejected(bad):

@@ -165,6 +165,7 @@ def test_bits_per_parameter():
 
 # -------------------------------------------------------------------------------------------- FP8
 
+
 @pytest.mark.parametrize("kind", ["fp8_e4m3", "fp8_e5m2"])
 @pytest.mark.parametrize("shape, gkind, size", CASES, ids=CASE_IDS)
 def test_fp8_matches_float64_reference(shape, gkind, size, kind):
@@ -305,6 +306,7 @@ def test_all_zero_groups_give_zeros_and_finite_scales(kind, size):
 
 # ------------------------------------------------------------------------------------- errors
 
+
 @pytest.mark.parametrize("bad", [float("nan"), float("inf"), -float("inf")])
 def test_non_finite_rejected(bad):
     x = torch.randn(4, 8)
@@ -328,7 +330,9 @@ def test_bad_inputs_rejected():
         quantize_int(torch.randn(4, 4), bits=1)
 
 
-@pytest.mark.parametrize("kind, size", [("group", None), ("group", 0), ("block", -3), ("row", 4), ("tensor", 1), ("diag", None)])
+@pytest.mark.parametrize(
+    "kind, size", [("group", None), ("group", 0), ("block", -3), ("row", 4), ("tensor", 1), ("diag", None)]
+)
 def test_invalid_granularity(kind, size):
     with pytest.raises(ValueError):
         Granularity(kind, size)
@@ -336,7 +340,8 @@ def test_invalid_granularity(kind, size):
 
 def test_scaled_tensor_is_plain_data():
     # dequantize_scaled only needs the fields: a hand-built ScaledTensor decodes as S·(q − Z)
-    t = ScaledTensor(torch.tensor([[1, -2, 3]], dtype=torch.int8), torch.tensor([0.5]), torch.tensor([1], dtype=torch.int16),
-                     "int", 4, Granularity("row"), torch.float32)  # fmt: skip
+    data = torch.tensor([[1, -2, 3]], dtype=torch.int8)
+    zero = torch.tensor([1], dtype=torch.int16)
+    t = ScaledTensor(data, torch.tensor([0.5]), zero, "int", 4, Granularity("row"), torch.float32)
     assert dequantize_scaled(t).tolist() == [[0.0, -1.5, 1.0]]
     assert math.isclose(t.bits_per_parameter(), 8 * (2 + 4 + 1) / 3)

@@ -34,7 +34,7 @@ def configs():
         for dq in (True, False):
             for block in (64, 32):
                 out.append(WeightFormat(name, block_size=block, double_quant=dq))
-    for name in ("int4", "int8"):
+    for name in ("int2", "int3", "int4", "int8"):
         for group in (None, 32):
             for sym in (True, False):
                 out.append(WeightFormat(name, group_size=group, symmetric=sym))
@@ -50,7 +50,7 @@ CONFIG_IDS = [f"{c.name}-b{c.block_size}-dq{int(c.double_quant)}-g{c.group_size}
 
 
 def test_formats_are_the_documented_set():
-    assert set(FORMATS) == {"nf4", "fp4", "e2m1", "int4", "int8", "fp8_e4m3", "fp8_e5m2"}
+    assert set(FORMATS) == {"nf4", "fp4", "e2m1", "int2", "int3", "int4", "int8", "fp8_e4m3", "fp8_e5m2"}
     assert {c.name for c in CONFIGS} == set(FORMATS)
 
 
@@ -75,7 +75,7 @@ def reference_decode(fmt: WeightFormat, w: torch.Tensor):
     if fmt.name in FP8:
         q, s = fp8_ref(w, FP8[fmt.name], gid)
         return (q * s[gid]).reshape(shape), torch.zeros(shape, dtype=torch.bool)
-    bits = {"int4": 4, "int8": 8}[fmt.name]
+    bits = {"int2": 2, "int3": 3, "int4": 4, "int8": 8}[fmt.name]
     if fmt.symmetric:
         q, s, ratio = int_symmetric_ref(w, bits, gid)
         return (q * s[gid]).reshape(shape), near_half(ratio).reshape(shape)
@@ -86,7 +86,7 @@ def reference_decode(fmt: WeightFormat, w: torch.Tensor):
 
 def step_size(fmt: WeightFormat, w: torch.Tensor) -> float:
     """A generous one-level step, for values that may round either way at a tie."""
-    return w.abs().max().item() / (2 if fmt.name in CODEBOOK_TABLES else {"int4": 3, "int8": 63}.get(fmt.name, 8))
+    return w.abs().max().item() / (2 if fmt.name in CODEBOOK_TABLES else {"int2": 0.5, "int3": 1.5, "int4": 3, "int8": 63}.get(fmt.name, 8))
 
 
 @pytest.mark.parametrize("in_features", [64, 97])
@@ -174,7 +174,7 @@ def test_config_serialises():
 @pytest.mark.parametrize(
     "kwargs",
     [
-        {"name": "int3"},
+        {"name": "int5"},
         {"name": "NF4"},
         {"name": "fp8_e4m3", "symmetric": False},
         {"name": "fp8_e5m2", "symmetric": False},

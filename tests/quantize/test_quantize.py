@@ -98,3 +98,19 @@ def test_config_validation():
     assert lowbit.QuantConfig.from_dict(cfg.to_dict()) == cfg
     with pytest.raises(ValueError, match="unknown QuantConfig field"):
         lowbit.QuantConfig.from_dict({**cfg.to_dict(), "bogus": 1})
+
+
+def test_layers_are_swapped_one_at_a_time(monkeypatch):
+    """Each layer is replaced before the next is quantized, so two full-precision copies never coexist."""
+    model = tiny_llama()
+    dense_left = []
+    original = QuantLinear.from_linear.__func__
+
+    def spy(cls, linear, fmt, compute_dtype=None):
+        dense_left.append(sum(type(m) is nn.Linear for m in model.modules()))
+        return original(cls, linear, fmt, compute_dtype)
+
+    monkeypatch.setattr(QuantLinear, "from_linear", classmethod(spy))
+    lowbit.quantize(model, lowbit.QuantConfig())
+    n = len(dense_left)
+    assert n == 14 and dense_left == list(range(n + 1, 1, -1))  # 15 linears (incl. lm_head) counting down

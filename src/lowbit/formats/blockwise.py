@@ -181,8 +181,9 @@ def quantize_4bit(
 def dequantize_4bit(packed: torch.Tensor, state: QuantState, dtype: torch.dtype | None = None) -> torch.Tensor:
     """Inverse of `quantize_4bit`, in `dtype` (default: the dtype that was quantized)."""
     n = state.numel
+    packed = packed.reshape(-1).view(torch.uint8)  # bitsandbytes may store the bytes in another dtype
     if packed.numel() != (n + 1) // 2:
         raise ValueError(f"{packed.numel()} packed bytes cannot hold a {state.shape} tensor")
-    pairs = byte_pair_table(state.quant_type, packed.device)[packed.reshape(-1).view(torch.uint8).long()]
+    pairs = byte_pair_table(state.quant_type, packed.device)[packed.long()]
     values = _blocks(pairs.reshape(-1)[:n], state.block_size) * state.block_absmax().unsqueeze(1)
     return values.reshape(-1)[:n].view(state.shape).to(dtype or state.dtype)

@@ -1,7 +1,5 @@
 """Codebooks: the finite sets of values a quantized code can stand for.
 
-Codebooks are cached: treat the returned tensors as read-only.
-
 A codebook format stores, for each weight, the index of the nearest codebook entry after the weight has
 been divided by its block's absmax, so every codebook here lives in [-1, 1] and is sorted where the
 format allows it (NF4, the dynamic map). bitsandbytes' FP4 table is not sorted: its index is a bit
@@ -10,9 +8,20 @@ pattern, so lookups go through `nearest_code`, which handles any order.
 
 from __future__ import annotations
 
-from functools import lru_cache
+from functools import lru_cache, wraps
 
 import torch
+
+
+def _cached_copy(build):
+    """Build a table once; hand every caller its own copy, so no caller can corrupt the cache."""
+    cached = lru_cache(maxsize=None)(build)
+
+    @wraps(build)
+    def table() -> torch.Tensor:
+        return cached().clone()
+
+    return table
 
 # The probability mass QLoRA leaves outside the outermost quantile so that it is finite
 # (≈ the mean of 1 - 1/30 and 1 - 1/32; the value is QLoRA's published constant).
@@ -42,7 +51,7 @@ def nf4_from_quantiles(offset: float = NF4_OFFSET) -> torch.Tensor:
     return values / values.abs().max()
 
 
-@lru_cache(maxsize=None)
+@_cached_copy
 def nf4_codebook() -> torch.Tensor:
     """The 16 NF4 values, sorted ascending, float32 (the published table)."""
     return torch.tensor(NF4_TABLE, dtype=torch.float32)
@@ -52,7 +61,7 @@ def nf4_codebook() -> torch.Tensor:
 _E2M1_MAGNITUDES = (0.0, 0.5, 1.0, 1.5, 2.0, 3.0, 4.0, 6.0)
 
 
-@lru_cache(maxsize=None)
+@_cached_copy
 def e2m1_codebook() -> torch.Tensor:
     """Standard FP4 E2M1 (OCP microscaling spec), indexed by its bit pattern s·e1e0·m, scaled to [-1, 1].
 
@@ -62,7 +71,7 @@ def e2m1_codebook() -> torch.Tensor:
     return torch.cat([mags, -mags])
 
 
-@lru_cache(maxsize=None)
+@_cached_copy
 def bnb_fp4_codebook() -> torch.Tensor:
     """bitsandbytes' FP4 table, indexed by its 4-bit code (sign bit first).
 
@@ -82,7 +91,7 @@ def bnb_fp4_codebook() -> torch.Tensor:
     return torch.cat([mags_t, -mags_t]) + 0.0  # + 0.0 turns -0.0 into 0.0, as in bitsandbytes' table
 
 
-@lru_cache(maxsize=None)
+@_cached_copy
 def dynamic_codebook() -> torch.Tensor:
     """The signed 8-bit dynamic tree map of Dettmers (2015), used for double quantization.
 
@@ -132,7 +141,10 @@ def nearest_code(x: torch.Tensor, codebook: torch.Tensor) -> torch.Tensor:
     Ties go to the smaller value (decision boundaries are the midpoints between sorted neighbours,
     compared with `x <= boundary`), which is also bitsandbytes' rule, so codes match it bit for bit.
     """
-    order = torch.argsort(codebook, stable=True)
+    # -0.0 sorts before +0.0 (E2M1 has both), so tiny negatives keep their sign bit; tables without a
+    # negative zero (NF4, bitsandbytes' FP4) are ordered exactly as by value.
+    key = codebook.double() - (torch.signbit(codebook) & (codebook == 0)).double() * 1e-300
+    order = torch.argsort(key, stable=True)
     sorted_values = codebook[order]
     boundaries = (sorted_values[:-1] + sorted_values[1:]) / 2
     return order[torch.bucketize(x, boundaries)]

@@ -32,7 +32,7 @@ class Granularity:
         if self.kind not in GRANULARITIES:
             raise ValueError(f"unknown granularity {self.kind!r}; choose one of {GRANULARITIES}")
         if self.kind in ("group", "block"):
-            if self.size is None or int(self.size) < 1:
+            if isinstance(self.size, bool) or not isinstance(self.size, int) or self.size < 1:
                 raise ValueError(f"granularity {self.kind!r} needs a positive size, got {self.size}")
         elif self.size is not None:
             raise ValueError(f"granularity {self.kind!r} takes no size (got {self.size})")

@@ -8,8 +8,9 @@ matrix. Algorithms (GPTQ, …) that choose their own integer values hand them to
 Storage per format:
 - nf4 / fp4 / e2m1: `weight` packed uint8 (2 codes per byte), `absmax` fp32 per block, or with double
   quantization uint8 plus `nested_absmax` fp32 and `offset` (bitsandbytes' layout).
-- int4 / int8: `weight` int8 levels (int4: packed two per byte as level - qmin), `scale` fp32 per
-  group, `zero_point` for affine; groups of `group_size` along the input dimension, or per row.
+- int2 / int3 / int4 / int8: `weight` int8 levels (int4: packed two per byte as level - qmin; int2 /
+  int3: level - qmin in a dense bit stream, see `bitpack.py`), `scale` fp32 per group, `zero_point`
+  for affine; groups of `group_size` along the input dimension, or per row.
 - fp8_e4m3 / fp8_e5m2: `weight` float8, `scale` fp32 per group or row.
 """
 
@@ -20,12 +21,13 @@ from dataclasses import asdict, dataclass
 
 import torch
 
+from lowbit.formats.bitpack import pack_bits, packed_nbytes, unpack_bits
 from lowbit.formats.blockwise import NestedState, QuantState, dequantize_4bit, pack_4bit, quantize_4bit, unpack_4bit
 from lowbit.formats.codebooks import CODEBOOKS
 from lowbit.formats.granularity import Granularity, n_groups
 from lowbit.formats.scaled import FP8_DTYPES, ScaledTensor, dequantize_scaled, int_range, quantize_fp8, quantize_int
 
-INT_BITS = {"int4": 4, "int8": 8}
+INT_BITS = {"int2": 2, "int3": 3, "int4": 4, "int8": 8}
 FORMATS = tuple(CODEBOOKS) + tuple(INT_BITS) + tuple(FP8_DTYPES)
 
 
@@ -81,6 +83,8 @@ class WeightFormat:
         data = q.data
         if q.bits == 4:
             data = pack_4bit((data.to(torch.int16) - qmin).to(torch.uint8))
+        elif q.bits < 4:
+            data = pack_bits(data.to(torch.int16) - qmin, q.bits)
         tensors = {"weight": data, "scale": q.scale}
         if q.zero_point is not None:
             tensors["zero_point"] = q.zero_point
@@ -96,6 +100,8 @@ class WeightFormat:
             data = tensors["weight"]
             if bits == 4:
                 data = (unpack_4bit(data, math.prod(shape)).to(torch.int16) + qmin).to(torch.int8).view(shape)
+            elif bits < 4:
+                data = (unpack_bits(data, bits, math.prod(shape)).to(torch.int16) + qmin).to(torch.int8).view(shape)
             q = ScaledTensor(data, tensors["scale"], tensors.get("zero_point"), "int", bits, self.granularity, dtype)
         else:
             q = ScaledTensor(tensors["weight"], tensors["scale"], None, self.name, 8, self.granularity, dtype)
@@ -126,8 +132,10 @@ class WeightFormat:
         if self.name in FP8_DTYPES:
             return {"weight": torch.empty(shape, dtype=FP8_DTYPES[self.name], **kw), "scale": torch.empty(groups, **kw)}
         bits = INT_BITS[self.name]
-        weight = torch.empty((n + 1) // 2, dtype=torch.uint8, **kw) if bits == 4 else torch.empty(
-            shape, dtype=torch.int8 if self.symmetric else torch.uint8, **kw)  # fmt: skip
+        if bits < 8:
+            weight = torch.empty(packed_nbytes(n, bits), dtype=torch.uint8, **kw)  # 4-bit: (n + 1) // 2 too
+        else:
+            weight = torch.empty(shape, dtype=torch.int8 if self.symmetric else torch.uint8, **kw)
         tensors = {"weight": weight, "scale": torch.empty(groups, **kw)}
         if not self.symmetric:
             tensors["zero_point"] = torch.empty(groups, dtype=torch.int16, **kw)
