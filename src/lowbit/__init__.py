@@ -8,6 +8,7 @@
 """
 
 from lowbit import evaluate, formats, nn
+from lowbit import peft
 from lowbit.io.loading import load_model
 from lowbit.io.quantized import CheckpointError, load_quantized, save_quantized
 from lowbit.nn.quant_linear import QuantLinear
@@ -25,6 +26,7 @@ __all__ = [
     "load_model",
     "load_quantized",
     "nn",
+    "peft",
     "quantize",
     "save_quantized",
 ]
