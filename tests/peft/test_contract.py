@@ -7,11 +7,13 @@ fit raises a ValueError naming the first key that does not fit, leaving the mode
 """
 
 import re
+import warnings
 
+import peft
 import pytest
 import torch
 
-from lowbit.peft import get_peft_method
+from lowbit.peft import get_peft_method, load_adapter, save_adapter
 from lowbit.peft.adapter import BottleneckConfig, apply_bottleneck
 from lowbit.peft.ia3 import IA3Config, apply_ia3
 from lowbit.peft.lora import LoraConfig, apply_lora
@@ -30,7 +32,8 @@ CASES = {
     "p_tuning_mlp": ("P_TUNING", apply_p_tuning, PTuningConfig(num_virtual_tokens=4, encoder_hidden_size=16)),
     "p_tuning_lstm": ("P_TUNING", apply_p_tuning, PTuningConfig(num_virtual_tokens=4, encoder="lstm",
                                                                 encoder_hidden_size=8, encoder_num_layers=1)),
-    "prefix_mlp": ("PREFIX_TUNING", apply_prefix_tuning, PrefixTuningConfig(num_virtual_tokens=4, encoder_hidden_size=16)),
+    "prefix_mlp": ("PREFIX_TUNING", apply_prefix_tuning, PrefixTuningConfig(num_virtual_tokens=4,
+                                                                            encoder_hidden_size=16)),
     "prefix_direct": ("PREFIX_TUNING", apply_prefix_tuning, PrefixTuningConfig(num_virtual_tokens=4,
                                                                                prefix_projection=False)),
     "partial": ("PARTIAL", apply_partial, PartialConfig(modules_to_save=("model.layers.1", "lm_head"))),
@@ -76,7 +79,9 @@ def test_only_the_methods_parameters_train(trained):
     new = {n: p for n, p in model.named_parameters() if id(p) not in base_ids}
     assert new, f"{name} added no parameters"
     trainable = {n for n, p in model.named_parameters() if p.requires_grad}
-    assert trainable == set(new), f"{name}: trainable {sorted(trainable - set(new))} / frozen new {sorted(set(new) - trainable)}"
+    assert trainable == set(new), (
+        f"{name}: trainable old {sorted(trainable - set(new))}, frozen new {sorted(set(new) - trainable)}"
+    )
 
 
 def test_one_step_lowers_the_loss(trained):
@@ -141,3 +146,68 @@ def test_mismatched_state_dict_raises_and_changes_nothing(trained, fault):
     after = fresh.state_dict()
     assert after.keys() == before.keys()
     assert all(torch.equal(after[k], before[k]) for k in before), f"{name}: a failed load changed the model"
+
+
+# --- through files: lowbit.peft.save_adapter / load_adapter, and HF peft on the same directories ------------
+
+
+def test_save_adapter_load_adapter_round_trip(trained, tmp_path):
+    name, _, _, model, _ = trained
+    save_adapter(model, tmp_path)
+    fresh = load_adapter(tiny_llama(seed=1), tmp_path).eval()
+    assert fresh.lowbit_adapters["default"] == model.lowbit_adapters["default"]  # the config survives the file
+    ids, mask = batch(seed=1)
+    with torch.no_grad():
+        expected = model(input_ids=ids, attention_mask=mask).logits
+        assert torch.equal(fresh(input_ids=ids, attention_mask=mask).logits, expected)
+
+
+PEFT_TYPES = ("LORA", "IA3", "PROMPT_TUNING", "P_TUNING", "PREFIX_TUNING")
+
+
+def test_peft_loads_lowbits_file_and_reproduces_logits(trained, tmp_path):
+    name, _, _, model, _ = trained
+    if CASES[name][0] not in PEFT_TYPES:
+        pytest.skip(f"{CASES[name][0]} is lowbit's own peft_type; HF peft has no equivalent")
+    save_adapter(model, tmp_path)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        reference = peft.PeftModel.from_pretrained(tiny_llama(seed=1), str(tmp_path)).eval()
+    ids, mask = batch(seed=1)
+    with torch.no_grad():
+        expected = model(input_ids=ids, attention_mask=mask).logits
+        torch.testing.assert_close(reference(input_ids=ids, attention_mask=mask).logits, expected, atol=1e-6, rtol=1e-6)
+
+
+def _peft_trained(peft_type):
+    """A peft model of `peft_type` on the tiny Llama with non-trivial weights, in training mode."""
+    config = {
+        "IA3": lambda: peft.IA3Config(task_type="CAUSAL_LM"),
+        "PROMPT_TUNING": lambda: peft.PromptTuningConfig(task_type="CAUSAL_LM", num_virtual_tokens=4),
+        "P_TUNING": lambda: peft.PromptEncoderConfig(task_type="CAUSAL_LM", num_virtual_tokens=4,
+                                                     encoder_hidden_size=16),
+        "PREFIX_TUNING": lambda: peft.PrefixTuningConfig(task_type="CAUSAL_LM", num_virtual_tokens=4,
+                                                         prefix_projection=True, encoder_hidden_size=16),
+    }[peft_type]()  # fmt: skip
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        model = peft.get_peft_model(tiny_llama(seed=1), config)
+    g = torch.Generator().manual_seed(7)
+    with torch.no_grad():
+        for n, p in model.named_parameters():
+            if p.requires_grad:
+                p.add_(torch.randn(p.shape, generator=g) * 0.2)
+    return model.eval()
+
+
+@pytest.mark.parametrize("peft_type", ["IA3", "PROMPT_TUNING", "P_TUNING", "PREFIX_TUNING"])
+def test_lowbit_loads_a_peft_saved_adapter(peft_type, tmp_path):
+    reference = _peft_trained(peft_type)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        reference.save_pretrained(str(tmp_path))
+    model = load_adapter(tiny_llama(seed=1), tmp_path).eval()
+    ids, mask = batch(seed=2)
+    with torch.no_grad():
+        expected = reference(input_ids=ids, attention_mask=mask).logits
+        assert torch.equal(model(input_ids=ids, attention_mask=mask).logits, expected)

@@ -117,7 +117,8 @@ def test_merge_folds_vectors_into_weights_and_bias():
     model = apply_ia3(tiny_qwen2(), IA3Config(target_modules=("k_proj", "v_proj", "down_proj"),
                                               feedforward_modules=("down_proj",))).eval()  # fmt: skip
     randomize(model)
-    before = {n: (copy.deepcopy(m.base_layer), m.ia3_l["default"].detach().clone()) for n, m in ia3_layers(model).items()}
+    before = {n: (copy.deepcopy(m.base_layer), m.ia3_l["default"].detach().clone())
+              for n, m in ia3_layers(model).items()}  # fmt: skip
     with torch.no_grad():
         unmerged = model(input_ids=ids()).logits
     merge_ia3(model)
@@ -144,7 +145,8 @@ def test_quantized_base_works_but_does_not_merge():
     randomize(model)
     layer = model.get_submodule("model.layers.0.self_attn.k_proj")
     x = torch.randn(3, 64)
-    expected = (x.double() @ layer.base_layer.dequantize(torch.float32).double().T) * layer.ia3_l["default"].double().flatten()
+    w = layer.base_layer.dequantize(torch.float32).double()  # the NF4 weight, decoded
+    expected = (x.double() @ w.T) * layer.ia3_l["default"].double().flatten()
     torch.testing.assert_close(layer(x).double(), expected, atol=1e-5, rtol=1e-5)
     with pytest.raises(ValueError, match="QuantLinear"):
         merge_ia3(model)
@@ -194,7 +196,7 @@ def test_glob_patterns_become_a_regex_that_peft_selects_identically():
     ours = sorted(n for n, _, _ in find_ia3_targets(tiny_llama(), config))
     d = ia3_to_peft_dict(config)
     assert isinstance(d["target_modules"], str)
-    fields = {k: v for k, v in d.items() if k not in ("peft_type", "inference_mode")}
+    fields = {k: v for k, v in d.items() if k not in ("peft_type", "inference_mode", "task_type")}
     reference = _peft_ia3(tiny_llama, **fields)
     theirs = sorted(n.removeprefix("base_model.model.") for n, m in reference.named_modules()
                     if isinstance(m, peft.tuners.ia3.Linear))  # fmt: skip

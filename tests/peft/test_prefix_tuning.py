@@ -60,7 +60,8 @@ def test_prefix_shape_follows_grouped_query_attention():
     model = apply_prefix_tuning(tiny_llama(), PrefixTuningConfig(num_virtual_tokens=N))
     config = model.lowbit_adapters["default"]
     # tiny Llama: 2 layers, 2 key/value heads of 16 → d_kv = 32 (not the 64 of the hidden size)
-    assert (config.token_dim, config.num_attention_heads, config.num_layers, config.encoder_hidden_size) == (32, 2, 2, 32)
+    sizes = (config.token_dim, config.num_attention_heads, config.num_layers, config.encoder_hidden_size)
+    assert sizes == (32, 2, 2, 32)
     assert prefix_tuning_state_dict(model, "default")["prompt_embeddings"].shape == (N, 2 * 2 * 32)
 
 
@@ -80,7 +81,8 @@ def test_forward_equals_peft(projection, build):
 def test_generate_equals_peft():
     reference, model = peft_and_lowbit(True)
     ids, mask = ids_and_mask(pad=False)
-    a, b = reference.generate(input_ids=ids, attention_mask=mask, **GEN), model.generate(input_ids=ids, attention_mask=mask, **GEN)
+    a = reference.generate(input_ids=ids, attention_mask=mask, **GEN)
+    b = model.generate(input_ids=ids, attention_mask=mask, **GEN)
     assert torch.equal(a.sequences, b.sequences)
     assert all(torch.equal(x, y) for x, y in zip(a.logits, b.logits))
 

@@ -1,6 +1,7 @@
 """Prompt tuning: config checks, initialisation, the prepending hook (mask, labels, positions, generate)
 against HF peft and against hand-built inputs_embeds, removal."""
 
+import copy
 import warnings
 
 import peft
@@ -141,14 +142,17 @@ def test_forward_equals_hand_built_inputs_embeds():
     # loss only on real tokens, each predicted from everything before it (the first from the prompt), float64
     logits = expected[:, N - 1 : -1].double().reshape(-1, 300)
     target = labels.reshape(-1)
-    assert out.loss.double().item() == pytest.approx(F.cross_entropy(logits, target, ignore_index=-100).item(), rel=1e-5)
+    expected_loss = F.cross_entropy(logits, target, ignore_index=-100).item()
+    assert out.loss.double().item() == pytest.approx(expected_loss, rel=1e-5)
 
 
 def _generate(model, ids, mask=None):
-    return model.generate(input_ids=ids, attention_mask=mask if mask is not None else torch.ones_like(ids),
-                          max_new_tokens=4, do_sample=False, output_logits=True, return_dict_in_generate=True)  # fmt: skip
+    mask = mask if mask is not None else torch.ones_like(ids)
+    return model.generate(input_ids=ids, attention_mask=mask, max_new_tokens=4, do_sample=False, output_logits=True,
+                          return_dict_in_generate=True)  # fmt: skip
 
 
+@pytest.mark.filterwarnings("ignore:Position ids are not supported")
 def test_generate_equals_peft():
     reference = peft_prompt_model()
     model = lowbit_like(reference)
@@ -210,3 +214,17 @@ def test_only_one_prompt_learning_adapter_at_a_time():
     with pytest.raises(ValueError, match="already on this model"):
         apply_prompt_tuning(model, PromptTuningConfig())
     assert list(model.lowbit_adapters) == ["default"] and len(model._forward_pre_hooks) == 1
+
+
+def test_inputs_embeds_and_a_deepcopy():
+    model = apply_prompt_tuning(tiny_llama(), PromptTuningConfig(num_virtual_tokens=N)).eval()
+    ids, mask = ids_and_mask()
+    with torch.no_grad():
+        expected = model(input_ids=ids, attention_mask=mask).logits
+        embeds = model.get_input_embeddings()(ids)
+        assert torch.equal(model(inputs_embeds=embeds, attention_mask=mask).logits, expected)
+        twin = copy.deepcopy(model)
+        assert torch.equal(twin(input_ids=ids, attention_mask=mask).logits, expected)
+        remove_prompt_tuning(twin)  # the copy's hook goes, the original's stays
+        assert torch.equal(model(input_ids=ids, attention_mask=mask).logits, expected)
+        assert twin(input_ids=ids, attention_mask=mask).logits.shape == (2, 7, 300)

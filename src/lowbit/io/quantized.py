@@ -7,7 +7,8 @@ A saved model is a directory:
     tokenizer files          when a tokenizer is passed
 
 Loading builds the model skeleton with its parameters on the meta device (no memory, no random
-init), swaps in empty QuantLinear layers and then assigns the stored tensors, so neither a
+init), swaps in empty lowbit layers (QuantLinear, Int8Linear, …: `LAYER_CLASSES`, each rebuilt from the
+`to_meta()` description recorded per layer) and then assigns the stored tensors, so neither a
 full-precision copy nor a re-quantization ever happens. Only safetensors and JSON are read: nothing
 in a checkpoint can execute code.
 """
@@ -25,15 +26,19 @@ from safetensors import SafetensorError
 from safetensors.torch import load_file, save_file
 from torch import nn
 
-from lowbit.formats.weight import WeightFormat
-from lowbit.nn.quant_linear import QuantLinear
+from lowbit.nn import ActOrderQuantLinear, Int8Linear, QuantLinear, SpQRLinear, W8A8Linear
 from lowbit.quantize.api import set_submodule
-from lowbit.quantize.config import DTYPES, QuantConfig
+from lowbit.quantize.config import QuantConfig
 
 FORMAT_NAME = "lowbit-quantized"
 FORMAT_VERSION = 1
 META_FILE = "lowbit_quant.json"
 WEIGHTS_FILE = "model.safetensors"
+
+
+# The module classes a checkpoint can hold, by the name recorded for each layer. Each provides
+# `to_meta()` (JSON construction arguments) and `from_meta(meta, device)` (an empty twin to load into).
+LAYER_CLASSES = {cls.__name__: cls for cls in (QuantLinear, ActOrderQuantLinear, Int8Linear, W8A8Linear, SpQRLinear)}
 
 
 class CheckpointError(ValueError):
@@ -44,17 +49,13 @@ def save_quantized(model: nn.Module, path: str | os.PathLike, tokenizer=None) ->
     """Write a quantized (or partly quantized) transformers model to the directory `path`."""
     path = Path(path)
     path.mkdir(parents=True, exist_ok=True)
-    layers = {
-        name: {
-            "in_features": m.in_features,
-            "out_features": m.out_features,
-            "bias": m.bias is not None,
-            "compute_dtype": str(m.compute_dtype).removeprefix("torch."),
-            "weight_format": m.fmt.to_dict(),
-        }
-        for name, m in model.named_modules()
-        if isinstance(m, QuantLinear)
-    }
+    layers = {}
+    for name, m in model.named_modules():
+        if isinstance(m, (QuantLinear, *LAYER_CLASSES.values())):
+            if LAYER_CLASSES.get(type(m).__name__) is not type(m):
+                raise ValueError(f"cannot save {name}: {type(m).__name__} is not one of lowbit's checkpoint "
+                                 f"layer classes {sorted(LAYER_CLASSES)}")  # fmt: skip
+            layers[name] = {"class": type(m).__name__, **m.to_meta()}
     tensors, tied = _dedupe_shared(model.state_dict())
     config = getattr(model, "lowbit_quant_config", None)
     meta = {
@@ -86,10 +87,7 @@ def load_quantized(path: str | os.PathLike, device: str | torch.device = "cpu") 
     with _parameters_on_meta():
         model = model_cls(config)
     for name, layer in meta["layers"].items():
-        fmt = WeightFormat(**layer["weight_format"])
-        module = QuantLinear(layer["in_features"], layer["out_features"], layer["bias"], fmt,
-                             DTYPES[layer["compute_dtype"]], device="meta")  # fmt: skip
-        set_submodule(model, name, module)
+        set_submodule(model, name, _empty_layer(path, name, layer))
     state = _read_tensors(path / WEIGHTS_FILE)
     for key, source in meta["tied"].items():
         state[key] = state[source]
@@ -107,6 +105,18 @@ def load_quantized(path: str | os.PathLike, device: str | torch.device = "cpu") 
     if hasattr(model, "tie_weights"):
         model.tie_weights()  # one Parameter again for tied embeddings, as after from_pretrained
     return model.to(device).eval()
+
+
+def _empty_layer(path: Path, name: str, layer: dict) -> nn.Module:
+    """The recorded layer class (QuantLinear when none is recorded: files of lowbit ≤ 0.1) built on meta."""
+    layer = dict(layer)
+    cls = LAYER_CLASSES.get(layer.pop("class", "QuantLinear"))
+    if cls is None:
+        raise CheckpointError(f"{path}: layer {name} has an unknown class; lowbit reads {sorted(LAYER_CLASSES)}")
+    try:
+        return cls.from_meta(layer, device="meta")
+    except (KeyError, TypeError, ValueError) as e:
+        raise CheckpointError(f"{path}: the description of layer {name} is invalid: {e!r}") from e
 
 
 def _read_meta(path: Path) -> dict:

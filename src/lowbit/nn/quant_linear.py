@@ -5,6 +5,10 @@ dequantizes it to the compute dtype just for the matmul and drops it again; the 
 dequantizes once more instead of keeping the dense weight alive, so training through a QuantLinear
 (QLoRA) costs the memory of the low-bit weight only. The weight itself is frozen: gradients flow to
 the input (and to a bias, if it requires them).
+
+`kernel` chooses how the matmul runs (`lowbit.kernels.select`): "dequant" is the path above; "fused"
+the registered op `lowbit::lut4_linear` (Triton dequant-fused GEMV/GEMM on CUDA) for the 4-bit lookup
+formats; "auto" (default) takes "fused" on CUDA when it can and "dequant" otherwise (the CPU path).
 """
 
 from __future__ import annotations
@@ -12,6 +16,7 @@ from __future__ import annotations
 import torch
 from torch import nn
 
+from lowbit import kernels
 from lowbit.formats.weight import WeightFormat
 
 COMPUTE_DTYPES = (torch.float32, torch.bfloat16, torch.float16)
@@ -42,10 +47,14 @@ class QuantLinear(nn.Module):
         fmt: WeightFormat | None = None,
         compute_dtype: torch.dtype = torch.float32,
         device: torch.device | str | None = None,
+        kernel: str = "auto",
     ) -> None:
         super().__init__()
         if compute_dtype not in COMPUTE_DTYPES:
             raise TypeError(f"compute_dtype must be one of {COMPUTE_DTYPES}, got {compute_dtype}")
+        if kernel not in kernels.KERNEL_CHOICES:
+            raise ValueError(f"kernel must be one of {kernels.KERNEL_CHOICES}, got {kernel!r}")
+        self.kernel = kernel  # "auto" | "dequant" | "fused"; may be set later, resolved per call
         self.in_features, self.out_features = in_features, out_features
         self.fmt = fmt or WeightFormat()
         self.compute_dtype = compute_dtype
@@ -85,6 +94,25 @@ class QuantLinear(nn.Module):
             module.bias = nn.Parameter(linear.bias.detach().to(dtype), requires_grad=False)
         return module
 
+    def to_meta(self) -> dict:
+        """JSON-able construction arguments; `from_meta` builds an empty twin for a checkpoint to fill."""
+        return {
+            "in_features": self.in_features,
+            "out_features": self.out_features,
+            "bias": self.bias is not None,
+            "compute_dtype": str(self.compute_dtype).removeprefix("torch."),
+            "weight_format": self.fmt.to_dict(),
+        }
+
+    @classmethod
+    def from_meta(cls, meta: dict, device: torch.device | str | None = "meta") -> QuantLinear:
+        """An empty module (uninitialised storage on `device`) of the layout `to_meta` describes."""
+        dtype = getattr(torch, meta["compute_dtype"], None)
+        if dtype not in COMPUTE_DTYPES:
+            raise ValueError(f"unknown compute dtype {meta['compute_dtype']!r}")
+        return cls(meta["in_features"], meta["out_features"], meta["bias"], WeightFormat(**meta["weight_format"]),
+                   dtype, device=device)  # fmt: skip
+
     def storage(self) -> dict[str, torch.Tensor]:
         """The storage tensors by their format names (`weight`, `absmax`, …)."""
         return {n: getattr(self, "weight" if n == "weight" else f"weight_{n}") for n in self.storage_names}
@@ -102,7 +130,11 @@ class QuantLinear(nn.Module):
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         if x.shape[-1] != self.in_features:
             raise ValueError(f"QuantLinear expects input (…, {self.in_features}), got {tuple(x.shape)}")
-        y = _DequantMatmul.apply(x.to(self.compute_dtype), self)
+        if kernels.select(self.kernel, self.fmt, x.device) == "fused":
+            shape = (self.out_features, self.in_features)
+            y = kernels.fused_linear(x.to(self.compute_dtype), self.fmt, self.storage(), shape)
+        else:
+            y = _DequantMatmul.apply(x.to(self.compute_dtype), self)
         if self.bias is not None:
             y = y + self.bias.to(y.dtype)
         return y.to(x.dtype)  # like nn.Linear in a model of x's dtype, whatever the compute dtype

@@ -70,7 +70,8 @@ class BottleneckConfig:
                 raise ValueError(f"target_modules must be non-empty strings, got {self.target_modules!r}")
             object.__setattr__(self, "target_modules", value)
         if self.version != CONFIG_VERSION:
-            raise ValueError(f"BottleneckConfig version {self.version} is not supported (this lowbit reads {CONFIG_VERSION})")
+            raise ValueError(f"BottleneckConfig version {self.version} is not supported "
+                             f"(this lowbit reads {CONFIG_VERSION})")
 
 
 class Bottleneck(nn.Module):
@@ -139,7 +140,9 @@ def find_bottleneck_sites(model: nn.Module, config: BottleneckConfig) -> list[tu
     return found
 
 
-def apply_bottleneck(model: nn.Module, config: BottleneckConfig | None = None, adapter_name: str = "default") -> nn.Module:
+def apply_bottleneck(
+    model: nn.Module, config: BottleneckConfig | None = None, adapter_name: str = "default"
+) -> nn.Module:
     """Freeze the model and put an identity-initialised bottleneck adapter after every target (in place)."""
     check_new_adapter_name(model, adapter_name)
     config = _resolve(model, config or BottleneckConfig())

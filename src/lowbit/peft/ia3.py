@@ -78,7 +78,10 @@ class IA3Config:
                 raise ValueError(f"IA3Config.{field} must hold non-empty strings, got {value!r}")
             object.__setattr__(self, field, value)
         targets, ff = self.target_modules, self.feedforward_modules
-        if isinstance(targets, tuple) and isinstance(ff, tuple) and not set(ff) <= set(targets):
+        # PEFT refuses two name lists where feed-forward names are not among the targets; lists are what
+        # plain patterns are written as (globs become a regex, which PEFT does not check)
+        plain = isinstance(targets, tuple) and isinstance(ff, tuple) and all(map(PLAIN_PATTERN.fullmatch, targets + ff))
+        if plain and not set(ff) <= set(targets):
             raise ValueError(f"feedforward_modules {ff} must be a subset of target_modules {targets}")
         if targets == ():
             raise ValueError("IA3Config.target_modules is empty")
@@ -147,9 +150,10 @@ def find_ia3_targets(model: nn.Module, config: IA3Config) -> list[tuple[str, nn.
         is_ff = _selected(name, config.feedforward_modules)
         if isinstance(module, IA3Linear):
             if module.is_feedforward != is_ff:
-                raise ValueError(f"{name} already carries IA3 as a {'feed-forward' if module.is_feedforward else 'attention'}"
-                                 " target; another adapter cannot treat it differently")  # fmt: skip
-        elif not (isinstance(getattr(module, "in_features", None), int) and isinstance(getattr(module, "out_features", None), int)):
+                kind = "feed-forward" if module.is_feedforward else "attention"
+                raise ValueError(f"{name} already carries IA3 as a {kind} target; another adapter cannot treat it "
+                                 "differently")  # fmt: skip
+        elif not all(isinstance(getattr(module, a, None), int) for a in ("in_features", "out_features")):
             raise ValueError(f"IA3 target {name} is a {type(module).__name__}; IA3 wraps linear layers "
                              "(nn.Linear, QuantLinear) that have in_features/out_features")  # fmt: skip
         found.append((name, module, is_ff))
@@ -196,7 +200,10 @@ def remove_ia3(model: nn.Module, adapter_name: str = "default") -> nn.Module:
 
 
 def merge_ia3(model: nn.Module, adapter_name: str = "default") -> nn.Module:
-    """Fold the adapter's vectors into the base weights and remove it (W ← diag(l)W, b ← l⊙b; FF: W ← W diag(l))."""
+    """Fold the adapter's vectors into the base weights and remove it.
+
+    Attention targets: W ← diag(l)·W, b ← l ⊙ b; feed-forward targets: W ← W·diag(l). Needs nn.Linear bases.
+    """
     layers = _layers_with(model, adapter_name)
     for name, layer in layers:
         if type(layer.base_layer) is not nn.Linear:
@@ -260,9 +267,12 @@ def ia3_from_peft_dict(d: dict) -> IA3Config:
     def patterns(value):
         return value if value is None or isinstance(value, str) else tuple(value)
 
-    return IA3Config(target_modules=patterns(d.get("target_modules")),
-                     feedforward_modules=patterns(d.get("feedforward_modules")) or (),
-                     exclude_modules=patterns(d.get("exclude_modules")) or (), task_type=d.get("task_type"))  # fmt: skip
+    return IA3Config(
+        target_modules=patterns(d.get("target_modules")),
+        feedforward_modules=patterns(d.get("feedforward_modules")) or (),
+        exclude_modules=patterns(d.get("exclude_modules")) or (),
+        task_type=d.get("task_type"),
+    )
 
 
 IA3 = register_peft_method(

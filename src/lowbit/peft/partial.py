@@ -45,7 +45,8 @@ class PartialConfig:
             raise ValueError(f"modules_to_save must name at least one module, got {self.modules_to_save!r}")
         object.__setattr__(self, "modules_to_save", value)
         if self.version != CONFIG_VERSION:
-            raise ValueError(f"PartialConfig version {self.version} is not supported (this lowbit reads {CONFIG_VERSION})")
+            raise ValueError(f"PartialConfig version {self.version} is not supported "
+                             f"(this lowbit reads {CONFIG_VERSION})")
 
 
 class ModulesToSave(nn.Module):
@@ -98,7 +99,8 @@ def apply_partial(model: nn.Module, config: PartialConfig, adapter_name: str = "
 
 
 def _wrappers(model: nn.Module, adapter_name: str) -> list[tuple[str, ModulesToSave]]:
-    found = [(n, m) for n, m in model.named_modules() if isinstance(m, ModulesToSave) and m.adapter_name == adapter_name]
+    found = [(n, m) for n, m in model.named_modules()
+             if isinstance(m, ModulesToSave) and m.adapter_name == adapter_name]  # fmt: skip
     if not found or not isinstance((getattr(model, "lowbit_adapters", None) or {}).get(adapter_name), PartialConfig):
         raise ValueError(f"the model has no partial fine-tuning adapter named {adapter_name!r}")
     return found

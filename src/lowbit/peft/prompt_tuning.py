@@ -22,7 +22,8 @@ masks, labels and position ids handed to the model always describe the real toke
 
 P-tuning (p_tuning.py) uses the same hook with a prompt produced by an encoder; prefix tuning
 (prefix_tuning.py) reuses the argument handling below but injects key/value prefixes through the cache.
-Only one prompt-learning adapter (prompt, P- or prefix tuning) can be on a model at a time, as in PEFT.
+Only one prompt-learning adapter (prompt, P- or prefix tuning) can be on a model at a time (PEFT, too,
+runs one prompt-learning adapter at a time).
 """
 
 from __future__ import annotations
@@ -185,8 +186,8 @@ def check_no_prompt_adapter(model: nn.Module) -> None:
     for attr in (VIRTUAL_TOKENS_ATTR, PREFIX_ATTR):
         holder = getattr(model, attr, None)
         if holder is not None and len(holder):
-            raise ValueError(f"the model already has the prompt-learning adapter {next(iter(holder))!r}; "
-                             "only one prompt, P- or prefix tuning adapter fits at a time (remove it first)")  # fmt: skip
+            raise ValueError(f"the model already has the prompt-learning adapter {next(iter(holder))!r}; only "
+                             "one prompt, P- or prefix tuning adapter fits at a time (remove it first)")  # fmt: skip
 
 
 def freeze_parameters(model: nn.Module) -> None:

@@ -19,7 +19,8 @@ class QuantConfig:
 
     method: the algorithm choosing the quantized values ("rtn" = round to nearest; others register
         themselves in `lowbit.quantize`).
-    format: nf4 | fp4 | e2m1 (4-bit codebooks, blockwise absmax) | int4 | int8 | fp8_e4m3 | fp8_e5m2.
+    format: nf4 | fp4 | e2m1 (4-bit codebooks, blockwise absmax) | int2 | int3 | int4 | int8 | fp8_e4m3 |
+        fp8_e5m2.
     block_size, double_quant: for the 4-bit codebook formats (QLoRA defaults: 64, True).
     group_size, symmetric: for int/fp8 (None = one scale per output row).
     compute_dtype: dtype of the matmul ("float32", "bfloat16", "float16").

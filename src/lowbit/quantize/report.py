@@ -14,6 +14,9 @@ class LayerReport:
     bytes_before: int
     bytes_after: int
     relative_error: float  # ‖W - Ŵ‖_F / ‖W‖_F
+    # Share of outliers the method kept in high precision, when it keeps any: LLM.int8() input columns
+    # with some |x| ≥ threshold on the calibration set, SpQR weights stored in fp16. None otherwise.
+    outlier_share: float | None = None
 
 
 @dataclass
@@ -40,11 +43,14 @@ class QuantReport:
         return 8 * self.bytes_after / max(self.n_parameters, 1)
 
     def to_markdown(self) -> str:
-        lines = ["| layer | shape | format | bits/param | bytes before | bytes after | rel. error |",
-                 "|---|---|---|---:|---:|---:|---:|"]  # fmt: skip
+        outliers = any(r.outlier_share is not None for r in self.layers)  # the column only when a method reports it
+        lines = ["| layer | shape | format | bits/param | bytes before | bytes after | rel. error |"
+                 + (" outliers |" if outliers else ""),
+                 "|---|---|---|---:|---:|---:|---:|" + ("---:|" if outliers else "")]  # fmt: skip
         for r in self.layers:
+            share = "" if not outliers else " – |" if r.outlier_share is None else f" {100 * r.outlier_share:.2f}% |"
             lines.append(f"| {r.name} | {r.shape[0]}×{r.shape[1]} | {r.format} | {r.bits_per_parameter:.3f} | "
-                         f"{r.bytes_before:,} | {r.bytes_after:,} | {r.relative_error:.4f} |")  # fmt: skip
+                         f"{r.bytes_before:,} | {r.bytes_after:,} | {r.relative_error:.4f} |{share}")  # fmt: skip
         return "\n".join(lines)
 
     def summary(self) -> str:

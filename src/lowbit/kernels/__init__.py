@@ -1,0 +1,21 @@
+"""GPU kernels for low-bit matmuls, each a registered op with a pure-PyTorch reference.
+
+- 4-bit lookup weights (NF4/FP4/E2M1 blockwise absmax with double quantization, int4 groups; the
+  LUT4 layout in `lut4.py`): dequant-fused GEMV for decode (`lut4_gemv.py`), dequant-fused GEMM
+  forward and input-gradient for prefill and training (`lut4_gemm.py`), all reading tiles through
+  `lut4_tile.py`; op `lowbit::lut4_linear` (+ `lowbit::lut4_linear_grad_input` for autograd).
+- int8 × int8 GEMM with fused row/column scales for W8A8 (`int8_gemm.py`); op `lowbit::int8_scaled_mm`.
+- `select` / `fused_linear` (`dispatch.py`): the explicit kernel choice of `QuantLinear`.
+
+Triton is optional (`pip install 'lowbit[gpu]'`): without it the ops run their torch references and
+`select("auto", …)` keeps the dequantize-then-matmul path. Importing this package never imports Triton.
+"""
+
+from lowbit.kernels.dispatch import KERNEL_CHOICES, fused_linear, select, triton_available
+from lowbit.kernels.lut4 import Lut4Weight, dequantize, lut4_weight, supports
+from lowbit.kernels.ops import int8_scaled_mm, lut4_linear, lut4_linear_grad_input
+
+__all__ = [
+    "KERNEL_CHOICES", "Lut4Weight", "dequantize", "fused_linear", "int8_scaled_mm", "lut4_linear",
+    "lut4_linear_grad_input", "lut4_weight", "select", "supports", "triton_available",
+]  # fmt: skip

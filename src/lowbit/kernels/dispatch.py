@@ -1,0 +1,53 @@
+"""Which kernel a QuantLinear runs: an explicit choice, resolved per call from the input's device.
+
+- "dequant": decode W to a dense matrix, then a plain matmul (lowbit's original path, every format,
+  every device; the CPU path).
+- "fused": the registered `lowbit::lut4_linear` op (Triton kernels on CUDA, the torch reference
+  elsewhere) for the 4-bit lookup formats (nf4, fp4, e2m1, int4).
+- "auto" (the default): "fused" when the input is on CUDA, the format is a 4-bit lookup format and
+  Triton is installed; otherwise "dequant". On a CPU nothing changes.
+
+Nothing is switched globally or behind the user's back: the choice is the module's `kernel`
+attribute, and `select` says what it resolves to.
+"""
+
+from __future__ import annotations
+
+import importlib.util
+
+import torch
+
+from lowbit.formats.weight import WeightFormat
+from lowbit.kernels import ops
+from lowbit.kernels.lut4 import lut4_weight, supports
+
+KERNEL_CHOICES = ("auto", "dequant", "fused")
+
+
+def triton_available() -> bool:
+    return importlib.util.find_spec("triton") is not None
+
+
+def select(kernel: str, fmt: WeightFormat, device: torch.device | str) -> str:
+    """Resolve a kernel choice for a weight format and an input device to "dequant" or "fused"."""
+    if kernel not in KERNEL_CHOICES:
+        raise ValueError(f"unknown kernel {kernel!r}; choose one of {KERNEL_CHOICES}")
+    device = torch.device(device)
+    if kernel == "dequant":
+        return "dequant"
+    if kernel == "fused":
+        if not supports(fmt):
+            raise ValueError(f"kernel='fused' takes the 4-bit lookup formats (nf4, fp4, e2m1, int4), not "
+                             f"{fmt.name!r}; use kernel='dequant' or 'auto'")  # fmt: skip
+        if device.type == "cuda" and not triton_available():
+            raise RuntimeError("kernel='fused' on CUDA needs Triton: pip install 'lowbit[gpu]'")
+        return "fused"
+    return "fused" if device.type == "cuda" and supports(fmt) and triton_available() else "dequant"
+
+
+def fused_linear(x: torch.Tensor, fmt: WeightFormat, storage: dict[str, torch.Tensor], shape: tuple[int, int]) -> torch.Tensor:
+    """y = x · Wᵀ, x (…, K) → (…, N), through `lowbit::lut4_linear` (differentiable in x)."""
+    w = lut4_weight(fmt, storage, shape)
+    y = ops.lut4_linear(x.reshape(-1, w.in_features), w.packed, w.table, w.scale, w.zero_point, w.nested_code,
+                        w.nested_scale, w.offset, w.out_features, w.group_size, w.flat)  # fmt: skip
+    return y.reshape(*x.shape[:-1], w.out_features)

@@ -1,0 +1,109 @@
+"""Dequant-fused GEMV for decode: y = x · Wᵀ with a LUT4 weight and a handful of rows in x (M ≤ 8).
+
+At batch 1 a linear layer is a pass over its weight: 2·N·K flops against N·K/2 bytes, a quarter of a
+flop per byte, far under the ~250 flop/byte an H100 needs to be compute-bound. So the only goal is to
+stream the packed bytes at copy bandwidth: each program owns BN output rows, walks along K reading
+every packed byte once (16 bytes per thread), decodes it in registers (`lut4_tile.load_lut4_tile`)
+and multiply-adds it into a (BM, BN, BK) float32 accumulator that is reduced over K once at the end,
+so the loop has no cross-thread reduction. No tensor cores: at M ≤ 8 the FMAs are cheap, and the
+bytes, not the math, set the time. (The dot-based `lut4_gemm` covers larger M.)
+"""
+
+from __future__ import annotations
+
+import functools
+
+import torch
+import triton
+import triton.language as tl
+
+from lowbit.kernels.lut4 import Lut4Weight
+from lowbit.kernels.lut4_tile import kernel_args, load_lut4_tile
+
+MAX_M = 8  # rows of x the kernel takes at once (its accumulator grows with M)
+
+
+@triton.jit
+def _lut4_gemv_kernel(x_ptr, y_ptr, packed_ptr, table_ptr, scale_ptr, zp_ptr, ncode_ptr, nscale_ptr, offset_ptr,
+                      M, N, K, KB, G, stride_xm, stride_ym,
+                      GS: tl.constexpr, SCALES: tl.constexpr, PAIRED: tl.constexpr, HAS_ZP: tl.constexpr,
+                      DOUBLE_QUANT: tl.constexpr, NESTED_GS: tl.constexpr,
+                      BM: tl.constexpr, BN: tl.constexpr, BK: tl.constexpr):  # fmt: skip
+    rows = tl.program_id(0) * BN + tl.arange(0, BN)  # (BN,) output features of this program
+    ms = tl.arange(0, BM)  # (BM,) rows of x
+    if BM == 1:  # batch 1: a (BN, BK) accumulator, x broadcast along the rows
+        acc1 = tl.zeros((BN, BK), dtype=tl.float32)
+        for k0 in range(0, K, BK):
+            w = load_lut4_tile(packed_ptr, table_ptr, scale_ptr, zp_ptr, ncode_ptr, nscale_ptr, offset_ptr,
+                               rows, k0, N, K, KB, G, BN, BK, GS, SCALES, PAIRED, HAS_ZP, DOUBLE_QUANT,
+                               NESTED_GS)  # (BN, BK) fmt: skip
+            cols = tl.max_contiguous(tl.multiple_of(k0 + tl.arange(0, BK), BK), BK)
+            x = tl.load(x_ptr + cols, mask=cols < K, other=0.0)  # (BK,)
+            acc1 += w * x.to(tl.float32)[None, :]
+        y = tl.sum(acc1, axis=1)[None, :]  # (1, BN)
+    else:
+        acc = tl.zeros((BM, BN, BK), dtype=tl.float32)
+        for k0 in range(0, K, BK):
+            w = load_lut4_tile(packed_ptr, table_ptr, scale_ptr, zp_ptr, ncode_ptr, nscale_ptr, offset_ptr,
+                               rows, k0, N, K, KB, G, BN, BK, GS, SCALES, PAIRED, HAS_ZP, DOUBLE_QUANT,
+                               NESTED_GS)  # (BN, BK) fmt: skip
+            cols = tl.max_contiguous(tl.multiple_of(k0 + tl.arange(0, BK), BK), BK)
+            x_mask = (ms < M)[:, None] & (cols < K)[None, :]
+            x = tl.load(x_ptr + ms[:, None] * stride_xm + cols[None, :], mask=x_mask, other=0.0)  # (BM, BK)
+            acc += x.to(tl.float32)[:, None, :] * w[None, :, :]
+        y = tl.sum(acc, axis=2)  # (BM, BN)
+    y_mask = (ms < M)[:, None] & (rows < N)[None, :]
+    tl.store(y_ptr + ms[:, None] * stride_ym + rows[None, :], y.to(y_ptr.dtype.element_ty), mask=y_mask)
+
+
+def _configs() -> list[triton.Config]:
+    """(BN, BK, warps, stages): 1–16 rows a program, 2–16 KiB of packed weight a step."""
+    shapes = [(2, 1024, 4, 1), (2, 1024, 4, 3), (4, 512, 4, 1), (4, 512, 4, 3), (4, 1024, 4, 3), (4, 1024, 8, 3),
+              (8, 256, 4, 3), (8, 512, 4, 3), (8, 512, 8, 1), (8, 512, 8, 3), (8, 1024, 8, 3), (16, 128, 4, 3),
+              (16, 256, 4, 3), (16, 256, 8, 3), (16, 512, 8, 3), (1, 1024, 4, 1), (2, 512, 4, 3), (4, 256, 4, 3)]
+    return [triton.Config({"BN": bn, "BK": bk}, num_warps=w, num_stages=s) for bn, bk, w, s in shapes]  # fmt: skip
+
+
+def _prune(configs, named_args, **kwargs):
+    """Keep the accumulator in registers (≤ 64 floats a thread) and ≥ 8 packed bytes a thread per step."""
+    bm = named_args.get("BM", kwargs.get("BM", 1))
+
+    def fits(c):
+        threads = 32 * c.num_warps
+        tile = c.kwargs["BN"] * c.kwargs["BK"]
+        return bm * tile <= 64 * threads and tile // 2 >= 8 * threads
+
+    keep = [c for c in configs if fits(c)]
+    return keep or [min(configs, key=lambda c: (c.kwargs["BN"] * c.kwargs["BK"], c.num_warps))]
+
+
+_lut4_gemv_tuned = triton.autotune(
+    configs=_configs(),
+    key=["N", "K", "BM", "PAIRED", "SCALES"],
+    prune_configs_by={"early_config_prune": _prune},
+    do_bench=functools.partial(triton.testing.do_bench, warmup=5, rep=20),
+)(_lut4_gemv_kernel)
+
+
+def lut4_gemv(x: torch.Tensor, w: Lut4Weight, config: dict | None = None) -> torch.Tensor:
+    """y = x · Wᵀ for x (M, K) with M ≤ 8, y (M, N) in x's dtype.
+
+    `config=None` autotunes (CUDA); a dict {BN, BK, num_warps, num_stages} fixes the launch (tests,
+    the Triton interpreter).
+    """
+    m, k = x.shape
+    if m > MAX_M:
+        raise ValueError(f"lut4_gemv takes at most {MAX_M} rows of x, got {m}; use lut4_gemm")
+    if k != w.in_features or x.stride(1) != 1:
+        raise ValueError(f"x must be a row-major (M, {w.in_features}) matrix, got {tuple(x.shape)}")
+    y = torch.empty((m, w.out_features), dtype=x.dtype, device=x.device)
+    pointers, sizes, layout = kernel_args(w)
+    bm = max(1, triton.next_power_of_2(m))
+    args = (x, y, *pointers)
+    kw = dict(M=m, stride_xm=x.stride(0), stride_ym=y.stride(0), BM=bm, **sizes, **layout)
+    if config is None:
+        grid = lambda meta: (triton.cdiv(w.out_features, meta["BN"]),)  # noqa: E731
+        _lut4_gemv_tuned[grid](*args, **kw)
+    else:
+        _lut4_gemv_kernel[(triton.cdiv(w.out_features, config["BN"]),)](*args, **kw, **config)
+    return y

@@ -1,0 +1,158 @@
+"""Triton device functions that read a tile of a LUT4 weight (see `lut4.py`) into registers.
+
+Shared by the GEMV, the GEMM and the dequantize kernels, so every kernel decodes the format with the
+same code. Two ways to read a (BN, BK) tile of W:
+
+- paired (`PAIRED=True`, the fast path): each packed byte is loaded once, 16 bytes per thread, and
+  split into its high (column 2j) and low (column 2j + 1) nibble; the two halves are interleaved back
+  with `tl.join`. Scales are loaded once per group, (BN, BK / GS), and broadcast over the group's
+  GS / 2 bytes by a reshape. It needs K even (a row starts on a byte) and a scale index that
+  separates into row and column (grouped scales, or flat blocks with K % GS == 0, which the host
+  turns into grouped ones) with GS a power of two, or one scale per row.
+- generic (`PAIRED=False`): one element at a time from its flat index; any N, K, group size and
+  flat blocks that span rows. Slower (each byte read twice, one scale load per element), correct
+  everywhere.
+
+Scale modes (`SCALES`): 0 = flat blocks of the flattened tensor, 1 = groups along rows (G per row),
+2 = one scale per row.
+"""
+
+from __future__ import annotations
+
+import triton
+import triton.language as tl
+
+SCALES_FLAT, SCALES_GROUPED, SCALES_ROW = 0, 1, 2
+
+
+@triton.jit
+def load_scales(scale_ptr, nested_code_ptr, nested_scale_ptr, offset_ptr, idx, mask,
+                DOUBLE_QUANT: tl.constexpr, NESTED_GS: tl.constexpr):  # fmt: skip
+    """float32 scales at group indices `idx`, undoing double quantization (QLoRA §3, DQ)."""
+    if DOUBLE_QUANT:
+        code = tl.load(scale_ptr + idx, mask=mask, other=0).to(tl.int32)
+        nested = tl.load(nested_scale_ptr + idx // NESTED_GS, mask=mask, other=0.0)
+        return tl.load(nested_code_ptr + code) * nested + tl.load(offset_ptr)
+    return tl.load(scale_ptr + idx, mask=mask, other=0.0).to(tl.float32)
+
+
+@triton.jit
+def _apply_group_scales(values, scales, zeros, BN: tl.constexpr, BK: tl.constexpr, GS: tl.constexpr,
+                        HAS_ZP: tl.constexpr):  # fmt: skip
+    """(BN, BK/2) nibble values · their group's scale, with (BN, BK/GS) scales broadcast per group."""
+    v = tl.reshape(values, (BN, BK // GS, GS // 2))
+    if HAS_ZP:
+        v = v - zeros[:, :, None]
+    return tl.reshape(v * scales[:, :, None], (BN, BK // 2))
+
+
+@triton.jit
+def _tile_paired(packed_ptr, table_ptr, scale_ptr, zp_ptr, ncode_ptr, nscale_ptr, offset_ptr,
+                 rows, k0, N, K, KB, G,
+                 BN: tl.constexpr, BK: tl.constexpr, GS: tl.constexpr, SCALES: tl.constexpr,
+                 HAS_ZP: tl.constexpr, DOUBLE_QUANT: tl.constexpr, NESTED_GS: tl.constexpr):  # fmt: skip
+    j = tl.arange(0, BK // 2)  # byte within the tile row
+    row_ok = rows < N
+    col_ok = (k0 + 2 * j) < K  # K is even: the pair's second column is in range too
+    # k0 is a multiple of BK, so the bytes of a tile row are contiguous and aligned: tell the compiler,
+    # which then issues 16-byte loads (KB = K / 2 is the row stride in bytes).
+    col = tl.max_contiguous(tl.multiple_of(k0 // 2 + j, BK // 2), BK // 2)
+    byte = rows[:, None].to(tl.int64) * KB + col[None, :]  # (BN, BK/2)
+    b = tl.load(packed_ptr + byte, mask=row_ok[:, None] & col_ok[None, :], other=0).to(tl.int32)
+    hi = tl.load(table_ptr + (b >> 4))  # column k0 + 2j: the high nibble comes first
+    lo = tl.load(table_ptr + (b & 15))  # column k0 + 2j + 1
+    if SCALES == 2 or GS > BK:  # one scale per row of the tile: per-row scales, or GS a multiple of BK
+        if SCALES == 2:
+            idx = rows.to(tl.int64)
+        else:
+            idx = rows.to(tl.int64) * G + k0 // GS
+        s = load_scales(scale_ptr, ncode_ptr, nscale_ptr, offset_ptr, idx, row_ok, DOUBLE_QUANT, NESTED_GS)
+        if HAS_ZP:
+            z = tl.load(zp_ptr + idx, mask=row_ok, other=0).to(tl.float32)
+            hi = hi - z[:, None]
+            lo = lo - z[:, None]
+        hi = hi * s[:, None]
+        lo = lo * s[:, None]
+    else:  # groups of GS along the row, G per row, BK / GS of them in the tile
+        g = tl.arange(0, BK // GS)
+        g_ok = row_ok[:, None] & ((k0 + g * GS) < K)[None, :]
+        idx = rows[:, None].to(tl.int64) * G + (k0 // GS + g)[None, :]  # (BN, BK/GS)
+        s = load_scales(scale_ptr, ncode_ptr, nscale_ptr, offset_ptr, idx, g_ok, DOUBLE_QUANT, NESTED_GS)
+        z = s
+        if HAS_ZP:
+            z = tl.load(zp_ptr + idx, mask=g_ok, other=0).to(tl.float32)
+        hi = _apply_group_scales(hi, s, z, BN, BK, GS, HAS_ZP)
+        lo = _apply_group_scales(lo, s, z, BN, BK, GS, HAS_ZP)
+    return tl.reshape(tl.join(hi, lo), (BN, BK))  # (BN, BK/2, 2) → (BN, BK), columns interleaved
+
+
+@triton.jit
+def _tile_generic(packed_ptr, table_ptr, scale_ptr, zp_ptr, ncode_ptr, nscale_ptr, offset_ptr,
+                  rows, k0, N, K, G,
+                  BN: tl.constexpr, BK: tl.constexpr, GS: tl.constexpr, SCALES: tl.constexpr,
+                  HAS_ZP: tl.constexpr, DOUBLE_QUANT: tl.constexpr, NESTED_GS: tl.constexpr):  # fmt: skip
+    cols = k0 + tl.arange(0, BK)
+    mask = (rows < N)[:, None] & (cols < K)[None, :]
+    e = rows[:, None].to(tl.int64) * K + cols[None, :]  # flat element index, (BN, BK)
+    b = tl.load(packed_ptr + e // 2, mask=mask, other=0).to(tl.int32)
+    code = (b >> (4 - 4 * (e % 2)).to(tl.int32)) & 15  # even index: high nibble
+    v = tl.load(table_ptr + code)
+    if SCALES == 0:
+        idx = e // GS
+    elif SCALES == 1:
+        idx = rows[:, None].to(tl.int64) * G + (cols // GS)[None, :]
+    else:
+        idx = rows[:, None].to(tl.int64) + 0 * cols[None, :]
+    if HAS_ZP:
+        v = v - tl.load(zp_ptr + idx, mask=mask, other=0).to(tl.float32)
+    v = v * load_scales(scale_ptr, ncode_ptr, nscale_ptr, offset_ptr, idx, mask, DOUBLE_QUANT, NESTED_GS)
+    return tl.where(mask, v, 0.0)
+
+
+@triton.jit
+def load_lut4_tile(packed_ptr, table_ptr, scale_ptr, zp_ptr, ncode_ptr, nscale_ptr, offset_ptr,
+                   rows, k0, N, K, KB, G,
+                   BN: tl.constexpr, BK: tl.constexpr, GS: tl.constexpr, SCALES: tl.constexpr,
+                   PAIRED: tl.constexpr, HAS_ZP: tl.constexpr, DOUBLE_QUANT: tl.constexpr,
+                   NESTED_GS: tl.constexpr):  # fmt: skip
+    """(BN, BK) float32 tile W[rows, k0 : k0 + BK]; finite everywhere, zero outside K on the generic path.
+
+    Out-of-range columns of the paired path hold finite junk (code 0 times a masked scale): callers
+    mask the activation they multiply it with, so it never reaches an output.
+    """
+    if PAIRED:
+        return _tile_paired(packed_ptr, table_ptr, scale_ptr, zp_ptr, ncode_ptr, nscale_ptr, offset_ptr,
+                            rows, k0, N, K, KB, G, BN, BK, GS, SCALES, HAS_ZP, DOUBLE_QUANT, NESTED_GS)  # fmt: skip
+    return _tile_generic(packed_ptr, table_ptr, scale_ptr, zp_ptr, ncode_ptr, nscale_ptr, offset_ptr,
+                         rows, k0, N, K, G, BN, BK, GS, SCALES, HAS_ZP, DOUBLE_QUANT, NESTED_GS)  # fmt: skip
+
+
+def kernel_args(w) -> tuple[list, dict, dict]:
+    """Host side of `load_lut4_tile`: (pointer arguments, runtime sizes, constexpr layout) of a `Lut4Weight`.
+
+    Flat blocks that never span two rows (K % group_size == 0) are re-indexed as groups along rows
+    (same scale index, n·K/GS + k/GS), which is what lets the paired fast path read them as tiles.
+    """
+    n, k, gs = w.out_features, w.in_features, w.group_size
+    if w.flat and k % gs == 0:
+        scales, groups_per_row = SCALES_GROUPED, k // gs
+    elif w.flat:
+        scales, groups_per_row = SCALES_FLAT, 0
+    elif gs >= k:
+        scales, groups_per_row, gs = SCALES_ROW, 1, 1
+    else:
+        scales, groups_per_row = SCALES_GROUPED, -(-k // gs)
+    power_of_two = gs >= 2 and gs & (gs - 1) == 0
+    paired = k % 2 == 0 and (scales == SCALES_ROW or (scales == SCALES_GROUPED and power_of_two))
+    dummy = w.table  # never read: the constexpr flags below switch its loads off
+    pointers = [
+        w.packed, w.table, w.scale,
+        w.zero_point if w.zero_point is not None else dummy,
+        w.nested_code if w.double_quant else dummy,
+        w.nested_scale if w.double_quant else dummy,
+        w.offset if w.double_quant else dummy,
+    ]  # fmt: skip
+    sizes = {"N": n, "K": k, "KB": k // 2, "G": groups_per_row}
+    layout = {"GS": gs, "SCALES": scales, "PAIRED": paired, "HAS_ZP": w.zero_point is not None,
+              "DOUBLE_QUANT": w.double_quant, "NESTED_GS": 256}  # fmt: skip
+    return pointers, sizes, layout
