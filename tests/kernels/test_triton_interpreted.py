@@ -61,14 +61,15 @@ def test_every_lut4_kernel_matches_float64(case):
     torch.testing.assert_close(lut4_dequantize(w, torch.float32, (8, 32)).double(), dense, rtol=0, atol=0)
 
 
-def test_bf16_gemv_within_bf16_rounding():
+def test_16_bit_gemv_within_rounding():
     # Only the GEMV: the interpreter's bf16 tl.dot is broken (Triton 3.9 gives ~1e10 on a plain bf16
     # dot), so the bf16 GEMM is checked on the GPU by bench/gpu_kernels.py instead.
     w, dense = make(WeightFormat("nf4"), (32, 128), 11)
-    x = torch.randn(4, 128).bfloat16()
-    y = lut4_gemv(x, w, GEMV)
-    assert y.dtype == torch.bfloat16
-    assert rel_err(y, x.double() @ dense.t()) < 1e-2
+    for dtype in (torch.bfloat16, torch.float16):  # 16-bit x is read as 32-bit words and split by bit ops
+        x = torch.randn(4, 128).to(dtype)
+        y = lut4_gemv(x, w, GEMV)
+        assert y.dtype == dtype
+        assert rel_err(y, x.double() @ dense.t()) < 1e-2
 
 
 def test_int8_scaled_mm_kernel_is_exact_before_scaling():

@@ -67,19 +67,23 @@ def test_gradient_reaches_the_input():
     torch.testing.assert_close(x.grad, torch.ones(4, 16) @ module.dequantize(torch.float32))
 
 
-@pytest.mark.parametrize("shape", [(1, 8, 8), (5, 60, 7), (33, 96, 40)])
-def test_int8_matmul_exact(shape, monkeypatch):
+@pytest.mark.parametrize("shape", [(1, 8, 8), (5, 60, 7), (33, 2100, 40)])
+def test_int8_matmul_exact_on_every_backend(shape, monkeypatch):
     m, k, n = shape
     g = torch.Generator().manual_seed(m)
     a = torch.randint(-127, 128, (m, k), generator=g, dtype=torch.int8)
     b = torch.randint(-127, 128, (k, n), generator=g, dtype=torch.int8)
+    a[0], b[:, 0] = 127, 127  # the largest possible dot product (127² · K > 2^24 for K = 2100)
     expected = a.long() @ b.long()
-    assert torch.equal(int8_matmul(a, b).long(), expected)
-    monkeypatch.delattr(torch, "_int_mm")  # the exact float64 fallback of devices without int8 GEMM
-    out = int8_matmul(a, b)
-    assert out.dtype == torch.int32 and torch.equal(out.long(), expected)
+    for backend in (None, "int_mm", "float32", "float64"):
+        out = int8_matmul(a, b, backend)
+        assert out.dtype == torch.int32 and torch.equal(out.long(), expected), backend
+    monkeypatch.delattr(torch, "_int_mm")  # torch builds without it fall back to float64
+    assert torch.equal(int8_matmul(a, b, "int_mm").long(), expected)
     with pytest.raises(TypeError):
         int8_matmul(a.float(), b)
+    with pytest.raises(ValueError, match="backend"):
+        int8_matmul(a, b, "int4")
 
 
 def test_quantize_model_and_outlier_share():

@@ -81,7 +81,7 @@ def _rope_theta(config) -> float:
     return float(theta)
 
 
-def _encode(name: str, w: torch.Tensor, kind: str):
+def _encode(w: torch.Tensor, kind: str):
     """(array, raw ggml type or None) for one tensor; None type = the writer infers F32/F16 from the array."""
     import gguf
 
@@ -120,11 +120,9 @@ def export_gguf(model: nn.Module, path: str | os.PathLike, tokenizer=None, dtype
         out_name = gguf_name(hf_name)
         if out_name is None or (tied and out_name == "output.weight"):
             continue
-        if arch in PERMUTED_ROPE and out_name.endswith("attn_q.weight"):
-            tensor = interleave_rope_rows(tensor, tensor.shape[0] // head_dim)
-        elif arch in PERMUTED_ROPE and out_name.endswith("attn_k.weight"):
-            tensor = interleave_rope_rows(tensor, tensor.shape[0] // head_dim)
-        data, qtype = _encode(out_name, tensor, kind)
+        if arch in PERMUTED_ROPE and out_name.endswith(("attn_q.weight", "attn_k.weight")):
+            tensor = interleave_rope_rows(tensor, tensor.shape[0] // head_dim)  # q: n_heads rows blocks, k: n_kv
+        data, qtype = _encode(tensor, kind)
         writer.add_tensor(out_name, data, raw_dtype=qtype)
     path = Path(path)
     writer.write_header_to_file()

@@ -26,7 +26,7 @@ import triton.language as tl
 from lowbit.kernels.lut4 import Lut4Weight
 from lowbit.kernels.lut4_tile import kernel_args, load_lut4_tile
 
-GROUP = 8  # weight tiles per L2 group (see the swizzle in the kernels)
+GROUP = tl.constexpr(8)  # weight tiles per L2 group (see the swizzle in the kernels)
 
 
 @triton.jit

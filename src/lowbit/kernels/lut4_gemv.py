@@ -18,9 +18,51 @@ import triton
 import triton.language as tl
 
 from lowbit.kernels.lut4 import Lut4Weight
-from lowbit.kernels.lut4_tile import kernel_args, load_lut4_tile
+from lowbit.kernels.lut4_tile import (
+    kernel_args,
+    load_lut4_pairs,
+    load_lut4_tile,
+    load_pair_scales,
+    load_pair_values,
+    scale_pairs,
+)
 
 MAX_M = 8  # rows of x the kernel takes at once (its accumulator grows with M)
+
+
+@triton.jit
+def _load_x_pairs(x_ptr, ms, kb0, M, KB, stride_xm, BM: tl.constexpr, BK: tl.constexpr):
+    """x[:, k0 + 2j] and x[:, k0 + 2j + 1] in float32: (BM, BK/2) each, or (BK/2,) each when BM == 1.
+
+    16-bit x is read as 32-bit words, one per pair of columns, indexed like the packed bytes, and
+    widened to float32 with bit operations (little-endian: column 2j is the low half). At BM == 1
+    the vectors are 1-D, so the compiler moves these (not the much larger weight tile) into the
+    weight's register layout.
+    """
+    j = tl.max_contiguous(tl.multiple_of(kb0 + tl.arange(0, BK // 2), BK // 2), BK // 2)
+    if BM == 1:
+        offs = 0 * kb0 + j  # (BK/2,)
+        mask = j < KB
+        stride_words = 0
+    else:
+        offs = ms[:, None] * 0 + j[None, :]  # (BM, BK/2)
+        mask = (ms < M)[:, None] & (j < KB)[None, :]
+        stride_words = stride_xm // 2
+    if x_ptr.dtype.element_ty == tl.float32:
+        if BM == 1:
+            base = x_ptr + 2 * offs
+        else:
+            base = x_ptr + ms[:, None] * stride_xm + 2 * offs
+        return tl.load(base, mask=mask, other=0.0), tl.load(base + 1, mask=mask, other=0.0)
+    words_ptr = x_ptr.to(tl.pointer_type(tl.int32), bitcast=True) + offs
+    if BM > 1:
+        words_ptr += ms[:, None] * stride_words
+    words = tl.load(words_ptr, mask=mask, other=0)
+    if x_ptr.dtype.element_ty == tl.bfloat16:  # bf16 is the top half of a float32
+        return (words << 16).to(tl.float32, bitcast=True), (words & -65536).to(tl.float32, bitcast=True)
+    even = (words & 0xFFFF).to(tl.int16).to(tl.float16, bitcast=True).to(tl.float32)
+    odd = (words >> 16).to(tl.int16).to(tl.float16, bitcast=True).to(tl.float32)
+    return even, odd
 
 
 @triton.jit
@@ -31,23 +73,39 @@ def _lut4_gemv_kernel(x_ptr, y_ptr, packed_ptr, table_ptr, scale_ptr, zp_ptr, nc
                       BM: tl.constexpr, BN: tl.constexpr, BK: tl.constexpr):  # fmt: skip
     rows = tl.program_id(0) * BN + tl.arange(0, BN)  # (BN,) output features of this program
     ms = tl.arange(0, BM)  # (BM,) rows of x
-    if BM == 1:  # batch 1: a (BN, BK) accumulator, x broadcast along the rows
-        acc1 = tl.zeros((BN, BK), dtype=tl.float32)
+    if PAIRED:  # fast path: one accumulator lane per packed byte
+        if BM == 1:
+            acc = tl.zeros((BN, BK // 2), dtype=tl.float32)
+        else:
+            acc = tl.zeros((BM, BN, BK // 2), dtype=tl.float32)
         for k0 in range(0, K, BK):
-            w = load_lut4_tile(packed_ptr, table_ptr, scale_ptr, zp_ptr, ncode_ptr, nscale_ptr, offset_ptr,
-                               rows, k0, N, K, KB, G, BN, BK, GS, SCALES, PAIRED, HAS_ZP, DOUBLE_QUANT,
-                               NESTED_GS)  # (BN, BK) fmt: skip
-            cols = tl.max_contiguous(tl.multiple_of(k0 + tl.arange(0, BK), BK), BK)
-            x = tl.load(x_ptr + cols, mask=cols < K, other=0.0)  # (BK,)
-            acc1 += w * x.to(tl.float32)[None, :]
-        y = tl.sum(acc1, axis=1)[None, :]  # (1, BN)
-    else:
+            xe, xo = _load_x_pairs(x_ptr, ms, k0 // 2, M, KB, stride_xm, BM, BK)  # (BM, BK/2) each
+            if BM == 1 and not HAS_ZP:  # scale once per byte pair: Σ s·(hi·xe + lo·xo)
+                hi, lo = load_pair_values(packed_ptr, table_ptr, rows, k0, N, KB, BN, BK)  # (BN, BK/2) each
+                s, z = load_pair_scales(scale_ptr, zp_ptr, ncode_ptr, nscale_ptr, offset_ptr, rows, k0, N, K, G,
+                                        BK, GS, SCALES, HAS_ZP, DOUBLE_QUANT, NESTED_GS)  # fmt: skip
+                acc += scale_pairs(hi * xe[None, :] + lo * xo[None, :], s, z, BN, BK, GS, SCALES, HAS_ZP)
+            elif BM == 1:
+                hi, lo = load_lut4_pairs(packed_ptr, table_ptr, scale_ptr, zp_ptr, ncode_ptr, nscale_ptr,
+                                         offset_ptr, rows, k0, N, K, KB, G, BN, BK, GS, SCALES, HAS_ZP,
+                                         DOUBLE_QUANT, NESTED_GS)  # fmt: skip
+                acc += hi * xe[None, :] + lo * xo[None, :]
+            else:
+                hi, lo = load_lut4_pairs(packed_ptr, table_ptr, scale_ptr, zp_ptr, ncode_ptr, nscale_ptr,
+                                         offset_ptr, rows, k0, N, K, KB, G, BN, BK, GS, SCALES, HAS_ZP,
+                                         DOUBLE_QUANT, NESTED_GS)  # fmt: skip
+                acc += xe[:, None, :] * hi[None, :, :] + xo[:, None, :] * lo[None, :, :]
+        if BM == 1:
+            y = tl.sum(acc, axis=1)[None, :]  # (1, BN)
+        else:
+            y = tl.sum(acc, axis=2)  # (BM, BN)
+    else:  # generic path: any K, any grouping
         acc = tl.zeros((BM, BN, BK), dtype=tl.float32)
         for k0 in range(0, K, BK):
             w = load_lut4_tile(packed_ptr, table_ptr, scale_ptr, zp_ptr, ncode_ptr, nscale_ptr, offset_ptr,
                                rows, k0, N, K, KB, G, BN, BK, GS, SCALES, PAIRED, HAS_ZP, DOUBLE_QUANT,
                                NESTED_GS)  # (BN, BK) fmt: skip
-            cols = tl.max_contiguous(tl.multiple_of(k0 + tl.arange(0, BK), BK), BK)
+            cols = k0 + tl.arange(0, BK)
             x_mask = (ms < M)[:, None] & (cols < K)[None, :]
             x = tl.load(x_ptr + ms[:, None] * stride_xm + cols[None, :], mask=x_mask, other=0.0)  # (BM, BK)
             acc += x.to(tl.float32)[:, None, :] * w[None, :, :]
@@ -96,6 +154,8 @@ def lut4_gemv(x: torch.Tensor, w: Lut4Weight, config: dict | None = None) -> tor
         raise ValueError(f"lut4_gemv takes at most {MAX_M} rows of x, got {m}; use lut4_gemm")
     if k != w.in_features or x.stride(1) != 1:
         raise ValueError(f"x must be a row-major (M, {w.in_features}) matrix, got {tuple(x.shape)}")
+    if x.data_ptr() % 16 or x.stride(0) % 2:  # 16-bit x is read as aligned 32-bit words
+        x = x.clone(memory_format=torch.contiguous_format)
     y = torch.empty((m, w.out_features), dtype=x.dtype, device=x.device)
     pointers, sizes, layout = kernel_args(w)
     bm = max(1, triton.next_power_of_2(m))

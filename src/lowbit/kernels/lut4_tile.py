@@ -37,53 +37,68 @@ def load_scales(scale_ptr, nested_code_ptr, nested_scale_ptr, offset_ptr, idx, m
 
 
 @triton.jit
-def _apply_group_scales(values, scales, zeros, BN: tl.constexpr, BK: tl.constexpr, GS: tl.constexpr,
-                        HAS_ZP: tl.constexpr):  # fmt: skip
-    """(BN, BK/2) nibble values · their group's scale, with (BN, BK/GS) scales broadcast per group."""
-    v = tl.reshape(values, (BN, BK // GS, GS // 2))
-    if HAS_ZP:
-        v = v - zeros[:, :, None]
-    return tl.reshape(v * scales[:, :, None], (BN, BK // 2))
+def load_pair_values(packed_ptr, table_ptr, rows, k0, N, KB, BN: tl.constexpr, BK: tl.constexpr):
+    """Paired path, unscaled: (hi, lo) = table[code], each (BN, BK/2), columns k0 + 2j and k0 + 2j + 1."""
+    j = tl.arange(0, BK // 2)  # byte within the tile row
+    # k0 is a multiple of BK, so the bytes of a tile row are contiguous and aligned: tell the compiler,
+    # which then issues 16-byte loads (KB = K / 2 is the row stride in bytes). The column mask is
+    # written on bytes too (byte < KB ⟺ both columns < K, K even): a mask on 2j would hide the
+    # contiguity and split the load into single bytes.
+    col = tl.max_contiguous(tl.multiple_of(k0 // 2 + j, BK // 2), BK // 2)
+    byte = rows[:, None].to(tl.int64) * KB + col[None, :]  # (BN, BK/2)
+    b = tl.load(packed_ptr + byte, mask=(rows < N)[:, None] & (col < KB)[None, :], other=0).to(tl.int32)
+    hi = tl.load(table_ptr + (b >> 4))  # column k0 + 2j: the high nibble comes first
+    lo = tl.load(table_ptr + (b & 15))  # column k0 + 2j + 1
+    return hi, lo
 
 
 @triton.jit
-def _tile_paired(packed_ptr, table_ptr, scale_ptr, zp_ptr, ncode_ptr, nscale_ptr, offset_ptr,
-                 rows, k0, N, K, KB, G,
-                 BN: tl.constexpr, BK: tl.constexpr, GS: tl.constexpr, SCALES: tl.constexpr,
-                 HAS_ZP: tl.constexpr, DOUBLE_QUANT: tl.constexpr, NESTED_GS: tl.constexpr):  # fmt: skip
-    j = tl.arange(0, BK // 2)  # byte within the tile row
+def load_pair_scales(scale_ptr, zp_ptr, ncode_ptr, nscale_ptr, offset_ptr, rows, k0, N, K, G,
+                     BK: tl.constexpr, GS: tl.constexpr, SCALES: tl.constexpr, HAS_ZP: tl.constexpr,
+                     DOUBLE_QUANT: tl.constexpr, NESTED_GS: tl.constexpr):  # fmt: skip
+    """Scales (and zero points) of a paired tile: (BN,) when one per tile row, else (BN, BK/GS)."""
     row_ok = rows < N
-    col_ok = (k0 + 2 * j) < K  # K is even: the pair's second column is in range too
-    # k0 is a multiple of BK, so the bytes of a tile row are contiguous and aligned: tell the compiler,
-    # which then issues 16-byte loads (KB = K / 2 is the row stride in bytes).
-    col = tl.max_contiguous(tl.multiple_of(k0 // 2 + j, BK // 2), BK // 2)
-    byte = rows[:, None].to(tl.int64) * KB + col[None, :]  # (BN, BK/2)
-    b = tl.load(packed_ptr + byte, mask=row_ok[:, None] & col_ok[None, :], other=0).to(tl.int32)
-    hi = tl.load(table_ptr + (b >> 4))  # column k0 + 2j: the high nibble comes first
-    lo = tl.load(table_ptr + (b & 15))  # column k0 + 2j + 1
-    if SCALES == 2 or GS > BK:  # one scale per row of the tile: per-row scales, or GS a multiple of BK
+    if SCALES == 2 or GS > BK:  # per-row scales, or GS a multiple of BK: the tile is inside one group
         if SCALES == 2:
             idx = rows.to(tl.int64)
         else:
             idx = rows.to(tl.int64) * G + k0 // GS
-        s = load_scales(scale_ptr, ncode_ptr, nscale_ptr, offset_ptr, idx, row_ok, DOUBLE_QUANT, NESTED_GS)
-        if HAS_ZP:
-            z = tl.load(zp_ptr + idx, mask=row_ok, other=0).to(tl.float32)
-            hi = hi - z[:, None]
-            lo = lo - z[:, None]
-        hi = hi * s[:, None]
-        lo = lo * s[:, None]
+        ok = row_ok
     else:  # groups of GS along the row, G per row, BK / GS of them in the tile
         g = tl.arange(0, BK // GS)
-        g_ok = row_ok[:, None] & ((k0 + g * GS) < K)[None, :]
+        ok = row_ok[:, None] & ((k0 + g * GS) < K)[None, :]
         idx = rows[:, None].to(tl.int64) * G + (k0 // GS + g)[None, :]  # (BN, BK/GS)
-        s = load_scales(scale_ptr, ncode_ptr, nscale_ptr, offset_ptr, idx, g_ok, DOUBLE_QUANT, NESTED_GS)
-        z = s
+    s = load_scales(scale_ptr, ncode_ptr, nscale_ptr, offset_ptr, idx, ok, DOUBLE_QUANT, NESTED_GS)
+    z = s  # unused without zero points
+    if HAS_ZP:
+        z = tl.load(zp_ptr + idx, mask=ok, other=0).to(tl.float32)
+    return s, z
+
+
+@triton.jit
+def scale_pairs(v, s, z, BN: tl.constexpr, BK: tl.constexpr, GS: tl.constexpr, SCALES: tl.constexpr,
+                HAS_ZP: tl.constexpr):  # fmt: skip
+    """(BN, BK/2) values of a paired tile → (v - z) · s, each byte with its own group's scale."""
+    if SCALES == 2 or GS > BK:
         if HAS_ZP:
-            z = tl.load(zp_ptr + idx, mask=g_ok, other=0).to(tl.float32)
-        hi = _apply_group_scales(hi, s, z, BN, BK, GS, HAS_ZP)
-        lo = _apply_group_scales(lo, s, z, BN, BK, GS, HAS_ZP)
-    return tl.reshape(tl.join(hi, lo), (BN, BK))  # (BN, BK/2, 2) → (BN, BK), columns interleaved
+            v = v - z[:, None]
+        return v * s[:, None]
+    v3 = tl.reshape(v, (BN, BK // GS, GS // 2))  # a group's GS/2 bytes along the last axis
+    if HAS_ZP:
+        v3 = v3 - z[:, :, None]
+    return tl.reshape(v3 * s[:, :, None], (BN, BK // 2))
+
+
+@triton.jit
+def load_lut4_pairs(packed_ptr, table_ptr, scale_ptr, zp_ptr, ncode_ptr, nscale_ptr, offset_ptr,
+                    rows, k0, N, K, KB, G,
+                    BN: tl.constexpr, BK: tl.constexpr, GS: tl.constexpr, SCALES: tl.constexpr,
+                    HAS_ZP: tl.constexpr, DOUBLE_QUANT: tl.constexpr, NESTED_GS: tl.constexpr):  # fmt: skip
+    """Paired path: (hi, lo), each (BN, BK/2) float32, the columns k0 + 2j and k0 + 2j + 1 of W[rows]."""
+    hi, lo = load_pair_values(packed_ptr, table_ptr, rows, k0, N, KB, BN, BK)
+    s, z = load_pair_scales(scale_ptr, zp_ptr, ncode_ptr, nscale_ptr, offset_ptr, rows, k0, N, K, G,
+                            BK, GS, SCALES, HAS_ZP, DOUBLE_QUANT, NESTED_GS)  # fmt: skip
+    return scale_pairs(hi, s, z, BN, BK, GS, SCALES, HAS_ZP), scale_pairs(lo, s, z, BN, BK, GS, SCALES, HAS_ZP)
 
 
 @triton.jit
@@ -121,8 +136,9 @@ def load_lut4_tile(packed_ptr, table_ptr, scale_ptr, zp_ptr, ncode_ptr, nscale_p
     mask the activation they multiply it with, so it never reaches an output.
     """
     if PAIRED:
-        return _tile_paired(packed_ptr, table_ptr, scale_ptr, zp_ptr, ncode_ptr, nscale_ptr, offset_ptr,
-                            rows, k0, N, K, KB, G, BN, BK, GS, SCALES, HAS_ZP, DOUBLE_QUANT, NESTED_GS)  # fmt: skip
+        hi, lo = load_lut4_pairs(packed_ptr, table_ptr, scale_ptr, zp_ptr, ncode_ptr, nscale_ptr, offset_ptr,
+                                 rows, k0, N, K, KB, G, BN, BK, GS, SCALES, HAS_ZP, DOUBLE_QUANT, NESTED_GS)  # fmt: skip
+        return tl.reshape(tl.join(hi, lo), (BN, BK))  # (BN, BK/2, 2) → (BN, BK), columns interleaved
     return _tile_generic(packed_ptr, table_ptr, scale_ptr, zp_ptr, ncode_ptr, nscale_ptr, offset_ptr,
                          rows, k0, N, K, G, BN, BK, GS, SCALES, HAS_ZP, DOUBLE_QUANT, NESTED_GS)  # fmt: skip
 

@@ -13,8 +13,8 @@ As in bitsandbytes' inference layer, only the int8 weight is stored (`weight`, i
 `weight_scale` = absmax / 127, the `WeightFormat("int8")` layout), and the outlier columns use its
 dequantization Ŵ. The outlier set is chosen anew for every input, at run time.
 
-`int8_matmul` runs the int8 × int8 → int32 product through `torch._int_mm` where it works (CPU; CUDA with
-shapes padded to its constraints) and through an exact float64 product elsewhere.
+`int8_matmul` computes the int8 × int8 → int32 product exactly: `torch._int_mm` on CUDA, float32 GEMMs on
+chunks short enough to be exact on CPU (faster there than torch's CPU `_int_mm`), float64 elsewhere.
 """
 
 from __future__ import annotations
@@ -31,23 +31,41 @@ INT8_ROWWISE = WeightFormat("int8", group_size=None, symmetric=True)  # one absm
 _TINY = torch.finfo(torch.float32).tiny
 
 
-def int8_matmul(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
-    """(M, K) int8 @ (K, N) int8 → (M, N) int32, exact."""
+INT8_BACKENDS = ("int_mm", "float32", "float64")
+_EXACT_F32_K = 1040  # 127² · K < 2^24: every partial sum of a K-long int8 dot product is exact in float32
+
+
+def int8_matmul(a: torch.Tensor, b: torch.Tensor, backend: str | None = None) -> torch.Tensor:
+    """(M, K) int8 @ (K, N) int8 → (M, N) int32, exact, by one of three backends:
+
+    - "int_mm": `torch._int_mm` (cuBLASLt int8 GEMM on CUDA; shapes zero-padded to its constraints,
+      M > 16 and K, N multiples of 8, which changes no sum);
+    - "float32": float32 GEMMs over chunks of ≤ 1040 columns of K, each exact (|partial sum| ≤ 127²·1040
+      < 2^24), added in int32 — the CPU default: torch's CPU `_int_mm` measured ~25× slower than this;
+    - "float64": one float64 GEMM (exact below 2^53), for devices without an int8 GEMM.
+    Default: int_mm on CUDA, float32 on CPU, float64 elsewhere.
+    """
     if a.dtype != torch.int8 or b.dtype != torch.int8:
         raise TypeError(f"int8_matmul takes int8 operands, got {a.dtype} and {b.dtype}")
     if a.dim() != 2 or b.dim() != 2 or a.shape[1] != b.shape[0]:
         raise ValueError(f"int8_matmul needs (M, K) @ (K, N), got {tuple(a.shape)} @ {tuple(b.shape)}")
-    if hasattr(torch, "_int_mm") and a.device.type == "cpu":
-        return torch._int_mm(a, b)
-    if hasattr(torch, "_int_mm") and a.device.type == "cuda":
-        # cuBLASLt int8 GEMM wants M > 16 and K, N multiples of 8: zero padding changes no sum.
+    if backend is None:
+        backend = {"cuda": "int_mm", "cpu": "float32"}.get(a.device.type, "float64")
+    if backend == "int_mm" and hasattr(torch, "_int_mm"):
         m, k = a.shape
         n = b.shape[1]
+        if a.device.type != "cuda":
+            return torch._int_mm(a, b)
         pad_m, pad_k, pad_n = max(17 - m, 0), -k % 8, -n % 8
-        out = torch._int_mm(F.pad(a, (0, pad_k, 0, pad_m)), F.pad(b, (0, pad_n, 0, pad_k)))
-        return out[:m, :n]
-    # |Σ| ≤ 127² · K < 2^53: float64 holds every partial sum exactly.
-    return (a.double() @ b.double()).to(torch.int32)
+        return torch._int_mm(F.pad(a, (0, pad_k, 0, pad_m)), F.pad(b, (0, pad_n, 0, pad_k)))[:m, :n]
+    if backend == "float32":
+        out = torch.zeros(a.shape[0], b.shape[1], dtype=torch.int32, device=a.device)
+        for k0 in range(0, a.shape[1], _EXACT_F32_K):
+            out += (a[:, k0 : k0 + _EXACT_F32_K].float() @ b[k0 : k0 + _EXACT_F32_K].float()).to(torch.int32)
+        return out
+    if backend not in INT8_BACKENDS:
+        raise ValueError(f"unknown int8 matmul backend {backend!r}; choose one of {INT8_BACKENDS}")
+    return (a.double() @ b.double()).to(torch.int32)  # float64, or int_mm where torch lacks it
 
 
 def quantize_rows_int8(x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
