@@ -83,6 +83,290 @@ def _add_compare(sub) -> None:
     p.set_defaults(func=_compare)
 
 
+# --- generate / chat / eval / prune / export (thin shells over lowbit.generate, .evaluate, .prune, .io) ---------
+
+
+def _load_any(name: str):
+    from lowbit.io import load_any
+
+    return load_any(name)
+
+
+def _add_decoding_options(p) -> None:
+    g = p.add_argument_group("decoding")
+    g.add_argument("--max-new-tokens", type=int, default=128, help="tokens to generate at most (default 128)")
+    g.add_argument("--sample", action="store_true", help="sample instead of greedy decoding")
+    g.add_argument("--temperature", type=float, default=1.0, help="sampling temperature (default 1.0)")
+    g.add_argument("--top-k", type=int, default=0, help="sample among the k most likely tokens (0 = off)")
+    g.add_argument("--top-p", type=float, default=1.0, help="nucleus sampling mass (1.0 = off)")
+    g.add_argument("--repetition-penalty", type=float, default=1.0, help="CTRL penalty on repeated tokens (1.0 = off)")
+    g.add_argument("--num-beams", type=int, default=1, help="beam search with this many beams (1 = off)")
+    g.add_argument("--length-penalty", type=float, default=1.0, help="beam score = log p / length^this")
+    g.add_argument("--stop", nargs="*", default=[], metavar="TEXT", help=r"stop strings (escapes like \n work)")
+    g.add_argument("--seed", type=int, default=None, help="seed for sampling")
+
+
+def _generate_config(args):
+    import codecs
+
+    from lowbit.generate import GenerateConfig
+
+    return GenerateConfig(max_new_tokens=args.max_new_tokens, do_sample=args.sample, temperature=args.temperature,
+                          top_k=args.top_k, top_p=args.top_p, repetition_penalty=args.repetition_penalty,
+                          num_beams=args.num_beams, length_penalty=args.length_penalty, seed=args.seed,
+                          stop_strings=tuple(codecs.decode(s, "unicode_escape") for s in args.stop))  # fmt: skip
+
+
+def _generate(args) -> None:
+    from lowbit.generate import ChatSession, load_few_shot, stream
+
+    prompts = list(args.prompt or [])
+    if args.prompt_file:
+        prompts.append(open(args.prompt_file, encoding="utf-8").read())
+    if not prompts:
+        raise ValueError("give a prompt with --prompt TEXT or --prompt-file FILE")
+    model, tokenizer = _load_any(args.model)
+    config, shots = _generate_config(args), load_few_shot(args.few_shot) if args.few_shot else None
+    for prompt in prompts:
+        if args.chat:
+            pieces = ChatSession(model, tokenizer, config, system=args.system, few_shot=shots).stream(prompt)
+        else:
+            pieces = stream(model, tokenizer, shots.text(prompt) if shots else prompt, config)
+        if args.no_stream:
+            print("".join(pieces))
+            continue
+        for piece in pieces:
+            print(piece, end="", flush=True)
+        print()
+
+
+def _add_generate(sub) -> None:
+    p = sub.add_parser("generate", help="generate text from a prompt (greedy, sampling or beam search)",
+                       formatter_class=argparse.RawDescriptionHelpFormatter,
+                       description="Complete prompts with any model lowbit loads (quantized ones included), "
+                       "streaming the text as it is produced.\n\nexamples:\n"
+                       "  lowbit generate smollm2-135m --chat --prompt 'What is the capital of France?'\n"
+                       "  lowbit generate ./smollm2-nf4 --prompt 'Once upon a time' --sample --top-p 0.9 --seed 0\n"
+                       "  lowbit generate smollm2-135m --prompt 'Q: 2+2?\\nA:' --num-beams 4 --stop '\\n'\n"
+                       "  lowbit generate smollm2-135m --chat --few-shot shots.json --prompt 'Capital of Peru?'")  # fmt: skip
+    p.add_argument("model", help=MODEL_HELP + ", a `lowbit quantize` directory or a bitsandbytes 4-bit checkpoint")
+    p.add_argument("--prompt", action="append", help="prompt text (repeat for several prompts)")
+    p.add_argument("--prompt-file", help="a UTF-8 file whose whole content is one prompt")
+    p.add_argument("--chat", action="store_true", help="wrap the prompt in the tokenizer's chat template")
+    p.add_argument("--system", help="system message (with --chat)")
+    p.add_argument("--few-shot", help="few-shot template file (JSON/YAML: prompt, examples, system)")
+    p.add_argument("--no-stream", action="store_true", help="print each answer only once it is complete")
+    _add_decoding_options(p)
+    p.set_defaults(func=_generate)
+
+
+def _chat(args) -> None:
+    from lowbit.generate import ChatSession, chat_loop, load_few_shot
+
+    model, tokenizer = _load_any(args.model)
+    shots = load_few_shot(args.few_shot) if args.few_shot else None
+    print("chatting with", args.model, "— /reset forgets the conversation, /exit (or Ctrl-D) ends it")
+    chat_loop(ChatSession(model, tokenizer, _generate_config(args), system=args.system, few_shot=shots))
+
+
+def _add_chat(sub) -> None:
+    p = sub.add_parser("chat", help="talk to a model at the terminal (chat template, streaming)",
+                       formatter_class=argparse.RawDescriptionHelpFormatter,
+                       description="An interactive conversation through the tokenizer's chat template.\n\n"
+                       "examples:\n  lowbit chat smollm2-135m --system 'Answer briefly.'\n"
+                       "  lowbit chat ./smollm2-nf4 --sample --temperature 0.7 --top-p 0.9")  # fmt: skip
+    p.add_argument("model", help=MODEL_HELP)
+    p.add_argument("--system", help="system message")
+    p.add_argument("--few-shot", help="few-shot template file put before the conversation")
+    _add_decoding_options(p)
+    p.set_defaults(func=_chat)
+
+
+def _eval(args) -> None:
+    import lowbit
+
+    model, tokenizer = _load_any(args.model)
+    if args.task == "perplexity":
+        text = open(args.data, encoding="utf-8").read() if args.data else lowbit.evaluate.reference_text()
+        ppl = lowbit.evaluate.perplexity(model, tokenizer, text, context_length=args.context_length,
+                                         stride=args.stride or args.context_length, max_windows=args.windows,
+                                         show_progress=True)  # fmt: skip
+        print(f"perplexity {ppl:.4f}")
+    elif args.task == "mc":
+        if not args.data:
+            raise ValueError("--task mc needs --data QUESTIONS.jsonl")
+        result = lowbit.evaluate.evaluate_multiple_choice(model, tokenizer, args.data, args.normalization, args.style,
+                                                          show_progress=True)  # fmt: skip
+        print(result.to_markdown(), result, sep="\n\n")
+    else:
+        config = lowbit.QuantConfig(format=args.format, block_size=args.block_size, group_size=args.group_size)
+        report = lowbit.evaluate.error_report_for(model, config)
+        print(report.to_markdown())
+        if args.plot:
+            print(f"plot written to {report.plot(args.plot)}")
+
+
+def _add_eval(sub) -> None:
+    p = sub.add_parser("eval", help="evaluate a model: perplexity, multiple choice, quantization error",
+                       formatter_class=argparse.RawDescriptionHelpFormatter,
+                       description="perplexity: token-level sliding-window perplexity on a text file (default: "
+                       "Python's reference topics).\nmc: multiple-choice accuracy by length-normalised "
+                       "log-likelihood on an MMLU-style JSONL file\n    ({\"question\", \"choices\", \"answer\"} per "
+                       "line).\nerrors: quantize a copy with --format and report every layer's relative error, "
+                       "outlier share and bits.\n\nexamples:\n  lowbit eval smollm2-135m --task perplexity --windows 8\n"
+                       "  lowbit eval ./smollm2-nf4 --task mc --data questions.jsonl\n"
+                       "  lowbit eval smollm2-135m --task errors --format nf4 --plot errors.png")  # fmt: skip
+    p.add_argument("model", help=MODEL_HELP)
+    p.add_argument("--task", choices=["perplexity", "mc", "errors"], default="perplexity")
+    p.add_argument("--data", help="perplexity: a UTF-8 text file; mc: a JSONL file of questions")
+    p.add_argument("--context-length", type=int, default=512, help="perplexity window (tokens)")
+    p.add_argument("--stride", type=int, default=None, help="perplexity stride (default: the context length)")
+    p.add_argument("--windows", type=int, default=32, help="perplexity: maximum number of windows")
+    p.add_argument("--normalization", choices=["tokens", "chars", "none"], default="tokens", help="mc scoring")
+    p.add_argument("--style", choices=["cloze", "letters"], default="cloze", help="mc: answer texts or letters")
+    p.add_argument("--format", default="nf4", help="errors: " + FORMAT_HELP)
+    p.add_argument("--block-size", type=int, default=64, help="errors: absmax block size")
+    p.add_argument("--group-size", type=int, default=None, help="errors: int/fp8 group size")
+    p.add_argument("--plot", help="errors: write the per-layer plot to this PNG file")
+    p.set_defaults(func=_eval)
+
+
+def _prune(args) -> None:
+    import lowbit
+    from lowbit import prune
+
+    model, tokenizer = _load_any(args.model)
+    text = lowbit.evaluate.reference_text()
+    ppl = lambda: lowbit.evaluate.perplexity(model, tokenizer, text, 512, 512, max_windows=args.windows)  # noqa: E731
+    before = ppl() if args.windows else None
+    if args.method == "magnitude":
+        report = prune.magnitude_prune(model, args.sparsity, scope=args.scope)[1]
+    elif args.method == "2:4":
+        report = prune.semi_structured_prune(model)[1]
+    else:
+        if not (args.heads or args.channels):
+            raise ValueError("--method structured needs --heads N and/or --channels N")
+        n_params = prune.parameter_count(model)
+        if args.heads:
+            prune.prune_attention_heads(model, args.heads)
+        if args.channels:
+            prune.prune_mlp_channels(model, args.channels)
+        report = prune.sparsity_report(model, method=f"structured ({n_params:,} → {prune.parameter_count(model):,} "
+                                                     "parameters)")  # fmt: skip
+    if before is not None:
+        report.metrics = {"perplexity before": before, "perplexity after": ppl()}
+    if args.verbose:
+        print(report.to_markdown())
+    print(report)
+    model.save_pretrained(args.out)
+    tokenizer.save_pretrained(args.out)
+    print(f"saved to {args.out}")
+
+
+def _add_prune(sub) -> None:
+    p = sub.add_parser("prune", help="prune a model (magnitude, 2:4, heads / MLP channels) and save it",
+                       formatter_class=argparse.RawDescriptionHelpFormatter,
+                       description="Prune a full-precision model, report sparsity and perplexity before/after "
+                       "(on --windows 512-token windows of lowbit's reference text) and save it as a plain "
+                       "transformers directory.\n\nexamples:\n"
+                       "  lowbit prune smollm2-135m --method magnitude --sparsity 0.3 --out smollm2-sparse\n"
+                       "  lowbit prune smollm2-135m --method 2:4 --out smollm2-24\n"
+                       "  lowbit prune smollm2-135m --method structured --heads 3 --channels 256 --out smollm2-small")  # fmt: skip
+    p.add_argument("model", help=MODEL_HELP)
+    p.add_argument("--out", required=True, help="output directory")
+    p.add_argument("--method", choices=["magnitude", "2:4", "structured"], default="magnitude")
+    p.add_argument("--sparsity", type=float, default=0.5, help="magnitude: fraction of weights to zero")
+    p.add_argument("--scope", choices=["layer", "global"], default="layer", help="magnitude: threshold per layer or global")
+    p.add_argument("--heads", type=int, default=0, help="structured: attention heads to remove per layer")
+    p.add_argument("--channels", type=int, default=0, help="structured: MLP channels to remove per layer")
+    p.add_argument("--windows", type=int, default=4, help="perplexity windows before/after (0 = skip)")
+    p.add_argument("-v", "--verbose", action="store_true", help="print the per-layer table")
+    p.set_defaults(func=_prune)
+
+
+def _export(args) -> None:
+    import lowbit
+    from lowbit import io
+
+    model, tokenizer = _load_any(args.model)
+    if args.adapter:
+        from lowbit.peft import load_adapter
+
+        model = load_adapter(model, args.adapter)
+    if args.to == "merged":
+        path = io.save_merged(model, args.out, tokenizer)
+    elif args.to == "bnb4":
+        if not any(isinstance(m, lowbit.QuantLinear) for m in model.modules()):
+            lowbit.quantize(model, lowbit.QuantConfig(format=args.format), progress=True)
+        path = io.save_bnb_4bit(model, args.out, tokenizer)
+    else:
+        pre = args.tokenizer_pre or ("smollm" if io.checkpoint_kind(args.model) == "packaged" else "default")
+        path = io.export_gguf(model, args.out, tokenizer=tokenizer, dtype=args.gguf_type, tokenizer_pre=pre)
+    print(f"exported ({args.to}) to {path}")
+
+
+def _add_export(sub) -> None:
+    p = sub.add_parser("export", help="export: merged safetensors, bitsandbytes 4-bit, or GGUF",
+                       formatter_class=argparse.RawDescriptionHelpFormatter,
+                       description="merged: LoRA merged and quantized layers dequantized into a plain transformers "
+                       "model.\nbnb4: a transformers + bitsandbytes 4-bit checkpoint (from_pretrained loads it with "
+                       "bitsandbytes).\ngguf: a GGUF file for llama.cpp (Llama/Mistral/Qwen2; f32, f16, q8_0, q4_0)."
+                       "\n\nexamples:\n  lowbit export ./smollm2-nf4 --to merged --out smollm2-dense\n"
+                       "  lowbit export smollm2-135m --adapter my-lora --to merged --out smollm2-tuned\n"
+                       "  lowbit export smollm2-135m --to bnb4 --format nf4 --out smollm2-bnb\n"
+                       "  lowbit export smollm2-135m --to gguf --gguf-type q8_0 --out smollm2.q8_0.gguf")  # fmt: skip
+    p.add_argument("model", help=MODEL_HELP + ", a `lowbit quantize` directory or a bitsandbytes 4-bit checkpoint")
+    p.add_argument("--to", choices=["merged", "bnb4", "gguf"], required=True, help="what to write")
+    p.add_argument("--out", required=True, help="output directory (merged, bnb4) or .gguf file")
+    p.add_argument("--adapter", help="a PEFT-format LoRA adapter directory to merge in first")
+    p.add_argument("--format", choices=["nf4", "fp4"], default="nf4", help="bnb4: format when the model is not quantized yet")
+    p.add_argument("--gguf-type", choices=["f32", "f16", "q8_0", "q4_0"], default="f16", help="gguf: weight type")
+    p.add_argument("--tokenizer-pre", help="gguf: llama.cpp pre-tokenizer name (default: smollm for the packaged model)")
+    p.set_defaults(func=_export)
+
+
+def _read_config_file(path: str) -> dict:
+    """A YAML or TOML run file: flat settings, or one table per command ([generate], [export], …)."""
+    from pathlib import Path
+
+    raw = Path(path).read_text(encoding="utf-8")
+    if path.endswith(".toml"):
+        import tomllib
+
+        return tomllib.loads(raw)
+    import yaml
+
+    data = yaml.safe_load(raw) or {}
+    if not isinstance(data, dict):
+        raise ValueError(f"{path}: a config file holds settings as key: value pairs")
+    return data
+
+
+def _apply_config_file(parser: argparse.ArgumentParser, argv: list[str]) -> None:
+    """Make a ``--config FILE``'s settings the defaults of the chosen command, so flags given on the command
+    line still win. Keys are the long option names (``max-new-tokens`` or ``max_new_tokens``)."""
+    pre = argparse.ArgumentParser(add_help=False)
+    pre.add_argument("--config")
+    known, _ = pre.parse_known_args(argv)
+    sub = next(a for a in parser._actions if isinstance(a, argparse._SubParsersAction))
+    command = next((a for a in argv if not a.startswith("-")), None)  # the top-level parser has no other options
+    if not known.config or command not in sub.choices:
+        return
+    data = _read_config_file(known.config)
+    data = data[command] if isinstance(data.get(command), dict) else data
+    cmd = sub.choices[command]
+    actions = {a.dest: a for a in cmd._actions}
+    for key, value in data.items():
+        action = actions.get(str(key).replace("-", "_"))
+        if action is None or action.dest in ("help", "config"):
+            raise ValueError(f"{known.config}: `lowbit {command}` has no setting {key!r}")
+        if not action.option_strings:  # a positional: optional now, given by the file unless typed
+            action.nargs, action.default = "?", value
+        else:
+            action.default = value
+            action.required = False
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         prog="lowbit",
@@ -127,14 +411,24 @@ def build_parser() -> argparse.ArgumentParser:
     p.set_defaults(func=_perplexity)
 
     _add_compare(sub)
+    for add in (_add_generate, _add_chat, _add_eval, _add_prune, _add_export):
+        add(sub)
+    for cmd in sub.choices.values():
+        cmd.add_argument("--config", help="YAML/TOML file of settings for this command (flags given here override)")
     return parser
 
 
 def main(argv: list[str] | None = None) -> int:
-    args = build_parser().parse_args(argv)
+    argv = sys.argv[1:] if argv is None else list(argv)
+    parser = build_parser()
+    try:
+        _apply_config_file(parser, argv)
+    except (ValueError, OSError, ImportError) as e:
+        parser.error(str(e))
+    args = parser.parse_args(argv)
     try:
         args.func(args)
-    except (ValueError, TypeError, FileNotFoundError, RuntimeError) as e:
+    except (ValueError, TypeError, OSError, RuntimeError, ImportError) as e:
         print(f"lowbit {args.command}: error: {e}", file=sys.stderr)
         return 1
     return 0

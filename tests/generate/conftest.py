@@ -34,3 +34,27 @@ def tiny_llama_for(tokenizer, seed: int = 0) -> LlamaForCausalLM:
 @pytest.fixture(scope="session")
 def smol_tiny(smol_tokenizer):
     return tiny_llama_for(smol_tokenizer), smol_tokenizer
+
+
+CHAT_TEMPLATE = ("{% for m in messages %}<|im_start|>{{ m['role'] }}\n{{ m['content'] }}<|im_end|>\n{% endfor %}"
+                 "{% if add_generation_prompt %}<|im_start|>assistant\n{% endif %}")
+
+
+def train_bpe_tokenizer(vocab_size: int = 400):
+    """A real byte-level BPE tokenizer (GPT-2 / SmolLM2 style) with a ChatML template, trained in a moment on
+    8 kB of lowbit's reference text — for tests that need small vocabularies (GGUF files, saved model dirs)."""
+    from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
+    from transformers import PreTrainedTokenizerFast
+
+    from lowbit.evaluate import reference_text
+
+    backend = Tokenizer(models.BPE())
+    backend.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
+    backend.decoder = decoders.ByteLevel()
+    trainer = trainers.BpeTrainer(vocab_size=vocab_size, special_tokens=["<|endoftext|>", "<|im_start|>", "<|im_end|>"],
+                                  initial_alphabet=pre_tokenizers.ByteLevel.alphabet(), show_progress=False)  # fmt: skip
+    backend.train_from_iterator([reference_text(8000)], trainer)
+    tok = PreTrainedTokenizerFast(tokenizer_object=backend, bos_token="<|im_start|>", eos_token="<|im_end|>",
+                                  unk_token="<|endoftext|>", pad_token="<|im_end|>")  # fmt: skip
+    tok.chat_template = CHAT_TEMPLATE
+    return tok

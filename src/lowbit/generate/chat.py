@@ -137,11 +137,13 @@ class ChatSession:
         self.history.clear()
 
 
-def chat_loop(session: ChatSession, read: Callable[[str], str] = input, write: Callable[[str], None] | None = None) -> int:
+def chat_loop(session: ChatSession, read: Callable[[str], str] | None = None,
+              write: Callable[[str], None] | None = None) -> int:  # fmt: skip
     """Talk to ``session`` at a terminal until EOF or ``/exit``; ``/reset`` forgets the history.
 
     Returns the number of answered turns. ``read``/``write`` default to the terminal (tests pass their own).
     """
+    read = read or input  # looked up per call, so a replaced builtins.input is honoured
     write = write or (lambda s: print(s, end="", flush=True))
     turns = 0
     while True:

@@ -53,21 +53,8 @@ def load_pair_values(packed_ptr, table_ptr, rows, k0, N, KB, BN: tl.constexpr, B
 
 
 @triton.jit
-def load_pair_scales(scale_ptr, zp_ptr, ncode_ptr, nscale_ptr, offset_ptr, rows, k0, N, K, G,
-                     BK: tl.constexpr, GS: tl.constexpr, SCALES: tl.constexpr, HAS_ZP: tl.constexpr,
-                     DOUBLE_QUANT: tl.constexpr, NESTED_GS: tl.constexpr):  # fmt: skip
-    """Scales (and zero points) of a paired tile: (BN,) when one per tile row, else (BN, BK/GS)."""
-    row_ok = rows < N
-    if SCALES == 2 or GS > BK:  # per-row scales, or GS a multiple of BK: the tile is inside one group
-        if SCALES == 2:
-            idx = rows.to(tl.int64)
-        else:
-            idx = rows.to(tl.int64) * G + k0 // GS
-        ok = row_ok
-    else:  # groups of GS along the row, G per row, BK / GS of them in the tile
-        g = tl.arange(0, BK // GS)
-        ok = row_ok[:, None] & ((k0 + g * GS) < K)[None, :]
-        idx = rows[:, None].to(tl.int64) * G + (k0 // GS + g)[None, :]  # (BN, BK/GS)
+def _load_row_scales(scale_ptr, zp_ptr, ncode_ptr, nscale_ptr, offset_ptr, idx, ok,
+                     HAS_ZP: tl.constexpr, DOUBLE_QUANT: tl.constexpr, NESTED_GS: tl.constexpr):  # fmt: skip
     s = load_scales(scale_ptr, ncode_ptr, nscale_ptr, offset_ptr, idx, ok, DOUBLE_QUANT, NESTED_GS)
     z = s  # unused without zero points
     if HAS_ZP:
@@ -76,17 +63,48 @@ def load_pair_scales(scale_ptr, zp_ptr, ncode_ptr, nscale_ptr, offset_ptr, rows,
 
 
 @triton.jit
+def load_pair_scales(scale_ptr, zp_ptr, ncode_ptr, nscale_ptr, offset_ptr, rows, k0, N, K, G,
+                     BK: tl.constexpr, GS: tl.constexpr, SCALES: tl.constexpr, HAS_ZP: tl.constexpr,
+                     DOUBLE_QUANT: tl.constexpr, NESTED_GS: tl.constexpr):  # fmt: skip
+    """Scales (and zero points) of a paired tile: (BN,) when one per tile row, else (BN, BK/GS).
+
+    (Each branch tests one constexpr: Triton compiles `A or B` of constexprs as a run-time branch.)
+    """
+    row_ok = rows < N
+    if SCALES == 2:  # one scale per row
+        return _load_row_scales(scale_ptr, zp_ptr, ncode_ptr, nscale_ptr, offset_ptr, rows.to(tl.int64), row_ok,
+                                HAS_ZP, DOUBLE_QUANT, NESTED_GS)  # fmt: skip
+    elif GS > BK:  # GS a multiple of BK: the tile lies inside one group of each row
+        return _load_row_scales(scale_ptr, zp_ptr, ncode_ptr, nscale_ptr, offset_ptr,
+                                rows.to(tl.int64) * G + k0 // GS, row_ok, HAS_ZP, DOUBLE_QUANT, NESTED_GS)  # fmt: skip
+    else:  # groups of GS along the row, G per row, BK / GS of them in the tile
+        g = tl.arange(0, BK // GS)
+        ok = row_ok[:, None] & ((k0 + g * GS) < K)[None, :]
+        idx = rows[:, None].to(tl.int64) * G + (k0 // GS + g)[None, :]  # (BN, BK/GS)
+        return _load_row_scales(scale_ptr, zp_ptr, ncode_ptr, nscale_ptr, offset_ptr, idx, ok,
+                                HAS_ZP, DOUBLE_QUANT, NESTED_GS)  # fmt: skip
+
+
+@triton.jit
+def _scale_rows(v, s, z, HAS_ZP: tl.constexpr):
+    if HAS_ZP:
+        v = v - z[:, None]
+    return v * s[:, None]
+
+
+@triton.jit
 def scale_pairs(v, s, z, BN: tl.constexpr, BK: tl.constexpr, GS: tl.constexpr, SCALES: tl.constexpr,
                 HAS_ZP: tl.constexpr):  # fmt: skip
     """(BN, BK/2) values of a paired tile → (v - z) · s, each byte with its own group's scale."""
-    if SCALES == 2 or GS > BK:
+    if SCALES == 2:
+        return _scale_rows(v, s, z, HAS_ZP)
+    elif GS > BK:
+        return _scale_rows(v, s, z, HAS_ZP)
+    else:
+        v3 = tl.reshape(v, (BN, BK // GS, GS // 2))  # a group's GS/2 bytes along the last axis
         if HAS_ZP:
-            v = v - z[:, None]
-        return v * s[:, None]
-    v3 = tl.reshape(v, (BN, BK // GS, GS // 2))  # a group's GS/2 bytes along the last axis
-    if HAS_ZP:
-        v3 = v3 - z[:, :, None]
-    return tl.reshape(v3 * s[:, :, None], (BN, BK // 2))
+            v3 = v3 - z[:, :, None]
+        return tl.reshape(v3 * s[:, :, None], (BN, BK // 2))
 
 
 @triton.jit

@@ -39,7 +39,7 @@ def int8_matmul(a: torch.Tensor, b: torch.Tensor, backend: str | None = None) ->
     """(M, K) int8 @ (K, N) int8 → (M, N) int32, exact, by one of three backends:
 
     - "int_mm": `torch._int_mm` (cuBLASLt int8 GEMM on CUDA; shapes zero-padded to its constraints,
-      M > 16 and K, N multiples of 8, which changes no sum);
+      M > 16 and K, N multiples of 8, which changes no sum, and B column-major as cuBLASLt wants);
     - "float32": float32 GEMMs over chunks of ≤ 1040 columns of K, each exact (|partial sum| ≤ 127²·1040
       < 2^24), added in int32 — the CPU default: torch's CPU `_int_mm` measured ~25× slower than this;
     - "float64": one float64 GEMM (exact below 2^53), for devices without an int8 GEMM.
@@ -57,7 +57,12 @@ def int8_matmul(a: torch.Tensor, b: torch.Tensor, backend: str | None = None) ->
         if a.device.type != "cuda":
             return torch._int_mm(a, b)
         pad_m, pad_k, pad_n = max(17 - m, 0), -k % 8, -n % 8
-        return torch._int_mm(F.pad(a, (0, pad_k, 0, pad_m)), F.pad(b, (0, pad_n, 0, pad_k)))[:m, :n]
+        if pad_m or pad_k:
+            a = F.pad(a, (0, pad_k, 0, pad_m))
+        if pad_k or pad_n:
+            b = F.pad(b, (0, pad_n, 0, pad_k))
+        b = b if b.stride(0) == 1 else b.t().contiguous().t()  # cuBLASLt's int8 GEMM takes B column-major ("TN")
+        return torch._int_mm(a.contiguous(), b)[:m, :n]
     if backend == "float32":
         out = torch.zeros(a.shape[0], b.shape[1], dtype=torch.int32, device=a.device)
         for k0 in range(0, a.shape[1], _EXACT_F32_K):

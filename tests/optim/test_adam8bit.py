@@ -1,0 +1,143 @@
+"""8-bit blockwise AdamW against float64 AdamW written here, torch.optim.AdamW and bitsandbytes' AdamW8bit."""
+
+import copy
+import math
+
+import pytest
+import torch
+
+from lowbit.optim import AdamW8bit, PagedAdamW, PagedAdamW8bit, optimizer_state_nbytes, unsigned_dynamic_codebook
+
+
+def adamw_reference(p0, grads, lr, betas, eps, wd):
+    """Plain float64 AdamW (Loshchilov & Hutter 2019, Algorithm 2 with bias correction)."""
+    p, m, v = p0.double().clone(), torch.zeros_like(p0, dtype=torch.float64), torch.zeros_like(p0, dtype=torch.float64)
+    for t, g in enumerate(grads, start=1):
+        g = g.double()
+        m = betas[0] * m + (1 - betas[0]) * g
+        v = betas[1] * v + (1 - betas[1]) * g * g
+        m_hat, v_hat = m / (1 - betas[0] ** t), v / (1 - betas[1] ** t)
+        p = p - lr * wd * p - lr * m_hat / (v_hat.sqrt() + eps)
+    return p
+
+
+def run(opt_cls, p0, grads, **kw):
+    p = torch.nn.Parameter(p0.clone())
+    opt = opt_cls([p], **kw)
+    for g in grads:
+        p.grad = g.clone()
+        opt.step()
+    return p.detach(), opt
+
+
+def test_unsigned_map_matches_bitsandbytes_and_its_definition():
+    F = pytest.importorskip("bitsandbytes.functional")
+    code = unsigned_dynamic_codebook()
+    assert torch.equal(code, F.create_dynamic_map(signed=False))
+    # Independent float64 check of the construction: decade e has 2^(e+1) midpoints of [0.1, 1]·10^(e-6).
+    expected = [0.0, 1.0]
+    for e in range(7):
+        edges = [0.1 + 0.9 * i / 2 ** (e + 1) for i in range(2 ** (e + 1) + 1)]
+        expected += [10.0 ** (e - 6) * (a + b) / 2 for a, b in zip(edges, edges[1:])]
+    torch.testing.assert_close(code.double(), torch.tensor(sorted(expected), dtype=torch.float64), rtol=1e-6, atol=0)
+
+
+def test_small_tensors_are_exact_fp32_adamw():
+    torch.manual_seed(0)
+    p0, grads = torch.randn(100), [torch.randn(100) for _ in range(10)]
+    kw = dict(lr=1e-2, betas=(0.9, 0.99), eps=1e-8, weight_decay=0.1)
+    p, opt = run(AdamW8bit, p0, grads, **kw)  # 100 < min_8bit_size: fp32 moments
+    assert opt.state[opt.param_groups[0]["params"][0]]["exp_avg"].dtype == torch.float32
+    torch.testing.assert_close(p.double(), adamw_reference(p0, grads, **kw), rtol=0, atol=1e-6)
+    p_torch, _ = run(torch.optim.AdamW, p0, grads, **kw)
+    torch.testing.assert_close(p, p_torch, rtol=0, atol=1e-6)
+
+
+@pytest.mark.parametrize("block_size", [256, 2048])
+def test_quantized_moments_track_float64_adamw(block_size):
+    torch.manual_seed(1)
+    n = 3 * block_size + 17  # a partial last block
+    p0 = torch.randn(n)
+    grads = [torch.randn(n) * (1 + 0.5 * math.sin(t)) for t in range(30)]
+    kw = dict(lr=1e-3, betas=(0.9, 0.999), eps=1e-8, weight_decay=0.01)
+    p, opt = run(AdamW8bit, p0, grads, block_size=block_size, **kw)
+    state = opt.state[opt.param_groups[0]["params"][0]]
+    assert state["exp_avg_codes"].dtype == torch.uint8 and state["exp_avg_codes"].shape == (n,)
+    assert state["exp_avg_absmax"].shape == (math.ceil(n / block_size),)
+    ref = adamw_reference(p0, grads, **kw)
+    moved = (ref - p0.double()).abs()  # each coordinate moved up to 30·lr
+    err = (p.double() - ref).abs()
+    assert err.max() < 0.1 * 30 * kw["lr"]  # far below the distance travelled
+    assert err.mean() < 0.02 * moved.mean()
+
+
+def test_matches_bitsandbytes_adamw8bit_on_cpu():
+    bnb = pytest.importorskip("bitsandbytes")
+    torch.manual_seed(2)
+    n = 5000
+    p0 = torch.randn(n)
+    grads = [torch.randn(n) for _ in range(20)]
+    kw = dict(lr=1e-2, betas=(0.9, 0.999), eps=1e-8, weight_decay=0.01)
+    ours, opt = run(AdamW8bit, p0, grads, block_size=256, **kw)  # bitsandbytes ≥ 0.45 uses blocks of 256
+    theirs, bopt = run(bnb.optim.AdamW8bit, p0, grads, **kw)
+    ref = adamw_reference(p0, grads, **kw)
+    s, b = opt.state[opt.param_groups[0]["params"][0]], bopt.state[bopt.param_groups[0]["params"][0]]
+    torch.testing.assert_close(s["exp_avg_absmax"], b["absmax1"], rtol=1e-5, atol=1e-9)
+    torch.testing.assert_close(s["exp_avg_sq_absmax"], b["absmax2"], rtol=1e-5, atol=1e-12)
+    # bitsandbytes' CPU kernel rounds values far below a block's absmax (|x|/absmax < 1e-4) coarsely,
+    # lowbit rounds every value to its nearest code; the rest agree code for code.
+    assert (s["exp_avg_codes"] == b["state1"]).float().mean() > 0.98
+    assert (s["exp_avg_sq_codes"] == b["state2"]).float().mean() > 0.95
+    assert (ours - theirs).abs().max() < 0.5 * kw["lr"]
+    # Both stay as close to exact AdamW as each other.
+    e_ours, e_bnb = (ours.double() - ref).abs().mean(), (theirs.double() - ref).abs().mean()
+    assert e_ours < 1.5 * e_bnb + 1e-6
+
+
+def test_state_memory_is_a_quarter_of_adamw():
+    params = [torch.nn.Parameter(torch.randn(64, 512)), torch.nn.Parameter(torch.randn(10))]
+    opt8, opt32 = AdamW8bit(params, block_size=2048), torch.optim.AdamW(params)
+    for p in params:
+        p.grad = torch.randn_like(p)
+    opt8.step()
+    opt32.step()
+    n_big = 64 * 512
+    assert optimizer_state_nbytes(opt8) == 2 * n_big + 2 * 4 * (n_big // 2048) + 2 * 4 * 10
+    assert optimizer_state_nbytes(opt32) == 8 * (n_big + 10)
+
+
+def test_state_dict_round_trip_continues_exactly():
+    torch.manual_seed(3)
+    p0, grads = torch.randn(6000), [torch.randn(6000) for _ in range(8)]
+    straight, _ = run(AdamW8bit, p0, grads, lr=1e-2)
+    p = torch.nn.Parameter(p0.clone())
+    opt = AdamW8bit([p], lr=1e-2)
+    for g in grads[:4]:
+        p.grad = g.clone()
+        opt.step()
+    saved = copy.deepcopy(opt.state_dict())
+    p2 = torch.nn.Parameter(p.detach().clone())
+    opt2 = AdamW8bit([p2], lr=1e-2)
+    opt2.load_state_dict(saved)
+    for g in grads[4:]:
+        p2.grad = g.clone()
+        opt2.step()
+    assert torch.equal(p2.detach(), straight)
+
+
+def test_paged_optimizers_are_a_no_op_on_cpu():
+    torch.manual_seed(4)
+    p0, grads = torch.randn(5000), [torch.randn(5000) for _ in range(5)]
+    a, _ = run(AdamW8bit, p0, grads, lr=1e-2)
+    b, opt = run(PagedAdamW8bit, p0, grads, lr=1e-2)
+    assert torch.equal(a, b) and opt.param_groups[0]["paged"]
+    c, _ = run(torch.optim.AdamW, p0, grads, lr=1e-2, foreach=False)
+    d, _ = run(PagedAdamW, p0, grads, lr=1e-2)
+    assert torch.equal(c, d)
+
+
+@pytest.mark.parametrize("kw", [dict(lr=-1.0), dict(betas=(1.0, 0.9)), dict(eps=0.0), dict(weight_decay=-1.0),
+                                dict(block_size=1), dict(block_size=True)])  # fmt: skip
+def test_bad_arguments(kw):
+    with pytest.raises(ValueError):
+        AdamW8bit([torch.nn.Parameter(torch.zeros(3))], **kw)

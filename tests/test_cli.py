@@ -1,0 +1,131 @@
+"""The `lowbit` command line as a user runs it: in-process for most commands, by subprocess for a few."""
+
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+from transformers import AutoModelForCausalLM, LlamaConfig, LlamaForCausalLM
+
+from lowbit.cli import main
+from tests.generate.conftest import train_bpe_tokenizer
+
+MC_SAMPLE = Path(__file__).parent / "evaluate" / "data" / "mc_sample.jsonl"
+
+
+@pytest.fixture(scope="module")
+def tiny_dir(tmp_path_factory):
+    """A saved tiny Llama (untied, vocabulary 400) with a real byte-level BPE tokenizer and chat template."""
+    tok = train_bpe_tokenizer()
+    torch.manual_seed(0)
+    cfg = LlamaConfig(hidden_size=64, intermediate_size=128, num_hidden_layers=2, num_attention_heads=4,
+                      num_key_value_heads=2, vocab_size=len(tok), max_position_embeddings=1024,
+                      bos_token_id=tok.bos_token_id, eos_token_id=tok.eos_token_id, pad_token_id=tok.pad_token_id,
+                      tie_word_embeddings=False)  # fmt: skip
+    path = tmp_path_factory.mktemp("tiny")
+    LlamaForCausalLM(cfg).eval().save_pretrained(path)
+    tok.save_pretrained(path)
+    return path
+
+
+def run_cli(*args) -> subprocess.CompletedProcess:
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "TOKENIZERS_PARALLELISM": "false"}
+    return subprocess.run([sys.executable, "-m", "lowbit.cli", *map(str, args)], capture_output=True, text=True,
+                          env=env, timeout=300)  # fmt: skip
+
+
+@pytest.mark.slow
+def test_generate_on_the_real_model_by_subprocess():
+    out = run_cli("generate", "smollm2-135m", "--chat", "--prompt", "What is the capital of France?",
+                  "--max-new-tokens", "8")  # fmt: skip
+    assert out.returncode == 0, out.stderr
+    assert "Paris" in out.stdout
+
+
+def test_export_then_eval_by_subprocess(tiny_dir, tmp_path):
+    gguf_file = tmp_path / "tiny.q8_0.gguf"
+    out = run_cli("export", tiny_dir, "--to", "gguf", "--gguf-type", "q8_0", "--out", gguf_file)
+    assert out.returncode == 0, out.stderr
+    assert f"exported (gguf) to {gguf_file}" in out.stdout and gguf_file.stat().st_size > 0
+    out = run_cli("eval", gguf_file, "--task", "mc", "--data", MC_SAMPLE)  # the GGUF, read back by transformers
+    assert out.returncode == 0, out.stderr
+    assert "accuracy" in out.stdout and "| **all (24)** |" in out.stdout
+
+
+def test_errors_are_one_line_and_a_nonzero_exit_by_subprocess(tmp_path):
+    out = run_cli("eval", tmp_path / "no-such-model", "--task", "mc", "--data", MC_SAMPLE)
+    assert out.returncode == 1
+    lines = [line for line in out.stderr.splitlines() if line.strip()]
+    assert len(lines) == 1 and lines[0].startswith("lowbit eval: error: cannot load"), out.stderr
+    assert "Traceback" not in out.stderr
+
+
+def test_generate_in_process_with_a_config_file(tiny_dir, tmp_path, capsys):
+    config = tmp_path / "run.yaml"
+    config.write_text(f"model: {tiny_dir}\nprompt: [Hello there]\nmax-new-tokens: 50\nsample: true\nseed: 3\n")
+    assert main(["generate", "--config", str(config), "--max-new-tokens", "6", "--no-stream"]) == 0
+    first = capsys.readouterr().out
+    assert main(["generate", str(tiny_dir), "--prompt", "Hello there", "--max-new-tokens", "6", "--sample",
+                 "--seed", "3", "--no-stream"]) == 0  # fmt: skip
+    assert capsys.readouterr().out == first  # flags override the file: 6 tokens, not 50
+    toml = tmp_path / "run.toml"
+    toml.write_text(f'[generate]\nmodel = "{tiny_dir}"\nprompt = ["Hello there"]\nmax_new_tokens = 6\nsample = true\n'
+                    "seed = 3\nno_stream = true\n")  # fmt: skip
+    assert main(["generate", "--config", str(toml)]) == 0
+    assert capsys.readouterr().out == first
+    (tmp_path / "bad.yaml").write_text("beams: 3\n")
+    with pytest.raises(SystemExit) as e:
+        main(["generate", str(tiny_dir), "--config", str(tmp_path / "bad.yaml")])
+    assert e.value.code == 2 and "no setting 'beams'" in capsys.readouterr().err
+
+
+def test_generate_streams_chat_and_few_shot(tiny_dir, tmp_path, capsys, monkeypatch):
+    shots = tmp_path / "shots.json"
+    shots.write_text(json.dumps({"prompt": "Q: {input}\nA:", "examples": [{"input": "1+1?", "output": "2"}]}))
+    assert main(["generate", str(tiny_dir), "--chat", "--few-shot", str(shots), "--prompt", "2+2?",
+                 "--max-new-tokens", "4", "--num-beams", "2"]) == 0  # fmt: skip
+    assert capsys.readouterr().out.endswith("\n")
+    replies = iter(["hi", "/exit"])
+    monkeypatch.setattr("builtins.input", lambda prompt="": next(replies))
+    assert main(["chat", str(tiny_dir), "--max-new-tokens", "3"]) == 0
+    assert "model> " in capsys.readouterr().out
+    assert main(["generate", str(tiny_dir)]) == 1
+    assert "--prompt" in capsys.readouterr().err
+
+
+def test_eval_perplexity_and_error_report(tiny_dir, tmp_path, capsys):
+    assert main(["eval", str(tiny_dir), "--task", "perplexity", "--windows", "2", "--context-length", "64"]) == 0
+    ppl = float(capsys.readouterr().out.split()[-1])
+    assert 100 < ppl < 1000  # a random model: about the vocabulary size (400)
+    png = tmp_path / "errors.png"
+    assert main(["eval", str(tiny_dir), "--task", "errors", "--format", "int4", "--plot", str(png)]) == 0
+    out = capsys.readouterr().out
+    assert out.count("| model.layers.") == 14 and png.read_bytes()[:4] == b"\x89PNG"
+    assert main(["eval", str(tiny_dir), "--task", "mc"]) == 1
+
+
+def test_prune_reports_and_saves(tiny_dir, tmp_path, capsys):
+    out_dir = tmp_path / "pruned"
+    assert main(["prune", str(tiny_dir), "--method", "structured", "--heads", "2", "--channels", "32",
+                 "--windows", "1", "--out", str(out_dir)]) == 0  # fmt: skip
+    out = capsys.readouterr().out
+    assert "perplexity before" in out and "perplexity after" in out
+    loaded = AutoModelForCausalLM.from_pretrained(out_dir, local_files_only=True)
+    assert loaded.config.num_attention_heads == 2 and loaded.config.intermediate_size == 96
+    assert main(["prune", str(tiny_dir), "--method", "2:4", "--windows", "0", "--out", str(tmp_path / "s")]) == 0
+    assert "sparsity 50.0%" in capsys.readouterr().out
+
+
+def test_export_merged_and_bnb(tiny_dir, tmp_path, capsys):
+    q = tmp_path / "q"
+    assert main(["quantize", str(tiny_dir), "--format", "nf4", "--out", str(q)]) == 0
+    assert main(["export", str(q), "--to", "merged", "--out", str(tmp_path / "dense")]) == 0
+    dense = AutoModelForCausalLM.from_pretrained(tmp_path / "dense", local_files_only=True)
+    assert type(dense.model.layers[0].self_attn.q_proj) is torch.nn.Linear
+    assert main(["export", str(q), "--to", "bnb4", "--out", str(tmp_path / "bnb")]) == 0
+    assert json.loads((tmp_path / "bnb" / "config.json").read_text())["quantization_config"]["load_in_4bit"]
+    assert main(["generate", str(tmp_path / "bnb"), "--prompt", "Hi", "--max-new-tokens", "3"]) == 0  # reads it back
+    assert "exported (bnb4)" in capsys.readouterr().out
