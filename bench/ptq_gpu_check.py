@@ -50,6 +50,26 @@ def module_checks(dev: str) -> None:
         check(f"{type(module).__name__}({getattr(module, 'act_scheme', 'threshold 6')}) GPU == CPU", err < 1e-4, f"max |Δ| {err:.2e}")
 
 
+def act_order_kernel_check(dev: str) -> None:
+    """GPTQ act-order storage read by the fused 4-bit kernel (permuted input) and by dequantization."""
+    from lowbit.formats import WeightFormat
+    from lowbit.quantize.gptq import GPTQOptions, gptq_linear
+
+    torch.manual_seed(0)
+    linear = nn.Linear(256, 128)
+    x = torch.randn(64, 256)
+    xs = x.double() * torch.linspace(0.1, 3, 256, dtype=torch.float64)  # features of uneven scale
+    h = 2 * xs.t() @ xs / 64
+    module = gptq_linear(linear, h, WeightFormat("int4", group_size=32, symmetric=False), GPTQOptions(act_order=True)).to(dev)
+    expected = x.double() @ module.dequantize(torch.float64).cpu().t() + linear.bias.double()
+    for kernel in ("dequant", "fused"):
+        module.kernel = kernel
+        for rows in (1, 64):  # GEMV and GEMM
+            y = module(x[:rows].to(dev)).cpu().double()
+            err = (y - expected[:rows]).abs().max().item()
+            check(f"ActOrderQuantLinear int4 g32 kernel={kernel} M={rows}", err < 1e-3, f"max |Δ| {err:.1e}")
+
+
 def model_checks(dev: str) -> None:
     ids = torch.randint(0, 300, (4, 24), generator=torch.Generator().manual_seed(1))
     configs = {
@@ -104,5 +124,6 @@ if __name__ == "__main__":
     print(torch.__version__, torch.cuda.get_device_name(), flush=True)
     int8_gemm_checks("cuda")
     module_checks("cuda")
+    act_order_kernel_check("cuda")
     model_checks("cuda")
     timing("cuda")

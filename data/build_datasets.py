@@ -97,13 +97,22 @@ def build_definitions(wordnet: Path, n_train: int, n_val: int, seed: int) -> tup
     rows = rows[: n_train + n_val]
     rng = random.Random(seed)
     rng.shuffle(rows)
-    records = []
+    # Hold out whole lemmas (all their parts of speech), so no validation question is asked in training.
+    lemmas = list(dict.fromkeys(r[1] for r in rows))
+    val_lemmas, n = set(), 0
+    for lemma in lemmas:
+        if n >= n_val:
+            break
+        val_lemmas.add(lemma)
+        n += sum(1 for r in rows if r[1] == lemma)
+    train, val = [], []
     for _, lemma, pos, synset in rows:
         question = rng.choice(QUESTION_TEMPLATES).format(w=lemma.replace("_", " "), pos=pos)
-        records.append({"source": "wordnet", "messages": [
+        record = {"source": "wordnet", "messages": [
             {"role": "user", "content": question},
-            {"role": "assistant", "content": definition_answer(lemma.replace("_", " "), pos, synset)}]})  # fmt: skip
-    return records[n_val:], records[:n_val]
+            {"role": "assistant", "content": definition_answer(lemma.replace("_", " "), pos, synset)}]}  # fmt: skip
+        (val if lemma in val_lemmas else train).append(record)
+    return train, val
 
 
 def parse_faq(path: Path, max_chars: int) -> list[dict]:

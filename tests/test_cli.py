@@ -76,6 +76,10 @@ def test_generate_in_process_with_a_config_file(tiny_dir, tmp_path, capsys):
                     "seed = 3\nno_stream = true\n")  # fmt: skip
     assert main(["generate", "--config", str(toml)]) == 0
     assert capsys.readouterr().out == first
+    other = tmp_path / "other.yaml"
+    other.write_text(f"model: {tiny_dir}\nprompt: [Something else]\nmax-new-tokens: 6\nsample: true\nseed: 3\n")
+    assert main(["generate", "--config", str(other), "--prompt", "Hello there", "--no-stream"]) == 0
+    assert capsys.readouterr().out == first  # the typed prompt replaces the file's list
     (tmp_path / "bad.yaml").write_text("beams: 3\n")
     with pytest.raises(SystemExit) as e:
         main(["generate", str(tiny_dir), "--config", str(tmp_path / "bad.yaml")])

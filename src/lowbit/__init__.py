@@ -8,7 +8,7 @@
 """
 
 from lowbit import evaluate, formats, nn
-from lowbit import peft
+from lowbit import generate, peft, prune
 from lowbit.io.loading import load_model
 from lowbit.io.quantized import CheckpointError, load_quantized, save_quantized
 from lowbit.nn.quant_linear import QuantLinear
@@ -23,10 +23,12 @@ __all__ = [
     "QuantReport",
     "evaluate",
     "formats",
+    "generate",
     "load_model",
     "load_quantized",
     "nn",
     "peft",
+    "prune",
     "quantize",
     "save_quantized",
 ]

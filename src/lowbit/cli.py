@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import argparse
 import sys
+from pathlib import Path
 
 FORMAT_HELP = ("nf4 | fp4 | e2m1 (4-bit codebooks, blockwise absmax) | int2 | int3 | int4 | int8 | fp8_e4m3 | fp8_e5m2")  # fmt: skip
 MODEL_HELP = 'a model: "smollm2-135m" (packaged default), a local transformers directory or a .gguf file'
@@ -122,7 +123,7 @@ def _generate(args) -> None:
 
     prompts = list(args.prompt or [])
     if args.prompt_file:
-        prompts.append(open(args.prompt_file, encoding="utf-8").read())
+        prompts.append(Path(args.prompt_file).read_text(encoding="utf-8"))
     if not prompts:
         raise ValueError("give a prompt with --prompt TEXT or --prompt-file FILE")
     model, tokenizer = _load_any(args.model)
@@ -187,7 +188,7 @@ def _eval(args) -> None:
 
     model, tokenizer = _load_any(args.model)
     if args.task == "perplexity":
-        text = open(args.data, encoding="utf-8").read() if args.data else lowbit.evaluate.reference_text()
+        text = Path(args.data).read_text(encoding="utf-8") if args.data else lowbit.evaluate.reference_text()
         ppl = lowbit.evaluate.perplexity(model, tokenizer, text, context_length=args.context_length,
                                          stride=args.stride or args.context_length, max_windows=args.windows,
                                          show_progress=True)  # fmt: skip
@@ -276,7 +277,7 @@ def _add_prune(sub) -> None:
     p.add_argument("--out", required=True, help="output directory")
     p.add_argument("--method", choices=["magnitude", "2:4", "structured"], default="magnitude")
     p.add_argument("--sparsity", type=float, default=0.5, help="magnitude: fraction of weights to zero")
-    p.add_argument("--scope", choices=["layer", "global"], default="layer", help="magnitude: threshold per layer or global")
+    p.add_argument("--scope", choices=["layer", "global"], default="layer", help="magnitude: per layer or global")
     p.add_argument("--heads", type=int, default=0, help="structured: attention heads to remove per layer")
     p.add_argument("--channels", type=int, default=0, help="structured: MLP channels to remove per layer")
     p.add_argument("--windows", type=int, default=4, help="perplexity windows before/after (0 = skip)")
@@ -319,16 +320,14 @@ def _add_export(sub) -> None:
     p.add_argument("--to", choices=["merged", "bnb4", "gguf"], required=True, help="what to write")
     p.add_argument("--out", required=True, help="output directory (merged, bnb4) or .gguf file")
     p.add_argument("--adapter", help="a PEFT-format LoRA adapter directory to merge in first")
-    p.add_argument("--format", choices=["nf4", "fp4"], default="nf4", help="bnb4: format when the model is not quantized yet")
+    p.add_argument("--format", choices=["nf4", "fp4"], default="nf4", help="bnb4: format if not quantized yet")
     p.add_argument("--gguf-type", choices=["f32", "f16", "q8_0", "q4_0"], default="f16", help="gguf: weight type")
-    p.add_argument("--tokenizer-pre", help="gguf: llama.cpp pre-tokenizer name (default: smollm for the packaged model)")
+    p.add_argument("--tokenizer-pre", help="gguf: llama.cpp pre-tokenizer name (packaged model: smollm)")
     p.set_defaults(func=_export)
 
 
 def _read_config_file(path: str) -> dict:
     """A YAML or TOML run file: flat settings, or one table per command ([generate], [export], …)."""
-    from pathlib import Path
-
     raw = Path(path).read_text(encoding="utf-8")
     if path.endswith(".toml"):
         import tomllib
@@ -360,11 +359,13 @@ def _apply_config_file(parser: argparse.ArgumentParser, argv: list[str]) -> None
         action = actions.get(str(key).replace("-", "_"))
         if action is None or action.dest in ("help", "config"):
             raise ValueError(f"{known.config}: `lowbit {command}` has no setting {key!r}")
+        typed = any(a == o or a.startswith(o + "=") for a in argv for o in action.option_strings)
+        if typed:  # the command line wins (and an append option must not extend the file's list)
+            continue
         if not action.option_strings:  # a positional: optional now, given by the file unless typed
             action.nargs, action.default = "?", value
         else:
-            action.default = value
-            action.required = False
+            action.default, action.required = value, False
 
 
 def build_parser() -> argparse.ArgumentParser:

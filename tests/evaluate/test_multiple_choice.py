@@ -47,7 +47,7 @@ def test_letters_style_and_per_subject(smol_tokenizer):
     result = evaluate_multiple_choice(model, smol_tokenizer, [q, q], style="letters")
     prompt = "Question: 2 + 2 = ?\nA. 3\nB. 4\nC. 5\nAnswer:"
     want = [ref_loglik(model, smol_tokenizer, prompt, f" {letter}")[0] for letter in "ABC"]
-    torch.testing.assert_close(torch.tensor(result.scores[0]), torch.tensor(want, dtype=torch.float32), rtol=1e-5, atol=1e-5)
+    torch.testing.assert_close(torch.tensor(result.scores[0]), torch.tensor(want), rtol=1e-5, atol=1e-5)
     assert set(result.per_subject) == {"math"} and "| **all (2)**" in result.to_markdown()
 
 
@@ -57,8 +57,9 @@ def test_loader_reads_letters_and_rejects_bad_lines(tmp_path):
     path = tmp_path / "q.jsonl"
     path.write_text(json.dumps({"question": "x?", "choices": ["a", "b"], "answer": "B"}) + "\n\n")
     assert load_mc_jsonl(path)[0].answer == 1
-    for bad in ({"question": "x?", "choices": ["a"], "answer": 0}, {"question": "x?", "choices": ["a", "b"], "answer": 5},
-                {"choices": ["a", "b"], "answer": 0}, {"question": "x?", "choices": ["a", "b"], "answer": "Z"}):  # fmt: skip
+    bad_rows = [{"question": "x?", "choices": ["a"], "answer": 0}, {"question": "x?", "choices": ["a", "b"], "answer": 5},
+                {"choices": ["a", "b"], "answer": 0}, {"question": "x?", "choices": ["a", "b"], "answer": "Z"}]
+    for bad in bad_rows:
         path.write_text(json.dumps(bad) + "\n")
         with pytest.raises(ValueError, match=":1:"):
             load_mc_jsonl(path)

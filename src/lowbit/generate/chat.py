@@ -79,7 +79,8 @@ def load_few_shot(path: str | os.PathLike) -> FewShotTemplate:
     if unknown:
         raise ValueError(f"{path}: unknown field(s) {sorted(unknown)}")
     examples = data.get("examples", [])
-    if not isinstance(examples, list) or not all(isinstance(e, dict) and {"input", "output"} <= set(e) for e in examples):
+    if not isinstance(examples, list) or not all(isinstance(e, dict) and {"input", "output"} <= set(e)
+                                                 for e in examples):  # fmt: skip
         raise ValueError(f"{path}: 'examples' must be a list of {{'input': …, 'output': …}} objects")
     data["examples"] = tuple((e["input"], e["output"]) for e in examples)
     return FewShotTemplate(**data)

@@ -64,13 +64,13 @@ class GenerateConfig:
             raise ValueError("beam sampling is not supported: use num_beams=1 with do_sample, or do_sample=False")
         if any(not isinstance(s, str) or not s for s in self.stop_strings):
             raise ValueError(f"stop_strings must be non-empty strings, got {self.stop_strings!r}")
-        eos = self.eos_token_id
-        if eos is not None and not all(isinstance(i, int) and i >= 0 for i in (eos if isinstance(eos, tuple) else (eos,))):
-            raise ValueError(f"eos_token_id must be a non-negative int or a tuple of them, got {eos!r}")
+        eos = (self.eos_token_id,) if isinstance(self.eos_token_id, int) else self.eos_token_id
+        if eos is not None and not all(isinstance(i, int) and not isinstance(i, bool) and i >= 0 for i in eos):
+            raise ValueError(f"eos_token_id must be a non-negative int or a tuple of them, got {self.eos_token_id!r}")
         if self.seed is not None:
             _check_int("seed", self.seed, minimum=0)
         if self.version != CONFIG_VERSION:
-            raise ValueError(f"GenerateConfig version {self.version} is not supported (this lowbit writes {CONFIG_VERSION})")
+            raise ValueError(f"GenerateConfig version {self.version} is not supported (this lowbit: {CONFIG_VERSION})")
 
     def to_dict(self) -> dict:
         d = asdict(self)

@@ -53,7 +53,8 @@ class KVDecoder:
             kwargs["attention_mask"] = self.mask
         if self._logits_to_keep:
             kwargs["logits_to_keep"] = 1  # the lm_head runs on the last position only
-        out = self.model(**kwargs)
+        with torch.no_grad():  # here, not around a generator's yields: the caller's grad mode stays its own
+            out = self.model(**kwargs)
         self.cache = out.past_key_values
         return out.logits[:, -1].float()
 
@@ -113,30 +114,29 @@ def iter_tokens(model, input_ids: torch.Tensor, config: GenerateConfig, attentio
     generated: list[list[int]] = [[] for _ in range(input_ids.shape[0])]
     finished = [False] * input_ids.shape[0]
     eos_t = torch.tensor(eos, dtype=torch.long, device=input_ids.device)
-    with torch.no_grad():
-        logits = decoder.forward(input_ids)
-        for step in range(config.max_new_tokens):
-            scores = process_scores(logits, tokens, config, ignore_mask(tokens, attention_mask, prompt_len, config))
-            if config.do_sample:
-                probs = torch.softmax(scores, dim=-1)
-                next_ids = torch.multinomial(probs, num_samples=1, generator=generator).squeeze(1)  # (B,)
-            else:
-                next_ids = torch.argmax(scores, dim=-1)  # (B,)
-            if eos:  # a finished row is fed an EOS, like transformers' padding
-                next_ids = torch.where(torch.tensor(finished, device=next_ids.device), eos_t[0], next_ids)
-            tokens = torch.cat([tokens, next_ids[:, None]], dim=1)
-            new: list[int | None] = []
-            for row, token in enumerate(next_ids.tolist()):
-                if finished[row]:
-                    new.append(None)
-                    continue
-                generated[row].append(token)
-                new.append(token)
-                finished[row] = token in eos or (is_done is not None and is_done(row, generated[row]))
-            yield new
-            if all(finished) or step == config.max_new_tokens - 1:
-                return
-            logits = decoder.advance(next_ids)
+    logits = decoder.forward(input_ids)
+    for step in range(config.max_new_tokens):
+        scores = process_scores(logits, tokens, config, ignore_mask(tokens, attention_mask, prompt_len, config))
+        if config.do_sample:
+            probs = torch.softmax(scores, dim=-1)
+            next_ids = torch.multinomial(probs, num_samples=1, generator=generator).squeeze(1)  # (B,)
+        else:
+            next_ids = torch.argmax(scores, dim=-1)  # (B,)
+        if eos:  # a finished row is fed an EOS, like transformers' padding
+            next_ids = torch.where(torch.tensor(finished, device=next_ids.device), eos_t[0], next_ids)
+        tokens = torch.cat([tokens, next_ids[:, None]], dim=1)
+        new: list[int | None] = []
+        for row, token in enumerate(next_ids.tolist()):
+            if finished[row]:
+                new.append(None)
+                continue
+            generated[row].append(token)
+            new.append(token)
+            finished[row] = token in eos or (is_done is not None and is_done(row, generated[row]))
+        yield new
+        if all(finished) or step == config.max_new_tokens - 1:
+            return
+        logits = decoder.advance(next_ids)
 
 
 def encode_prompts(tokenizer, prompts: list[str], device) -> tuple[torch.Tensor, torch.Tensor | None]:

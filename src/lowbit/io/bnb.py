@@ -101,7 +101,9 @@ def _model_class(config, path: Path):
 def _read_state(path: Path) -> dict[str, torch.Tensor]:
     """All tensors of a single-file or sharded safetensors checkpoint."""
     index = path / "model.safetensors.index.json"
-    files = sorted(set(json.loads(index.read_text())["weight_map"].values())) if index.is_file() else ["model.safetensors"]
+    files = ["model.safetensors"]
+    if index.is_file():  # sharded: model-00001-of-0000N.safetensors, …
+        files = sorted(set(json.loads(index.read_text())["weight_map"].values()))
     state: dict[str, torch.Tensor] = {}
     for name in files:
         file = path / name
@@ -131,7 +133,7 @@ def _swap_in_layer(model: nn.Module, prefix: str, state: dict, compute: torch.dt
     storage = {"weight": state.pop(w).reshape(-1).view(torch.uint8), "absmax": state.pop(f"{w}.absmax")}
     if nested:
         if int(meta.get("nested_blocksize", NESTED_BLOCK_SIZE)) != NESTED_BLOCK_SIZE:
-            raise CheckpointError(f"{path}: {prefix} uses nested block size {meta['nested_blocksize']}; lowbit needs 256")
+            raise CheckpointError(f"{path}: {prefix} has nested block size {meta['nested_blocksize']}; lowbit needs 256")
         _check_map(state.pop(f"{w}.nested_quant_map"), dynamic_codebook(), f"{prefix} nested_quant_map", path)
         storage["nested_absmax"] = state.pop(f"{w}.nested_absmax").float()
         storage["offset"] = torch.tensor([float(meta["nested_offset"])], dtype=torch.float32)
@@ -151,7 +153,8 @@ def _check_map(stored: torch.Tensor, expected: torch.Tensor, what: str, path: Pa
 
 def _assign(model: nn.Module, state: dict, path: Path) -> None:
     expected = set(model.state_dict())
-    if "lm_head.weight" in expected and "lm_head.weight" not in state and getattr(model.config, "tie_word_embeddings", False):
+    tied = getattr(model.config, "tie_word_embeddings", False)
+    if tied and "lm_head.weight" in expected and "lm_head.weight" not in state:
         state["lm_head.weight"] = state[next(k for k in state if k.endswith("embed_tokens.weight"))]
     missing, unexpected = expected - set(state), set(state) - expected
     if missing or unexpected:
@@ -166,7 +169,7 @@ def _assign(model: nn.Module, state: dict, path: Path) -> None:
 
 
 def bnb_state(module: QuantLinear) -> dict[str, torch.Tensor]:
-    """The bitsandbytes tensors of one NF4/FP4 QuantLinear, keyed relative to the module ("weight", "weight.absmax", …)."""
+    """The bitsandbytes tensors of one NF4/FP4 QuantLinear, keyed relative to the module ("weight", …)."""
     fmt = module.fmt
     if fmt.name not in BNB_CODEBOOKS:
         raise ValueError(f"bitsandbytes 4-bit stores nf4 or fp4 weights; this layer is {fmt.name}")
@@ -202,7 +205,8 @@ def save_bnb_4bit(model: nn.Module, path: str | os.PathLike, tokenizer=None) -> 
     types = {m.fmt.name for m in quantized.values()}
     computes = {m.compute_dtype for m in quantized.values()}
     if len(types) != 1 or len(computes) != 1:
-        raise ValueError(f"bitsandbytes' config holds one quant_type and compute dtype; the model mixes {types} / {computes}")
+        raise ValueError(f"bitsandbytes' config holds one quant_type and compute dtype; the model mixes {types} and "
+                         f"{computes}")  # fmt: skip
     tensors, _ = _dedupe_shared(model.state_dict())  # transformers re-ties shared weights on load
     for name, module in quantized.items():
         for key in [k for k in tensors if k.startswith(name + ".weight")]:

@@ -26,7 +26,7 @@ def dequantize_linear(module: QuantLinear, dtype: torch.dtype | None = None) -> 
     """An ``nn.Linear`` with ``module``'s dequantized weight (and bias) in ``dtype`` (default: its compute dtype)."""
     dtype = dtype or module.compute_dtype
     device = module.weight.device
-    linear = nn.Linear(module.in_features, module.out_features, bias=module.bias is not None, device=device, dtype=dtype)
+    linear = nn.Linear(module.in_features, module.out_features, module.bias is not None, device=device, dtype=dtype)
     with torch.no_grad():
         linear.weight.copy_(module.dequantize(torch.float32))
         if module.bias is not None:

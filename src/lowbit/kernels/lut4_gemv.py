@@ -19,11 +19,11 @@ import triton.language as tl
 
 from lowbit.kernels.lut4 import Lut4Weight
 from lowbit.kernels.lut4_tile import (
+    decode_pair_values,
     kernel_args,
-    load_lut4_pairs,
     load_lut4_tile,
+    load_pair_bytes,
     load_pair_scales,
-    load_pair_values,
     scale_pairs,
 )
 
@@ -53,16 +53,111 @@ def _load_x_pairs(x_ptr, ms, kb0, M, KB, stride_xm, BM: tl.constexpr, BK: tl.con
             base = x_ptr + 2 * offs
         else:
             base = x_ptr + ms[:, None] * stride_xm + 2 * offs
-        return tl.load(base, mask=mask, other=0.0), tl.load(base + 1, mask=mask, other=0.0)
-    words_ptr = x_ptr.to(tl.pointer_type(tl.int32), bitcast=True) + offs
-    if BM > 1:
-        words_ptr += ms[:, None] * stride_words
-    words = tl.load(words_ptr, mask=mask, other=0)
-    if x_ptr.dtype.element_ty == tl.bfloat16:  # bf16 is the top half of a float32
-        return (words << 16).to(tl.float32, bitcast=True), (words & -65536).to(tl.float32, bitcast=True)
-    even = (words & 0xFFFF).to(tl.int16).to(tl.float16, bitcast=True).to(tl.float32)
-    odd = (words >> 16).to(tl.int16).to(tl.float16, bitcast=True).to(tl.float32)
+        even = tl.load(base, mask=mask, other=0.0)
+        odd = tl.load(base + 1, mask=mask, other=0.0)
+    else:
+        words_ptr = x_ptr.to(tl.pointer_type(tl.int32), bitcast=True) + offs
+        if BM > 1:
+            words_ptr += ms[:, None] * stride_words
+        words = tl.load(words_ptr, mask=mask, other=0)
+        if x_ptr.dtype.element_ty == tl.bfloat16:  # bf16 is the top half of a float32
+            even = (words << 16).to(tl.float32, bitcast=True)
+            odd = (words & -65536).to(tl.float32, bitcast=True)
+        else:
+            even = (words & 0xFFFF).to(tl.int16).to(tl.float16, bitcast=True).to(tl.float32)
+            odd = (words >> 16).to(tl.int16).to(tl.float16, bitcast=True).to(tl.float32)
     return even, odd
+
+
+@triton.jit
+def _gemv_grouped(x_ptr, packed_ptr, table_ptr, scale_ptr, zp_ptr, ncode_ptr, nscale_ptr, offset_ptr,
+                  rows, ms, M, N, K, KB, G, stride_xm,
+                  GS: tl.constexpr, SCALES: tl.constexpr, HAS_ZP: tl.constexpr, DOUBLE_QUANT: tl.constexpr,
+                  NESTED_GS: tl.constexpr, BM: tl.constexpr, BN: tl.constexpr, BK: tl.constexpr):  # fmt: skip
+    """Paired tiles with BK/GS groups each: Σ_g s_g·(Σ_{j∈g} hi·x_even + lo·x_odd − z_g·Σ_{j∈g} x).
+
+    The scale is applied once per group, after an in-register sum over the group's GS/2 bytes, so a
+    byte costs two FMAs; the next step's bytes are requested before this step is decoded, so two
+    loads per thread are in flight (the loop is bound by memory latency, not arithmetic).
+    """
+    NG: tl.constexpr = BK // GS
+    if BM == 1:
+        acc = tl.zeros((BN, NG), dtype=tl.float32)
+    else:
+        acc = tl.zeros((BM, BN, NG), dtype=tl.float32)
+    b = load_pair_bytes(packed_ptr, rows, 0, N, KB, BN, BK)
+    for k0 in range(0, K, BK):
+        b_next = load_pair_bytes(packed_ptr, rows, k0 + BK, N, KB, BN, BK)  # prefetch; masked past K
+        hi, lo = decode_pair_values(b, table_ptr)  # (BN, BK/2) each
+        s, z = load_pair_scales(scale_ptr, zp_ptr, ncode_ptr, nscale_ptr, offset_ptr, rows, k0, N, K, G,
+                                BK, GS, SCALES, HAS_ZP, DOUBLE_QUANT, NESTED_GS)  # (BN, NG) fmt: skip
+        xe, xo = _load_x_pairs(x_ptr, ms, k0 // 2, M, KB, stride_xm, BM, BK)
+        if BM == 1:
+            t = tl.sum(tl.reshape(hi * xe[None, :] + lo * xo[None, :], (BN, NG, GS // 2)), axis=2)  # (BN, NG)
+            if HAS_ZP:
+                t -= z * tl.sum(tl.reshape(xe + xo, (NG, GS // 2)), axis=1)[None, :]
+            acc += t * s
+        else:
+            t = xe[:, None, :] * hi[None, :, :] + xo[:, None, :] * lo[None, :, :]  # (BM, BN, BK/2)
+            t = tl.sum(tl.reshape(t, (BM, BN, NG, GS // 2)), axis=3)  # (BM, BN, NG)
+            if HAS_ZP:
+                t -= z[None, :, :] * tl.sum(tl.reshape(xe + xo, (BM, NG, GS // 2)), axis=2)[:, None, :]
+            acc += t * s[None, :, :]
+        b = b_next
+    if BM == 1:  # (if/else, not an early return: Triton compiles the code after a return too)
+        y = tl.sum(acc, axis=1)[None, :]  # (1, BN)
+    else:
+        y = tl.sum(acc, axis=2)  # (BM, BN)
+    return y
+
+
+@triton.jit
+def _gemv_rowwise(x_ptr, packed_ptr, table_ptr, scale_ptr, zp_ptr, ncode_ptr, nscale_ptr, offset_ptr,
+                  rows, ms, M, N, K, KB, G, stride_xm,
+                  GS: tl.constexpr, SCALES: tl.constexpr, HAS_ZP: tl.constexpr, DOUBLE_QUANT: tl.constexpr,
+                  NESTED_GS: tl.constexpr, BM: tl.constexpr, BN: tl.constexpr, BK: tl.constexpr):  # fmt: skip
+    """Paired tiles with one scale per tile row (per-row scales, or groups longer than BK)."""
+    if BM == 1:
+        acc = tl.zeros((BN, BK // 2), dtype=tl.float32)
+    else:
+        acc = tl.zeros((BM, BN, BK // 2), dtype=tl.float32)
+    b = load_pair_bytes(packed_ptr, rows, 0, N, KB, BN, BK)
+    for k0 in range(0, K, BK):
+        b_next = load_pair_bytes(packed_ptr, rows, k0 + BK, N, KB, BN, BK)
+        hi, lo = decode_pair_values(b, table_ptr)
+        s, z = load_pair_scales(scale_ptr, zp_ptr, ncode_ptr, nscale_ptr, offset_ptr, rows, k0, N, K, G,
+                                BK, GS, SCALES, HAS_ZP, DOUBLE_QUANT, NESTED_GS)  # (BN,) fmt: skip
+        hi = scale_pairs(hi, s, z, BN, BK, GS, SCALES, HAS_ZP)
+        lo = scale_pairs(lo, s, z, BN, BK, GS, SCALES, HAS_ZP)
+        xe, xo = _load_x_pairs(x_ptr, ms, k0 // 2, M, KB, stride_xm, BM, BK)
+        if BM == 1:
+            acc += hi * xe[None, :] + lo * xo[None, :]
+        else:
+            acc += xe[:, None, :] * hi[None, :, :] + xo[:, None, :] * lo[None, :, :]
+        b = b_next
+    if BM == 1:
+        y = tl.sum(acc, axis=1)[None, :]
+    else:
+        y = tl.sum(acc, axis=2)
+    return y
+
+
+@triton.jit
+def _gemv_generic(x_ptr, packed_ptr, table_ptr, scale_ptr, zp_ptr, ncode_ptr, nscale_ptr, offset_ptr,
+                  rows, ms, M, N, K, KB, G, stride_xm,
+                  GS: tl.constexpr, SCALES: tl.constexpr, HAS_ZP: tl.constexpr, DOUBLE_QUANT: tl.constexpr,
+                  NESTED_GS: tl.constexpr, BM: tl.constexpr, BN: tl.constexpr, BK: tl.constexpr):  # fmt: skip
+    """Any K and grouping, one element at a time (odd K, flat blocks spanning rows)."""
+    acc = tl.zeros((BM, BN, BK), dtype=tl.float32)
+    for k0 in range(0, K, BK):
+        w = load_lut4_tile(packed_ptr, table_ptr, scale_ptr, zp_ptr, ncode_ptr, nscale_ptr, offset_ptr,
+                           rows, k0, N, K, KB, G, BN, BK, GS, SCALES, False, HAS_ZP, DOUBLE_QUANT,
+                           NESTED_GS)  # (BN, BK) fmt: skip
+        cols = k0 + tl.arange(0, BK)
+        x_mask = (ms < M)[:, None] & (cols < K)[None, :]
+        x = tl.load(x_ptr + ms[:, None] * stride_xm + cols[None, :], mask=x_mask, other=0.0)  # (BM, BK)
+        acc += x.to(tl.float32)[:, None, :] * w[None, :, :]
+    return tl.sum(acc, axis=2)  # (BM, BN)
 
 
 @triton.jit
@@ -73,66 +168,37 @@ def _lut4_gemv_kernel(x_ptr, y_ptr, packed_ptr, table_ptr, scale_ptr, zp_ptr, nc
                       BM: tl.constexpr, BN: tl.constexpr, BK: tl.constexpr):  # fmt: skip
     rows = tl.program_id(0) * BN + tl.arange(0, BN)  # (BN,) output features of this program
     ms = tl.arange(0, BM)  # (BM,) rows of x
-    if PAIRED:  # fast path: one accumulator lane per packed byte
-        if BM == 1:
-            acc = tl.zeros((BN, BK // 2), dtype=tl.float32)
-        else:
-            acc = tl.zeros((BM, BN, BK // 2), dtype=tl.float32)
-        for k0 in range(0, K, BK):
-            xe, xo = _load_x_pairs(x_ptr, ms, k0 // 2, M, KB, stride_xm, BM, BK)  # (BM, BK/2) each
-            if BM == 1 and not HAS_ZP:  # scale once per byte pair: Σ s·(hi·xe + lo·xo)
-                hi, lo = load_pair_values(packed_ptr, table_ptr, rows, k0, N, KB, BN, BK)  # (BN, BK/2) each
-                s, z = load_pair_scales(scale_ptr, zp_ptr, ncode_ptr, nscale_ptr, offset_ptr, rows, k0, N, K, G,
-                                        BK, GS, SCALES, HAS_ZP, DOUBLE_QUANT, NESTED_GS)  # fmt: skip
-                acc += scale_pairs(hi * xe[None, :] + lo * xo[None, :], s, z, BN, BK, GS, SCALES, HAS_ZP)
-            elif BM == 1:
-                hi, lo = load_lut4_pairs(packed_ptr, table_ptr, scale_ptr, zp_ptr, ncode_ptr, nscale_ptr,
-                                         offset_ptr, rows, k0, N, K, KB, G, BN, BK, GS, SCALES, HAS_ZP,
-                                         DOUBLE_QUANT, NESTED_GS)  # fmt: skip
-                acc += hi * xe[None, :] + lo * xo[None, :]
-            else:
-                hi, lo = load_lut4_pairs(packed_ptr, table_ptr, scale_ptr, zp_ptr, ncode_ptr, nscale_ptr,
-                                         offset_ptr, rows, k0, N, K, KB, G, BN, BK, GS, SCALES, HAS_ZP,
-                                         DOUBLE_QUANT, NESTED_GS)  # fmt: skip
-                acc += xe[:, None, :] * hi[None, :, :] + xo[:, None, :] * lo[None, :, :]
-        if BM == 1:
-            y = tl.sum(acc, axis=1)[None, :]  # (1, BN)
-        else:
-            y = tl.sum(acc, axis=2)  # (BM, BN)
-    else:  # generic path: any K, any grouping
-        acc = tl.zeros((BM, BN, BK), dtype=tl.float32)
-        for k0 in range(0, K, BK):
-            w = load_lut4_tile(packed_ptr, table_ptr, scale_ptr, zp_ptr, ncode_ptr, nscale_ptr, offset_ptr,
-                               rows, k0, N, K, KB, G, BN, BK, GS, SCALES, PAIRED, HAS_ZP, DOUBLE_QUANT,
-                               NESTED_GS)  # (BN, BK) fmt: skip
-            cols = k0 + tl.arange(0, BK)
-            x_mask = (ms < M)[:, None] & (cols < K)[None, :]
-            x = tl.load(x_ptr + ms[:, None] * stride_xm + cols[None, :], mask=x_mask, other=0.0)  # (BM, BK)
-            acc += x.to(tl.float32)[:, None, :] * w[None, :, :]
-        y = tl.sum(acc, axis=2)  # (BM, BN)
+    args = (x_ptr, packed_ptr, table_ptr, scale_ptr, zp_ptr, ncode_ptr, nscale_ptr, offset_ptr,
+            rows, ms, M, N, K, KB, G, stride_xm)  # fmt: skip
+    # One constexpr per test: Triton compiles `A or B` of constexprs as a run-time branch.
+    if not PAIRED:
+        y = _gemv_generic(*args, GS, SCALES, HAS_ZP, DOUBLE_QUANT, NESTED_GS, BM, BN, BK)
+    elif SCALES == 2:
+        y = _gemv_rowwise(*args, GS, SCALES, HAS_ZP, DOUBLE_QUANT, NESTED_GS, BM, BN, BK)
+    elif GS > BK:
+        y = _gemv_rowwise(*args, GS, SCALES, HAS_ZP, DOUBLE_QUANT, NESTED_GS, BM, BN, BK)
+    else:
+        y = _gemv_grouped(*args, GS, SCALES, HAS_ZP, DOUBLE_QUANT, NESTED_GS, BM, BN, BK)
     y_mask = (ms < M)[:, None] & (rows < N)[None, :]
     tl.store(y_ptr + ms[:, None] * stride_ym + rows[None, :], y.to(y_ptr.dtype.element_ty), mask=y_mask)
 
 
 def _configs() -> list[triton.Config]:
-    """(BN, BK, warps, stages): 1–16 rows a program, 2–16 KiB of packed weight a step."""
-    shapes = [(2, 1024, 4, 1), (2, 1024, 4, 3), (4, 512, 4, 1), (4, 512, 4, 3), (4, 1024, 4, 3), (4, 1024, 8, 3),
-              (8, 256, 4, 3), (8, 512, 4, 3), (8, 512, 8, 1), (8, 512, 8, 3), (8, 1024, 8, 3), (16, 128, 4, 3),
-              (16, 256, 4, 3), (16, 256, 8, 3), (16, 512, 8, 3), (1, 1024, 4, 1), (2, 512, 4, 3), (4, 256, 4, 3)]
-    return [triton.Config({"BN": bn, "BK": bk}, num_warps=w, num_stages=s) for bn, bk, w, s in shapes]  # fmt: skip
+    """(BN, BK, warps): 8–32 packed bytes a thread per step (plus the prefetched next step)."""
+    shapes = [(4, 1024, 4), (8, 512, 4), (16, 256, 4), (2, 2048, 4), (8, 1024, 4), (16, 512, 4), (4, 2048, 4),
+              (8, 1024, 8), (16, 1024, 8), (8, 2048, 8), (2, 1024, 4), (4, 512, 4), (8, 256, 4), (1, 2048, 4)]
+    return [triton.Config({"BN": bn, "BK": bk}, num_warps=w, num_stages=1) for bn, bk, w in shapes]  # fmt: skip
 
 
 def _prune(configs, named_args, **kwargs):
-    """Keep the accumulator in registers (≤ 64 floats a thread) and ≥ 8 packed bytes a thread per step."""
+    """Keep BM × (bytes a thread per step) ≤ 64 (the products of one step stay in registers)."""
     bm = named_args.get("BM", kwargs.get("BM", 1))
 
-    def fits(c):
-        threads = 32 * c.num_warps
-        tile = c.kwargs["BN"] * c.kwargs["BK"]
-        return bm * tile <= 64 * threads and tile // 2 >= 8 * threads
+    def per_thread(c):
+        return c.kwargs["BN"] * c.kwargs["BK"] // 2 // (32 * c.num_warps)
 
-    keep = [c for c in configs if fits(c)]
-    return keep or [min(configs, key=lambda c: (c.kwargs["BN"] * c.kwargs["BK"], c.num_warps))]
+    keep = [c for c in configs if 8 <= per_thread(c) and bm * per_thread(c) <= 64]
+    return keep or [min(configs, key=per_thread)]
 
 
 _lut4_gemv_tuned = triton.autotune(

@@ -37,8 +37,8 @@ def load_scales(scale_ptr, nested_code_ptr, nested_scale_ptr, offset_ptr, idx, m
 
 
 @triton.jit
-def load_pair_values(packed_ptr, table_ptr, rows, k0, N, KB, BN: tl.constexpr, BK: tl.constexpr):
-    """Paired path, unscaled: (hi, lo) = table[code], each (BN, BK/2), columns k0 + 2j and k0 + 2j + 1."""
+def load_pair_bytes(packed_ptr, rows, k0, N, KB, BN: tl.constexpr, BK: tl.constexpr):
+    """Paired path: the (BN, BK/2) packed bytes of W[rows, k0 : k0 + BK] (zero past the end of a row)."""
     j = tl.arange(0, BK // 2)  # byte within the tile row
     # k0 is a multiple of BK, so the bytes of a tile row are contiguous and aligned: tell the compiler,
     # which then issues 16-byte loads (KB = K / 2 is the row stride in bytes). The column mask is
@@ -46,10 +46,20 @@ def load_pair_values(packed_ptr, table_ptr, rows, k0, N, KB, BN: tl.constexpr, B
     # contiguity and split the load into single bytes.
     col = tl.max_contiguous(tl.multiple_of(k0 // 2 + j, BK // 2), BK // 2)
     byte = rows[:, None].to(tl.int64) * KB + col[None, :]  # (BN, BK/2)
-    b = tl.load(packed_ptr + byte, mask=(rows < N)[:, None] & (col < KB)[None, :], other=0).to(tl.int32)
-    hi = tl.load(table_ptr + (b >> 4))  # column k0 + 2j: the high nibble comes first
-    lo = tl.load(table_ptr + (b & 15))  # column k0 + 2j + 1
-    return hi, lo
+    return tl.load(packed_ptr + byte, mask=(rows < N)[:, None] & (col < KB)[None, :], other=0)
+
+
+@triton.jit
+def decode_pair_values(b, table_ptr):
+    """Packed bytes → (hi, lo) = (table[high nibble], table[low nibble]): columns 2j and 2j + 1."""
+    b = b.to(tl.int32)
+    return tl.load(table_ptr + (b >> 4)), tl.load(table_ptr + (b & 15))
+
+
+@triton.jit
+def load_pair_values(packed_ptr, table_ptr, rows, k0, N, KB, BN: tl.constexpr, BK: tl.constexpr):
+    """Paired path, unscaled: (hi, lo) = table[code], each (BN, BK/2), columns k0 + 2j and k0 + 2j + 1."""
+    return decode_pair_values(load_pair_bytes(packed_ptr, rows, k0, N, KB, BN, BK), table_ptr)
 
 
 @triton.jit

@@ -10,7 +10,10 @@ shape, and on CUDA it runs the Triton kernels. `torch.library.opcheck` checks th
 - `lowbit::int8_scaled_mm(a, b, a_scale, b_scale, out_dtype)` → (a · bᵀ) ⊙ (a_scale ⊗ b_scale).
 
 The LUT4 weight travels as its tensors plus (out or in features, group_size, flat); see `lut4.py`.
-On CUDA the forward picks the kernel by M: the GEMV at decode sizes, the fused GEMM above.
+On CUDA the forward picks the kernel by M: the dequant-fused GEMV at decode sizes (M ≤ GEMV_MAX_M);
+above it, one Triton pass decodes W to the compute dtype and cuBLAS multiplies. The dequant-fused
+Triton GEMM (`lut4_gemm`, `lut4_gemm_grad_input`) is correct but measured far slower than that on
+an H100 (bench/RESULTS.md), so the ops do not choose it; call it directly to use it.
 """
 
 # No `from __future__ import annotations`: torch.library reads the schema from real annotations.
@@ -21,9 +24,9 @@ from torch import Tensor
 
 from lowbit.kernels.lut4 import Lut4Weight, check_weight, linear_grad_input_reference, linear_reference
 
-# Rows of x up to which the CUDA forward uses the GEMV (no tensor cores) rather than the GEMM; set
-# from the H100 measurements in bench/RESULTS.md.
-GEMV_MAX_M = 4
+# Rows of x up to which the CUDA forward uses the GEMV (no tensor cores) rather than decode + cuBLAS;
+# set from the H100 measurements in bench/RESULTS.md.
+GEMV_MAX_M = 8
 
 
 def _lut4(packed, table, scale, zero_point, nested_code, nested_scale, offset, n, k, group_size, flat) -> Lut4Weight:
@@ -51,7 +54,7 @@ def _(x, packed, table, scale, zero_point, nested_code, nested_scale, offset, ou
 
 @lut4_linear.register_kernel("cuda")
 def _(x, packed, table, scale, zero_point, nested_code, nested_scale, offset, out_features, group_size, flat):
-    from lowbit.kernels.lut4_gemm import lut4_gemm
+    from lowbit.kernels.lut4_gemm import lut4_dequantize
     from lowbit.kernels.lut4_gemv import lut4_gemv
 
     w = _lut4(packed, table, scale, zero_point, nested_code, nested_scale, offset, out_features, x.shape[1],
@@ -59,7 +62,9 @@ def _(x, packed, table, scale, zero_point, nested_code, nested_scale, offset, ou
     x = x.contiguous()
     if x.shape[0] == 0:
         return x.new_empty((0, out_features))
-    return lut4_gemv(x, w) if x.shape[0] <= GEMV_MAX_M else lut4_gemm(x, w)
+    if x.shape[0] <= GEMV_MAX_M:
+        return lut4_gemv(x, w)
+    return x @ lut4_dequantize(w, x.dtype).t()  # (M, K) @ (K, N); the dense W lives for this call only
 
 
 @torch.library.custom_op("lowbit::lut4_linear_grad_input", mutates_args=())
@@ -81,13 +86,11 @@ def _(grad_out, packed, table, scale, zero_point, nested_code, nested_scale, off
 
 @lut4_linear_grad_input.register_kernel("cuda")
 def _(grad_out, packed, table, scale, zero_point, nested_code, nested_scale, offset, in_features, group_size, flat):
-    from lowbit.kernels.lut4_gemm import lut4_gemm_grad_input
+    from lowbit.kernels.lut4_gemm import lut4_dequantize
 
     w = _lut4(packed, table, scale, zero_point, nested_code, nested_scale, offset, grad_out.shape[1], in_features,
               group_size, flat)  # fmt: skip
-    if grad_out.shape[0] == 0:
-        return grad_out.new_empty((0, in_features))
-    return lut4_gemm_grad_input(grad_out.contiguous(), w)
+    return grad_out @ lut4_dequantize(w, grad_out.dtype)  # (M, N) @ (N, K), W decoded again, not saved
 
 
 def _setup_context(ctx, inputs, output):

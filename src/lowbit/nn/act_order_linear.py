@@ -4,13 +4,15 @@ GPTQ with act-order (Frantar et al. 2023, "desc_act") quantizes the input column
 Hessian diagonal, and its groups of `group_size` are consecutive in *that* order. The storage here keeps
 the columns permuted, `stored[:, i] = W[:, input_perm[i]]`, so the groups stay consecutive and any
 `WeightFormat` stores them unchanged; `dequantize` scatters the columns back (GPTQ checkpoints express the
-same thing with `g_idx[input_perm[i]] = i // group_size`). Everything else is QuantLinear's.
+same thing with `g_idx[input_perm[i]] = i // group_size`). A fused GPU kernel, which reads the storage as
+it is, gets the input columns in act-order instead. Everything else is QuantLinear's.
 """
 
 from __future__ import annotations
 
 import torch
 
+from lowbit import kernels
 from lowbit.formats.weight import WeightFormat
 from lowbit.nn.quant_linear import QuantLinear
 
@@ -48,6 +50,12 @@ class ActOrderQuantLinear(QuantLinear):
         weight = torch.empty_like(stored)
         weight[:, self.input_perm.long()] = stored
         return weight
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if x.shape[-1] == self.in_features and kernels.select(self.kernel, self.fmt, x.device) == "fused":
+            # A fused kernel reads the storage as it is (act-order): x Wᵀ = x[…, perm] storedᵀ.
+            return super().forward(x.index_select(-1, self.input_perm.long()))
+        return super().forward(x)  # the dequantizing path goes through `dequantize`, columns restored
 
     def weight_nbytes(self) -> int:
         return super().weight_nbytes() + self.input_perm.numel() * self.input_perm.element_size()

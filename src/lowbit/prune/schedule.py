@@ -61,7 +61,9 @@ def iterative_prune(model: nn.Module, final_sparsity: float, steps: int = 4,
     if rewind:
         source = rewind_state if rewind_state is not None else model.state_dict()
         start = {k: v.detach().clone() for k, v in source.items()}
-    history = [PruneStep(0, 0.0, sparsity_report(model, include, exclude).sparsity, evaluate(model))] if evaluate else []
+    history = []
+    if evaluate is not None:
+        history.append(PruneStep(0, 0.0, sparsity_report(model, include, exclude).sparsity, evaluate(model)))
     masks: dict[str, torch.Tensor] = {}
     for step, target in enumerate(targets, start=1):
         masks = magnitude_masks(model, target, scope, include, exclude)

@@ -13,8 +13,8 @@ Head importance defaults to ‖W_q[h]‖_F · ‖W_o[:, h]‖_F (weight magnitud
 pass ``scores`` (e.g. from activations or gradients) to use your own.
 
 MLP (SwiGLU: down(silu(gate(x)) · up(x))): channel j is row j of gate and up and column j of down; its importance
-defaults to ‖W_gate[j]‖ · ‖W_up[j]‖ · ‖W_down[:, j]‖. Removing a channel deletes exactly its contribution, so the
-pruned model equals the original with those channels' down_proj columns zeroed.
+defaults to ‖W_gate[j]‖ · ‖W_up[j]‖ · ‖W_down[:, j]‖. Removing a channel deletes exactly its contribution, so
+the pruned model equals the original with those channels' down_proj columns zeroed.
 """
 
 from __future__ import annotations
@@ -29,7 +29,8 @@ MLP_PROJECTIONS = ("gate_proj", "up_proj", "down_proj")
 def _layers(model: nn.Module) -> list[nn.Module]:
     decoder = getattr(getattr(model, "model", None), "layers", None)
     if decoder is None:
-        raise ValueError(f"structured pruning expects a Llama-style decoder (model.model.layers); got {type(model).__name__}")
+        raise ValueError("structured pruning expects a Llama-style decoder (model.model.layers); "
+                         f"got {type(model).__name__}")  # fmt: skip
     return list(decoder)
 
 
@@ -80,11 +81,12 @@ def prune_attention_heads(model: nn.Module, n_remove: int, scores: dict[int, tor
     number leaves every group). ``scores`` maps a layer index to its (n_heads,) importance; higher is kept.
     """
     config = model.config
-    n_heads, n_kv = config.num_attention_heads, getattr(config, "num_key_value_heads", None) or config.num_attention_heads
+    n_heads = config.num_attention_heads
+    n_kv = getattr(config, "num_key_value_heads", None) or n_heads
     head_dim = getattr(config, "head_dim", None) or config.hidden_size // n_heads
     group = n_heads // n_kv
     if not isinstance(n_remove, int) or not 0 < n_remove < n_heads:
-        raise ValueError(f"n_remove must be an int in [1, {n_heads - 1}] (the model has {n_heads} heads), got {n_remove!r}")
+        raise ValueError(f"n_remove must be an int in [1, {n_heads - 1}] ({n_heads} heads), got {n_remove!r}")
     if group > 1 and n_remove % n_kv:
         raise ValueError(f"with {n_kv} key/value heads, remove a multiple of {n_kv} query heads "
                          f"(the same number from every group), got {n_remove}")  # fmt: skip

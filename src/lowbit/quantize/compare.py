@@ -35,7 +35,8 @@ SETTINGS: dict[str, QuantConfig | None] = {
                                            options={"act_order": True}),  # fmt: skip
     "rtn-int3-g128": QuantConfig(format="int3", group_size=128, symmetric=False),
     "gptq-int3-g128": QuantConfig(method="gptq", format="int3", group_size=128, symmetric=False),
-    "spqr-w3g16": QuantConfig(method="spqr", format="int3", group_size=16),
+    "spqr-w3g16": QuantConfig(method="spqr", format="int3", group_size=16),  # the paper's τ = 0.2
+    "spqr-w3g16-t1": QuantConfig(method="spqr", format="int3", group_size=16, options={"outlier_threshold": 1.0}),
 }
 CALIBRATED = ("gptq", "smoothquant", "spqr")
 

@@ -227,6 +227,11 @@ def logits_and_labels(model: nn.Module, batch: dict) -> tuple[torch.Tensor, torc
     virtual tokens that prompt methods put in front are dropped. Classification: (B, C) and (B,).
     """
     inputs = {k: v for k, v in batch.items() if k != "labels"}
+    config = getattr(getattr(model, "module", model), "config", None)  # DDP wraps the model in .module
+    if getattr(config, "use_cache", None) is not None:
+        # No KV cache in training: it costs memory, and with one transformers ignores the packed-sequence
+        # position ids and lets packed examples attend to each other.
+        inputs["use_cache"] = False
     logits, labels = model(**inputs).logits.float(), batch["labels"]
     if labels.dim() == 2:
         logits, labels = logits[:, -labels.shape[1] :][:, :-1], labels[:, 1:]
