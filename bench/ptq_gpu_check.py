@@ -47,7 +47,8 @@ def module_checks(dev: str) -> None:
         cpu = module(x)
         gpu = copy.deepcopy(module).to(dev)(x.to(dev)).cpu()
         err = (gpu - cpu).abs().max().item()
-        check(f"{type(module).__name__}({getattr(module, 'act_scheme', 'threshold 6')}) GPU == CPU", err < 1e-4, f"max |Δ| {err:.2e}")
+        label = f"{type(module).__name__}({getattr(module, 'act_scheme', 'threshold 6')})"
+        check(f"{label} GPU == CPU", err < 1e-4, f"max |Δ| {err:.2e}")
 
 
 def act_order_kernel_check(dev: str) -> None:
@@ -60,7 +61,8 @@ def act_order_kernel_check(dev: str) -> None:
     x = torch.randn(64, 256)
     xs = x.double() * torch.linspace(0.1, 3, 256, dtype=torch.float64)  # features of uneven scale
     h = 2 * xs.t() @ xs / 64
-    module = gptq_linear(linear, h, WeightFormat("int4", group_size=32, symmetric=False), GPTQOptions(act_order=True)).to(dev)
+    fmt = WeightFormat("int4", group_size=32, symmetric=False)
+    module = gptq_linear(linear, h, fmt, GPTQOptions(act_order=True)).to(dev)
     expected = x.double() @ module.dequantize(torch.float64).cpu().t() + linear.bias.double()
     for kernel in ("dequant", "fused"):
         module.kernel = kernel
@@ -73,10 +75,12 @@ def act_order_kernel_check(dev: str) -> None:
 def model_checks(dev: str) -> None:
     ids = torch.randint(0, 300, (4, 24), generator=torch.Generator().manual_seed(1))
     configs = {
-        "gptq int4 g16 act-order": lowbit.QuantConfig(method="gptq", format="int4", group_size=16, options={"act_order": True}),
+        "gptq int4 g16 act-order": lowbit.QuantConfig(method="gptq", format="int4", group_size=16,
+                                                      options={"act_order": True}),  # fmt: skip
         "llm_int8": lowbit.QuantConfig(method="llm_int8", format="int8"),
         "smoothquant per-token": lowbit.QuantConfig(method="smoothquant", format="int8"),
-        "smoothquant per-tensor": lowbit.QuantConfig(method="smoothquant", format="int8", options={"act_scheme": "per_tensor"}),
+        "smoothquant per-tensor": lowbit.QuantConfig(method="smoothquant", format="int8",
+                                                     options={"act_scheme": "per_tensor"}),  # fmt: skip
         "spqr w3 g16": lowbit.QuantConfig(method="spqr", format="int3", group_size=16),
     }
     for name, config in configs.items():

@@ -28,7 +28,8 @@ class CharTokenizer:
 
 def test_calibration_windows():
     tok = CharTokenizer()
-    text = "".join(chr(97 + i) for i in torch.randint(0, 26, (500,), generator=torch.Generator().manual_seed(0)).tolist())
+    letters = torch.randint(0, 26, (500,), generator=torch.Generator().manual_seed(0)).tolist()
+    text = "".join(chr(97 + i) for i in letters)  # 500 tokens, no repeated windows
     ids = calibration_ids(text, tok, CalibrationConfig(n_samples=4, seq_len=64, seed=1))
     assert ids.shape == (4, 64)
     # windows are non-overlapping slices of the token stream, in order, chosen by the seed

@@ -76,7 +76,8 @@ def gptq_reference(w, h, bits, symmetric, group, damp, act_order):
         (WeightFormat("int2", group_size=32, symmetric=False), False),
         (WeightFormat("int8", group_size=None, symmetric=True), False),
     ],
-    ids=lambda v: v.name + f"-g{v.group_size}-{'sym' if v.symmetric else 'aff'}" if isinstance(v, WeightFormat) else f"ao{int(v)}",
+    ids=lambda v: f"{v.name}-g{v.group_size}-{'sym' if v.symmetric else 'aff'}" if isinstance(v, WeightFormat)
+    else f"ao{int(v)}",
 )
 def test_matches_float64_reference_column_loop(fmt, act_order):
     torch.manual_seed(0)
@@ -95,8 +96,12 @@ def test_matches_float64_reference_column_loop(fmt, act_order):
     torch.testing.assert_close(module.dequantize(torch.float64), ref_w, rtol=0, atol=1e-5 * ref_w.abs().max().item())
     expected_cls = ActOrderQuantLinear if act_order and fmt.group_size is not None else QuantLinear
     assert type(module) is expected_cls
-    levels = module.fmt.decode(module.storage(), (24, 48), torch.float64)  # stored order
-    del levels, ref_levels
+    if expected_cls is QuantLinear:  # stored in the original column order: the very levels of the reference
+        stored = module.fmt.decode(module.storage(), (24, 48), torch.float64)
+        torch.testing.assert_close(stored, ref_w, rtol=0, atol=1e-5 * ref_w.abs().max().item())
+    # the integer levels themselves, in stored column order (act-order with groups keeps that order)
+    expected_levels = ref_levels if result.perm is None else ref_levels[:, result.perm]
+    assert torch.equal(result.quantized.data.double(), expected_levels)
 
 
 def _linear(w: torch.Tensor) -> nn.Linear:
@@ -154,7 +159,8 @@ def test_singular_hessian_is_saved_by_dampening():
     w_hat = module.dequantize(torch.float64)
     assert torch.isfinite(w_hat).all()
     err = (x.double() @ (linear.weight.double() - w_hat).t()).norm()
-    rtn_err = (x.double() @ (linear.weight.double() - QuantLinear.from_linear(linear, fmt).dequantize(torch.float64)).t()).norm()
+    rtn_hat = QuantLinear.from_linear(linear, fmt).dequantize(torch.float64)
+    rtn_err = (x.double() @ (linear.weight.double() - rtn_hat).t()).norm()
     assert err < rtn_err
 
 

@@ -24,7 +24,8 @@ CASES = {
                                               options={"act_scheme": "per_tensor"}), W8A8Linear),  # fmt: skip
     "spqr": (lowbit.QuantConfig(method="spqr", format="int3", group_size=16), SpQRLinear),
     "spqr-no-actorder": (lowbit.QuantConfig(method="spqr", format="int3", group_size=8,
-                                            options={"act_order": False, "stat_group_size": 4}), SpQRLinear),  # fmt: skip
+                                            options={"act_order": False, "stat_group_size": 4}),
+                         SpQRLinear),  # fmt: skip
 }
 
 

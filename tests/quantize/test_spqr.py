@@ -54,7 +54,10 @@ def reference_decode(m: SpQRLinear) -> torch.Tensor:
 
     def bits_of(buf, bits, n):
         data = buf.tolist()
-        return [sum(((data[(i * bits + j) // 8] >> ((i * bits + j) % 8)) & 1) << j for j in range(bits)) for i in range(n)]
+        def bit(k):
+            return (data[k // 8] >> (k % 8)) & 1
+
+        return [sum(bit(i * bits + j) << j for j in range(bits)) for i in range(n)]
 
     groups = math.ceil(in_f / f.group_size)
     codes = bits_of(m.weight, f.bits, out_f * in_f)
@@ -62,7 +65,8 @@ def reference_decode(m: SpQRLinear) -> torch.Tensor:
     for name in ("scale", "zero"):
         c = bits_of(getattr(m, f"{name}_codes"), f.stat_bits, groups * out_f)
         ms = getattr(m, f"{name}_stats").double()
-        stats[name] = [[ms[g, r // f.stat_group_size, 0].item() + c[g * out_f + r] * ms[g, r // f.stat_group_size, 1].item()
+        stats[name] = [[ms[g, r // f.stat_group_size, 0].item()
+                        + c[g * out_f + r] * ms[g, r // f.stat_group_size, 1].item()  # min + code · step
                         for r in range(out_f)] for g in range(groups)]  # fmt: skip
     w = torch.zeros(out_f, in_f, dtype=torch.float64)
     for r in range(out_f):
@@ -164,6 +168,7 @@ def test_quantize_model_and_validation():
     assert report.bytes_after == sum(m.weight_nbytes() for m in model.modules() if isinstance(m, SpQRLinear))
     for bad in ({"stat_bits": 0}, {"outlier_threshold": 0}, {"act_order": 1}, {"damp": 2}, {"groups": 3}):
         with pytest.raises(ValueError):
-            lowbit.quantize(tiny_llama(), lowbit.QuantConfig(method="spqr", format="int3", options=bad), calibration=ids)
+            config = lowbit.QuantConfig(method="spqr", format="int3", options=bad)
+            lowbit.quantize(tiny_llama(), config, calibration=ids)
     with pytest.raises(ValueError, match="integers"):
         lowbit.quantize(tiny_llama(), lowbit.QuantConfig(method="spqr", format="nf4"), calibration=ids)

@@ -64,7 +64,7 @@ class SpQRFormat:
 
 
 def fit_statistics(stats: torch.Tensor, bits: int, group_size: int) -> tuple[torch.Tensor, torch.Tensor]:
-    """Second level: (…, n) float → (…, n) uint8 codes and (…, ⌈n/β2⌉, 2) fp16 (min, step), min-max per group.
+    """Second level: (…, n) float → (…, n) uint8 codes, (…, ⌈n/β2⌉, 2) fp16 (min, step); min-max per group.
 
     Values are rebuilt as `min + code · step` with the fp16 min and step, so the codes are chosen against
     exactly the constants that will be stored.
@@ -155,7 +155,8 @@ class SpQRLinear(nn.Module):
         """
         out, n = linear.out_features, linear.in_features
         if codes.shape != (out, n) or outliers.shape != (out, n):
-            raise ValueError(f"codes and outlier mask must be {(out, n)}, got {tuple(codes.shape)}, {tuple(outliers.shape)}")
+            raise ValueError(f"codes and outlier mask must be {(out, n)}, got {tuple(codes.shape)} and "
+                             f"{tuple(outliers.shape)}")  # fmt: skip
         if fmt.act_order != (perm is not None):
             raise ValueError("a permutation is required exactly when fmt.act_order is set")
         dtype = compute_dtype or (linear.weight.dtype if linear.weight.dtype in COMPUTE_DTYPES else torch.float32)
@@ -241,4 +242,5 @@ class SpQRLinear(nn.Module):
         f = self.fmt
         return (f"in_features={self.in_features}, out_features={self.out_features}, bias={self.bias is not None}, "
                 f"bits={f.bits}, group_size={f.group_size}, stat_bits={f.stat_bits}, "
-                f"stat_group_size={f.stat_group_size}, outliers={self.n_outliers}, act_order={f.act_order}")  # fmt: skip
+                f"stat_group_size={f.stat_group_size}, outliers={self.n_outliers}, "
+                f"act_order={f.act_order}")  # fmt: skip

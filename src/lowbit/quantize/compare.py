@@ -96,7 +96,8 @@ def _config_for(name: str, include: tuple[str, ...]) -> QuantConfig | None:
     return QuantConfig.from_dict({**config.to_dict(), "include": list(include)})
 
 
-def run_setting(base: nn.Module, tokenizer, name: str, config: CompareConfig, calibration: str, text: str) -> CompareRow:
+def run_setting(base: nn.Module, tokenizer, name: str, config: CompareConfig, calibration: str,
+                text: str) -> CompareRow:  # fmt: skip
     """Quantize a copy of `base` as setting `name` says and measure it."""
     from lowbit.evaluate import perplexity
     from lowbit.quantize.api import quantize
@@ -108,8 +109,8 @@ def run_setting(base: nn.Module, tokenizer, name: str, config: CompareConfig, ca
         kwargs = {}
         if quant.method in CALIBRATED:
             kwargs = {"calibration": calibration, "tokenizer": tokenizer}
-            quant = QuantConfig.from_dict({**quant.to_dict(), "options": {**quant.options, "n_samples": config.n_samples,
-                                                                          "seq_len": config.seq_len}})  # fmt: skip
+            options = {**quant.options, "n_samples": config.n_samples, "seq_len": config.seq_len}
+            quant = QuantConfig.from_dict({**quant.to_dict(), "options": options})
         start = time.perf_counter()
         report = quantize(model, quant, progress=True, **kwargs)
         seconds = time.perf_counter() - start

@@ -172,7 +172,8 @@ def quantize_smoothquant(model, config, targets, calibration=None, tokenizer=Non
             linear = model.get_submodule(name)
             x_absmax = absmax[name] / factors[name] if name in factors else absmax[name]  # what reaches it now
             module = W8A8Linear.from_linear(linear, compute_dtype=config.torch_compute_dtype,
-                                            act_scheme=options.act_scheme, input_absmax=float(x_absmax.max()))  # fmt: skip
+                                            act_scheme=options.act_scheme,
+                                            input_absmax=float(x_absmax.max()))  # fmt: skip
             reports.append(swap_in(model, name, linear, module))
             ticker.done()
     return reports

@@ -30,7 +30,14 @@ import torch
 from torch import nn
 
 from lowbit.formats.weight import INT_BITS
-from lowbit.nn.spqr_linear import SCALE_FLOOR, SpQRFormat, SpQRLinear, dequantize_scale, dequantize_statistics, fit_statistics
+from lowbit.nn.spqr_linear import (
+    SCALE_FLOOR,
+    SpQRFormat,
+    SpQRLinear,
+    dequantize_scale,
+    dequantize_statistics,
+    fit_statistics,
+)
 from lowbit.quantize.api import register_method, swap_in, target_linears
 from lowbit.quantize.calibration import HessianObserver, LayerTicker, calibration_ids, calibration_steps, split_options
 from lowbit.quantize.gptq import inverse_hessian_cholesky, obs_column_sweep
@@ -174,7 +181,8 @@ def spqr_quantize(weight: torch.Tensor, hessian: torch.Tensor, fmt: SpQRFormat =
 
 
 def spqr_linear(linear: nn.Linear, hessian: torch.Tensor, fmt: SpQRFormat = SpQRFormat(),
-                options: SpQROptions = SpQROptions(), compute_dtype: torch.dtype | None = None) -> SpQRLinear:  # fmt: skip
+                options: SpQROptions = SpQROptions(),
+                compute_dtype: torch.dtype | None = None) -> SpQRLinear:  # fmt: skip
     r = spqr_quantize(linear.weight, hessian, fmt, options)
     return SpQRLinear.from_parts(linear, fmt, r.codes, r.scale, r.zero, r.outliers, r.values, r.perm, compute_dtype)
 

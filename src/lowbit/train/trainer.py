@@ -349,8 +349,7 @@ def _resume_path(resume, output_dir: Path | None) -> Path | None:
 
 
 def _skip_warning(step: int, loss: float, state: dict, cfg: TrainConfig, output_dir: Path | None) -> None:
-    """Count a skipped (non-finite) step; raise TrainingDiverged after max_bad_steps in a row."""
-    state["bad_streak"] += 1
+    """Warn about a skipped (non-finite) step; raise TrainingDiverged after max_bad_steps in a row."""
     warnings.warn(f"step {step}: non-finite loss or gradient (loss={loss}); step skipped, weights unchanged "
                   f"({state['bad_streak']}/{cfg.max_bad_steps} in a row)", RuntimeWarning, stacklevel=3)  # fmt: skip
     if state["bad_streak"] >= cfg.max_bad_steps:
@@ -444,16 +443,15 @@ def _loop(module, model, examples, eval_examples, cfg, pad, state, optimizer, sc
         state["epoch"], state["offset"] = sampler.epoch, sampler.offset
         seconds = time.perf_counter() - start
         state["tokens"], state["seconds"] = state["tokens"] + tokens, state["seconds"] + seconds
-        if norm is None:
-            _skip_warning(state["step"], loss, state, cfg, out)
-        else:
-            state["bad_streak"] = 0
+        state["bad_streak"] = 0 if norm is not None else state["bad_streak"] + 1
         record = {"step": state["step"], "loss": loss if math.isfinite(loss) else None, "lr": lr, "grad_norm": norm,
                   "tokens": state["tokens"], "tokens_per_s": tokens / seconds,
                   "memory_mb": round(memory_mb(_device(model)), 1)}  # fmt: skip
         result.losses.append(loss)
         if log is not None:
             log.write(record)
+        if norm is None:
+            _skip_warning(state["step"], loss, state, cfg, out)
         bar.update(1)
         bar.set_postfix(loss=f"{loss:.4f}", lr=f"{lr:.2e}", tok_s=f"{tokens / seconds:.0f}",
                         mem=f"{record['memory_mb']:.0f}MiB")  # fmt: skip
