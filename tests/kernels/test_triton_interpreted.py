@@ -10,7 +10,28 @@ against bitsandbytes), never by the kernels' code.
 import pytest
 import torch
 
-pytest.importorskip("triton", reason="Triton is not installed: pip install 'lowbit[gpu]' (make test installs it)")
+triton = pytest.importorskip("triton", reason="Triton is not installed: pip install 'lowbit[gpu]' (make test installs it)")
+
+
+def _interpreter_runs_loops() -> bool:
+    """Triton ≤ 3.6's interpreter cannot use a run-time loop bound with NumPy ≥ 2.4 (int() of a 1-element array)."""
+    import triton.language as tl
+
+    @triton.jit
+    def probe(out_ptr, n):
+        for i in range(0, n, 1):
+            tl.store(out_ptr + i, i)
+
+    try:
+        probe[(1,)](torch.zeros(2), 2)
+        return True
+    except Exception:  # noqa: BLE001 - any failure means the interpreter cannot run our kernels
+        return False
+
+
+if not _interpreter_runs_loops():
+    pytest.skip(f"Triton {triton.__version__}'s interpreter cannot run loops with this NumPy; "
+                "install a newer Triton (3.9 works)", allow_module_level=True)  # fmt: skip
 
 from lowbit.formats import WeightFormat  # noqa: E402
 from lowbit.kernels.int8_gemm import int8_scaled_mm  # noqa: E402

@@ -179,16 +179,18 @@ def plot(rows: list[CompareRow], path: Path, config: CompareConfig) -> None:
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    fig, ax = plt.subplots(figsize=(8, 5))
+    fig, ax = plt.subplots(figsize=(9, 5.5))
     quantized = [r for r in rows if r.method != "none"]
+    for method in dict.fromkeys(r.method for r in quantized):  # one colour per algorithm
+        mine = [r for r in quantized if r.method == method]
+        ax.scatter([r.bits_per_parameter for r in mine], [r.perplexity for r in mine], s=36, label=method)
     for r in quantized:
-        ax.scatter(r.bits_per_parameter, r.perplexity, s=30)
         ax.annotate(r.setting, (r.bits_per_parameter, r.perplexity), textcoords="offset points", xytext=(4, 4),
                     fontsize=8)  # fmt: skip
     for r in rows:
         if r.method == "none":
             ax.axhline(r.perplexity, linestyle="--", color="gray", label=f"fp32 ({r.perplexity:.2f})")
-            ax.legend()
+    ax.legend(fontsize=8)
     ax.set_xlabel("bits / parameter (quantized linear weights, statistics included)")
     ax.set_ylabel("perplexity (lower is better)")
     if quantized and max(r.perplexity for r in quantized) > 3 * min(r.perplexity for r in rows):

@@ -1,0 +1,222 @@
+"""How much memory fine-tuning (or serving) a model takes, before running it.
+
+    est = estimate_memory(config, MemoryConfig(method="qlora", seq_len=512, batch=4, optimizer="adamw8bit"))
+    print(est.to_markdown())
+
+Training memory = weights + quantization constants + gradients + optimizer states + activations.
+
+- weights: every parameter in its storage dtype; with QLoRA the linear layers (all but the output head)
+  are NF4: half a byte per weight plus the block constants (double-quantized: 1 byte per block of 64 and
+  4 bytes per 256 blocks), plus fp32 LoRA matrices r·(in + out) per adapted layer.
+- gradients: one value per trainable parameter, in the parameter's dtype.
+- optimizer states: AdamW keeps two fp32 moments (8 B/param); 8-bit blockwise AdamW 2 B/param plus two
+  fp32 scales per block of 2048 (tensors under 4096 values stay fp32); SGD without momentum nothing.
+- activations: what autograd keeps for the backward pass. Per decoder layer and token (hidden h,
+  intermediate i, key/value width k): the norm inputs and outputs, q, k, v and the attention output,
+  the MLP's gate, up, activation and product — about 6·h + 2·k + 4·i values, plus r per LoRA-adapted
+  layer; the loss keeps the logits and their log-softmax, 2·V per token. Attention is assumed to be
+  fused (SDPA/flash: no T×T matrix is kept). With gradient checkpointing only each layer's input (h per
+  token) is kept, plus one layer's activations while it is recomputed.
+
+The seeds' rule of thumb is `rule_of_thumb(n)`: 4 bytes per fp32 parameter to store it (1B → 4 GB), and
+for full training with Adam 4 (weights) + 4 (gradients) + 8 (two moments) + ~8 (activations, a high
+estimate) = 24 bytes per parameter — the "4 + 20 extra bytes" of the seed article. Note that 24 B/param
+is 24 GB for 1B parameters; the same article's "80 GB" is its other shortcut, "training needs about 20×
+the memory of storing", which does not follow from its per-parameter table.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+
+import torch
+from torch import nn
+
+CONFIG_VERSION = 1
+METHODS = ("full", "lora", "qlora")
+OPTIMIZER_BYTES = ("adamw", "adamw8bit", "sgd")
+DTYPE_BYTES = {"fp32": 4, "bf16": 2, "fp16": 2}
+HEAD_NAMES = ("lm_head", "score", "classifier")
+
+
+@dataclass(frozen=True)
+class MemoryConfig:
+    """method: full | lora | qlora; precision: fp32 | bf16 | fp16 (weights of full/lora, and activations
+    under autocast); optimizer: adamw | adamw8bit | sgd (paged variants need the same bytes, on the CPU)."""
+
+    method: str = "qlora"
+    seq_len: int = 512
+    batch: int = 1
+    optimizer: str = "adamw"
+    precision: str = "fp32"
+    lora_r: int = 16
+    gradient_checkpointing: bool = False
+    quant_block_size: int = 64
+    double_quant: bool = True
+    optimizer_block_size: int = 2048
+    version: int = CONFIG_VERSION
+
+    def __post_init__(self) -> None:
+        if self.version != CONFIG_VERSION:
+            raise ValueError(f"MemoryConfig version {self.version} is not supported")
+        for name, allowed in (("method", METHODS), ("optimizer", OPTIMIZER_BYTES), ("precision", tuple(DTYPE_BYTES))):
+            if getattr(self, name) not in allowed:
+                raise ValueError(f"{name} must be one of {allowed}, got {getattr(self, name)!r}")
+        for name in ("seq_len", "batch", "lora_r", "quant_block_size", "optimizer_block_size"):
+            value = getattr(self, name)
+            if isinstance(value, bool) or not isinstance(value, int) or value < 1:
+                raise ValueError(f"{name} must be a positive integer, got {value!r}")
+
+
+@dataclass(frozen=True)
+class MemoryEstimate:
+    weights: int
+    quant_constants: int
+    gradients: int
+    optimizer_states: int
+    activations: int
+    activations_no_checkpointing: int
+    activations_checkpointing: int
+    kv_cache: int  # inference: keys and values for batch × seq_len tokens
+    trainable_parameters: int
+    parameters: int
+
+    @property
+    def training_total(self) -> int:
+        return self.weights + self.quant_constants + self.gradients + self.optimizer_states + self.activations
+
+    @property
+    def inference_total(self) -> int:
+        return self.weights + self.quant_constants + self.kv_cache
+
+    def to_markdown(self) -> str:
+        gib = lambda b: f"{b / 2**30:8.3f} GiB"  # noqa: E731
+        rows = [("weights", self.weights), ("quantization constants", self.quant_constants),
+                ("gradients", self.gradients), ("optimizer states", self.optimizer_states),
+                ("activations (as configured)", self.activations),
+                ("  without checkpointing", self.activations_no_checkpointing),
+                ("  with checkpointing", self.activations_checkpointing),
+                ("**training peak**", self.training_total), ("KV cache (inference)", self.kv_cache),
+                ("**inference**", self.inference_total)]  # fmt: skip
+        lines = ["| part | memory |", "|---|---:|"] + [f"| {n} | {gib(b)} |" for n, b in rows]
+        lines.append(f"\n{self.parameters / 1e6:.1f}M parameters, {self.trainable_parameters / 1e6:.2f}M trainable")
+        return "\n".join(lines)
+
+
+def rule_of_thumb(n_params: float) -> dict[str, float]:
+    """The seed article's arithmetic for a model of n fp32 parameters, in bytes."""
+    return {"store_fp32": 4 * n_params, "train_adam_per_param_table": (4 + 4 + 8 + 8) * n_params,
+            "train_20x_storage": 20 * 4 * n_params}  # fmt: skip
+
+
+def _linears(model: nn.Module) -> list[tuple[str, int, int]]:
+    """(name, in, out) of every linear layer that LoRA / quantization would touch (not the output head)."""
+    out_emb = model.get_output_embeddings() if hasattr(model, "get_output_embeddings") else None
+    return [(n, m.in_features, m.out_features) for n, m in model.named_modules()
+            if isinstance(m, nn.Linear) and m is not out_emb and n.rsplit(".", 1)[-1] not in HEAD_NAMES]  # fmt: skip
+
+
+def nf4_bytes(n: int, block: int, double_quant: bool) -> tuple[int, int]:
+    """(packed codes, constants) bytes of n weights in blockwise 4-bit (QLoRA storage)."""
+    blocks = math.ceil(n / block)
+    constants = blocks + 4 * math.ceil(blocks / 256) + 4 if double_quant else 4 * blocks
+    return (n + 1) // 2, constants
+
+
+def _optimizer_bytes(shapes: list[int], cfg: MemoryConfig) -> int:
+    if cfg.optimizer == "sgd":
+        return 0
+    if cfg.optimizer == "adamw":
+        return 8 * sum(shapes)
+    total = 0
+    for n in shapes:
+        total += 2 * n + 8 * math.ceil(n / cfg.optimizer_block_size) if n >= 4096 else 8 * n
+    return total
+
+
+def _layer_sizes(config) -> tuple[int, int, int, int, int]:
+    h = config.hidden_size
+    heads = config.num_attention_heads
+    head_dim = getattr(config, "head_dim", None) or h // heads
+    kv = getattr(config, "num_key_value_heads", None) or heads
+    inter = getattr(config, "intermediate_size", None) or 4 * h
+    return h, inter, kv * head_dim, config.num_hidden_layers, config.vocab_size
+
+
+def activation_bytes(config, cfg: MemoryConfig, n_lora_per_layer: int, checkpointing: bool) -> int:
+    """Bytes autograd keeps for backward (see the module docstring for what is counted)."""
+    h, inter, kv, layers, vocab = _layer_sizes(config)
+    tokens = cfg.batch * cfg.seq_len
+    act = DTYPE_BYTES[cfg.precision]
+    per_layer = (6 * h + 2 * kv + 4 * inter + cfg.lora_r * n_lora_per_layer) * tokens * act
+    logits = 2 * vocab * tokens * 4  # fp32 logits and their log-softmax, for the loss
+    if checkpointing:
+        return layers * h * tokens * act + per_layer + logits
+    return layers * per_layer + logits
+
+
+def estimate_memory(model_or_config, cfg: MemoryConfig | None = None) -> MemoryEstimate:
+    """Predict training and inference memory for a transformers model (or its config) under `cfg`."""
+    cfg = cfg or MemoryConfig()
+    model = model_or_config if isinstance(model_or_config, nn.Module) else _meta_model(model_or_config)
+    config = model.config
+    n_params = sum(p.numel() for p in model.parameters())
+    linears = _linears(model)
+    wbytes = DTYPE_BYTES[cfg.precision] if cfg.method != "qlora" else 4
+    weights, constants, trainable = n_params * wbytes, 0, []
+    if cfg.method == "full":
+        trainable = [p.numel() for p in model.parameters()]
+    else:
+        trainable = [x for _, i, o in linears for x in (cfg.lora_r * i, cfg.lora_r * o)]
+        weights += 4 * sum(trainable)  # LoRA matrices in fp32
+    if cfg.method == "qlora":
+        for _, i, o in linears:
+            codes, consts = nf4_bytes(i * o, cfg.quant_block_size, cfg.double_quant)
+            weights += codes - 4 * i * o
+            constants += consts
+    grads = sum(trainable) * (wbytes if cfg.method == "full" else 4)
+    n_lora = 0 if cfg.method == "full" else len(linears) // config.num_hidden_layers
+    act_plain = activation_bytes(config, cfg, n_lora, checkpointing=False)
+    act_ckpt = activation_bytes(config, cfg, n_lora, checkpointing=True)
+    h, _, kv, layers, _ = _layer_sizes(config)
+    kv_cache = 2 * layers * kv * cfg.batch * cfg.seq_len * DTYPE_BYTES[cfg.precision]
+    return MemoryEstimate(weights, constants, grads, _optimizer_bytes(trainable, cfg),
+                          act_ckpt if cfg.gradient_checkpointing else act_plain, act_plain, act_ckpt, kv_cache,
+                          sum(trainable), n_params)  # fmt: skip
+
+
+def _meta_model(config) -> nn.Module:
+    """The model's module tree without any memory (meta tensors), for counting parameters."""
+    from transformers import AutoModelForCausalLM
+
+    with torch.device("meta"):
+        return AutoModelForCausalLM.from_config(config)
+
+
+def load_config(name_or_path):
+    """A transformers config for a packaged model name, a model directory or a config.json path."""
+    from pathlib import Path
+
+    from transformers import AutoConfig
+
+    from lowbit.io.loading import CACHE_SUBDIR, PACKAGED_NAMES, default_cache_dir, load_model
+
+    if isinstance(name_or_path, str) and name_or_path.strip().lower() in PACKAGED_NAMES:
+        cached = default_cache_dir() / CACHE_SUBDIR
+        return AutoConfig.from_pretrained(cached) if (cached / "config.json").is_file() else load_model(name_or_path)[0].config
+    path = Path(name_or_path)
+    if path.is_file() and path.suffix == ".json":
+        return AutoConfig.from_pretrained(path.parent) if path.name == "config.json" else _config_from_json(path)
+    if path.is_dir():
+        return AutoConfig.from_pretrained(path, local_files_only=True)
+    raise FileNotFoundError(f"cannot read a model config from {str(name_or_path)!r}")
+
+
+def _config_from_json(path):
+    import json
+
+    from transformers import AutoConfig
+
+    data = json.loads(path.read_text())
+    return AutoConfig.for_model(data.pop("model_type"), **data)

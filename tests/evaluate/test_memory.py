@@ -1,0 +1,99 @@
+"""Memory estimator against hand arithmetic, the real quantized storage, real optimizer state and the
+tensors autograd really saves."""
+
+import pytest
+import torch
+
+import lowbit
+from lowbit.evaluate.memory import MemoryConfig, estimate_memory, nf4_bytes, rule_of_thumb
+from lowbit.optim import optimizer_state_nbytes
+from lowbit.train.trainer import TrainConfig, build_optimizer
+from tests.tiny_models import tiny_llama
+
+# tiny_llama by hand: hidden 64, intermediate 160, 2 layers, 4 heads, 2 KV heads (k/v width 32), vocab 300, tied.
+EMBED = 300 * 64
+LAYER = 64 * 64 * 2 + 64 * 32 * 2 + 3 * 64 * 160 + 2 * 64  # q,o + k,v + gate,up,down + two norms = 43,136
+PARAMS = EMBED + 2 * LAYER + 64
+LORA_16 = 2 * 16 * ((64 + 64) * 2 + (64 + 32) * 2 + (64 + 160) * 3)  # r·(in+out) per adapted layer = 35,840
+
+
+def test_seed_arithmetic():
+    r = rule_of_thumb(1e9)
+    assert r["store_fp32"] == 4e9  # 1B fp32 parameters: 4 GB to store
+    assert r["train_adam_per_param_table"] == 24e9  # 4 + (4 + 8 + 8) = 4 + 20 extra bytes per parameter
+    assert r["train_20x_storage"] == 80e9  # the article's "about 20× the storage" → 80 GB
+
+
+def test_full_finetuning_by_hand():
+    est = estimate_memory(tiny_llama(), MemoryConfig(method="full", optimizer="adamw", seq_len=32, batch=2))
+    assert est.parameters == PARAMS == 105_536
+    assert (est.weights, est.gradients, est.optimizer_states) == (4 * PARAMS, 4 * PARAMS, 8 * PARAMS)
+    assert est.quant_constants == 0
+    tokens = 64
+    per_layer = (6 * 64 + 2 * 32 + 4 * 160) * tokens * 4
+    assert est.activations == 2 * per_layer + 2 * 300 * tokens * 4
+    assert est.kv_cache == 2 * 2 * 32 * tokens * 4
+    # bf16 weights halve weights and gradients; Adam's moments stay fp32
+    bf16 = estimate_memory(tiny_llama(), MemoryConfig(method="full", precision="bf16"))
+    assert bf16.weights == 2 * PARAMS and bf16.optimizer_states == 8 * PARAMS
+
+
+def test_lora_and_qlora_by_hand_and_against_real_storage():
+    lora = estimate_memory(tiny_llama(), MemoryConfig(method="lora", lora_r=16, optimizer="adamw"))
+    assert lora.trainable_parameters == LORA_16
+    assert lora.weights == 4 * (PARAMS + LORA_16) and lora.gradients == 4 * LORA_16
+    assert lora.optimizer_states == 8 * LORA_16
+    qlora = estimate_memory(tiny_llama(), MemoryConfig(method="qlora", lora_r=16))
+    model = tiny_llama()
+    lowbit.quantize(model, lowbit.QuantConfig(format="nf4", block_size=64, double_quant=True))
+    real = sum(m.weight_nbytes() for m in model.modules() if isinstance(m, lowbit.QuantLinear))
+    n_linear = 2 * (LAYER - 2 * 64)
+    assert qlora.weights + qlora.quant_constants == 4 * (PARAMS - n_linear) + real + 4 * LORA_16
+    assert nf4_bytes(64 * 160, 64, True) == (64 * 80, 160 + 4 + 4)
+
+
+@pytest.mark.parametrize("optimizer", ["adamw", "adamw8bit"])
+def test_optimizer_states_match_a_real_optimizer(optimizer):
+    model = lowbit.peft.apply_lora(tiny_llama(), lowbit.peft.LoraConfig(r=16, alpha=16))
+    params = [p for p in model.parameters() if p.requires_grad]
+    opt = build_optimizer(params, TrainConfig(optimizer=optimizer, optimizer_block_size=2048))
+    for p in params:
+        p.grad = torch.ones_like(p)
+    opt.step()
+    est = estimate_memory(tiny_llama(), MemoryConfig(method="lora", lora_r=16, optimizer=optimizer))
+    assert est.optimizer_states == optimizer_state_nbytes(opt)
+
+
+def saved_activation_bytes(model, batch) -> int:
+    """Bytes of the distinct tensors autograd saves in one forward + loss (measured, not estimated)."""
+    seen, params = {}, {p.data_ptr() for p in model.parameters()} | {b.data_ptr() for b in model.buffers()}
+
+    def pack(t):
+        ptr = t.untyped_storage().data_ptr()
+        if ptr not in params:
+            seen[ptr] = max(seen.get(ptr, 0), t.untyped_storage().nbytes())
+        return t
+
+    with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
+        logits = model(input_ids=batch, use_cache=False).logits.float()[:, :-1]
+        loss = torch.nn.functional.cross_entropy(logits.reshape(-1, logits.shape[-1]), batch[:, 1:].reshape(-1))
+    loss.backward()
+    return sum(seen.values())
+
+
+def test_activation_estimate_is_near_what_autograd_saves():
+    model = lowbit.peft.apply_lora(tiny_llama(), lowbit.peft.LoraConfig(r=8, alpha=8))
+    model.train()
+    batch = torch.randint(0, 300, (2, 64))
+    measured = saved_activation_bytes(model, batch)
+    est = estimate_memory(tiny_llama(), MemoryConfig(method="lora", lora_r=8, seq_len=64, batch=2))
+    assert 0.7 < est.activations_no_checkpointing / measured < 1.3
+    model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+    measured_ckpt = saved_activation_bytes(model, batch)
+    assert measured_ckpt < measured and est.activations_checkpointing < est.activations_no_checkpointing
+
+
+def test_bad_config():
+    for kw in (dict(method="ia3"), dict(optimizer="adam"), dict(seq_len=0), dict(precision="int8")):
+        with pytest.raises(ValueError):
+            MemoryConfig(**kw)
