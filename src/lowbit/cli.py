@@ -326,6 +326,112 @@ def _add_export(sub) -> None:
     p.set_defaults(func=_export)
 
 
+def _finetune(args) -> None:
+    from lowbit.train import DataConfig, TrainConfig
+    from lowbit.train.finetune import FinetuneConfig, run_finetune
+
+    data = DataConfig(task=args.task, max_length=args.max_length, labels=tuple(args.labels) if args.labels else None,
+                      system_prompt=args.system_prompt)  # fmt: skip
+    train = TrainConfig(max_steps=args.steps, batch_size=args.batch_size, grad_accum=args.grad_accum, lr=args.lr,
+                        weight_decay=args.weight_decay, optimizer=args.optimizer, schedule=args.schedule,
+                        warmup_steps=args.warmup_steps, max_grad_norm=args.max_grad_norm or None,
+                        precision=args.precision, gradient_checkpointing=args.gradient_checkpointing,
+                        eval_every=args.eval_every, eval_batches=args.eval_batches,
+                        early_stopping_patience=args.early_stopping, save_every=args.save_every, seed=args.seed,
+                        strategy=args.strategy)  # fmt: skip
+    cfg = FinetuneConfig(model=args.model, data=args.data, eval_data=args.eval_data, data_config=data,
+                         packing=args.packing, method=args.method, r=args.r, alpha=args.alpha, dropout=args.dropout,
+                         train=train, out=args.out, resume=args.resume, prompts=tuple(args.prompt))  # fmt: skip
+    summary = run_finetune(cfg)
+    for key in ("eval_before", "eval_after"):
+        if summary.get(key):
+            print(f"{key.replace('_', ' ')}: {summary[key]}")
+    print(f"{summary['steps']} steps, {summary['tokens_per_s']} tokens/s, peak RSS {summary['peak_rss_mb']} MiB; "
+          f"adapter: {summary.get('adapter', '-')}; summary: {args.out}/finetune.json")  # fmt: skip
+
+
+def _add_finetune(sub) -> None:
+    p = sub.add_parser("finetune", help="fine-tune a model with LoRA / QLoRA / full fine-tuning on a data file",
+                       description="Load the model, quantize it to NF4 + double quantization (--method qlora), put "
+                       "LoRA adapters on every linear layer, train on a JSONL/JSON/CSV/Parquet file and save the "
+                       "adapter in HF peft's layout (OUT/adapter), with checkpoints, metrics.jsonl and "
+                       "loss_curve.png in OUT. SFT rows are {\"messages\": [...]} or prompt/response pairs; the "
+                       "loss covers the assistant turns only. Bad rows are counted and skipped. Example: lowbit "
+                       "finetune smollm2-135m --data data/instruct/train.jsonl --eval-data "
+                       "data/instruct/validation.jsonl --steps 200 --packing --out smollm2-qlora. For several "
+                       "processes: torchrun --nproc-per-node 2 -m lowbit.train MODEL --data ... --strategy ddp.")  # fmt: skip
+    p.add_argument("model", help=MODEL_HELP)
+    p.add_argument("--data", required=True, help="training file (.jsonl .json .csv .parquet)")
+    p.add_argument("--eval-data", help="validation file, evaluated before, every --eval-every steps and at the end")
+    p.add_argument("--task", choices=["sft", "lm", "classification"], default="sft",
+                   help="sft: chat/instruction data; lm: plain text (field text); classification: text + label")
+    p.add_argument("--labels", nargs="+", help="classification: the class names, in id order")
+    p.add_argument("--system-prompt", help="sft: system message for conversations that have none")
+    p.add_argument("--max-length", type=int, default=512, help="tokens per example; longer rows are skipped")
+    p.add_argument("--packing", action="store_true", help="pack short examples into rows of --max-length tokens")
+    p.add_argument("--method", choices=["qlora", "lora", "full"], default="qlora")
+    p.add_argument("--r", type=int, default=16, help="LoRA rank")
+    p.add_argument("--alpha", type=float, default=32, help="LoRA alpha (the update is scaled by alpha / r)")
+    p.add_argument("--dropout", type=float, default=0.05, help="LoRA dropout")
+    p.add_argument("--steps", type=int, default=200, help="optimizer steps")
+    p.add_argument("--batch-size", type=int, default=4, help="examples per micro-batch (per process)")
+    p.add_argument("--grad-accum", type=int, default=1, help="micro-batches per optimizer step")
+    p.add_argument("--lr", type=float, default=2e-4, help="peak learning rate")
+    p.add_argument("--weight-decay", type=float, default=0.0)
+    p.add_argument("--optimizer", default="paged_adamw8bit",
+                   choices=["adamw", "adamw8bit", "paged_adamw", "paged_adamw8bit", "sgd"],
+                   help="8-bit: blockwise 8-bit Adam states; paged: states in CPU RAM between steps on a GPU")
+    p.add_argument("--schedule", choices=["constant", "linear", "cosine"], default="cosine")
+    p.add_argument("--warmup-steps", type=int, default=10)
+    p.add_argument("--max-grad-norm", type=float, default=1.0, help="gradient clipping (0: off)")
+    p.add_argument("--precision", choices=["fp32", "bf16", "fp16"], default="fp32", help="autocast dtype")
+    p.add_argument("--gradient-checkpointing", action="store_true", help="recompute activations in backward")
+    p.add_argument("--eval-every", type=int, default=0, help="evaluate every N steps (0: only before and after)")
+    p.add_argument("--eval-batches", type=int, default=None, help="at most this many eval batches")
+    p.add_argument("--early-stopping", type=int, default=None, help="stop after N evaluations without improvement")
+    p.add_argument("--save-every", type=int, default=50, help="checkpoint every N steps (and at the end)")
+    p.add_argument("--resume", action="store_true", help="continue from the newest checkpoint in --out")
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--strategy", choices=["none", "ddp", "fsdp"], default="ddp", help="with several processes")
+    p.add_argument("--prompt", action="append", default=[], help="a prompt to answer before and after training")
+    p.add_argument("--out", default="finetune-out", help="output directory")
+    p.set_defaults(func=_finetune)
+
+
+def _memory(args) -> None:
+    from lowbit.evaluate.memory import MemoryConfig, estimate_memory, load_config, rule_of_thumb
+
+    if args.params:
+        r = rule_of_thumb(args.params)
+        print(f"{args.params:.3g} fp32 parameters: {r['store_fp32'] / 1e9:.3g} GB to store; full training with Adam "
+              f"{r['train_adam_per_param_table'] / 1e9:.3g} GB at 4 + 20 bytes/param "
+              f"(the '20× storage' shortcut says {r['train_20x_storage'] / 1e9:.3g} GB)")  # fmt: skip
+        return
+    cfg = MemoryConfig(method=args.method, seq_len=args.seq_len, batch=args.batch, optimizer=args.optimizer,
+                       precision=args.precision, lora_r=args.r, gradient_checkpointing=args.gradient_checkpointing)  # fmt: skip
+    print(estimate_memory(load_config(args.model), cfg).to_markdown())
+
+
+def _add_memory(sub) -> None:
+    p = sub.add_parser("memory", help="predict the memory needed to fine-tune or serve a model",
+                       description="Break down peak training memory — weights, quantization constants, gradients, "
+                       "optimizer states, activations with and without gradient checkpointing — and inference "
+                       "memory (weights + KV cache), from the model's config alone (no weights are loaded). "
+                       "Example: lowbit memory smollm2-135m --method qlora --seq-len 512 --batch 4 --optimizer "
+                       "adamw8bit. `lowbit memory --params 1e9` prints the rule of thumb (4 GB to store 1B fp32 "
+                       "parameters, 4 + 20 bytes per parameter to train with Adam).")  # fmt: skip
+    p.add_argument("model", nargs="?", default="smollm2-135m", help=MODEL_HELP + ", or a config.json")
+    p.add_argument("--method", choices=["full", "lora", "qlora"], default="qlora")
+    p.add_argument("--seq-len", type=int, default=512)
+    p.add_argument("--batch", type=int, default=1)
+    p.add_argument("--optimizer", choices=["adamw", "adamw8bit", "sgd"], default="adamw")
+    p.add_argument("--precision", choices=["fp32", "bf16", "fp16"], default="fp32")
+    p.add_argument("--r", type=int, default=16, help="LoRA rank")
+    p.add_argument("--gradient-checkpointing", action="store_true")
+    p.add_argument("--params", type=float, help="just the rule of thumb for this many fp32 parameters")
+    p.set_defaults(func=_memory)
+
+
 def _read_config_file(path: str) -> dict:
     """A YAML or TOML run file: flat settings, or one table per command ([generate], [export], …)."""
     raw = Path(path).read_text(encoding="utf-8")
@@ -412,7 +518,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.set_defaults(func=_perplexity)
 
     _add_compare(sub)
-    for add in (_add_generate, _add_chat, _add_eval, _add_prune, _add_export):
+    for add in (_add_generate, _add_chat, _add_eval, _add_prune, _add_export, _add_finetune, _add_memory):
         add(sub)
     for cmd in sub.choices.values():
         cmd.add_argument("--config", help="YAML/TOML file of settings for this command (flags given here override)")
