@@ -375,6 +375,30 @@ def prefill_benchmark(device, ceil: dict, with_bnb: bool, smoke: bool) -> list[d
     return rows
 
 
+def int8_benchmark(device, smoke: bool) -> list[dict]:
+    """W8A8 GEMM: lowbit's fused-scale int8 kernel vs torch._int_mm (+ scales) vs bf16 cuBLAS."""
+    import torch.nn.functional as F
+
+    from lowbit.kernels import ops
+
+    rows = []
+    for m, n, k in [(2048, 4096, 4096), (2048, 14336, 4096)] if not smoke else [(32, 64, 128)]:
+        a = torch.randint(-127, 128, (m, k), dtype=torch.int8, device=device)
+        b = torch.randint(-127, 128, (n, k), dtype=torch.int8, device=device)
+        sa, sb = torch.rand(m, device=device), torch.rand(n, device=device)
+        xa, wb = a.bfloat16(), b.bfloat16()
+        bt = b.t()  # (K, N) column-major view of b, the layout cuBLASLt's int8 GEMM takes
+        t = {"lowbit int8": guarded(lambda: bench_us(lambda: ops.int8_scaled_mm(a, b, sa, sb, torch.bfloat16), device))}
+        if device.type == "cuda":
+            t["torch._int_mm+scale"] = guarded(lambda: bench_us(
+                lambda: (torch._int_mm(a, bt).float() * sa[:, None] * sb[None, :]).bfloat16(), device))
+        t["bf16 cuBLAS"] = guarded(lambda: bench_us(lambda: F.linear(xa, wb), device))
+        tops = {name: 2 * m * n * k / us / 1e6 for name, us in t.items()}
+        rows.append({"shape": (m, n, k), "us": t, "TOPs": tops})
+        log(f"int8 W8A8 {m}x{n}x{k}: " + ", ".join(f"{a_} {v:.0f} TOP/s" for a_, v in tops.items()))
+    return rows
+
+
 def print_tables(ceil, decode, prefill):
     nan = float("nan")
     log("\n=== ceilings: copy %.0f GB/s, bf16 matmul %.0f TFLOP/s" % (ceil["copy_GBps"], ceil["bf16_matmul_TFLOPs"]))
@@ -429,6 +453,7 @@ def main(argv=None) -> int:
             results["bnb_bytes"] = check_against_bitsandbytes(device)
     results["decode"] = decode = decode_benchmark(device, ceil, with_bnb, args.smoke)
     results["prefill"] = prefill = prefill_benchmark(device, ceil, with_bnb, args.smoke)
+    results["int8"] = int8_benchmark(device, args.smoke)
     print_tables(ceil, decode, prefill)
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)

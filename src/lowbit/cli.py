@@ -14,7 +14,7 @@ def _demo(args) -> None:
     from lowbit.demo import DemoConfig, run_demo
 
     run_demo(DemoConfig(model=args.model, format=args.format, windows=args.windows,
-                        max_new_tokens=args.max_new_tokens))  # fmt: skip
+                        max_new_tokens=args.max_new_tokens, finetune_steps=args.finetune_steps))  # fmt: skip
 
 
 def _quantize(args) -> None:
@@ -248,10 +248,13 @@ def _prune(args) -> None:
         if not (args.heads or args.channels):
             raise ValueError("--method structured needs --heads N and/or --channels N")
         n_params = prune.parameter_count(model)
+        # Importance from activations on calibration text taken from the end of the reference text; the
+        # perplexity windows come from its start, so the two never overlap.
+        heads, channels = prune.activation_importance(model, tokenizer, text[-60000:], max_sequences=args.calibration)
         if args.heads:
-            prune.prune_attention_heads(model, args.heads)
+            prune.prune_attention_heads(model, args.heads, scores=heads)
         if args.channels:
-            prune.prune_mlp_channels(model, args.channels)
+            prune.prune_mlp_channels(model, args.channels, scores=channels)
         report = prune.sparsity_report(model, method=f"structured ({n_params:,} → {prune.parameter_count(model):,} "
                                                      "parameters)")  # fmt: skip
     if before is not None:
@@ -269,7 +272,8 @@ def _add_prune(sub) -> None:
                        formatter_class=argparse.RawDescriptionHelpFormatter,
                        description="Prune a full-precision model, report sparsity and perplexity before/after "
                        "(on --windows 512-token windows of lowbit's reference text) and save it as a plain "
-                       "transformers directory.\n\nexamples:\n"
+                       "transformers directory. Structured pruning ranks heads and channels by their activations "
+                       "on calibration text (see lowbit.prune.activation_importance).\n\nexamples:\n"
                        "  lowbit prune smollm2-135m --method magnitude --sparsity 0.3 --out smollm2-sparse\n"
                        "  lowbit prune smollm2-135m --method 2:4 --out smollm2-24\n"
                        "  lowbit prune smollm2-135m --method structured --heads 3 --channels 256 --out smollm2-small")  # fmt: skip
@@ -280,6 +284,7 @@ def _add_prune(sub) -> None:
     p.add_argument("--scope", choices=["layer", "global"], default="layer", help="magnitude: per layer or global")
     p.add_argument("--heads", type=int, default=0, help="structured: attention heads to remove per layer")
     p.add_argument("--channels", type=int, default=0, help="structured: MLP channels to remove per layer")
+    p.add_argument("--calibration", type=int, default=8, help="structured: 256-token calibration windows")
     p.add_argument("--windows", type=int, default=4, help="perplexity windows before/after (0 = skip)")
     p.add_argument("-v", "--verbose", action="store_true", help="print the per-layer table")
     p.set_defaults(func=_prune)
@@ -489,6 +494,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--format", default="nf4", help=FORMAT_HELP)
     p.add_argument("--windows", type=int, default=16, help="number of 512-token text windows for perplexity")
     p.add_argument("--max-new-tokens", type=int, default=40, help="length of each generated answer")
+    p.add_argument("--finetune-steps", type=int, default=20, help="QLoRA steps on the shipped Q&A data (0: skip)")
     p.set_defaults(func=_demo)
 
     p = sub.add_parser("quantize", help="quantize a model (round-to-nearest) and save it",

@@ -30,6 +30,7 @@ class DemoConfig:
     windows: int = 16  # fixed windows of real text, non-overlapping, so runs are comparable
     prompt: str = DEFAULT_PROMPT
     max_new_tokens: int = 40
+    finetune_steps: int = 20  # QLoRA steps on the shipped instruction data at the end (0: skip)
 
 
 def linear_weight_bytes(model: nn.Module) -> int:
@@ -104,4 +105,36 @@ def run_demo(cfg: DemoConfig | None = None) -> dict:
     for name, a, b in rows:
         print(f"{name:22}{a:>14}{b:>24}")
     print("(embeddings and the tied lm_head stay fp32; perplexity is token-level over non-overlapping windows)")
-    return {"fp32": before, "quantized": after, "report": report}
+    tuned = finetune_step(model, tokenizer, cfg) if cfg.finetune_steps else None
+    return {"fp32": before, "quantized": after, "report": report, "finetune": tuned}
+
+
+FINETUNE_PROMPT = 'What does the word "harbor" mean?'  # not in the training data
+
+
+def finetune_step(model, tokenizer, cfg: DemoConfig) -> dict:
+    """QLoRA on the quantized model: LoRA r=16 on every linear layer, a few packed steps of the shipped
+    instruction data (WordNet definitions + Debian FAQ), validation loss and an answer before and after."""
+    from lowbit.peft import LoraConfig, apply_lora
+    from lowbit.train import DataConfig, TrainConfig, build_examples, evaluate, pack_examples, read_records, train
+    from lowbit.train.finetune import chat_answers, shipped_data
+
+    print(f"\n[QLoRA] {cfg.finetune_steps} fine-tuning steps on data/instruct (real Q&A: WordNet, Debian FAQ) …")
+    apply_lora(model, LoraConfig(r=16, alpha=32, dropout=0.05))
+    data = DataConfig(max_length=128)  # short rows keep the demo to about a minute on a laptop CPU
+
+    def packed(name: str) -> list[dict]:
+        return pack_examples(build_examples(read_records(shipped_data(name)), tokenizer, data)[0], 128)
+
+    train_ex, val_ex = packed("instruct/train.jsonl"), packed("instruct/validation.jsonl")[:8]
+    pad = tokenizer.pad_token_id
+    before = evaluate(model, val_ex, 4, pad)["eval_loss"]
+    answer_before = chat_answers(model, tokenizer, (FINETUNE_PROMPT,), cfg.max_new_tokens)[0]
+    tcfg = TrainConfig(max_steps=cfg.finetune_steps, batch_size=2, lr=3e-4, warmup_steps=3,
+                       optimizer="paged_adamw8bit")  # fmt: skip
+    result = train(model, train_ex, tcfg, pad_token_id=pad)
+    after = evaluate(model, val_ex, 4, pad)["eval_loss"]
+    answer_after = chat_answers(model, tokenizer, (FINETUNE_PROMPT,), cfg.max_new_tokens)[0]
+    print(f"[QLoRA] validation loss {before:.3f} → {after:.3f}; {result.tokens_per_second:.0f} tokens/s")
+    print(f"[QLoRA] {FINETUNE_PROMPT}\n  before: {answer_before}\n  after:  {answer_after}")
+    return {"eval_before": before, "eval_after": after, "answer_before": answer_before, "answer_after": answer_after}

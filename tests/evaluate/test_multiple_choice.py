@@ -57,8 +57,10 @@ def test_loader_reads_letters_and_rejects_bad_lines(tmp_path):
     path = tmp_path / "q.jsonl"
     path.write_text(json.dumps({"question": "x?", "choices": ["a", "b"], "answer": "B"}) + "\n\n")
     assert load_mc_jsonl(path)[0].answer == 1
-    bad_rows = [{"question": "x?", "choices": ["a"], "answer": 0}, {"question": "x?", "choices": ["a", "b"], "answer": 5},
-                {"choices": ["a", "b"], "answer": 0}, {"question": "x?", "choices": ["a", "b"], "answer": "Z"}]
+    bad_rows = [{"question": "x?", "choices": ["a"], "answer": 0},
+                {"question": "x?", "choices": ["a", "b"], "answer": 5},
+                {"choices": ["a", "b"], "answer": 0},
+                {"question": "x?", "choices": ["a", "b"], "answer": "Z"}]
     for bad in bad_rows:
         path.write_text(json.dumps(bad) + "\n")
         with pytest.raises(ValueError, match=":1:"):

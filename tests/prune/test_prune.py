@@ -17,6 +17,7 @@ from lowbit.prune import (
     semi_structured_prune,
     sparsity_schedule,
 )
+from tests.generate.conftest import smol_tokenizer  # noqa: F401 (fixture)
 from tests.tiny_models import tiny_llama, tiny_qwen2
 
 X = torch.randint(0, 300, (2, 10), generator=torch.Generator().manual_seed(0))
@@ -199,3 +200,38 @@ def test_rewinding_resets_survivors_and_keep_pruned_masks_gradients():
     with keep_pruned(model, masks):
         model(X, labels=X).loss.backward()
         assert model.model.layers[0].mlp.up_proj.weight.grad[~masks["model.layers.0.mlp.up_proj"]].eq(0).all()
+
+
+def test_activation_importance_against_a_recomputation(smol_tokenizer):
+    """Channel scores: E|silu(gate x)·up x| · ‖W_down[:, j]‖, recomputed in float64 from the MLP's inputs;
+    head scores: E‖o_h‖ · ‖W_o[:, h]‖ from o_proj's inputs captured by forward hooks."""
+    from lowbit.prune import activation_importance
+    from tests.generate.conftest import tiny_llama_for
+
+    model = tiny_llama_for(smol_tokenizer, seed=4)
+    text = "The quick brown fox jumps over the lazy dog. " * 40
+    heads, channels = activation_importance(model, smol_tokenizer, text, seq_len=64, max_sequences=2)
+    mlp_in, o_in = {}, {}
+    hooks = [b.mlp.register_forward_hook(lambda m, a, out, i=i: mlp_in.setdefault(i, []).append(a[0]))
+             for i, b in enumerate(model.model.layers)]  # fmt: skip
+    hooks += [b.self_attn.o_proj.register_forward_hook(lambda m, a, out, i=i: o_in.setdefault(i, []).append(a[0]))
+              for i, b in enumerate(model.model.layers)]  # fmt: skip
+    ids = smol_tokenizer(text, return_tensors="pt").input_ids[0, :128].view(2, 64)
+    with torch.no_grad():
+        for row in ids:
+            model(row[None])
+    for h in hooks:
+        h.remove()
+    for i, block in enumerate(model.model.layers):
+        x = torch.cat(mlp_in[i]).double()  # (2, 64, hidden)
+        mlp = block.mlp
+        gate, up, down = (p.weight.detach().double() for p in (mlp.gate_proj, mlp.up_proj, mlp.down_proj))
+        a = torch.nn.functional.silu(x @ gate.T) * (x @ up.T)
+        want = a.abs().mean(dim=(0, 1)) * down.norm(dim=0)
+        torch.testing.assert_close(channels[i].double(), want, rtol=1e-4, atol=1e-9)
+        o = torch.cat(o_in[i]).double().view(2, 64, 4, 8)  # 4 heads of 8 dims
+        w_o = block.self_attn.o_proj.weight.detach().double().view(-1, 4, 8)
+        torch.testing.assert_close(heads[i].double(), o.norm(dim=-1).mean(dim=(0, 1)) * w_o.norm(dim=(0, 2)),
+                                   rtol=1e-4, atol=1e-9)  # fmt: skip
+    with pytest.raises(ValueError, match="seq_len"):
+        activation_importance(model, smol_tokenizer, "short", seq_len=64)

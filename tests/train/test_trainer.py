@@ -127,6 +127,8 @@ def test_qlora_training_runs_with_checkpointing_and_bf16(sft, tok):
     assert all(math.isfinite(x) for x in result.losses)
     fp32 = train(lora_llama(quantized=True), sft, TrainConfig(max_steps=1, lr=1e-2, **FAST), pad_token_id=0)
     assert result.losses[0] == pytest.approx(fp32.losses[0], rel=0.02)  # bf16 autocast ≈ fp32
+    fp16 = train(lora_llama(), sft, TrainConfig(max_steps=2, lr=1e-2, precision="fp16", **FAST), pad_token_id=0)
+    assert all(math.isfinite(x) for x in fp16.losses)  # fp16 autocast + gradient scaler
 
 
 def test_eval_metrics_jsonl_plot_and_progress(sft, tok, tmp_path, capsys):

@@ -220,3 +220,49 @@ def _config_from_json(path):
 
     data = json.loads(path.read_text())
     return AutoConfig.for_model(data.pop("model_type"), **data)
+
+
+def measure_training_peak(model: nn.Module, cfg: MemoryConfig, steps: int = 2) -> int:
+    """Peak memory of real training steps under `cfg` on the model's device, in bytes — what
+    `estimate_memory` predicts. CUDA: `torch.cuda.max_memory_allocated` (weights included); CPU: the rise of
+    peak RSS over the process's peak before the call (a lower bound if the process peaked earlier).
+    The model is changed in place (quantized / adapted per `cfg.method`); random token ids are the data."""
+    import resource
+
+    from lowbit.peft import LoraConfig, apply_full_finetuning, apply_lora
+    from lowbit.quantize import QuantConfig, quantize
+    from lowbit.train.trainer import TrainConfig, batch_loss, build_optimizer, enable_gradient_checkpointing
+
+    device = next(model.parameters()).device
+    if cfg.method != "qlora" and cfg.precision != "fp32":
+        model.to({"bf16": torch.bfloat16, "fp16": torch.float16}[cfg.precision])  # weights in the precision
+    if cfg.method == "qlora":
+        quantize(model, QuantConfig(format="nf4", block_size=cfg.quant_block_size, double_quant=cfg.double_quant))
+    if cfg.method == "full":
+        apply_full_finetuning(model)
+    else:
+        apply_lora(model, LoraConfig(r=cfg.lora_r, alpha=cfg.lora_r))
+    if cfg.gradient_checkpointing:
+        enable_gradient_checkpointing(model)
+    params = [p for p in model.parameters() if p.requires_grad]
+    opt = build_optimizer(params, TrainConfig(optimizer=cfg.optimizer, optimizer_block_size=cfg.optimizer_block_size))
+    ids = torch.randint(0, model.config.vocab_size, (cfg.batch, cfg.seq_len), device=device)
+    autocast = None  # full / lora run in the weights' dtype; qlora computes in its compute dtype
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+        torch.cuda.reset_peak_memory_stats(device)
+    before = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
+    model.train()
+    for _ in range(steps):
+        opt.zero_grad(set_to_none=True)
+        if autocast is not None:
+            with autocast:
+                loss = batch_loss(model, {"input_ids": ids, "labels": ids})
+        else:
+            loss = batch_loss(model, {"input_ids": ids, "labels": ids})
+        loss.backward()
+        opt.step()
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+        return torch.cuda.max_memory_allocated(device)
+    return (resource.getrusage(resource.RUSAGE_SELF).ru_maxrss - before) * 1024

@@ -43,8 +43,8 @@ class MCQuestion:
         object.__setattr__(self, "choices", tuple(self.choices))
         if len(self.choices) < 2 or not all(isinstance(c, str) and c for c in self.choices):
             raise ValueError(f"a question needs at least two non-empty choices, got {self.choices!r}")
-        valid = isinstance(self.answer, int) and not isinstance(self.answer, bool) and 0 <= self.answer < len(self.choices)
-        if not valid:
+        a = self.answer
+        if isinstance(a, bool) or not isinstance(a, int) or not 0 <= a < len(self.choices):
             raise ValueError(f"answer must index one of the {len(self.choices)} choices, got {self.answer!r}")
 
 

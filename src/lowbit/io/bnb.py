@@ -133,7 +133,8 @@ def _swap_in_layer(model: nn.Module, prefix: str, state: dict, compute: torch.dt
     storage = {"weight": state.pop(w).reshape(-1).view(torch.uint8), "absmax": state.pop(f"{w}.absmax")}
     if nested:
         if int(meta.get("nested_blocksize", NESTED_BLOCK_SIZE)) != NESTED_BLOCK_SIZE:
-            raise CheckpointError(f"{path}: {prefix} has nested block size {meta['nested_blocksize']}; lowbit needs 256")
+            size = meta["nested_blocksize"]
+            raise CheckpointError(f"{path}: {prefix} has nested block size {size}; lowbit needs 256")
         _check_map(state.pop(f"{w}.nested_quant_map"), dynamic_codebook(), f"{prefix} nested_quant_map", path)
         storage["nested_absmax"] = state.pop(f"{w}.nested_absmax").float()
         storage["offset"] = torch.tensor([float(meta["nested_offset"])], dtype=torch.float32)

@@ -1,9 +1,10 @@
 """GPU kernels for low-bit matmuls, each a registered op with a pure-PyTorch reference.
 
 - 4-bit lookup weights (NF4/FP4/E2M1 blockwise absmax with double quantization, int4 groups; the
-  LUT4 layout in `lut4.py`): dequant-fused GEMV for decode (`lut4_gemv.py`), dequant-fused GEMM
-  forward and input-gradient for prefill and training (`lut4_gemm.py`), all reading tiles through
-  `lut4_tile.py`; op `lowbit::lut4_linear` (+ `lowbit::lut4_linear_grad_input` for autograd).
+  LUT4 layout in `lut4.py`): dequant-fused GEMV for decode (`lut4_gemv.py`), a one-pass decoder and
+  dequant-fused GEMM forward / input-gradient kernels (`lut4_gemm.py`), all reading tiles through
+  `lut4_tile.py`; op `lowbit::lut4_linear` (+ `lowbit::lut4_linear_grad_input` for autograd), which
+  on CUDA runs the GEMV at M = 1 and decode + cuBLAS above (see `ops.py` and bench/RESULTS.md).
 - int8 × int8 GEMM with fused row/column scales for W8A8 (`int8_gemm.py`); op `lowbit::int8_scaled_mm`.
 - `select` / `fused_linear` (`dispatch.py`): the explicit kernel choice of `QuantLinear`.
 

@@ -11,8 +11,16 @@ accumulate) busy while the weight is decoded on the side, never written to memor
 - backward w.r.t. the input (`lut4_gemm_grad_input`): dX (M, K) = dY (M, N) · W (N, K), QLoRA's
   backward through the frozen 4-bit base weight, reducing over N; here the decoded tile is the right
   operand.
-- `lut4_dequantize` writes the dense weight (N, K) in a float dtype: one pass at copy bandwidth, for
-  the dequantize-then-cuBLAS strategy at very large M and as a fast stand-alone decoder.
+- `lut4_dequantize` writes the dense weight (N, K) in a float dtype in one pass: what the registered
+  ops use above M = 1 (decode W for this call, then cuBLAS), and a fast stand-alone decoder.
+
+Status, measured on an H100 (bench/RESULTS.md): the fused kernels are correct on every layout but
+run at 25–90 TFLOP/s against cuBLAS's ~700, far from the goal. Decoding a weight tile costs a table
+gather per value, which Triton's software pipeliner turns into 4-byte cp.async copies, and the
+decoded tile reaches the tensor cores through a shared-memory conversion; with the decode on the
+critical path of every K step, the tensor cores idle. Decode + cuBLAS (0.83–0.98× of bf16 cuBLAS,
+≥ bitsandbytes) is therefore what the ops run; these kernels stay for experiments and as the base
+of a warp-specialised version (decode in one warp group, wgmma in another), which is the fix.
 """
 
 from __future__ import annotations

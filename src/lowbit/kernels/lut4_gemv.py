@@ -1,12 +1,19 @@
 """Dequant-fused GEMV for decode: y = x · Wᵀ with a LUT4 weight and a handful of rows in x (M ≤ 8).
 
 At batch 1 a linear layer is a pass over its weight: 2·N·K flops against N·K/2 bytes, a quarter of a
-flop per byte, far under the ~250 flop/byte an H100 needs to be compute-bound. So the only goal is to
-stream the packed bytes at copy bandwidth: each program owns BN output rows, walks along K reading
-every packed byte once (16 bytes per thread), decodes it in registers (`lut4_tile.load_lut4_tile`)
-and multiply-adds it into a (BM, BN, BK) float32 accumulator that is reduced over K once at the end,
-so the loop has no cross-thread reduction. No tensor cores: at M ≤ 8 the FMAs are cheap, and the
-bytes, not the math, set the time. (The dot-based `lut4_gemm` covers larger M.)
+flop per byte, far under the ~250 flop/byte an H100 needs to be compute-bound, so the goal is to
+stream the packed bytes at copy bandwidth. Each program owns BN output rows and walks along K: every
+packed byte is loaded once (16-byte loads), its two nibbles are looked up in the 16-entry table
+(`lut4_tile`), x is read as 32-bit words so each word holds the pair of activations that meets a
+byte, and s·(hi·x_even + lo·x_odd) is added into a float32 accumulator with one lane per byte,
+reduced over K once at the end (no cross-thread reduction in the loop). No tensor cores.
+
+Measured on an H100 (bench/RESULTS.md) this reaches only ~20–25 % of copy bandwidth: the loop is
+bound by instructions, not bytes. Each 4-bit value costs a 64-bit address computation and an L1
+gather from the table (Triton has no shared-memory or register-permute lookup; `tl.gather` lowers
+to ~30 selects a value), plus the nibble unpacking: ~300 instructions per 16 packed bytes a thread.
+bitsandbytes' CUDA GEMV, with its table in shared memory, is ~1.5× faster. The ops therefore use
+this kernel at M = 1 only (`ops.GEMV_MAX_M`).
 """
 
 from __future__ import annotations
@@ -19,11 +26,11 @@ import triton.language as tl
 
 from lowbit.kernels.lut4 import Lut4Weight
 from lowbit.kernels.lut4_tile import (
-    decode_pair_values,
     kernel_args,
+    load_lut4_pairs,
     load_lut4_tile,
-    load_pair_bytes,
     load_pair_scales,
+    load_pair_values,
     scale_pairs,
 )
 
@@ -70,75 +77,37 @@ def _load_x_pairs(x_ptr, ms, kb0, M, KB, stride_xm, BM: tl.constexpr, BK: tl.con
 
 
 @triton.jit
-def _gemv_grouped(x_ptr, packed_ptr, table_ptr, scale_ptr, zp_ptr, ncode_ptr, nscale_ptr, offset_ptr,
-                  rows, ms, M, N, K, KB, G, stride_xm,
-                  GS: tl.constexpr, SCALES: tl.constexpr, HAS_ZP: tl.constexpr, DOUBLE_QUANT: tl.constexpr,
-                  NESTED_GS: tl.constexpr, BM: tl.constexpr, BN: tl.constexpr, BK: tl.constexpr):  # fmt: skip
-    """Paired tiles with BK/GS groups each: Σ_g s_g·(Σ_{j∈g} hi·x_even + lo·x_odd − z_g·Σ_{j∈g} x).
-
-    The scale is applied once per group, after an in-register sum over the group's GS/2 bytes, so a
-    byte costs two FMAs; the next step's bytes are requested before this step is decoded, so two
-    loads per thread are in flight (the loop is bound by memory latency, not arithmetic).
-    """
-    NG: tl.constexpr = BK // GS
-    if BM == 1:
-        acc = tl.zeros((BN, NG), dtype=tl.float32)
-    else:
-        acc = tl.zeros((BM, BN, NG), dtype=tl.float32)
-    b = load_pair_bytes(packed_ptr, rows, 0, N, KB, BN, BK)
-    for k0 in range(0, K, BK):
-        b_next = load_pair_bytes(packed_ptr, rows, k0 + BK, N, KB, BN, BK)  # prefetch; masked past K
-        hi, lo = decode_pair_values(b, table_ptr)  # (BN, BK/2) each
-        s, z = load_pair_scales(scale_ptr, zp_ptr, ncode_ptr, nscale_ptr, offset_ptr, rows, k0, N, K, G,
-                                BK, GS, SCALES, HAS_ZP, DOUBLE_QUANT, NESTED_GS)  # (BN, NG) fmt: skip
-        xe, xo = _load_x_pairs(x_ptr, ms, k0 // 2, M, KB, stride_xm, BM, BK)
-        if BM == 1:
-            t = tl.sum(tl.reshape(hi * xe[None, :] + lo * xo[None, :], (BN, NG, GS // 2)), axis=2)  # (BN, NG)
-            if HAS_ZP:
-                t -= z * tl.sum(tl.reshape(xe + xo, (NG, GS // 2)), axis=1)[None, :]
-            acc += t * s
-        else:
-            t = xe[:, None, :] * hi[None, :, :] + xo[:, None, :] * lo[None, :, :]  # (BM, BN, BK/2)
-            t = tl.sum(tl.reshape(t, (BM, BN, NG, GS // 2)), axis=3)  # (BM, BN, NG)
-            if HAS_ZP:
-                t -= z[None, :, :] * tl.sum(tl.reshape(xe + xo, (BM, NG, GS // 2)), axis=2)[:, None, :]
-            acc += t * s[None, :, :]
-        b = b_next
-    if BM == 1:  # (if/else, not an early return: Triton compiles the code after a return too)
-        y = tl.sum(acc, axis=1)[None, :]  # (1, BN)
-    else:
-        y = tl.sum(acc, axis=2)  # (BM, BN)
-    return y
-
-
-@triton.jit
-def _gemv_rowwise(x_ptr, packed_ptr, table_ptr, scale_ptr, zp_ptr, ncode_ptr, nscale_ptr, offset_ptr,
-                  rows, ms, M, N, K, KB, G, stride_xm,
-                  GS: tl.constexpr, SCALES: tl.constexpr, HAS_ZP: tl.constexpr, DOUBLE_QUANT: tl.constexpr,
-                  NESTED_GS: tl.constexpr, BM: tl.constexpr, BN: tl.constexpr, BK: tl.constexpr):  # fmt: skip
-    """Paired tiles with one scale per tile row (per-row scales, or groups longer than BK)."""
+def _gemv_paired(x_ptr, packed_ptr, table_ptr, scale_ptr, zp_ptr, ncode_ptr, nscale_ptr, offset_ptr,
+                 rows, ms, M, N, K, KB, G, stride_xm,
+                 GS: tl.constexpr, SCALES: tl.constexpr, HAS_ZP: tl.constexpr, DOUBLE_QUANT: tl.constexpr,
+                 NESTED_GS: tl.constexpr, BM: tl.constexpr, BN: tl.constexpr, BK: tl.constexpr):  # fmt: skip
+    """Fast path: one accumulator lane per packed byte, reduced over K once at the end."""
     if BM == 1:
         acc = tl.zeros((BN, BK // 2), dtype=tl.float32)
     else:
         acc = tl.zeros((BM, BN, BK // 2), dtype=tl.float32)
-    b = load_pair_bytes(packed_ptr, rows, 0, N, KB, BN, BK)
     for k0 in range(0, K, BK):
-        b_next = load_pair_bytes(packed_ptr, rows, k0 + BK, N, KB, BN, BK)
-        hi, lo = decode_pair_values(b, table_ptr)
-        s, z = load_pair_scales(scale_ptr, zp_ptr, ncode_ptr, nscale_ptr, offset_ptr, rows, k0, N, K, G,
-                                BK, GS, SCALES, HAS_ZP, DOUBLE_QUANT, NESTED_GS)  # (BN,) fmt: skip
-        hi = scale_pairs(hi, s, z, BN, BK, GS, SCALES, HAS_ZP)
-        lo = scale_pairs(lo, s, z, BN, BK, GS, SCALES, HAS_ZP)
-        xe, xo = _load_x_pairs(x_ptr, ms, k0 // 2, M, KB, stride_xm, BM, BK)
+        xe, xo = _load_x_pairs(x_ptr, ms, k0 // 2, M, KB, stride_xm, BM, BK)  # (BK/2,) or (BM, BK/2) each
         if BM == 1:
-            acc += hi * xe[None, :] + lo * xo[None, :]
+            if HAS_ZP:
+                hi, lo = load_lut4_pairs(packed_ptr, table_ptr, scale_ptr, zp_ptr, ncode_ptr, nscale_ptr, offset_ptr,
+                                         rows, k0, N, K, KB, G, BN, BK, GS, SCALES, HAS_ZP, DOUBLE_QUANT,
+                                         NESTED_GS)  # (BN, BK/2) each fmt: skip
+                acc += hi * xe[None, :] + lo * xo[None, :]
+            else:  # scale once per byte pair: s·(hi·x_even + lo·x_odd)
+                hi, lo = load_pair_values(packed_ptr, table_ptr, rows, k0, N, KB, BN, BK)  # (BN, BK/2) each
+                s, z = load_pair_scales(scale_ptr, zp_ptr, ncode_ptr, nscale_ptr, offset_ptr, rows, k0, N, K, G,
+                                        BK, GS, SCALES, HAS_ZP, DOUBLE_QUANT, NESTED_GS)  # fmt: skip
+                acc += scale_pairs(hi * xe[None, :] + lo * xo[None, :], s, z, BN, BK, GS, SCALES, HAS_ZP)
         else:
-            acc += xe[:, None, :] * hi[None, :, :] + xo[:, None, :] * lo[None, :, :]
-        b = b_next
-    if BM == 1:
-        y = tl.sum(acc, axis=1)[None, :]
+            hi, lo = load_lut4_pairs(packed_ptr, table_ptr, scale_ptr, zp_ptr, ncode_ptr, nscale_ptr, offset_ptr,
+                                     rows, k0, N, K, KB, G, BN, BK, GS, SCALES, HAS_ZP, DOUBLE_QUANT,
+                                     NESTED_GS)  # fmt: skip
+            acc += xe[:, None, :] * hi[None, :, :] + xo[:, None, :] * lo[None, :, :]  # (BM, BN, BK/2)
+    if BM == 1:  # (if/else, not an early return: Triton compiles the code after a return too)
+        y = tl.sum(acc, axis=1)[None, :]  # (1, BN)
     else:
-        y = tl.sum(acc, axis=2)
+        y = tl.sum(acc, axis=2)  # (BM, BN)
     return y
 
 
@@ -170,35 +139,33 @@ def _lut4_gemv_kernel(x_ptr, y_ptr, packed_ptr, table_ptr, scale_ptr, zp_ptr, nc
     ms = tl.arange(0, BM)  # (BM,) rows of x
     args = (x_ptr, packed_ptr, table_ptr, scale_ptr, zp_ptr, ncode_ptr, nscale_ptr, offset_ptr,
             rows, ms, M, N, K, KB, G, stride_xm)  # fmt: skip
-    # One constexpr per test: Triton compiles `A or B` of constexprs as a run-time branch.
-    if not PAIRED:
-        y = _gemv_generic(*args, GS, SCALES, HAS_ZP, DOUBLE_QUANT, NESTED_GS, BM, BN, BK)
-    elif SCALES == 2:
-        y = _gemv_rowwise(*args, GS, SCALES, HAS_ZP, DOUBLE_QUANT, NESTED_GS, BM, BN, BK)
-    elif GS > BK:
-        y = _gemv_rowwise(*args, GS, SCALES, HAS_ZP, DOUBLE_QUANT, NESTED_GS, BM, BN, BK)
+    if PAIRED:
+        y = _gemv_paired(*args, GS, SCALES, HAS_ZP, DOUBLE_QUANT, NESTED_GS, BM, BN, BK)
     else:
-        y = _gemv_grouped(*args, GS, SCALES, HAS_ZP, DOUBLE_QUANT, NESTED_GS, BM, BN, BK)
+        y = _gemv_generic(*args, GS, SCALES, HAS_ZP, DOUBLE_QUANT, NESTED_GS, BM, BN, BK)
     y_mask = (ms < M)[:, None] & (rows < N)[None, :]
     tl.store(y_ptr + ms[:, None] * stride_ym + rows[None, :], y.to(y_ptr.dtype.element_ty), mask=y_mask)
 
 
 def _configs() -> list[triton.Config]:
-    """(BN, BK, warps): 8–32 packed bytes a thread per step (plus the prefetched next step)."""
-    shapes = [(4, 1024, 4), (8, 512, 4), (16, 256, 4), (2, 2048, 4), (8, 1024, 4), (16, 512, 4), (4, 2048, 4),
-              (8, 1024, 8), (16, 1024, 8), (8, 2048, 8), (2, 1024, 4), (4, 512, 4), (8, 256, 4), (1, 2048, 4)]
-    return [triton.Config({"BN": bn, "BK": bk}, num_warps=w, num_stages=1) for bn, bk, w in shapes]  # fmt: skip
+    """(BN, BK, warps, stages): 1–16 rows a program, 2–16 KiB of packed weight a step."""
+    shapes = [(2, 1024, 4, 1), (2, 1024, 4, 3), (4, 512, 4, 1), (4, 512, 4, 3), (4, 1024, 4, 3), (4, 1024, 8, 3),
+              (8, 256, 4, 3), (8, 512, 4, 3), (8, 512, 8, 1), (8, 512, 8, 3), (8, 1024, 8, 3), (16, 128, 4, 3),
+              (16, 256, 4, 3), (16, 256, 8, 3), (16, 512, 8, 3), (1, 1024, 4, 1), (2, 512, 4, 3), (4, 256, 4, 3)]
+    return [triton.Config({"BN": bn, "BK": bk}, num_warps=w, num_stages=s) for bn, bk, w, s in shapes]  # fmt: skip
 
 
 def _prune(configs, named_args, **kwargs):
-    """Keep BM × (bytes a thread per step) ≤ 64 (the products of one step stay in registers)."""
+    """Keep the accumulator in registers (≤ 64 floats a thread) and ≥ 8 packed bytes a thread per step."""
     bm = named_args.get("BM", kwargs.get("BM", 1))
 
-    def per_thread(c):
-        return c.kwargs["BN"] * c.kwargs["BK"] // 2 // (32 * c.num_warps)
+    def fits(c):
+        threads = 32 * c.num_warps
+        tile = c.kwargs["BN"] * c.kwargs["BK"]
+        return bm * tile <= 64 * threads and tile // 2 >= 8 * threads
 
-    keep = [c for c in configs if 8 <= per_thread(c) and bm * per_thread(c) <= 64]
-    return keep or [min(configs, key=per_thread)]
+    keep = [c for c in configs if fits(c)]
+    return keep or [min(configs, key=lambda c: (c.kwargs["BN"] * c.kwargs["BK"], c.num_warps))]
 
 
 _lut4_gemv_tuned = triton.autotune(

@@ -24,9 +24,9 @@ from torch import Tensor
 
 from lowbit.kernels.lut4 import Lut4Weight, check_weight, linear_grad_input_reference, linear_reference
 
-# Rows of x up to which the CUDA forward uses the GEMV (no tensor cores) rather than decode + cuBLAS;
-# set from the H100 measurements in bench/RESULTS.md.
-GEMV_MAX_M = 8
+# Rows of x up to which the CUDA forward uses the GEMV rather than decode + cuBLAS. From the H100
+# runs in bench/RESULTS.md: at M = 1 the GEMV wins (14–44 µs vs 30–111 µs), at M = 4 and 8 it loses.
+GEMV_MAX_M = 1
 
 
 def _lut4(packed, table, scale, zero_point, nested_code, nested_scale, offset, n, k, group_size, flat) -> Lut4Weight:

@@ -5,6 +5,7 @@ channels that shrink the model, and iterative prune → fine-tune schedules with
     lowbit.prune.prune_mlp_channels(model, n_remove=256)      # smaller tensors, config updated
 """
 
+from lowbit.prune.importance import activation_importance
 from lowbit.prune.magnitude import keep_pruned, magnitude_masks, magnitude_prune
 from lowbit.prune.report import LayerSparsity, PruneReport, apply_masks, sparsity_report
 from lowbit.prune.schedule import PruneStep, iterative_prune, sparsity_schedule
@@ -21,6 +22,7 @@ __all__ = [
     "LayerSparsity",
     "PruneReport",
     "PruneStep",
+    "activation_importance",
     "apply_masks",
     "channel_importance",
     "head_importance",

@@ -57,8 +57,10 @@ def activation_importance(model: nn.Module, tokenizer, texts: list[str] | str, s
         for h in hooks:
             h.remove()
     heads, channels = {}, {}
-    for i, block in enumerate(_layers(model)):
+    n_tokens = batches.numel()
+    for i, block in enumerate(_layers(model)):  # mean size of the input × norm of the weights it meets
         o = block.self_attn.o_proj.weight.detach().float()
-        heads[i] = head_sums[i].cpu() * o.view(o.shape[0], -1, head_dim).norm(dim=(0, 2)).cpu()
-        channels[i] = channel_sums[i].cpu() * block.mlp.down_proj.weight.detach().float().norm(dim=0).cpu()
+        heads[i] = head_sums[i].cpu() / n_tokens * o.view(o.shape[0], -1, head_dim).norm(dim=(0, 2)).cpu()
+        down = block.mlp.down_proj.weight.detach().float()
+        channels[i] = channel_sums[i].cpu() / n_tokens * down.norm(dim=0).cpu()
     return heads, channels

@@ -9,12 +9,16 @@ Attention (q, k, v, o projections; n_kv key/value heads shared by groups of g = 
 - g > 1 (grouped-query attention): query heads are removed evenly from every group, keeping all key/value
   heads; removing a head deletes its rows of q_proj and its columns of o_proj. g shrinks.
 - g = 1 (multi-head attention): a head goes together with its key and value rows.
-Head importance defaults to ‖W_q[h]‖_F · ‖W_o[:, h]‖_F (weight magnitude of what the head reads and writes);
-pass ``scores`` (e.g. from activations or gradients) to use your own.
+Head importance defaults to ‖W_q[h]‖_F · ‖W_o[:, h]‖_F (weight magnitude of what the head reads and writes).
 
 MLP (SwiGLU: down(silu(gate(x)) · up(x))): channel j is row j of gate and up and column j of down; its importance
 defaults to ‖W_gate[j]‖ · ‖W_up[j]‖ · ‖W_down[:, j]‖. Removing a channel deletes exactly its contribution, so
 the pruned model equals the original with those channels' down_proj columns zeroed.
+
+The weight-only defaults need no data but ignore how large the activations are, and on real LLMs that matters:
+on SmolLM2-135M (perplexity 17.5 on one 512-token window) removing 256 of 1536 MLP channels per layer gives
+372,000 with weight norms, 59 at random and 21 with `lowbit.prune.activation_importance` scores; removing one
+query head per group gives 270 / 117 / 75. Pass ``scores=`` from `activation_importance` (the CLI does).
 """
 
 from __future__ import annotations

@@ -12,6 +12,7 @@ The adapter lands in `out/adapter` in HF peft's layout; checkpoints, metrics.jso
 
 from __future__ import annotations
 
+import copy
 import json
 import resource
 import time
@@ -60,6 +61,16 @@ class FinetuneConfig:
             raise ValueError("packing applies to sft and lm data, not classification")
 
 
+def shipped_data(name: str) -> Path:
+    """A file of the datasets shipped in the repository's data/ directory (see data/README.md), e.g.
+    "instruct/train.jsonl". They live beside the source tree, so an editable install or a checkout has them."""
+    path = Path(__file__).resolve().parents[3] / "data" / name
+    if not path.is_file():
+        raise FileNotFoundError(f"shipped dataset {name!r} not found at {path}; it comes with the lowbit "
+                                "repository (data/), not with a wheel")  # fmt: skip
+    return path
+
+
 def load_for_task(name: str, task: str, labels: tuple[str, ...] | None):
     """(model, tokenizer): the causal LM, or for classification the same backbone with a new head."""
     from transformers import AutoModelForSequenceClassification
@@ -93,6 +104,19 @@ def apply_method(model: nn.Module, cfg: FinetuneConfig) -> nn.Module:
     lora = LoraConfig(r=cfg.r, alpha=cfg.alpha, dropout=cfg.dropout, target_modules=cfg.target_modules,
                       modules_to_save=heads or None)  # fmt: skip
     return apply_lora(model, lora)
+
+
+def chat_answers(model, tokenizer, prompts: tuple[str, ...], max_new_tokens: int) -> list[str]:
+    """Greedy answers of the model with its adapter folded in (`merge_lora` on a copy): a dense fp32 model
+    computes the same function as base + adapter but decodes without dequantizing 4-bit weights per token."""
+    from lowbit.peft import merge_lora
+
+    if not prompts:
+        return []
+    dense = copy.deepcopy(model)
+    if getattr(dense, "lowbit_adapters", None):
+        merge_lora(dense)
+    return [chat_answer(dense, tokenizer, p, max_new_tokens) for p in prompts]
 
 
 def chat_answer(model, tokenizer, prompt: str, max_new_tokens: int) -> str:
@@ -132,7 +156,7 @@ def run_finetune(cfg: FinetuneConfig) -> dict:
         summary["eval_before"] = evaluate(model, eval_ex, bs, pad, cfg.train.eval_batches, cfg.train.precision)
         print(f"eval loss before training: {summary['eval_before']['eval_loss']:.4f}")
     if dc.task != "classification":
-        summary["answers_before"] = [chat_answer(model, tokenizer, p, cfg.max_new_tokens) for p in cfg.prompts]
+        summary["answers_before"] = chat_answers(model, tokenizer, cfg.prompts, cfg.max_new_tokens)
     result = train(model, train_ex, cfg.train, eval_examples=eval_ex, pad_token_id=pad, output_dir=cfg.out,
                    resume="auto" if cfg.resume else None)  # fmt: skip
     summary |= {"steps": result.steps, "train_seconds": round(result.seconds, 1), "tokens": result.tokens,
@@ -140,7 +164,7 @@ def run_finetune(cfg: FinetuneConfig) -> dict:
                 "final_train_loss": result.losses[-1] if result.losses else None,
                 "eval_after": result.evals[-1] if result.evals else None}  # fmt: skip
     if dc.task != "classification":
-        summary["answers_after"] = [chat_answer(model, tokenizer, p, cfg.max_new_tokens) for p in cfg.prompts]
+        summary["answers_after"] = chat_answers(model, tokenizer, cfg.prompts, cfg.max_new_tokens)
     if cfg.method != "full":
         summary["adapter"] = str(save_adapter(model, Path(cfg.out) / "adapter"))
     summary["peak_rss_mb"] = round(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024, 1)
