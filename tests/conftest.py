@@ -1,6 +1,15 @@
 """Fixtures shared by the whole suite."""
 
+import os
+
 import pytest
+import torch
+
+# Triton reads TRITON_INTERPRET when a @triton.jit kernel is defined, i.e. when lowbit.kernels is first
+# imported — by whichever test module imports lowbit first — so it is set here, before any of them.
+# Without a GPU the kernels then run in Triton's interpreter on the CPU (tests/kernels).
+if not torch.cuda.is_available():
+    os.environ.setdefault("TRITON_INTERPRET", "1")
 
 
 @pytest.fixture(scope="session")
