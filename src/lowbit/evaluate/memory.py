@@ -14,9 +14,12 @@ Training memory = weights + quantization constants + gradients + optimizer state
 - activations: what autograd keeps for the backward pass. Per decoder layer and token (hidden h,
   intermediate i, key/value width k): the norm inputs and outputs, q, k, v and the attention output,
   the MLP's gate, up, activation and product — about 6·h + 2·k + 4·i values, plus r per LoRA-adapted
-  layer; the loss keeps the logits and their log-softmax, 2·V per token. Attention is assumed to be
-  fused (SDPA/flash: no T×T matrix is kept). With gradient checkpointing only each layer's input (h per
-  token) is kept, plus one layer's activations while it is recomputed.
+  layer; the loss keeps the log-softmax of the logits, V per token. Attention is assumed to be fused
+  (SDPA/flash: no T×T matrix is kept). With gradient checkpointing only each layer's input (h per token)
+  is kept, plus one layer's activations while it is recomputed.
+- loss transient: at the start of backward three more fp32 (tokens × V) tensors live at once (the
+  gradients of the log-softmax output, of its input and of the unsliced logits); with a large vocabulary
+  this is the peak's biggest single term.
 
 The seeds' rule of thumb is `rule_of_thumb(n)`: 4 bytes per fp32 parameter to store it (1B → 4 GB), and
 for full training with Adam 4 (weights) + 4 (gradients) + 8 (two moments) + ~8 (activations, a high
@@ -78,13 +81,15 @@ class MemoryEstimate:
     activations: int
     activations_no_checkpointing: int
     activations_checkpointing: int
+    loss_transient: int  # fp32 logits-sized gradients alive at the start of backward
     kv_cache: int  # inference: keys and values for batch × seq_len tokens
     trainable_parameters: int
     parameters: int
 
     @property
     def training_total(self) -> int:
-        return self.weights + self.quant_constants + self.gradients + self.optimizer_states + self.activations
+        return (self.weights + self.quant_constants + self.gradients + self.optimizer_states + self.activations
+                + self.loss_transient)
 
     @property
     def inference_total(self) -> int:
@@ -97,6 +102,7 @@ class MemoryEstimate:
                 ("activations (as configured)", self.activations),
                 ("  without checkpointing", self.activations_no_checkpointing),
                 ("  with checkpointing", self.activations_checkpointing),
+                ("loss (logits gradients, transient)", self.loss_transient),
                 ("**training peak**", self.training_total), ("KV cache (inference)", self.kv_cache),
                 ("**inference**", self.inference_total)]  # fmt: skip
         lines = ["| part | memory |", "|---|---:|"] + [f"| {n} | {gib(b)} |" for n, b in rows]
@@ -150,7 +156,7 @@ def activation_bytes(config, cfg: MemoryConfig, n_lora_per_layer: int, checkpoin
     tokens = cfg.batch * cfg.seq_len
     act = DTYPE_BYTES[cfg.precision]
     per_layer = (6 * h + 2 * kv + 4 * inter + cfg.lora_r * n_lora_per_layer) * tokens * act
-    logits = 2 * vocab * tokens * 4  # fp32 logits and their log-softmax, for the loss
+    logits = vocab * tokens * 4  # the fp32 log-softmax that cross-entropy keeps
     if checkpointing:
         return layers * h * tokens * act + per_layer + logits
     return layers * per_layer + logits
@@ -181,9 +187,10 @@ def estimate_memory(model_or_config, cfg: MemoryConfig | None = None) -> MemoryE
     act_ckpt = activation_bytes(config, cfg, n_lora, checkpointing=True)
     h, _, kv, layers, _ = _layer_sizes(config)
     kv_cache = 2 * layers * kv * cfg.batch * cfg.seq_len * DTYPE_BYTES[cfg.precision]
+    loss_transient = 3 * config.vocab_size * cfg.batch * cfg.seq_len * 4
     return MemoryEstimate(weights, constants, grads, _optimizer_bytes(trainable, cfg),
-                          act_ckpt if cfg.gradient_checkpointing else act_plain, act_plain, act_ckpt, kv_cache,
-                          sum(trainable), n_params)  # fmt: skip
+                          act_ckpt if cfg.gradient_checkpointing else act_plain, act_plain, act_ckpt, loss_transient,
+                          kv_cache, sum(trainable), n_params)  # fmt: skip
 
 
 def _meta_model(config) -> nn.Module:
