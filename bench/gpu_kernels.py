@@ -5,10 +5,12 @@ One process, one GPU, same inputs for every contender. In order:
   2. correctness on the GPU: every LUT4 layout and kernel vs float64 (fresh random inputs, odd shapes,
      M = 1 … 300, bf16/fp16/fp32), lowbit's kernel on bitsandbytes' own NF4 bytes vs bnb's output,
      int8 GEMM vs the exact integer product;
-  3. benchmark 1, decode GEMV at Llama-3-8B layer shapes, batch 1 and 8: µs, GB/s, share of copy
-     bandwidth, speedup vs bnb `matmul_4bit` (NF4 + double quant, block 64) and vs bf16;
-  4. benchmark 2, prefill GEMM at M = 2048 and 8192: TFLOP/s vs bf16 cuBLAS and bnb; plus the input
-     gradient dX = dY·W (QLoRA's backward) at M = 2048.
+  3. benchmark 1, decode at Llama-3-8B layer shapes, batch 1, 4 and 8: µs, GB/s, share of copy
+     bandwidth, speedup vs bnb `matmul_4bit` (NF4 + double quant, block 64) and vs bf16; the op,
+     the GEMV and decode + cuBLAS side by side;
+  4. benchmark 2, prefill GEMM at M = 2048 and 8192: TFLOP/s vs bf16 cuBLAS and bnb, the fused Triton
+     GEMM, and the input gradient dX = dY·W (QLoRA's backward) at M = 2048;
+  5. the int8 W8A8 GEMM vs torch._int_mm + scales and bf16 cuBLAS.
 Decode timings replay a CUDA graph of calls that cycle through several copies of the weight (more
 bytes than L2 holds), so neither Python launch overhead nor L2 hits enter them; GEMM timings use
 triton.testing.do_bench (median, L2 flushed between calls).
@@ -143,8 +145,6 @@ def rel_err(a, b) -> float:
 
 def check_correctness(device, smoke: bool) -> list[dict]:
     from lowbit.formats import WeightFormat
-    from lowbit.kernels import ops
-    from lowbit.kernels.int8_gemm import int8_scaled_mm
     from lowbit.kernels.lut4 import lut4_weight
     from lowbit.kernels.lut4_gemm import lut4_dequantize, lut4_gemm, lut4_gemm_grad_input
     from lowbit.kernels.lut4_gemv import lut4_gemv
@@ -191,7 +191,20 @@ def check_correctness(device, smoke: bool) -> list[dict]:
                 worst[str(dt)] = max(worst.get(str(dt), 0.0), rows[-1]["max_rel_err"])
                 if bad:
                     log(f"  FAIL {fmt} {(n, k)} {dt}: {bad}")
-    # The registered op end to end (autotuned dispatch) in fp16, with autograd.
+    rows += check_op_and_int8(device, smoke)
+    failed = [r for r in rows if r["failed"]]
+    log(f"correctness: {len(rows)} checks, {len(failed)} failed; worst relative error per dtype {worst}")
+    return rows
+
+
+def check_op_and_int8(device, smoke: bool) -> list[dict]:
+    """The registered op end to end (its CUDA dispatch) in fp16 with autograd, and the int8 GEMM."""
+    from lowbit.formats import WeightFormat
+    from lowbit.kernels import ops
+    from lowbit.kernels.int8_gemm import int8_scaled_mm
+    from lowbit.kernels.lut4 import lut4_weight
+
+    rows = []
     fmt = WeightFormat("nf4", 64, True)
     n, k = (256, 512) if not smoke else (32, 64)
     storage = fmt.encode(torch.randn(n, k, device=device))
@@ -215,8 +228,6 @@ def check_correctness(device, smoke: bool) -> list[dict]:
         e = rel_err(int8_scaled_mm(a, b, sa, sb, torch.float32, config=cfg), ref)
         rows.append({"format": "int8_scaled_mm", "shape": (m, n, k), "max_rel_err": e,
                      "failed": {} if e < 1e-6 else {"int8": e}})  # fmt: skip
-    failed = [r for r in rows if r["failed"]]
-    log(f"correctness: {len(rows)} checks, {len(failed)} failed; worst relative error per dtype {worst}")
     return rows
 
 
@@ -422,7 +433,8 @@ def print_tables(ceil, decode, prefill):
 
 def main(argv=None) -> int:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--out", default=os.environ.get("OUT", "bench/out"), help="folder for results.json")
+    p.add_argument("--out", default=os.environ.get("OUT", "/tmp/lowbit_bench"),
+                   help="folder for kernels.json (every number)")  # fmt: skip
     p.add_argument("--skip-correctness", action="store_true", help="only the ceilings and the benchmarks")
     p.add_argument("--smoke", action="store_true", help="tiny shapes on the CPU (Triton interpreter)")
     args = p.parse_args(argv)

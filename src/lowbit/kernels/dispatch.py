@@ -45,7 +45,9 @@ def select(kernel: str, fmt: WeightFormat, device: torch.device | str) -> str:
     return "fused" if device.type == "cuda" and supports(fmt) and triton_available() else "dequant"
 
 
-def fused_linear(x: torch.Tensor, fmt: WeightFormat, storage: dict[str, torch.Tensor], shape: tuple[int, int]) -> torch.Tensor:
+def fused_linear(
+    x: torch.Tensor, fmt: WeightFormat, storage: dict[str, torch.Tensor], shape: tuple[int, int]
+) -> torch.Tensor:
     """y = x · Wᵀ, x (…, K) → (…, N), through `lowbit::lut4_linear` (differentiable in x)."""
     w = lut4_weight(fmt, storage, shape)
     y = ops.lut4_linear(x.reshape(-1, w.in_features), w.packed, w.table, w.scale, w.zero_point, w.nested_code,

@@ -138,7 +138,8 @@ def dequantize(w: Lut4Weight) -> torch.Tensor:
         group = torch.arange(n * k, device=packed.device).view(n, k) // w.group_size
     else:
         per_row = math.ceil(k / w.group_size)
-        group = torch.arange(n, device=packed.device)[:, None] * per_row + torch.arange(k, device=packed.device) // w.group_size
+        rows, cols = torch.arange(n, device=packed.device), torch.arange(k, device=packed.device)
+        group = rows[:, None] * per_row + cols // w.group_size
     if w.zero_point is not None:
         values = values - w.zero_point.float()[group]
     return values * group_scales(w)[group]

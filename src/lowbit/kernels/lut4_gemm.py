@@ -202,7 +202,9 @@ def lut4_gemm_grad_input(grad_out: torch.Tensor, w: Lut4Weight, config: dict | N
     return dx
 
 
-def lut4_dequantize(w: Lut4Weight, dtype: torch.dtype = torch.bfloat16, block: tuple[int, int] = (16, 256)) -> torch.Tensor:
+def lut4_dequantize(
+    w: Lut4Weight, dtype: torch.dtype = torch.bfloat16, block: tuple[int, int] = (16, 256)
+) -> torch.Tensor:
     """The dense (N, K) weight in `dtype`, decoded by the same tile reader as the matmuls."""
     n, k = w.out_features, w.in_features
     out = torch.empty((n, k), dtype=dtype, device=w.packed.device)

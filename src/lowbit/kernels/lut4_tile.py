@@ -22,6 +22,8 @@ from __future__ import annotations
 import triton
 import triton.language as tl
 
+from lowbit.formats.blockwise import NESTED_BLOCK_SIZE
+
 SCALES_FLAT, SCALES_GROUPED, SCALES_ROW = 0, 1, 2
 
 
@@ -165,7 +167,8 @@ def load_lut4_tile(packed_ptr, table_ptr, scale_ptr, zp_ptr, ncode_ptr, nscale_p
     """
     if PAIRED:
         hi, lo = load_lut4_pairs(packed_ptr, table_ptr, scale_ptr, zp_ptr, ncode_ptr, nscale_ptr, offset_ptr,
-                                 rows, k0, N, K, KB, G, BN, BK, GS, SCALES, HAS_ZP, DOUBLE_QUANT, NESTED_GS)  # fmt: skip
+                                 rows, k0, N, K, KB, G, BN, BK, GS, SCALES, HAS_ZP, DOUBLE_QUANT,
+                                 NESTED_GS)  # fmt: skip
         return tl.reshape(tl.join(hi, lo), (BN, BK))  # (BN, BK/2, 2) → (BN, BK), columns interleaved
     return _tile_generic(packed_ptr, table_ptr, scale_ptr, zp_ptr, ncode_ptr, nscale_ptr, offset_ptr,
                          rows, k0, N, K, G, BN, BK, GS, SCALES, HAS_ZP, DOUBLE_QUANT, NESTED_GS)  # fmt: skip
@@ -198,5 +201,5 @@ def kernel_args(w) -> tuple[list, dict, dict]:
     ]  # fmt: skip
     sizes = {"N": n, "K": k, "KB": k // 2, "G": groups_per_row}
     layout = {"GS": gs, "SCALES": scales, "PAIRED": paired, "HAS_ZP": w.zero_point is not None,
-              "DOUBLE_QUANT": w.double_quant, "NESTED_GS": 256}  # fmt: skip
+              "DOUBLE_QUANT": w.double_quant, "NESTED_GS": NESTED_BLOCK_SIZE}  # fmt: skip
     return pointers, sizes, layout
