@@ -6,7 +6,6 @@ from pathlib import Path
 
 import pytest
 import torch
-import torch.nn.functional as F
 
 import lowbit
 from lowbit.train import DataConfig, TrainConfig, TrainingDiverged, build_examples, read_records, train
