@@ -26,6 +26,15 @@ N = 5
 GEN = dict(max_new_tokens=4, do_sample=False, output_logits=True, return_dict_in_generate=True)
 
 
+def assert_same(a, b, exact):
+    """peft runs the prefix MLP on batch-expanded tokens, lowbit once: the BLAS blocking (and so the last bit)
+    can differ by CPU, so outputs behind the MLP are compared to float32 rounding, the rest bit for bit."""
+    if exact:
+        assert torch.equal(a, b)
+    else:
+        torch.testing.assert_close(a, b, atol=1e-5, rtol=1e-5)
+
+
 def ids_and_mask(pad=True):
     ids = torch.randint(0, 300, (2, 7), generator=torch.Generator().manual_seed(0))
     mask = torch.ones_like(ids)
@@ -75,7 +84,8 @@ def test_forward_equals_peft(projection, build):
         a = reference(input_ids=ids, attention_mask=mask, labels=labels)
         b = model(input_ids=ids, attention_mask=mask, labels=labels)
     assert b.logits.shape == (2, 7, 300)  # no extra output positions: the prefix lives in the cache
-    assert torch.equal(a.logits, b.logits) and torch.equal(a.loss, b.loss)
+    assert_same(a.logits, b.logits, exact=not projection)
+    assert_same(a.loss, b.loss, exact=not projection)
 
 
 def test_generate_equals_peft():
@@ -84,7 +94,8 @@ def test_generate_equals_peft():
     a = reference.generate(input_ids=ids, attention_mask=mask, **GEN)
     b = model.generate(input_ids=ids, attention_mask=mask, **GEN)
     assert torch.equal(a.sequences, b.sequences)
-    assert all(torch.equal(x, y) for x, y in zip(a.logits, b.logits))
+    for x, y in zip(a.logits, b.logits):
+        assert_same(x, y, exact=False)
 
 
 def test_left_padded_generate_equals_each_row_alone():
@@ -163,8 +174,8 @@ def test_loading_peft_prefixes_drops_the_mlp():
     assert not prompt_source(model, "default", PREFIX_ATTR).has_encoder
     ids, mask = ids_and_mask()
     with torch.no_grad():
-        assert torch.equal(model(input_ids=ids, attention_mask=mask).logits,
-                           reference(input_ids=ids, attention_mask=mask).logits)  # fmt: skip
+        ours, theirs = model(input_ids=ids, attention_mask=mask).logits, reference(input_ids=ids, attention_mask=mask).logits
+        assert_same(ours, theirs, exact=False)
 
 
 def test_peft_dict_has_only_peft_fields_and_round_trips():
