@@ -56,7 +56,8 @@ def _compare(args) -> None:
     from lowbit.quantize.compare import CompareConfig, compare_methods, to_markdown, write_results
 
     config = CompareConfig(model=args.model, settings=tuple(args.settings), n_samples=args.samples,
-                           seq_len=args.seq_len, windows=args.windows, context_length=args.context_length)  # fmt: skip
+                           seq_len=args.seq_len, windows=args.windows, context_length=args.context_length,
+                           device=args.device)  # fmt: skip
     rows = compare_methods(config)
     print(to_markdown(rows, config))
     paths = write_results(rows, config, args.out)
@@ -80,6 +81,7 @@ def _add_compare(sub) -> None:
     p.add_argument("--seq-len", type=int, default=256, help="tokens per calibration window")
     p.add_argument("--windows", type=int, default=8, help="evaluation windows for perplexity")
     p.add_argument("--context-length", type=int, default=512, help="tokens per evaluation window")
+    p.add_argument("--device", default="cpu", help="where to quantize and evaluate: cpu (default), cuda, cuda:1, …")
     p.add_argument("--out", default="ptq-compare", help="directory for compare.md / .csv / .png")
     p.set_defaults(func=_compare)
 

@@ -52,6 +52,7 @@ class CompareConfig:
     windows: int = 8  # evaluation windows …
     context_length: int = 512  # … of this many tokens
     include: tuple[str, ...] = ("*",)  # which linear layers every setting quantizes (anchored patterns)
+    device: str = "cpu"  # where the model is quantized and evaluated ("cuda" for a GPU)
 
     def __post_init__(self) -> None:
         object.__setattr__(self, "settings", tuple(self.settings))
@@ -131,7 +132,7 @@ def compare_methods(config: CompareConfig = CompareConfig(), model=None, tokeniz
         from lowbit.io.loading import load_model
 
         model, tokenizer = load_model(config.model)
-    model.eval()
+    model.eval().to(config.device)
     text = reference_text()
     calibration = text[len(text) // 2 :]  # disjoint from the evaluation windows at the start
     evaluated = tokenizer(text, verbose=False).input_ids[: config.windows * config.context_length]
@@ -150,7 +151,8 @@ def compare_methods(config: CompareConfig = CompareConfig(), model=None, tokeniz
 
 def to_markdown(rows: list[CompareRow], config: CompareConfig) -> str:
     lines = [f"Perplexity: token-level, {config.windows} non-overlapping windows × {config.context_length} tokens of "
-             f"lowbit's reference text; calibration {config.n_samples} × {config.seq_len} tokens (disjoint text).",
+             f"lowbit's reference text; calibration {config.n_samples} × {config.seq_len} tokens (disjoint text); "
+             f"device {config.device}.",
              "",
              "| setting | method | format | bits/param | model MiB | perplexity | Δ vs fp32 | quantize s |",
              "|---|---|---|---:|---:|---:|---:|---:|"]  # fmt: skip
