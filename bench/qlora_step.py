@@ -1,0 +1,239 @@
+"""One QLoRA training step on a Llama-3-8B-shaped model: lowbit vs peft+bitsandbytes vs a bf16-base LoRA.
+
+Same process, same random model, same settings (r = 16 on every linear layer of the blocks, α = 32, gradient
+checkpointing, torch AdamW lr 1e-4, labels = inputs): tokens/s over timed steps after warm-up and
+`torch.cuda.max_memory_allocated` over the whole run (optimizer states included). Then a torch-profiler
+table of one lowbit step (where the time goes) and, with --max-seq, the longest sequence each fits.
+
+    python3 bench/qlora_step.py --out $OUT           # on a GPU; bitsandbytes from its carried wheel
+    python3 bench/qlora_step.py --tiny               # CPU smoke run of the same code on a tiny shape
+"""
+
+from __future__ import annotations
+
+import argparse
+import gc
+import json
+import sys
+import time
+from pathlib import Path
+
+import torch
+
+sys.path[:0] = [str(Path(__file__).resolve().parents[1] / "src")]
+
+import lowbit  # noqa: E402
+
+LLAMA3_8B = dict(vocab_size=128256, hidden_size=4096, intermediate_size=14336, num_attention_heads=32,
+                 num_key_value_heads=8, rope_theta=500000.0, max_position_embeddings=131072)  # fmt: skip
+TINY = dict(vocab_size=512, hidden_size=128, intermediate_size=256, num_attention_heads=4, num_key_value_heads=2)
+TARGETS = ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]
+
+
+def log(*a):
+    print(*a, flush=True)
+
+
+def build_model(shape: dict, layers: int, device: str):
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    config = LlamaConfig(**shape, num_hidden_layers=layers, torch_dtype=torch.bfloat16)
+    torch.manual_seed(0)
+    default = torch.get_default_dtype()
+    torch.set_default_dtype(torch.bfloat16)
+    try:
+        with torch.device(device):
+            model = LlamaForCausalLM(config)
+    finally:
+        torch.set_default_dtype(default)
+    model.config.use_cache = False
+    return model
+
+
+def lowbit_qlora(model):
+    lowbit.quantize(model, lowbit.QuantConfig(format="nf4", block_size=64, double_quant=True))
+    model = lowbit.peft.apply_lora(model, lowbit.peft.LoraConfig(r=16, alpha=32, target_modules=TARGETS))
+    return model
+
+
+def peft_lora(model, four_bit: bool):
+    import peft
+
+    if four_bit:
+        import bitsandbytes as bnb
+
+        for name, module in list(model.named_modules()):
+            for child_name, child in list(module.named_children()):
+                if isinstance(child, torch.nn.Linear) and child_name in TARGETS:
+                    q = bnb.nn.Linear4bit(child.in_features, child.out_features, bias=False,
+                                          compute_dtype=torch.bfloat16, compress_statistics=True, quant_type="nf4",
+                                          device="meta")  # fmt: skip
+                    q.weight = bnb.nn.Params4bit(child.weight.data.cpu(), requires_grad=False, quant_type="nf4",
+                                                 compress_statistics=True, blocksize=64).cuda()  # fmt: skip
+                    setattr(module, child_name, q)
+                    del child
+        gc.collect()
+        torch.cuda.empty_cache()
+    config = peft.LoraConfig(r=16, lora_alpha=32, lora_dropout=0.0, target_modules=TARGETS, task_type="CAUSAL_LM")
+    return peft.get_peft_model(model, config)
+
+
+def enable_checkpointing(model):
+    base = model.get_base_model() if hasattr(model, "get_base_model") else model
+    base.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+    base.enable_input_require_grads()
+
+
+def run_steps(model, batch: int, seq: int, steps: int, warmup: int, device: str) -> dict:
+    params = [p for p in model.parameters() if p.requires_grad]
+    opt = torch.optim.AdamW(params, lr=1e-4)
+    gen = torch.Generator(device="cpu").manual_seed(1)
+    vocab = model.config.vocab_size
+    ids = torch.randint(0, vocab, (steps + warmup, batch, seq), generator=gen).to(device)
+    losses, start = [], None
+    for i in range(steps + warmup):
+        if i == warmup:
+            sync(device)
+            start = time.perf_counter()
+        loss = model(input_ids=ids[i], labels=ids[i]).loss
+        loss.backward()
+        opt.step()
+        opt.zero_grad(set_to_none=True)
+        losses.append(loss.detach())
+    sync(device)
+    seconds = time.perf_counter() - start
+    return {"tokens_per_s": batch * seq * steps / seconds, "step_ms": 1e3 * seconds / steps,
+            "losses": [round(x.item(), 4) for x in losses], "trainable": sum(p.numel() for p in params)}  # fmt: skip
+
+
+def sync(device: str) -> None:
+    if device.startswith("cuda"):
+        torch.cuda.synchronize()
+
+
+def fresh(kind: str, shape: dict, layers: int, device: str):
+    model = build_model(shape, layers, device)
+    if kind == "lowbit":
+        model = lowbit_qlora(model)
+    else:
+        model = peft_lora(model, four_bit=kind == "peft+bnb")
+    enable_checkpointing(model)
+    model.train()
+    return model
+
+
+def free(device: str) -> None:
+    gc.collect()
+    if device.startswith("cuda"):
+        torch.cuda.empty_cache()
+        torch.cuda.reset_peak_memory_stats()
+
+
+def measure(kind: str, shape: dict, layers: int, batch: int, seq: int, steps: int, warmup: int, device: str):
+    free(device)
+    base_mem = torch.cuda.memory_allocated() if device.startswith("cuda") else 0
+    try:
+        model = fresh(kind, shape, layers, device)
+        weights = torch.cuda.memory_allocated() - base_mem if device.startswith("cuda") else 0
+        result = run_steps(model, batch, seq, steps, warmup, device)
+        peak = torch.cuda.max_memory_allocated() - base_mem if device.startswith("cuda") else 0
+        result.update(peak_gib=peak / 2**30, weights_gib=weights / 2**30, oom=False)
+    except torch.OutOfMemoryError:
+        result = {"oom": True}
+    finally:
+        model = None
+        free(device)
+    return result
+
+
+def profile_lowbit(shape, layers, batch, seq, device, out: Path | None) -> None:
+    from torch.profiler import ProfilerActivity, profile
+
+    model = fresh("lowbit", shape, layers, device)
+    run_steps(model, batch, seq, 1, 2, device)  # warm up (Triton autotune, allocator)
+    activities = [ProfilerActivity.CPU] + ([ProfilerActivity.CUDA] if device.startswith("cuda") else [])
+    with profile(activities=activities) as prof:
+        run_steps(model, batch, seq, 2, 0, device)
+    key = "cuda_time_total" if device.startswith("cuda") else "cpu_time_total"
+    table = prof.key_averages().table(sort_by=key, row_limit=30, max_name_column_width=60)
+    log(table)
+    if out is not None:
+        (out / "qlora_profile.txt").write_text(table)
+    del model
+    free(device)
+
+
+def longest_sequence(kind: str, shape: dict, layers: int, device: str, start: int, limit: int,
+                     step: int = 4096) -> int:  # fmt: skip
+    """The largest seq (a multiple of `step`; doubling from `start`, then bisecting) whose step fits, batch 1."""
+
+    def fits(seq: int) -> bool:
+        r = measure(kind, shape, layers, 1, seq, 1, 0, device)
+        log(f"  {kind} seq {seq}: " + ("OOM" if r["oom"] else f"fits, peak {r['peak_gib']:.1f} GiB"))
+        return not r["oom"]
+
+    lo, hi = 0, start
+    while hi <= limit and fits(hi):
+        lo, hi = hi, hi * 2
+    if hi > limit:
+        return lo
+    while hi - lo > step:
+        mid = (lo + hi) // 2 // step * step
+        lo, hi = (mid, hi) if fits(mid) else (lo, mid)
+    return lo
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--tiny", action="store_true", help="tiny shape on the CPU, lowbit and bf16 LoRA only")
+    parser.add_argument("--out", type=Path, help="write qlora_step.json and the profile here")
+    parser.add_argument("--steps", type=int, default=8)
+    parser.add_argument("--configs", default="8:2048:1,8:2048:4,8:8192:1,32:2048:1",
+                        help="layers:seq:batch,… to time")  # fmt: skip
+    parser.add_argument("--max-seq", action="store_true", help="search the longest sequence (32 layers, batch 1)")
+    args = parser.parse_args()
+    device = "cpu" if args.tiny else "cuda"
+    shape = TINY if args.tiny else LLAMA3_8B
+    kinds = ["lowbit", "bf16-lora"] if args.tiny else ["lowbit", "peft+bnb", "bf16-lora"]
+    configs = [tuple(int(v) for v in c.split(":")) for c in args.configs.split(",")]
+    if args.tiny:
+        configs = [(2, 64, 2)]
+    if device == "cuda":
+        log(f"{torch.cuda.get_device_name()}, torch {torch.__version__}")
+    results = []
+    for layers, seq, batch in configs:
+        row = {"layers": layers, "seq": seq, "batch": batch}
+        for kind in kinds:
+            row[kind] = measure(kind, shape, layers, batch, seq, args.steps, 2, device)
+            r = row[kind]
+            log(f"{layers} layers seq {seq} batch {batch} {kind}: " + ("OOM" if r["oom"] else
+                f"{r['tokens_per_s']:.0f} tok/s, {r['step_ms']:.1f} ms/step, peak {r['peak_gib']:.2f} GiB, "
+                f"weights {r['weights_gib']:.2f} GiB, losses {r['losses'][:3]}…"))  # fmt: skip
+        results.append(row)
+    log("\n| layers | seq | batch | lowbit tok/s | peft+bnb tok/s | bf16-LoRA tok/s | × peft+bnb | lowbit GiB | "
+        "peft+bnb GiB | bf16-LoRA GiB |\n|---|---|---|---|---|---|---|---|---|---|")  # fmt: skip
+    for row in results:
+        def cell(kind, key, fmt):
+            r = row.get(kind)
+            return "-" if r is None else ("OOM" if r["oom"] else format(r[key], fmt))
+
+        ratio = "-"
+        if not row["lowbit"]["oom"] and "peft+bnb" in row and not row["peft+bnb"]["oom"]:
+            ratio = f"{row['lowbit']['tokens_per_s'] / row['peft+bnb']['tokens_per_s']:.2f}"
+        log(f"| {row['layers']} | {row['seq']} | {row['batch']} | {cell('lowbit', 'tokens_per_s', '.0f')} | "
+            f"{cell('peft+bnb', 'tokens_per_s', '.0f')} | {cell('bf16-lora', 'tokens_per_s', '.0f')} | {ratio} | "
+            f"{cell('lowbit', 'peak_gib', '.2f')} | {cell('peft+bnb', 'peak_gib', '.2f')} | "
+            f"{cell('bf16-lora', 'peak_gib', '.2f')} |")  # fmt: skip
+    layers, seq, batch = configs[0]
+    profile_lowbit(shape, layers, batch, seq, device, args.out)
+    if args.max_seq and not args.tiny:
+        longest = {k: longest_sequence(k, shape, 32, device, 8192, 262144) for k in ("lowbit", "peft+bnb")}
+        log(f"longest sequence, 32 layers, batch 1: {longest}")
+        results.append({"longest_sequence": longest})
+    if args.out is not None:
+        args.out.mkdir(parents=True, exist_ok=True)
+        (args.out / "qlora_step.json").write_text(json.dumps(results, indent=1))
+
+
+if __name__ == "__main__":
+    main()
