@@ -19,6 +19,11 @@ symmetric or affine. Levels follow the format's own rounding rule (formats/scale
 a plain QuantLinear with the format's storage. Input channels that calibration never excites (a zero
 diagonal) are quantized by plain rounding rather than zeroed as in the reference code: a small calibration
 set must not erase weights that real inputs use.
+
+The 4-bit codebook formats (NF4, FP4) get the same sweep through `gptq_codebook_quantize`: each block's
+absmax is fixed first from the weight to be quantized (what round-to-nearest would store, double
+quantization included: AutoGPTQ's "static groups"), then the sweep picks the nearest code of every column
+against those fixed scales, so the stored codes and scales decode to exactly the weight the sweep produced.
 """
 
 from __future__ import annotations
@@ -28,6 +33,8 @@ from dataclasses import dataclass
 import torch
 from torch import nn
 
+from lowbit.formats.blockwise import pack_4bit
+from lowbit.formats.codebooks import get_codebook, nearest_code
 from lowbit.formats.granularity import Granularity
 from lowbit.formats.scaled import ScaledTensor, int_range, quantize_int
 from lowbit.formats.weight import INT_BITS, WeightFormat
@@ -156,10 +163,7 @@ def gptq_quantize(weight: torch.Tensor, hessian: torch.Tensor, fmt: WeightFormat
     """Quantize one (out, in) weight with its (in, in) Hessian into `fmt` (an int format)."""
     if fmt.name not in INT_BITS:
         raise ValueError(f"GPTQ chooses integer levels: format must be one of {sorted(INT_BITS)}, got {fmt.name!r}")
-    if hessian.shape != (weight.shape[1], weight.shape[1]):
-        raise ValueError(f"Hessian {tuple(hessian.shape)} does not match weight {tuple(weight.shape)}")
-    if not torch.isfinite(hessian).all():
-        raise ValueError("the calibration Hessian contains NaN or inf")
+    _check_hessian(weight, hessian)
     perm = torch.argsort(torch.diagonal(hessian), descending=True, stable=True) if options.act_order else None
     w = weight.detach().to(torch.float64 if weight.dtype == torch.float64 else torch.float32).clone()
     if perm is not None:
@@ -177,6 +181,49 @@ def gptq_quantize(weight: torch.Tensor, hessian: torch.Tensor, fmt: WeightFormat
             original[:, perm] = levels
             levels, perm = original, None
     return GPTQResult(quantizer.scaled_tensor(levels), perm, w)
+
+
+def _check_hessian(weight: torch.Tensor, hessian: torch.Tensor) -> None:
+    if hessian.shape != (weight.shape[1], weight.shape[1]):
+        raise ValueError(f"Hessian {tuple(hessian.shape)} does not match weight {tuple(weight.shape)}")
+    if not torch.isfinite(hessian).all():
+        raise ValueError("the calibration Hessian contains NaN or inf")
+
+
+def gptq_codebook_quantize(weight: torch.Tensor, hessian: torch.Tensor, fmt: WeightFormat,
+                           options: GPTQOptions = GPTQOptions()) -> tuple[dict[str, torch.Tensor], torch.Tensor]:  # fmt: skip
+    """GPTQ for a 4-bit codebook format: (storage tensors of `fmt`, the (out, in) float32 weight they decode to).
+
+    The scales are fixed before the sweep, so a block may even span two rows (blocks run over the
+    flattened weight); act-order is refused, as it would store the columns in another order.
+    """
+    if not fmt.is_codebook:
+        raise ValueError(f"gptq_codebook_quantize takes a 4-bit codebook format (nf4, fp4, e2m1), got {fmt.name!r}")
+    _check_hessian(weight, hessian)
+    if options.act_order:
+        raise ValueError("act_order is not supported for codebook formats (blocks follow the stored column order)")
+    w = weight.detach().float()
+    shape = tuple(w.shape)
+    storage = fmt.encode(w)  # round-to-nearest storage: its block scales are the ones the sweep keeps
+    block_scales = fmt.quant_state(storage, shape).block_absmax()  # (n_blocks,) as decoding uses them
+    block_of = torch.arange(w.numel(), device=w.device).view(shape) // fmt.block_size
+    scales_t = block_scales[block_of].t().contiguous()  # (in, out): row i holds column i's scales
+    inverse_t = torch.where(scales_t != 0, 1.0 / scales_t, torch.zeros_like(scales_t))
+    codebook = get_codebook(fmt.name, w.device)
+    codes = torch.zeros(shape, dtype=torch.uint8, device=w.device)
+
+    def quantize_column(i: int, wt: torch.Tensor) -> torch.Tensor:
+        code = nearest_code((wt[i] * inverse_t[i]).clamp_(-1, 1), codebook)  # (out,)
+        codes[:, i] = code.to(torch.uint8)
+        return codebook[code] * scales_t[i]  # exactly what decoding multiplies out
+
+    u = inverse_hessian_cholesky(hessian, options.damp, None, torch.float32)
+    w_hat = obs_column_sweep(w.clone(), u, options.block_size, quantize_column)
+    flat = codes.reshape(-1)
+    if flat.numel() % 2:  # the spare nibble holds the code of 0.0, as quantize_4bit does
+        flat = torch.cat([flat, nearest_code(flat.new_zeros(1, dtype=torch.float32), codebook).to(torch.uint8)])
+    storage["weight"] = pack_4bit(flat)
+    return storage, w_hat
 
 
 def gptq_linear(linear: nn.Linear, hessian: torch.Tensor, fmt: WeightFormat, options: GPTQOptions = GPTQOptions(),
