@@ -29,6 +29,8 @@ from lowbit.peft.multi import (
     mixed_batch,
     set_active_adapters,
 )
+from lowbit.peft.merge_report import MergeLayer, MergeReport
+from lowbit.peft.quant_merge import MergeConfig, merge_adapter
 from lowbit.peft.registry import METHODS, PeftMethod, get_peft_method, register_peft_method
 
 # Every method registers itself on import, so load_adapter knows every peft_type.
@@ -51,6 +53,9 @@ __all__ = [
     "LoraConfig",
     "LoraLinear",
     "METHODS",
+    "MergeConfig",
+    "MergeLayer",
+    "MergeReport",
     "PTuningConfig",
     "ParameterReport",
     "PartialConfig",
@@ -77,6 +82,7 @@ __all__ = [
     "list_adapters",
     "load_adapter",
     "lora_layers",
+    "merge_adapter",
     "merge_ia3",
     "merge_lora",
     "mixed_batch",
