@@ -83,6 +83,17 @@ def test_bf16_compute_dtype_on_bf16_model():
     assert out.dtype == torch.bfloat16 and torch.isfinite(out).all()
 
 
+def test_auto_compute_dtype_follows_each_layers_weights():
+    """The default: a bf16 model keeps computing in bf16 (an fp32 matmul would be ~4× slower on a GPU)."""
+    for dtype in (torch.bfloat16, torch.float16, torch.float32):
+        model = tiny_llama().to(dtype)
+        lowbit.quantize(model, lowbit.QuantConfig())
+        assert {m.compute_dtype for m in model.modules() if isinstance(m, lowbit.QuantLinear)} == {dtype}
+    model = tiny_llama().to(torch.bfloat16)
+    lowbit.quantize(model, lowbit.QuantConfig(compute_dtype="float32"))
+    assert {m.compute_dtype for m in model.modules() if isinstance(m, lowbit.QuantLinear)} == {torch.float32}
+
+
 def test_config_validation():
     with pytest.raises(ValueError, match="unknown weight format"):
         lowbit.QuantConfig(format="nf3")

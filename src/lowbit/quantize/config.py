@@ -23,7 +23,8 @@ class QuantConfig:
         fp8_e5m2.
     block_size, double_quant: for the 4-bit codebook formats (QLoRA defaults: 64, True).
     group_size, symmetric: for int/fp8 (None = one scale per output row).
-    compute_dtype: dtype of the matmul ("float32", "bfloat16", "float16").
+    compute_dtype: dtype of the matmul ("float32", "bfloat16", "float16"), or "auto": each layer's own
+        weight dtype (a bf16 model computes in bf16, as the unquantized model did; fp32 for other dtypes).
     include / exclude: anchored module-name patterns (see `lowbit.nn.matching`); lm_head is excluded
         by default because the output projection is the most error-sensitive layer (and is often tied
         to the embeddings, which are not linear layers and never quantized here).
@@ -35,7 +36,7 @@ class QuantConfig:
     double_quant: bool = True
     group_size: int | None = None
     symmetric: bool = True
-    compute_dtype: str = "float32"
+    compute_dtype: str = "auto"
     include: tuple[str, ...] = ("*",)
     exclude: tuple[str, ...] = ("lm_head",)
     version: int = CONFIG_VERSION
@@ -47,8 +48,8 @@ class QuantConfig:
             if self.compute_dtype not in names:
                 raise ValueError(f"compute_dtype must be one of {list(DTYPES)}, got {self.compute_dtype}")
             object.__setattr__(self, "compute_dtype", names[self.compute_dtype])
-        if self.compute_dtype not in DTYPES:
-            raise ValueError(f"compute_dtype must be one of {list(DTYPES)}, got {self.compute_dtype!r}")
+        if self.compute_dtype not in DTYPES and self.compute_dtype != "auto":
+            raise ValueError(f"compute_dtype must be 'auto' or one of {list(DTYPES)}, got {self.compute_dtype!r}")
         for name in ("include", "exclude"):
             value = getattr(self, name)
             object.__setattr__(self, name, (value,) if isinstance(value, str) else tuple(value))
@@ -61,8 +62,9 @@ class QuantConfig:
         return WeightFormat(self.format, self.block_size, self.double_quant, self.group_size, self.symmetric)
 
     @property
-    def torch_compute_dtype(self) -> torch.dtype:
-        return DTYPES[self.compute_dtype]
+    def torch_compute_dtype(self) -> torch.dtype | None:
+        """The matmul dtype; None for "auto" (the layer constructors then take the weight's dtype)."""
+        return DTYPES.get(self.compute_dtype)
 
     def to_dict(self) -> dict:
         d = asdict(self)
