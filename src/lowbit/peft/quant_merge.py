@@ -130,9 +130,7 @@ def merge_adapter(model: nn.Module, config: MergeConfig | None = None, *, fp_mod
         raise ValueError("the model has no LoRA layers to merge")
     _check_untied(model, layers)
     fp_model = _fp_source(fp_model, config)
-    if config.uses_gptq and calibration is None:
-        raise ValueError("method='gptq' needs calibration data: merge_adapter(model, …, calibration=texts, "
-                         "tokenizer=tokenizer) (or token ids)")  # fmt: skip
+    _check_can_merge(model, layers, config, fp_model, calibration)
     was_training = model.training
     model.eval()  # LoRA dropout off: calibration and evaluation see the adapter as inference does
     reference = None
@@ -174,6 +172,23 @@ def _fp_source(fp_model, config: MergeConfig) -> nn.Module | None:
 
         fp_model, _ = load_model(fp_model)
     return fp_model
+
+
+def _check_can_merge(model: nn.Module, layers, config: MergeConfig, fp_model, calibration) -> None:
+    """Refuse before any layer changes: a merge that fails half-way would leave a model that is neither."""
+    if config.target == "fp":  # every quantized layer needs its full-precision twin
+        for name, module in model.named_modules():
+            if isinstance(module, QuantLinear):
+                _fp_linear(fp_model, name.removesuffix(".base_layer"), module)
+    if config.uses_gptq:
+        if calibration is None:
+            raise ValueError("method='gptq' needs calibration data: merge_adapter(model, …, calibration=texts, "
+                             "tokenizer=tokenizer) (or token ids)")  # fmt: skip
+        for name, layer in layers:
+            fmt = getattr(layer.base_layer, "fmt", None)
+            if fmt is not None and not (fmt.is_codebook or fmt.name in INT_BITS):
+                raise ValueError(f"{name}: GPTQ chooses integer levels or 4-bit codes, not {fmt.name} values; "
+                                 "requantize with method='rtn'")  # fmt: skip
 
 
 def _fp_linear(fp_model: nn.Module, name: str, like: nn.Module) -> nn.Linear:
@@ -246,8 +261,8 @@ def _gptq_requantize(base: QuantLinear, w: torch.Tensor, hessian: torch.Tensor, 
         module = QuantLinear.from_storage(target, storage, fmt, base.compute_dtype)
     elif fmt.name in INT_BITS:
         module = gptq_linear(target, hessian, fmt, options, base.compute_dtype)
-    else:
-        raise ValueError(f"GPTQ cannot choose {fmt.name} values; requantize that model with method='rtn'")
+    else:  # _check_can_merge refused it already
+        raise ValueError(f"GPTQ cannot choose {fmt.name} values")
     if module.bias is not None:
         module.bias = nn.Parameter(base.bias.detach().clone(), requires_grad=False)  # the bias is not requantized
     module.kernel = base.kernel  # keep the matmul path the user chose for this layer
