@@ -70,6 +70,21 @@ class QuantLinear(nn.Module):
         if name not in self.storage_names:
             self.storage_names.append(name)
 
+    def storage_as_parameters(self) -> None:
+        """Hold the storage tensors as frozen (requires_grad=False) nn.Parameters instead of buffers.
+
+        For FSDP2, which shards parameters (along dim 0, padding the last shard) and all-gathers them
+        before each forward and backward, but replicates buffers. Every storage tensor is flat or
+        row-major and decoded only after the all-gather, so dim-0 shards of the bytes are exact: the
+        gathered tensors are the original ones. Names, shapes, dtypes and so the state dict are unchanged;
+        no optimizer sees them (trainers collect parameters that require grad).
+        """
+        for name in self.storage_names:
+            attr = "weight" if name == "weight" else f"weight_{name}"
+            tensor = self._buffers.pop(attr, None)
+            if tensor is not None:  # already a parameter: nothing to do
+                self.register_parameter(attr, nn.Parameter(tensor, requires_grad=False))
+
     @classmethod
     def from_linear(
         cls, linear: nn.Linear, fmt: WeightFormat, compute_dtype: torch.dtype | None = None

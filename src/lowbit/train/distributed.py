@@ -12,13 +12,25 @@ one process with batch N·b: the trainer divides each process's summed loss by t
   communicated.
 - FSDP2 (`torch.distributed.fsdp.fully_shard`, PyTorch ≥ 2.6): every transformer block and then the
   root are sharded; each process stores 1/N of every parameter and gathers a block's weights just
-  before using them. Frozen parameters are sharded like trainable ones. QuantLinear's packed 4-bit
-  storage is made of buffers, which FSDP2 does not shard: a quantized base is replicated (it is the
-  small part: ~0.5 bytes per weight), the LoRA parameters are sharded.
+  before using them. Frozen parameters are sharded like trainable ones. FSDP2 shards parameters but
+  replicates buffers, so a QuantLinear's storage (packed 4-bit codes, absmax, nested absmax, offset),
+  normally buffers, is first re-registered as frozen parameters (`QuantLinear.storage_as_parameters`):
+  each process then keeps ~1/N of the 4-bit base too. The storage tensors are flat (or row-major) and
+  only decoded after FSDP2's all-gather has put the exact original bytes back together, so a shard
+  boundary inside a quantization block is harmless. Read or save the whole model inside
+  `with unsharded(model):` (every process must enter it: it all-gathers).
+
+Before wrapping, `check_consistent` compares across processes what must be identical (quantization
+format, block size, double quant, storage dtypes and shapes, codebook, parameter names / shapes /
+dtypes / requires_grad) and stops every process with one message naming the first difference: a rank
+with another layout would otherwise all-gather garbage, or hang, or train on with a loss of 0 or NaN.
 """
 
 from __future__ import annotations
 
+import contextlib
+import hashlib
+import json
 import os
 from datetime import timedelta
 
@@ -83,6 +95,7 @@ def wrap_model(model: nn.Module, strategy: str) -> nn.Module:
     _, world = rank_and_world()
     if strategy == "none" or world == 1:
         return model
+    check_consistent(model)
     device = next(model.parameters()).device
     if strategy == "ddp":
         from torch.nn.parallel import DistributedDataParallel
@@ -95,6 +108,11 @@ def wrap_model(model: nn.Module, strategy: str) -> nn.Module:
         raise RuntimeError("FSDP2 needs torch ≥ 2.6 (torch.distributed.fsdp.fully_shard)") from None
     from torch.distributed.device_mesh import init_device_mesh
 
+    from lowbit.nn.quant_linear import QuantLinear
+
+    for module in model.modules():
+        if isinstance(module, QuantLinear):
+            module.storage_as_parameters()  # sharded like any parameter, not replicated like a buffer
     mesh = init_device_mesh(device.type, (world,))
     for block in _blocks(model):
         fully_shard(block, mesh=mesh)
@@ -105,3 +123,92 @@ def wrap_model(model: nn.Module, strategy: str) -> nn.Module:
 def full_tensor(t: torch.Tensor) -> torch.Tensor:
     """A parameter's full value: gathers an FSDP2 shard (a DTensor; collective), else `t` itself."""
     return t.full_tensor() if hasattr(t, "full_tensor") else t
+
+
+def is_sharded(t: torch.Tensor) -> bool:
+    """True for an FSDP2 shard (a DTensor)."""
+    return hasattr(t, "full_tensor")
+
+
+@contextlib.contextmanager
+def unsharded(model: nn.Module):
+    """Inside, every parameter of an FSDP2-sharded `model` is its full plain tensor (all-gathered), so
+    `save_adapter`, `save_quantized`, `state_dict` or a forward on one process see the whole model;
+    on exit the shards are back and the gathered memory is freed. Collective: every process enters.
+    Without FSDP it does nothing."""
+    from torch.distributed.fsdp import FSDPModule
+
+    fsdp = [m for m in model.modules() if isinstance(m, FSDPModule)]
+    for m in fsdp:
+        m.unshard()
+    try:
+        yield model
+    finally:
+        for m in fsdp:
+            m.reshard()
+
+
+# ------------------------------------------------------------------------------ cross-rank consistency
+class LayoutMismatch(RuntimeError):
+    """Processes of one distributed run hold models of different layouts (raised on every process)."""
+
+
+def layout_records(model: nn.Module) -> list[tuple[str, str, str]]:
+    """(module name, field, value) of everything the processes of one run must agree on: each QuantLinear's
+    format (name, block size, double quant, group size, symmetric), compute dtype and codebook values, and
+    every parameter's and buffer's shape, dtype, requires_grad and kind (parameter or buffer)."""
+    from lowbit.formats.codebooks import get_codebook
+    from lowbit.nn.quant_linear import QuantLinear
+
+    records = []
+    for name, module in model.named_modules():
+        if isinstance(module, QuantLinear):
+            records += [(name, f"format.{k}", repr(v)) for k, v in module.fmt.to_dict().items()]
+            records.append((name, "compute_dtype", str(module.compute_dtype)))
+            if module.fmt.is_codebook:  # the values themselves: another lowbit version could change them
+                records.append((name, "codebook", repr(get_codebook(module.fmt.name).tolist())))
+        for kind, tensors in (("parameter", module.named_parameters(recurse=False)),
+                              ("buffer", module.named_buffers(recurse=False))):  # fmt: skip
+            for t_name, t in tensors:
+                records += [(name, f"{t_name}.kind", kind), (name, f"{t_name}.dtype", str(t.dtype)),
+                            (name, f"{t_name}.shape", str(tuple(t.shape))),
+                            (name, f"{t_name}.requires_grad", str(t.requires_grad))]  # fmt: skip
+    return records
+
+
+def first_difference(a: list[tuple], b: list[tuple], names: tuple[str, str] = ("a", "b")) -> str | None:
+    """Where two `layout_records` lists first differ, in words ("module M, F: 64 on a, 32 on b"); None if equal."""
+    for x, y in zip(a, b):
+        if x != y:
+            if x[:2] == y[:2]:
+                return f"module {x[0] or '<root>'!r}, {x[1]}: {x[2]} on {names[0]}, {y[2]} on {names[1]}"
+            return (f"module {x[0] or '<root>'!r}, {x[1]} on {names[0]} where {names[1]} has "
+                    f"module {y[0] or '<root>'!r}, {y[1]}")  # fmt: skip
+    if len(a) != len(b):
+        extra, owner = (a[len(b)], names[0]) if len(a) > len(b) else (b[len(a)], names[1])
+        return f"module {extra[0] or '<root>'!r}, {extra[1]} exists only on {owner}"
+    return None
+
+
+def check_consistent(model: nn.Module) -> None:
+    """Raise `LayoutMismatch` on every process unless all processes hold the same model layout.
+
+    One small all_gather of a SHA-256 of `layout_records`; only when the digests differ are the records
+    themselves gathered to name the first differing module and field (rank r against rank 0).
+    """
+    _, world = rank_and_world()
+    if world == 1:
+        return
+    records = layout_records(model)
+    digest = hashlib.sha256(json.dumps(records).encode()).hexdigest()
+    digests = [None] * world
+    dist.all_gather_object(digests, digest)
+    if len(set(digests)) == 1:
+        return
+    everyone = [None] * world
+    dist.all_gather_object(everyone, records)
+    rank = next(r for r in range(world) if digests[r] != digests[0])
+    where = first_difference([tuple(x) for x in everyone[0]], [tuple(x) for x in everyone[rank]],
+                             ("rank 0", f"rank {rank}"))  # fmt: skip
+    raise LayoutMismatch(f"the processes hold different models: {where}. Every process must load, quantize and "
+                         "adapt the model identically; stopping all of them before training.")

@@ -397,11 +397,8 @@ def train(model: nn.Module, train_examples: Sequence[dict], config: TrainConfig 
         enable_gradient_checkpointing(model)
     if not any(p.requires_grad for p in model.parameters()):
         raise ValueError("the model has no trainable parameters: apply a PEFT method (lowbit.peft) first")
-    rank, world = rank_and_world()
+    rank, _ = rank_and_world()
     pad, out = _pad_id(model, pad_token_id), Path(output_dir) if output_dir is not None else None
-    if cfg.strategy == "fsdp" and world > 1 and out is not None:
-        warnings.warn("checkpoints are not written under FSDP (sharded optimizer state needs "
-                      "torch.distributed.checkpoint, not implemented); metrics and the plot still are", stacklevel=2)  # fmt: skip
     seed_everything(cfg.seed)
     module = wrap_model(model, cfg.strategy)
     optimizer = build_optimizer([p for p in module.parameters() if p.requires_grad], cfg)
@@ -431,7 +428,7 @@ def train(model: nn.Module, train_examples: Sequence[dict], config: TrainConfig 
 
 def _loop(module, model, examples, eval_examples, cfg, pad, state, optimizer, scheduler, scaler, log, out,
           teacher, distill) -> TrainResult:  # fmt: skip
-    rank, world = rank_and_world()
+    rank, _ = rank_and_world()
     sampler = EpochSampler(len(examples), cfg.seed, state["epoch"], state["offset"])
     result = TrainResult(steps=state["step"], losses=[], output_dir=out)
     bar = tqdm(total=cfg.max_steps, initial=state["step"], desc="train", disable=not cfg.progress or rank != 0)
@@ -470,8 +467,8 @@ def _loop(module, model, examples, eval_examples, cfg, pad, state, optimizer, sc
                 result.stopped_early, final = True, True
                 bar.write(f"early stopping: no better eval loss in {patience} evaluations")
         due = final or (cfg.save_every and state["step"] % cfg.save_every == 0)
-        if out is not None and state["bad_streak"] == 0 and due and not (cfg.strategy == "fsdp" and world > 1):
-            result.checkpoint = _save(model, optimizer, scheduler, scaler, state, cfg, out) if rank == 0 else None
+        if out is not None and state["bad_streak"] == 0 and due:  # every process: FSDP shards are gathered
+            result.checkpoint = _save(model, optimizer, scheduler, scaler, state, cfg, out)
         if result.stopped_early:
             break
     bar.close()
