@@ -190,11 +190,13 @@ def main() -> None:
     parser.add_argument("--steps", type=int, default=8)
     parser.add_argument("--configs", default="8:2048:1,8:2048:4,8:8192:1,32:2048:1",
                         help="layers:seq:batch,… to time")  # fmt: skip
+    parser.add_argument("--kinds", default="lowbit,peft+bnb,bf16-lora", help="contenders, comma-separated")
+    parser.add_argument("--no-profile", action="store_true", help="skip the torch-profiler table")
     parser.add_argument("--max-seq", action="store_true", help="search the longest sequence (32 layers, batch 1)")
     args = parser.parse_args()
     device = "cpu" if args.tiny else "cuda"
     shape = TINY if args.tiny else LLAMA3_8B
-    kinds = ["lowbit", "bf16-lora"] if args.tiny else ["lowbit", "peft+bnb", "bf16-lora"]
+    kinds = [k for k in args.kinds.split(",") if not (args.tiny and k == "peft+bnb")]
     configs = [tuple(int(v) for v in c.split(":")) for c in args.configs.split(",")]
     if args.tiny:
         configs = [(2, 64, 2)]
@@ -218,14 +220,15 @@ def main() -> None:
             return "-" if r is None else ("OOM" if r["oom"] else format(r[key], fmt))
 
         ratio = "-"
-        if not row["lowbit"]["oom"] and "peft+bnb" in row and not row["peft+bnb"]["oom"]:
+        if "lowbit" in row and not row["lowbit"]["oom"] and "peft+bnb" in row and not row["peft+bnb"]["oom"]:
             ratio = f"{row['lowbit']['tokens_per_s'] / row['peft+bnb']['tokens_per_s']:.2f}"
         log(f"| {row['layers']} | {row['seq']} | {row['batch']} | {cell('lowbit', 'tokens_per_s', '.0f')} | "
             f"{cell('peft+bnb', 'tokens_per_s', '.0f')} | {cell('bf16-lora', 'tokens_per_s', '.0f')} | {ratio} | "
             f"{cell('lowbit', 'peak_gib', '.2f')} | {cell('peft+bnb', 'peak_gib', '.2f')} | "
             f"{cell('bf16-lora', 'peak_gib', '.2f')} |")  # fmt: skip
-    layers, seq, batch = configs[0]
-    profile_lowbit(shape, layers, batch, seq, device, args.out)
+    if not args.no_profile:
+        layers, seq, batch = configs[0]
+        profile_lowbit(shape, layers, batch, seq, device, args.out)
     if args.max_seq and not args.tiny:
         longest = {k: longest_sequence(k, shape, 32, device, 8192, 262144) for k in ("lowbit", "peft+bnb")}
         log(f"longest sequence, 32 layers, batch 1: {longest}")

@@ -8,8 +8,12 @@ from lowbit.evaluate.elo import (
     elo_ratings,
     generate_answers,
     human_judge,
+    likelihood_judge,
     model_judge,
     play_tournament,
+    read_answers,
+    read_prompts,
+    write_answers,
 )
 from lowbit.evaluate.error_report import ErrorReport, LayerError, error_report_for, quantization_error_report
 from lowbit.evaluate.multiple_choice import MCQuestion, MCResult, evaluate_multiple_choice, load_mc_jsonl
@@ -28,10 +32,14 @@ __all__ = [
     "evaluate_multiple_choice",
     "generate_answers",
     "human_judge",
+    "likelihood_judge",
     "load_mc_jsonl",
     "model_judge",
     "perplexity",
     "play_tournament",
     "quantization_error_report",
+    "read_answers",
+    "read_prompts",
     "reference_text",
+    "write_answers",
 ]

@@ -17,8 +17,11 @@ preference for the first (or second) position.
 from __future__ import annotations
 
 import itertools
+import json
+import os
 import random
 from dataclasses import dataclass, field
+from pathlib import Path
 from typing import Callable
 
 Judge = Callable[[str, str, str], float]  # (prompt, answer_a, answer_b) → score of A: 1, 0.5 or 0
@@ -181,3 +184,97 @@ def generate_answers(players: dict[str, tuple], prompts: list[str], config=None)
     for name, (model, tokenizer) in players.items():
         answers[name] = [ChatSession(model, tokenizer, config).send(p) for p in prompts]
     return answers
+
+
+def likelihood_judge(model, tokenizer, tie_margin: float = 0.0) -> Judge:
+    """A local model as a scorer: the better answer is the one it finds more likely after the prompt.
+
+    Each answer's score is its mean log-probability per token, log p(answer | prompt) / |answer| (the prompt in
+    the judge's chat template when it has one), so longer answers are not punished for their length alone; a
+    gap within ``tie_margin`` nats per token is a tie, an empty answer loses to any other. Unlike `model_judge`
+    the judge never sees both answers, so it has no position bias; it rates fluency under its own model more
+    than correctness. Scores are cached: every answer meets each other player's twice.
+    """
+    from lowbit.evaluate.multiple_choice import continuation_logprobs
+
+    chat = bool(getattr(tokenizer, "chat_template", None))
+    scores: dict[tuple[str, str], float] = {}
+
+    def score(prompt: str, answer: str) -> float:
+        if (prompt, answer) not in scores:
+            if not answer.strip():
+                scores[prompt, answer] = float("-inf")
+            else:
+                context, text = prompt, " " + answer.lstrip()
+                if chat:  # the answer is the assistant's turn after the templated prompt
+                    turn = [{"role": "user", "content": prompt}]
+                    context = tokenizer.apply_chat_template(turn, add_generation_prompt=True, tokenize=False)
+                    text = answer
+                [(total, n)] = continuation_logprobs(model, tokenizer, context, [text])
+                scores[prompt, answer] = total / n
+        return scores[prompt, answer]
+
+    def judge(prompt: str, answer_a: str, answer_b: str) -> float:
+        a, b = score(prompt, answer_a), score(prompt, answer_b)
+        if a == b or abs(a - b) <= tie_margin:  # a == b also covers two empty answers (-inf)
+            return 0.5
+        return 1.0 if a > b else 0.0
+
+    return judge
+
+
+def read_prompts(path: str | os.PathLike) -> list[str]:
+    """Prompts from a .txt file (one per non-empty line) or a JSONL file (a ``"prompt"`` field per line)."""
+    path = Path(path)
+    lines = [line for line in path.read_text(encoding="utf-8").splitlines() if line.strip()]
+    if path.suffix.lower() not in (".jsonl", ".json"):
+        return lines
+    return [_json_line(path, n, line, ("prompt",))["prompt"] for n, line in enumerate(lines, start=1)]
+
+
+def read_answers(path: str | os.PathLike) -> tuple[list[str], dict[str, list[str]]]:
+    """``(prompts, {player: answers})`` from a JSONL file in either layout:
+
+        {"prompt": "...", "answers": {"model-a": "...", "model-b": "..."}}    one line per prompt, or
+        {"prompt": "...", "model": "model-a", "answer": "..."}                one line per answer.
+
+    Every player must answer every prompt (each once).
+    """
+    path = Path(path)
+    table: dict[str, dict[str, str]] = {}  # prompt → player → answer, in file order
+    for n, line in enumerate(path.read_text(encoding="utf-8").splitlines(), start=1):
+        if not line.strip():
+            continue
+        row = _json_line(path, n, line, ("prompt",))
+        pairs = row["answers"].items() if isinstance(row.get("answers"), dict) else None
+        if pairs is None:
+            pairs = [(_json_line(path, n, line, ("model", "answer"))["model"], row["answer"])]
+        for player, answer in pairs:
+            if str(player) in table.setdefault(row["prompt"], {}):
+                raise ValueError(f"{path}:{n}: {player!r} answers the prompt {row['prompt'][:40]!r} twice")
+            table[row["prompt"]][str(player)] = str(answer)
+    prompts = list(table)
+    players = sorted({p for answers in table.values() for p in answers})
+    for prompt, answers in table.items():
+        missing = [p for p in players if p not in answers]
+        if missing:
+            raise ValueError(f"{path}: {', '.join(missing)} did not answer the prompt {prompt[:40]!r}")
+    return prompts, {p: [table[q][p] for q in prompts] for p in players}
+
+
+def write_answers(path: str | os.PathLike, prompts: list[str], answers: dict[str, list[str]]) -> Path:
+    """The one-line-per-prompt layout `read_answers` reads."""
+    path = Path(path)
+    rows = [{"prompt": q, "answers": {p: answers[p][i] for p in sorted(answers)}} for i, q in enumerate(prompts)]
+    path.write_text("".join(json.dumps(r, ensure_ascii=False) + "\n" for r in rows), encoding="utf-8")
+    return path
+
+
+def _json_line(path: Path, n: int, line: str, required: tuple[str, ...]) -> dict:
+    try:
+        row = json.loads(line)
+    except json.JSONDecodeError as e:
+        raise ValueError(f"{path}:{n}: not JSON ({e.msg})") from None
+    if not isinstance(row, dict) or any(not isinstance(row.get(k), str) for k in required):
+        raise ValueError(f"{path}:{n}: expected an object with string field(s) {', '.join(required)}")
+    return row

@@ -72,14 +72,20 @@ def shipped_data(name: str) -> Path:
 
 
 def load_for_task(name: str, task: str, labels: tuple[str, ...] | None):
-    """(model, tokenizer): the causal LM, or for classification the same backbone with a new head."""
+    """(model, tokenizer): the causal LM, or for classification the same backbone with a new head.
+
+    A causal LM may come already quantized (a `lowbit quantize` directory or a bitsandbytes 4-bit checkpoint):
+    QLoRA then trains on those stored 4-bit weights instead of quantizing again."""
     from transformers import AutoModelForSequenceClassification
 
+    from lowbit.io.auto import checkpoint_kind, load_any
     from lowbit.io.loading import load_model
 
-    model, tokenizer = load_model(name)
     if task != "classification":
-        return model, tokenizer
+        return load_any(name)
+    if checkpoint_kind(name) in ("lowbit", "bnb-4bit"):
+        raise ValueError(f"{name} is quantized; classification builds a new head on a full-precision model")
+    model, tokenizer = load_model(name)
     if not labels:
         raise ValueError("classification needs the label names (DataConfig.labels / --labels)")
     config = model.config
@@ -96,9 +102,12 @@ def apply_method(model: nn.Module, cfg: FinetuneConfig) -> nn.Module:
     from lowbit.peft import LoraConfig, apply_full_finetuning, apply_lora
     from lowbit.quantize import QuantConfig, quantize
 
+    quantized = getattr(model, "lowbit_quant_config", None) is not None  # loaded from a quantized checkpoint
     if cfg.method == "full":
+        if quantized:
+            raise ValueError("full fine-tuning needs full-precision weights, the model is quantized; use qlora")
         return apply_full_finetuning(model)
-    if cfg.method == "qlora":
+    if cfg.method == "qlora" and not quantized:
         quantize(model, QuantConfig(format=cfg.quant_format, block_size=64, double_quant=True))
     heads = tuple(n for n in HEAD_NAMES if isinstance(getattr(model, n, None), nn.Module))
     lora = LoraConfig(r=cfg.r, alpha=cfg.alpha, dropout=cfg.dropout, target_modules=cfg.target_modules,
