@@ -73,6 +73,18 @@ def test_save_load_reproduces_logits_exactly(lora_dir):
         n for n, _ in trainable.named_parameters() if ".lora_" in n}  # fmt: skip
 
 
+def test_loaded_adapter_follows_the_model_mode(tmp_path):
+    """New modules are born in training mode: a LoRA loaded into an eval model must not keep its dropout on."""
+    model = tiny_llama()
+    apply_lora(model, LoraConfig(r=4, alpha=8, dropout=0.5))
+    randomize_lora_b(model)
+    save_adapter(model, tmp_path / "adapter")
+    loaded = load_adapter(tiny_llama().eval(), tmp_path / "adapter")
+    assert not any(m.training for m in loaded.modules())
+    assert torch.equal(loaded(ids()).logits, loaded(ids()).logits)  # dropout 0.5 would make these differ
+    assert all(m.training for m in load_adapter(tiny_llama().train(), tmp_path / "adapter").modules())
+
+
 def test_qlora_adapter_round_trip(tmp_path):
     def quantized():
         model = tiny_llama()

@@ -150,16 +150,20 @@ def load_adapter(
     """Apply the adapter saved in `path` (by lowbit or HF peft) to `model`, in place; returns `model`.
 
     The loaded adapter becomes the active one. Its parameters require grad only with `trainable=True`
-    (peft's `is_trainable`); the base stays frozen either way. On any error the model is left unchanged.
+    (peft's `is_trainable`); the base stays frozen either way. The new modules follow the model's mode: loaded
+    into a model in eval mode, the adapter's dropout is off. On any error the model is left unchanged.
     """
     config_dict = read_adapter_config(path)
     method = get_peft_method(config_dict["peft_type"])
     config = method.from_peft_dict(config_dict)
     state = read_adapter_weights(path)
-    before = {id(p) for p in model.parameters()}
+    before, modules_before = {id(p) for p in model.parameters()}, {id(m) for m in model.modules()}
     with _restored_on_error(model):
         method.apply(model, config, adapter_name)
         method.load_state_dict(model, state, adapter_name)
+    for module in model.modules():
+        if id(module) not in modules_before:  # new modules are born in training mode (dropout on)
+            module.training = model.training
     for p in model.parameters():
         if id(p) not in before:
             p.requires_grad_(trainable)
