@@ -1,5 +1,6 @@
 """The `lowbit` command line as a user runs it: in-process for most commands, by subprocess for a few."""
 
+import io
 import json
 import os
 import subprocess
@@ -8,6 +9,7 @@ from pathlib import Path
 
 import pytest
 import torch
+from safetensors.torch import load_file
 from transformers import AutoModelForCausalLM, LlamaConfig, LlamaForCausalLM
 
 from lowbit.cli import main
@@ -133,3 +135,103 @@ def test_export_merged_and_bnb(tiny_dir, tmp_path, capsys):
     assert json.loads((tmp_path / "bnb" / "config.json").read_text())["quantization_config"]["load_in_4bit"]
     assert main(["generate", str(tmp_path / "bnb"), "--prompt", "Hi", "--max-new-tokens", "3"]) == 0  # reads it back
     assert "exported (bnb4)" in capsys.readouterr().out
+
+
+def test_merge_matches_the_model_with_its_adapter_and_export_shares_it(tiny_dir, tmp_path, capsys):
+    from lowbit.io import load_any
+    from lowbit.peft import LoraConfig, apply_lora, save_adapter
+    from tests.peft.test_lora import randomize_lora_b
+
+    q = tmp_path / "q"
+    assert main(["quantize", str(tiny_dir), "--format", "nf4", "--out", str(q)]) == 0
+    model = apply_lora(load_any(q)[0], LoraConfig(r=4, alpha=8, dropout=0.1))
+    randomize_lora_b(model)
+    save_adapter(model, tmp_path / "adapter")
+    assert main(["merge", str(q), str(tmp_path / "adapter"), "--out", str(tmp_path / "merged")]) == 0
+    assert f"saved a plain transformers model to {tmp_path / 'merged'}" in capsys.readouterr().out
+    merged = AutoModelForCausalLM.from_pretrained(tmp_path / "merged", local_files_only=True)  # plain transformers
+    assert not (tmp_path / "merged" / "lowbit_quant.json").exists()
+    assert type(merged.model.layers[0].mlp.down_proj) is torch.nn.Linear and merged.dtype == torch.float32
+    ids = torch.tensor([[5, 17, 42, 99, 3, 250, 7, 8]])
+    with torch.no_grad():
+        expected, got = model.eval()(input_ids=ids).logits, merged(input_ids=ids).logits
+    assert (got - expected).abs().max() < 1e-5 * expected.abs().max()  # measured: ~3e-7 relative (fp32 matmul order)
+    assert main(["export", str(q), "--adapter", str(tmp_path / "adapter"), "--to", "merged",
+                 "--out", str(tmp_path / "exported")]) == 0  # fmt: skip
+    read = lambda d: load_file(d / "model.safetensors")  # noqa: E731
+    a, b = read(tmp_path / "merged"), read(tmp_path / "exported")
+    assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)  # one code path
+    assert main(["merge", str(tiny_dir), str(tmp_path / "adapter"), "--dtype", "bfloat16",
+                 "--out", str(tmp_path / "bf16")]) == 0  # fmt: skip
+    assert {t.dtype for t in read(tmp_path / "bf16").values()} == {torch.bfloat16}
+    capsys.readouterr()
+    assert main(["merge", str(q), str(tmp_path / "no-adapter"), "--out", str(tmp_path / "x")]) == 1
+    err = capsys.readouterr().err.strip()
+    assert err.startswith("lowbit merge: error:") and "\n" not in err and "no-adapter" in err
+
+
+def write_answers_file(path: Path) -> Path:
+    rows = [{"prompt": "What is the capital of France?", "answers": {"good": "Paris.", "odd": "Fish fish fish.",
+                                                                      "same": "Paris."}},
+            {"prompt": "Name a colour.", "answers": {"good": "Blue.", "odd": "Seventeen.", "same": "Blue."}}]  # fmt: skip
+    path.write_text("".join(json.dumps(r) + "\n" for r in rows))
+    return path
+
+
+def elo_rows(out: str) -> dict[str, list[str]]:
+    """player → [rank, Elo, CI, wins, ties, losses] from the printed Markdown table."""
+    rows = [line.strip("|").split("|") for line in out.splitlines() if line.startswith("| ") and "---" not in line]
+    return {cells[1].strip(): [c.strip() for c in cells[:1] + cells[2:]] for cells in rows[1:]}
+
+
+def test_elo_with_a_model_judge(tiny_dir, tmp_path, capsys):
+    answers = write_answers_file(tmp_path / "answers.jsonl")
+    assert main(["elo", "--answers", str(answers), "--judge", str(tiny_dir), "--rounds", "200"]) == 0
+    out = capsys.readouterr().out
+    assert "3 players, 2 prompts, 12 matches judged by" in out and "| rank | player | Elo | 95% CI |" in out
+    rows = elo_rows(out)
+    assert set(rows) == {"good", "odd", "same"}
+    # good and same give identical answers: every game between them is a tie, and they meet odd alike
+    assert rows["good"][3:] == rows["same"][3:] and int(rows["good"][4]) >= 4
+    for rank, elo, ci, *wtl in rows.values():
+        lower, upper = map(float, ci.split(" – "))
+        assert lower <= float(elo) <= upper and sum(map(int, wtl)) == 8  # 2 prompts × 2 opponents × 2 orders
+    assert main(["elo", "--answers", str(answers), "--judge", str(tiny_dir), "--one-order", "--rounds", "10"]) == 0
+    assert "6 matches judged by" in capsys.readouterr().out
+    # the verdict judge needs " A" / " B" as single tokens; the tiny BPE vocabulary has no such tokens
+    assert main(["elo", "--answers", str(answers), "--judge", str(tiny_dir), "--judge-mode", "verdict"]) == 1
+    assert capsys.readouterr().err.strip().endswith("must encode ' A' and ' B' as two different single tokens")
+
+
+def test_elo_with_a_human_at_the_terminal(tiny_dir, tmp_path, capsys, monkeypatch):
+    answers = tmp_path / "answers.jsonl"
+    answers.write_text('{"prompt": "2+2?", "answers": {"bad": "5", "good": "4"}}\n'
+                       '{"prompt": "Capital of Peru?", "answers": {"bad": "Rome", "good": "Lima"}}\n')  # fmt: skip
+    # players sorted (bad, good); games: each prompt with bad shown as A, then each with good as A
+    monkeypatch.setattr("sys.stdin", io.StringIO("b\nwhat?\nB\na\nt\n"))
+    assert main(["elo", "--answers", str(answers), "--judge", "human", "--rounds", "100"]) == 0
+    out = capsys.readouterr().out
+    assert out.count("=== prompt ===") == 4 and "please type a, b or t" in out and "--- answer B ---\n4" in out
+    rows = elo_rows(out)
+    assert rows["good"][0] == "1" and rows["good"][3:] == ["3", "1", "0"] and rows["bad"][3:] == ["0", "1", "3"]
+    assert float(rows["good"][1]) > 1000 > float(rows["bad"][1])
+    monkeypatch.setattr("sys.stdin", io.StringIO("a\n"))  # the input ends after one verdict
+    assert main(["elo", "--answers", str(answers), "--judge", "human"]) == 1
+    assert capsys.readouterr().err.strip() == "lowbit elo: error: the input ended before every match was judged"
+
+
+def test_elo_generates_the_answers_first(tiny_dir, tmp_path, capsys):
+    prompts = tmp_path / "prompts.txt"
+    prompts.write_text("Hello there\nWhat is 2 + 2?\n")
+    saved = tmp_path / "answers.jsonl"
+    assert main(["elo", "--models", f"a={tiny_dir}", f"b={tiny_dir}", "--prompts", str(prompts), "--max-new-tokens",
+                 "4", "--save-answers", str(saved), "--judge", str(tiny_dir), "--rounds", "50"]) == 0  # fmt: skip
+    rows = elo_rows(capsys.readouterr().out)
+    lines = [json.loads(line) for line in saved.read_text().splitlines()]
+    assert [r["prompt"] for r in lines] == ["Hello there", "What is 2 + 2?"]
+    assert all(r["answers"]["a"] == r["answers"]["b"] for r in lines)  # same model, greedy
+    assert rows["a"][3:] == rows["b"][3:] == ["0", "4", "0"] and rows["a"][1] == rows["b"][1] == "1000"
+    for argv in (["elo", "--judge", "human"], ["elo", "--models", str(tiny_dir), "--judge", "human"],
+                 ["elo", "--answers", str(saved), "--models", "x", "--judge", "human"]):  # fmt: skip
+        assert main(argv) == 1
+        assert len(capsys.readouterr().err.strip().splitlines()) == 1
