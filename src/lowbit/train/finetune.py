@@ -23,7 +23,7 @@ import torch
 from torch import nn
 
 from lowbit.train.data import DataConfig, build_examples, pack_examples, read_records
-from lowbit.train.trainer import TrainConfig, evaluate, train
+from lowbit.train.trainer import TrainConfig, evaluate, seed_everything, train
 
 CONFIG_VERSION = 1
 METHODS = ("lora", "qlora", "full")
@@ -147,13 +147,39 @@ def _examples(path, tokenizer, cfg: FinetuneConfig, what: str):
     return examples
 
 
-def run_finetune(cfg: FinetuneConfig) -> dict:
-    """The whole job; returns (and writes to out/finetune.json) what was measured."""
+def _save_adapter(model: nn.Module, path: Path) -> Path:
+    """Rank 0 writes the adapter (one writer per file); under FSDP every process first gathers the sharded
+    LoRA weights (`unsharded` is collective)."""
     from lowbit.peft import save_adapter
+    from lowbit.train.distributed import is_main_process, unsharded
+
+    with unsharded(model):
+        if is_main_process():
+            save_adapter(model, path)
+    return path
+
+
+def _answers_after(model, tokenizer, cfg: FinetuneConfig) -> list[str]:
+    """`chat_answers` after training; an FSDP-sharded model cannot be copied and merged, so every process
+    generates through the sharded model in lockstep (same prompt, greedy: the same all-gathers)."""
+    from lowbit.train.distributed import rank_and_world
+
+    if cfg.train.strategy == "fsdp" and rank_and_world()[1] > 1:
+        return [chat_answer(model, tokenizer, p, cfg.max_new_tokens) for p in cfg.prompts]
+    return chat_answers(model, tokenizer, cfg.prompts, cfg.max_new_tokens)
+
+
+def run_finetune(cfg: FinetuneConfig) -> dict:
+    """The whole job; returns (and writes to out/finetune.json) what was measured. With several processes
+    (torchrun) every process runs it and rank 0 writes the files."""
+    from lowbit.train.distributed import is_main_process
 
     start = time.perf_counter()
     dc = cfg.data_config
     model, tokenizer = load_for_task(cfg.model, dc.task, dc.labels)
+    # Seeded adapter initialisation: reproducible, and the same in every process (FSDP2, unlike DDP, does
+    # not broadcast rank 0's weights: each process keeps its own slice of its own initialisation).
+    seed_everything(cfg.train.seed)
     model = apply_method(model, cfg)
     train_ex = _examples(cfg.data, tokenizer, cfg, "train")
     eval_ex = _examples(cfg.eval_data, tokenizer, cfg, "eval") if cfg.eval_data else None
@@ -173,10 +199,11 @@ def run_finetune(cfg: FinetuneConfig) -> dict:
                 "final_train_loss": result.losses[-1] if result.losses else None,
                 "eval_after": result.evals[-1] if result.evals else None}  # fmt: skip
     if dc.task != "classification":
-        summary["answers_after"] = chat_answers(model, tokenizer, cfg.prompts, cfg.max_new_tokens)
+        summary["answers_after"] = _answers_after(model, tokenizer, cfg)
     if cfg.method != "full":
-        summary["adapter"] = str(save_adapter(model, Path(cfg.out) / "adapter"))
+        summary["adapter"] = str(_save_adapter(model, Path(cfg.out) / "adapter"))
     summary["peak_rss_mb"] = round(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024, 1)
     summary["total_seconds"] = round(time.perf_counter() - start, 1)
-    Path(cfg.out, "finetune.json").write_text(json.dumps(summary, indent=2, default=str))
+    if is_main_process():
+        Path(cfg.out, "finetune.json").write_text(json.dumps(summary, indent=2, default=str))
     return summary
