@@ -188,7 +188,10 @@ def test_special_blocks_decode_exactly():
         assert torch.equal(v[3, 32:64], torch.zeros(32)) or kind != "q6_k"  # symmetric: an exact zero
         torch.testing.assert_close(v[1, 256:], torch.full((256,), 0.3), rtol=2e-3, atol=0)  # constants survive
         torch.testing.assert_close(v[2, :256], torch.full((256,), -0.2), rtol=2e-3, atol=0)
-        assert v[4, 16:32].abs().max() < 1e-3
+        # 1e-20s: a Q6_K sub-block of their own (scale rounds to 0: exact zeros); in Q4_K/Q5_K they share a
+        # sub-block of 32 with N(0, 0.05²) values, so they land within a grid step (~0.1 / 15) of zero.
+        tiny = v[4, 16:32].abs().max()
+        assert tiny == 0 if kind == "q6_k" else tiny < 0.01
 
 
 # Relative RMS error of N(0, σ²) weights (measured ≈ 0.072 / 0.036 / 0.0177), and the gguf package's own
