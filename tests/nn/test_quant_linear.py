@@ -111,3 +111,28 @@ def test_clear_errors():
     with pytest.raises(ValueError, match="NaN"):
         QuantLinear.from_linear(nn.Linear(32, 8).requires_grad_(False).apply(lambda m: m.weight.fill_(float("nan"))),
                                 WeightFormat("nf4"))  # fmt: skip
+
+
+def test_storage_as_parameters_changes_nothing_but_the_kind(tmp_path):
+    """FSDP2 shards parameters, not buffers: the storage becomes frozen parameters with the same names,
+    shapes, dtypes and bytes, so the forward, the state dict and quantized checkpoints are unchanged."""
+    import lowbit
+    from tests.tiny_models import tiny_llama
+
+    model = tiny_llama()
+    lowbit.quantize(model, lowbit.QuantConfig(format="nf4", block_size=64, double_quant=True))
+    x = torch.randint(0, 300, (1, 12))
+    before, y = model.state_dict(), model(input_ids=x).logits
+    layers = [m for m in model.modules() if isinstance(m, QuantLinear)]
+    for m in layers:
+        m.storage_as_parameters()
+        m.storage_as_parameters()  # twice: no-op
+    q = layers[0]
+    assert isinstance(q.weight, nn.Parameter) and q.weight.dtype == torch.uint8 and not q.weight.requires_grad
+    assert not [n for n in q._buffers if n.startswith("weight")]
+    assert not any(p.requires_grad for m in layers for p in m.parameters())
+    after = model.state_dict()
+    assert list(after) == list(before) and all(torch.equal(after[k], before[k]) for k in before)
+    assert torch.equal(model(input_ids=x).logits, y)
+    lowbit.save_quantized(model, tmp_path)
+    assert torch.equal(lowbit.load_quantized(tmp_path)(input_ids=x).logits, y)  # loads back into buffers

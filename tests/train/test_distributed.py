@@ -53,3 +53,18 @@ def test_layout_mismatch_stops_every_process(runs):
             in block[0])  # fmt: skip
     assert ("module 'model.layers.1.mlp.down_proj.base_layer', weight.dtype: torch.uint8 on rank 0, torch.int8 on "
             "rank 1" in dtype[0])  # fmt: skip
+
+
+def test_first_difference_names_the_module_and_field():
+    import lowbit
+    from lowbit.train.distributed import first_difference, layout_records
+    from tests.tiny_models import tiny_llama
+
+    a, b = tiny_llama(), tiny_llama()
+    for model, double_quant in ((a, True), (b, False)):
+        lowbit.quantize(model, lowbit.QuantConfig(format="nf4", block_size=64, double_quant=double_quant))
+    ra, rb = layout_records(a), layout_records(b)
+    assert first_difference(ra, ra) is None
+    assert first_difference(ra, rb, ("rank 0", "rank 1")) == (
+        "module 'model.layers.0.self_attn.q_proj', format.double_quant: True on rank 0, False on rank 1")
+    assert first_difference(ra, ra[:-4], ("rank 0", "rank 1")).endswith("exists only on rank 0")
