@@ -139,7 +139,7 @@ def test_tokenizer_round_trip(tmp_path, bpe_tokenizer):
 
 def test_bad_requests(tmp_path):
     with pytest.raises(ValueError, match="dtype"):
-        export_gguf(tiny_llama(), tmp_path / "x.gguf", dtype="q5_k")
+        export_gguf(tiny_llama(), tmp_path / "x.gguf", dtype="q3_k")
     from tests.tiny_models import tiny_bert
 
     with pytest.raises(ValueError, match="supports"):

@@ -1,4 +1,4 @@
-"""Export Llama-family models to GGUF (F32, F16, Q8_0, Q4_0) with the `gguf` package's writer.
+"""Export Llama-family models to GGUF (F32, F16, Q8_0, Q4_0, K-quants, Q4_K_M) with the `gguf` package's writer.
 
 Tensor names, metadata keys and the rotary layout follow llama.cpp's converter, so llama.cpp and
 transformers' GGUF loader read the file:
@@ -17,8 +17,18 @@ are unchanged. Qwen2 files use the NeoX rope (halves), so its rows stay as they 
 Formats (ggml block quantization; one scale per 32 weights of a row):
     Q8_0  w ≈ d·q, q ∈ [-127, 127], d = absmax / 127 (fp16)                 8.5 bits/weight
     Q4_0  w ≈ d·(q - 8), q ∈ [0, 15], d = max-magnitude value / -8 (fp16)   4.5 bits/weight
-1-D tensors (norms, biases) stay F32, and a matrix whose rows are not a multiple of 32 long falls back to F16,
-as in llama.cpp. Quantized layers (QuantLinear) and LoRA adapters are dequantized / merged first.
+    Q4_K / Q5_K / Q6_K  super-blocks of 256 (lowbit.io.gguf_kquants)       4.5 / 5.5 / 6.56 bits/weight
+    Q4_K_M  llama.cpp's mix: Q4_K, but Q6_K for the output matrix and for attn_v and ffn_down of the layers
+            `use_more_bits` picks (first and last eighth, every third in between)
+1-D tensors (norms, biases) stay F32. A matrix whose rows are not a multiple of the block (32; 256 for K-quants)
+falls back as llama.cpp's quantizer does: Q4_K → Q5_0, Q5_K → Q5_1, Q6_K → Q8_0, and to F16 when even 32 does
+not divide the row (SmolLM2's hidden size 576 is such a case: its q/k/v/gate/up/o matrices and embeddings become
+Q5_0 under q4_k / q4_k_m; only ffn_down, 1536 wide, is K-quantized). `q4_k`/`q5_k`/`q6_k` are "pure" files
+(every matrix that type, like llama-quantize --pure); `q4_k_m` is the mixed recipe.
+
+An importance matrix (`collect_imatrix`: mean x² of each linear layer's input over calibration tokens, llama.cpp's
+imatrix) weights the K-quant fits toward the inputs that matter; the fallback types (quantized by the gguf
+package) ignore it. Quantized layers (QuantLinear) and LoRA adapters are dequantized / merged first.
 """
 
 from __future__ import annotations
@@ -31,9 +41,11 @@ import numpy as np
 import torch
 from torch import nn
 
+from lowbit.io.gguf_kquants import QK_K, quantize_kquant
 from lowbit.io.merged import merged_copy
 
-GGUF_TYPES = ("f32", "f16", "q8_0", "q4_0")
+GGUF_TYPES = ("f32", "f16", "q8_0", "q4_0", "q4_k", "q5_k", "q6_k", "q4_k_m")
+K_FALLBACK = {"q4_k": "q5_0", "q5_k": "q5_1", "q6_k": "q8_0"}  # llama.cpp's type for rows not a multiple of 256
 ARCHITECTURES = {"llama": "llama", "mistral": "llama", "qwen2": "qwen2"}  # transformers model_type → GGUF arch
 PERMUTED_ROPE = {"llama"}  # archs whose GGUF q/k rows use llama.cpp's interleaved rope layout
 LAYER_NAMES = {
@@ -81,24 +93,52 @@ def _rope_theta(config) -> float:
     return float(theta)
 
 
-def _encode(w: torch.Tensor, kind: str):
+def use_more_bits(layer: int, n_layers: int) -> bool:
+    """llama.cpp's choice of layers that get more bits in the _M mixes: the first and last eighth, every third."""
+    return layer < n_layers // 8 or layer >= 7 * n_layers // 8 or (layer - n_layers // 8) % 3 == 2
+
+
+def tensor_type(name: str, shape: tuple[int, ...], kind: str, n_layers: int, has_output: bool = True) -> str:
+    """The GGML type ("f32", "q4_k", …) export_gguf writes GGUF tensor ``name`` of ``shape`` with, for ``kind``."""
+    if len(shape) == 1 or kind == "f32":
+        return "f32"
+    if kind in ("f16", "q8_0", "q4_0"):
+        return "f16" if kind == "f16" or shape[-1] % 32 else kind
+    chosen = "q4_k" if kind == "q4_k_m" else kind
+    if kind == "q4_k_m":
+        layer = int(name.split(".")[1]) if name.startswith("blk.") else -1
+        if name == "output.weight" or (not has_output and name == "token_embd.weight"):
+            chosen = "q6_k" if shape[-1] % QK_K == 0 else "q8_0"
+        elif name.endswith(("attn_v.weight", "ffn_down.weight")) and use_more_bits(layer, n_layers):
+            chosen = "q6_k"
+    if chosen in K_FALLBACK and shape[-1] % QK_K:
+        chosen = K_FALLBACK[chosen]
+    return "f16" if shape[-1] % 32 else chosen
+
+
+def _encode(w: torch.Tensor, qtype: str, importance: torch.Tensor | None = None):
     """(array, raw ggml type or None) for one tensor; None type = the writer infers F32/F16 from the array."""
     import gguf
 
+    if qtype in ("q4_k", "q5_k", "q6_k"):
+        return quantize_kquant(w, qtype, importance).data, gguf.GGMLQuantizationType[qtype.upper()]
     data = w.detach().float().cpu().numpy()
-    if data.ndim == 1 or kind == "f32":
+    if qtype == "f32":
         return data.astype(np.float32), None
-    if kind == "f16" or data.shape[-1] % 32:
+    if qtype == "f16":
         return data.astype(np.float16), None
-    qtype = {"q8_0": gguf.GGMLQuantizationType.Q8_0, "q4_0": gguf.GGMLQuantizationType.Q4_0}[kind]
-    return gguf.quants.quantize(data, qtype), qtype
+    raw = gguf.GGMLQuantizationType[qtype.upper()]
+    return gguf.quants.quantize(data, raw), raw
 
 
 def export_gguf(model: nn.Module, path: str | os.PathLike, tokenizer=None, dtype: str = "f16",
-                tokenizer_pre: str = "default", name: str | None = None) -> Path:  # fmt: skip
+                tokenizer_pre: str = "default", name: str | None = None,
+                importance: dict[str, torch.Tensor] | None = None) -> Path:  # fmt: skip
     """Write ``model`` (a Llama/Mistral/Qwen2 causal LM) as a GGUF v3 file; returns its path.
 
-    ``dtype`` is the type of the weight matrices: f32 | f16 | q8_0 | q4_0. With a byte-level BPE ``tokenizer``
+    ``dtype`` is the type of the weight matrices: f32 | f16 | q8_0 | q4_0 | q4_k | q5_k | q6_k | q4_k_m (see the
+    module docstring for the mix and the fallbacks). ``importance`` maps module names ("model.layers.0.mlp.down_proj")
+    to per-input-column weights, as `collect_imatrix` returns them, for the K-quants. With a byte-level BPE ``tokenizer``
     (GPT-2 style, e.g. SmolLM2's) the vocabulary, merges, special ids and chat template are stored too, so
     llama.cpp can run the file on its own; ``tokenizer_pre`` is llama.cpp's pre-tokenizer name (e.g. "smollm").
     """
@@ -116,14 +156,17 @@ def export_gguf(model: nn.Module, path: str | os.PathLike, tokenizer=None, dtype
         _write_tokenizer(writer, tokenizer, config.vocab_size, tokenizer_pre)
     tied = getattr(config, "tie_word_embeddings", False)
     head_dim = getattr(config, "head_dim", None) or config.hidden_size // config.num_attention_heads
+    importance = importance or {}
     for hf_name, tensor in plain.state_dict().items():
         out_name = gguf_name(hf_name)
         if out_name is None or (tied and out_name == "output.weight"):
             continue
         if arch in PERMUTED_ROPE and out_name.endswith(("attn_q.weight", "attn_k.weight")):
             tensor = interleave_rope_rows(tensor, tensor.shape[0] // head_dim)  # q: n_heads rows blocks, k: n_kv
-        data, qtype = _encode(tensor, kind)
-        writer.add_tensor(out_name, data, raw_dtype=qtype)
+        qtype = tensor_type(out_name, tuple(tensor.shape), kind, config.num_hidden_layers, has_output=not tied)
+        imp = importance.get(hf_name.rpartition(".")[0]) if hf_name.endswith(".weight") else None
+        data, raw = _encode(tensor, qtype, imp)  # row permutation leaves the columns (and their importance) alone
+        writer.add_tensor(out_name, data, raw_dtype=raw)
     path = Path(path)
     writer.write_header_to_file()
     writer.write_kv_data_to_file()
@@ -132,11 +175,47 @@ def export_gguf(model: nn.Module, path: str | os.PathLike, tokenizer=None, dtype
     return path
 
 
+@torch.no_grad()
+def collect_imatrix(model: nn.Module, batches) -> dict[str, torch.Tensor]:
+    """llama.cpp's importance matrix: for every layer export_gguf writes, the mean of x² per input column over
+    all calibration tokens. ``batches``: token-id tensors (B, T) (or one tensor). → {module name: (in,) float32}.
+
+    Weighting a weight's rounding error by E[x_j²] makes the fit minimise E‖(W − Ŵ)x‖² column by column under a
+    diagonal approximation of the input covariance (the statistic llama.cpp's imatrix tool collects).
+    """
+    if isinstance(batches, torch.Tensor):
+        batches = [batches]
+    sums: dict[str, torch.Tensor] = {}
+    counts: dict[str, int] = {}
+    hooks = []
+
+    def observe(name):
+        def hook(_module, args):
+            x = args[0].detach().float().reshape(-1, args[0].shape[-1])  # (tokens, in)
+            sums[name] = sums.get(name, 0) + x.pow(2).sum(0).cpu()
+            counts[name] = counts.get(name, 0) + x.shape[0]
+
+        return hook
+
+    for name, module in model.named_modules():  # the linear layers with a GGUF name (LoRA / quantized ones too)
+        if gguf_name(f"{name}.weight") is not None and isinstance(getattr(module, "in_features", None), int):
+            hooks.append(module.register_forward_pre_hook(observe(name)))
+    try:
+        for ids in batches:
+            model(ids.to(next(model.parameters()).device))
+    finally:
+        for h in hooks:
+            h.remove()
+    return {name: sums[name] / counts[name] for name in sums}
+
+
 def _write_metadata(writer, config, arch: str, kind: str, name: str) -> None:
     import gguf
 
     file_type = {"f32": gguf.LlamaFileType.ALL_F32, "f16": gguf.LlamaFileType.MOSTLY_F16,
-                 "q8_0": gguf.LlamaFileType.MOSTLY_Q8_0, "q4_0": gguf.LlamaFileType.MOSTLY_Q4_0}[kind]  # fmt: skip
+                 "q8_0": gguf.LlamaFileType.MOSTLY_Q8_0, "q4_0": gguf.LlamaFileType.MOSTLY_Q4_0,
+                 "q4_k": gguf.LlamaFileType.MOSTLY_Q4_K_S, "q5_k": gguf.LlamaFileType.MOSTLY_Q5_K_S,
+                 "q6_k": gguf.LlamaFileType.MOSTLY_Q6_K, "q4_k_m": gguf.LlamaFileType.MOSTLY_Q4_K_M}[kind]  # fmt: skip
     head_dim = getattr(config, "head_dim", None) or config.hidden_size // config.num_attention_heads
     writer.add_name(str(name))
     writer.add_context_length(config.max_position_embeddings)
@@ -152,7 +231,7 @@ def _write_metadata(writer, config, arch: str, kind: str, name: str) -> None:
     writer.add_value_length(head_dim)
     writer.add_vocab_size(config.vocab_size)
     writer.add_file_type(file_type)
-    if kind in ("q8_0", "q4_0"):
+    if kind not in ("f32", "f16"):
         writer.add_quantization_version(gguf.GGML_QUANT_VERSION)
 
 
