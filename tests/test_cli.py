@@ -2,6 +2,7 @@
 
 import io
 import json
+import math
 import os
 import subprocess
 import sys
@@ -10,12 +11,13 @@ from pathlib import Path
 import pytest
 import torch
 from safetensors.torch import load_file
-from transformers import AutoModelForCausalLM, LlamaConfig, LlamaForCausalLM
+from transformers import AutoModelForCausalLM, AutoTokenizer, LlamaConfig, LlamaForCausalLM
 
 from lowbit.cli import main
 from tests.generate.conftest import train_bpe_tokenizer
 
 MC_SAMPLE = Path(__file__).parent / "evaluate" / "data" / "mc_sample.jsonl"
+DATA = Path(__file__).parents[1] / "data"  # the shipped datasets
 
 
 @pytest.fixture(scope="module")
@@ -45,6 +47,52 @@ def test_generate_on_the_real_model_by_subprocess():
                   "--max-new-tokens", "8")  # fmt: skip
     assert out.returncode == 0, out.stderr
     assert "Paris" in out.stdout
+
+
+def cli_ok(*args) -> str:
+    out = run_cli(*args)
+    assert out.returncode == 0, f"lowbit {args[0]} failed:\n{out.stderr[-3000:]}"
+    return out.stdout
+
+
+@pytest.mark.slow
+def test_quantize_finetune_merge_eval_generate_on_the_real_model_by_subprocess(tmp_path):
+    """The QLoRA workflow as a user types it, on SmolLM2-135M: quantize to NF4, train a LoRA on the stored 4-bit
+    weights, merge it into a plain transformers model, measure its perplexity, chat with it (~100 s on 2 cores)."""
+    import lowbit
+    from lowbit.peft import load_adapter
+
+    q, run, tuned = tmp_path / "smollm2-nf4", tmp_path / "qlora", tmp_path / "smollm2-tuned"
+    assert "4.127 bits/param" in cli_ok("quantize", "smollm2-135m", "--format", "nf4", "--out", q)
+    cli_ok("finetune", q, "--data", DATA / "instruct" / "train.jsonl", "--steps", 2, "--batch-size", 1,
+           "--max-length", 64, "--warmup-steps", 0, "--lr", "1e-3", "--optimizer", "adamw", "--out", run)  # fmt: skip
+    summary = json.loads((run / "finetune.json").read_text())
+    assert summary["steps"] == 2 and math.isfinite(summary["final_train_loss"])
+    assert all(t.abs().max() > 0 for k, t in load_file(run / "adapter" / "adapter_model.safetensors").items()
+               if "lora_B" in k)  # fmt: skip  (B starts at zero: the steps trained it)
+    cli_ok("merge", q, run / "adapter", "--out", tuned)
+    assert {"config.json", "model.safetensors", "tokenizer.json"} <= {f.name for f in tuned.iterdir()}
+    assert "quantization_config" not in json.loads((tuned / "config.json").read_text())
+    ppl = float(cli_ok("eval", tuned, "--task", "perplexity", "--windows", 2, "--context-length", 128).split()[-1])
+    answer = cli_ok("generate", tuned, "--chat", "--prompt", "What is Debian?", "--max-new-tokens", 8, "--no-stream")
+    assert len(answer.strip().split()) >= 3, answer
+
+    plain = AutoModelForCausalLM.from_pretrained(tuned, local_files_only=True).eval()  # transformers alone
+    assert not any(type(m).__module__.startswith("lowbit") for m in plain.modules())
+    model = lowbit.load_quantized(q).eval()
+    tokenizer = AutoTokenizer.from_pretrained(tuned, local_files_only=True)
+    text = lowbit.evaluate.reference_text()
+    ids = tokenizer(text[:2000], return_tensors="pt").input_ids[:, :96]
+    with torch.no_grad():
+        base = model(input_ids=ids).logits
+        load_adapter(model, run / "adapter")
+        expected, got = model(input_ids=ids).logits, plain(input_ids=ids).logits
+    scale = expected.abs().max()
+    # measured: max |Δ| ≈ 2e-6 of the largest logit (fp32 rounding: dense W + ΔW vs 4-bit dequant + LoRA branch)
+    assert (got - expected).abs().max() < 1e-5 * scale
+    assert (expected - base).abs().max() > 1e-3 * scale  # and the adapter does change the model
+    reference = lowbit.evaluate.perplexity(model, tokenizer, text, 128, 128, max_windows=2)
+    assert ppl == pytest.approx(reference, rel=1e-3) and 5 < ppl < 100
 
 
 def test_export_then_eval_by_subprocess(tiny_dir, tmp_path):
