@@ -103,7 +103,8 @@ def fsdp_checks(rank: int, model, losses: list, ex, pad: int, reference: dict, o
 
 
 def mismatch_checks(rank: int, ex, pad: int) -> dict:
-    """Rank 1 with another block size (through train(): stops before step 1) or storage dtype; then agreement."""
+    """Rank 1 with another block size (through train(): stops before step 1) or storage dtype; then agreement;
+    then an 8-bit optimizer under FSDP (refused before step 1)."""
     messages = {}
     model = base_model(True, block_size=32 if rank == 1 else 64)
     try:
@@ -120,7 +121,14 @@ def mismatch_checks(rank: int, ex, pad: int) -> dict:
         messages["dtype"] = None
     except LayoutMismatch as e:
         messages["dtype"] = str(e)
-    check_consistent(base_model(True))  # the same model everywhere: passes silently
+    model = base_model(True)
+    check_consistent(model)  # the same model everywhere: passes silently
+    cfg = TrainConfig(max_steps=1, batch_size=4, strategy="fsdp", optimizer="adamw8bit", progress=False, plot=False)
+    try:
+        train(model, ex, cfg, pad_token_id=pad)
+        messages["optimizer"] = None
+    except ValueError as e:
+        messages["optimizer"] = str(e)
     return {"mismatch": gather(messages)}
 
 

@@ -101,7 +101,11 @@ def wrap_model(model: nn.Module, strategy: str) -> nn.Module:
         from torch.nn.parallel import DistributedDataParallel
 
         ids = [device.index] if device.type == "cuda" else None
-        return DistributedDataParallel(model, device_ids=ids)
+        # broadcast_buffers=False: DDP would otherwise re-broadcast every buffer from rank 0 before each
+        # forward, i.e. a QuantLinear's whole 4-bit storage every step. The buffers are equal from the
+        # start (DDP broadcasts the module state once at construction) and nothing in a language model
+        # updates them in forward (no BatchNorm statistics).
+        return DistributedDataParallel(model, device_ids=ids, broadcast_buffers=False)
     try:
         from torch.distributed.fsdp import fully_shard
     except ImportError:
@@ -113,6 +117,7 @@ def wrap_model(model: nn.Module, strategy: str) -> nn.Module:
     for module in model.modules():
         if isinstance(module, QuantLinear):
             module.storage_as_parameters()  # sharded like any parameter, not replicated like a buffer
+    # No MixedPrecisionPolicy here: its param_dtype would cast float storage (fp32 absmax) on all-gather.
     mesh = init_device_mesh(device.type, (world,))
     for block in _blocks(model):
         fully_shard(block, mesh=mesh)
@@ -132,10 +137,15 @@ def is_sharded(t: torch.Tensor) -> bool:
 
 @contextlib.contextmanager
 def unsharded(model: nn.Module):
-    """Inside, every parameter of an FSDP2-sharded `model` is its full plain tensor (all-gathered), so
-    `save_adapter`, `save_quantized`, `state_dict` or a forward on one process see the whole model;
-    on exit the shards are back and the gathered memory is freed. Collective: every process enters.
-    Without FSDP it does nothing."""
+    """Inside, every parameter of an FSDP2-sharded `model` is its full plain tensor (all-gathered), so code
+    that reads parameters as attributes (`save_adapter`, `dequantize`, a forward) sees the whole model; on
+    exit the shards are back and the gathered memory is freed. Collective: every process enters. Without
+    FSDP it does nothing.
+
+    Not for `state_dict()`: FSDP2 turns it back into shards. A full state dict is
+    `torch.distributed.checkpoint.state_dict.get_model_state_dict(model,
+    options=StateDictOptions(full_state_dict=True))`; a QLoRA base never changes, so `save_quantized` it
+    before wrapping."""
     from torch.distributed.fsdp import FSDPModule
 
     fsdp = [m for m in model.modules() if isinstance(m, FSDPModule)]

@@ -397,7 +397,12 @@ def train(model: nn.Module, train_examples: Sequence[dict], config: TrainConfig 
         enable_gradient_checkpointing(model)
     if not any(p.requires_grad for p in model.parameters()):
         raise ValueError("the model has no trainable parameters: apply a PEFT method (lowbit.peft) first")
-    rank, _ = rank_and_world()
+    rank, world = rank_and_world()
+    if cfg.strategy == "fsdp" and world > 1 and cfg.optimizer.endswith("8bit"):
+        # Their blockwise-quantized states are plain tensors; FSDP2 hands the optimizer DTensor shards.
+        raise ValueError(f"optimizer {cfg.optimizer!r} does not run on FSDP-sharded parameters; use adamw, "
+                         "paged_adamw or sgd (FSDP already splits Adam's states across the processes), or "
+                         "strategy 'ddp'")  # fmt: skip
     pad, out = _pad_id(model, pad_token_id), Path(output_dir) if output_dir is not None else None
     seed_everything(cfg.seed)
     module = wrap_model(model, cfg.strategy)
