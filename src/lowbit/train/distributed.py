@@ -8,8 +8,8 @@ one process with batch N·b: the trainer divides each process's summed loss by t
 *global* batch, and DDP averages gradients over ranks, hence the factor N in `loss_scale`.
 
 - DDP (`torch.nn.parallel.DistributedDataParallel`): full replica per process; gradients of the
-  trainable parameters are all-reduced during backward. Frozen (and 4-bit) base weights are never
-  communicated.
+  trainable parameters are all-reduced during backward. Frozen (and 4-bit) base weights are
+  communicated once, when DDP broadcasts rank 0's module state at construction, never per step.
 - FSDP2 (`torch.distributed.fsdp.fully_shard`, PyTorch ≥ 2.6): every transformer block and then the
   root are sharded; each process stores 1/N of every parameter and gathers a block's weights just
   before using them. Frozen parameters are sharded like trainable ones. FSDP2 shards parameters but
@@ -17,8 +17,10 @@ one process with batch N·b: the trainer divides each process's summed loss by t
   normally buffers, is first re-registered as frozen parameters (`QuantLinear.storage_as_parameters`):
   each process then keeps ~1/N of the 4-bit base too. The storage tensors are flat (or row-major) and
   only decoded after FSDP2's all-gather has put the exact original bytes back together, so a shard
-  boundary inside a quantization block is harmless. Read or save the whole model inside
-  `with unsharded(model):` (every process must enter it: it all-gathers).
+  boundary inside a quantization block is harmless. Read the whole model inside `with unsharded(model):`
+  (every process must enter it: it all-gathers). Checkpoints gather the trainable shards and their
+  optimizer state, and rank 0 writes them (checkpoint.py). The 8-bit optimizers keep plain-tensor
+  states and are refused under FSDP (the trainer says so before the first step).
 
 Before wrapping, `check_consistent` compares across processes what must be identical (quantization
 format, block size, double quant, storage dtypes and shapes, codebook, parameter names / shapes /
