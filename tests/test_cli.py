@@ -283,3 +283,16 @@ def test_elo_generates_the_answers_first(tiny_dir, tmp_path, capsys):
                  ["elo", "--answers", str(saved), "--models", "x", "--judge", "human"]):  # fmt: skip
         assert main(argv) == 1
         assert len(capsys.readouterr().err.strip().splitlines()) == 1
+
+
+def test_every_command_teaches_with_examples():
+    from lowbit.cli import build_parser
+
+    parser = build_parser()
+    commands = next(a for a in parser._actions if a.dest == "command").choices
+    assert {"merge", "elo", "finetune", "export", "eval", "generate"} <= set(commands)
+    for name, command in commands.items():
+        text = command.format_help()
+        assert "\nexamples:\n" in text and f"lowbit {name} " in text.split("\nexamples:\n")[1], name
+    readme = (Path(__file__).parents[1] / "README.md").read_text()
+    assert all(f"lowbit {name} " in readme for name in commands)  # the README shows every command

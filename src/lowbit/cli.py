@@ -68,12 +68,16 @@ def _add_compare(sub) -> None:
     from lowbit.quantize.compare import SETTINGS
 
     p = sub.add_parser("compare", help="quantize a model with every PTQ method and compare perplexity vs bits",
+                       formatter_class=argparse.RawDescriptionHelpFormatter,
                        description="Quantize a fresh copy of the model with each setting (RTN, LLM.int8(), SmoothQuant "
                        "W8A8, GPTQ, SpQR at a few bit widths), measure bits/param, model bytes, token-level "
                        "perplexity on fixed non-overlapping windows of lowbit's reference text (calibration comes "
                        "from a disjoint part of it) and the time to quantize; print a table and write "
                        "compare.md, compare.csv and compare.png (perplexity vs bits) to --out. Takes minutes "
-                       "on a CPU: calibrated methods run the model block by block over the calibration set.")  # fmt: skip
+                       "on a CPU: calibrated methods run the model block by block over the calibration set."
+                       "\n\nexamples:\n"
+                       "  lowbit compare --out ptq-compare\n"
+                       "  lowbit compare --settings fp32 rtn-nf4 gptq-int4-g128 --samples 16 --windows 4")  # fmt: skip
     p.add_argument("--model", default="smollm2-135m", help=MODEL_HELP)
     p.add_argument("--settings", nargs="+", default=list(SETTINGS), metavar="NAME",
                    help=f"settings to run (default: all): {', '.join(SETTINGS)}")  # fmt: skip
@@ -411,7 +415,8 @@ def _add_merge(sub) -> None:
     p.add_argument("base", help=MODEL_HELP + ", a `lowbit quantize` directory or a bitsandbytes 4-bit checkpoint")
     p.add_argument("adapter", help="a PEFT-format LoRA adapter directory (e.g. OUT/adapter of `lowbit finetune`)")
     p.add_argument("--out", required=True, help="output directory")
-    p.add_argument("--dtype", choices=["float32", "bfloat16", "float16"], help="cast the saved weights (default: as loaded)")
+    p.add_argument("--dtype", choices=["float32", "bfloat16", "float16"],
+                   help="cast the saved weights (default: as loaded)")
     p.set_defaults(func=_merge)
 
 
@@ -478,14 +483,22 @@ def _finetune(args) -> None:
 
 def _add_finetune(sub) -> None:
     p = sub.add_parser("finetune", help="fine-tune a model with LoRA / QLoRA / full fine-tuning on a data file",
+                       formatter_class=argparse.RawDescriptionHelpFormatter,
                        description="Load the model, quantize it to NF4 + double quantization (--method qlora), put "
                        "LoRA adapters on every linear layer, train on a JSONL/JSON/CSV/Parquet file and save the "
                        "adapter in HF peft's layout (OUT/adapter), with checkpoints, metrics.jsonl and "
                        "loss_curve.png in OUT. SFT rows are {\"messages\": [...]} or prompt/response pairs; the "
-                       "loss covers the assistant turns only. Bad rows are counted and skipped. Example: lowbit "
-                       "finetune smollm2-135m --data data/instruct/train.jsonl --eval-data "
-                       "data/instruct/validation.jsonl --steps 200 --packing --out smollm2-qlora. For several "
-                       "processes: torchrun --nproc-per-node 2 -m lowbit.train MODEL --data ... --strategy ddp.")  # fmt: skip
+                       "loss covers the assistant turns only. Bad rows are counted and skipped. MODEL may already "
+                       "be quantized (a `lowbit quantize` directory): QLoRA then trains on its stored 4-bit "
+                       "weights; `lowbit merge` folds the adapter in afterwards.\n\nexamples:\n"
+                       "  lowbit finetune smollm2-135m --data data/instruct/train.jsonl --eval-data "
+                       "data/instruct/validation.jsonl \\\n      --steps 200 --packing --out smollm2-qlora\n"
+                       "  lowbit finetune smollm2-nf4 --data data/instruct/train.jsonl --steps 50 --out smollm2-qlora\n"
+                       "  lowbit finetune smollm2-135m --task classification --data data/supersense/train.csv "
+                       "--labels animal artifact body food \\\n      location person plant substance --method lora "
+                       "--out supersense-lora\n"
+                       "  torchrun --nproc-per-node 2 -m lowbit.train smollm2-135m --data ... --strategy ddp   "
+                       "# several processes")  # fmt: skip
     p.add_argument("model", help=MODEL_HELP)
     p.add_argument("--data", required=True, help="training file (.jsonl .json .csv .parquet)")
     p.add_argument("--eval-data", help="validation file, evaluated before, every --eval-every steps and at the end")
@@ -496,7 +509,8 @@ def _add_finetune(sub) -> None:
     p.add_argument("--max-length", type=int, default=512, help="tokens per example; longer rows are skipped")
     p.add_argument("--packing", action="store_true", help="pack short examples into rows of --max-length tokens")
     p.add_argument("--method", choices=["qlora", "lora", "full"], default="qlora")
-    p.add_argument("--r", type=int, default=16, help="LoRA rank")
+    p.add_argument("--lora-r", "--r", dest="r", type=int, default=16,
+                   help="LoRA rank (under torchrun write --lora-r: torchrun takes --r for one of its own options)")
     p.add_argument("--alpha", type=float, default=32, help="LoRA alpha (the update is scaled by alpha / r)")
     p.add_argument("--dropout", type=float, default=0.05, help="LoRA dropout")
     p.add_argument("--steps", type=int, default=200, help="optimizer steps")
@@ -540,12 +554,15 @@ def _memory(args) -> None:
 
 def _add_memory(sub) -> None:
     p = sub.add_parser("memory", help="predict the memory needed to fine-tune or serve a model",
+                       formatter_class=argparse.RawDescriptionHelpFormatter,
                        description="Break down peak training memory — weights, quantization constants, gradients, "
                        "optimizer states, activations with and without gradient checkpointing — and inference "
                        "memory (weights + KV cache), from the model's config alone (no weights are loaded). "
-                       "Example: lowbit memory smollm2-135m --method qlora --seq-len 512 --batch 4 --optimizer "
-                       "adamw8bit. `lowbit memory --params 1e9` prints the rule of thumb (4 GB to store 1B fp32 "
-                       "parameters, 4 + 20 bytes per parameter to train with Adam).")  # fmt: skip
+                       "--params N prints the rule of thumb instead (4 GB to store 1B fp32 parameters, 4 + 20 bytes "
+                       "per parameter to train with Adam).\n\nexamples:\n"
+                       "  lowbit memory smollm2-135m --method qlora --seq-len 512 --batch 4 --optimizer adamw8bit\n"
+                       "  lowbit memory ./llama-3-8b/config.json --method lora --gradient-checkpointing\n"
+                       "  lowbit memory --params 1e9")  # fmt: skip
     p.add_argument("model", nargs="?", default="smollm2-135m", help=MODEL_HELP + ", or a config.json")
     p.add_argument("--method", choices=["full", "lora", "qlora"], default="qlora")
     p.add_argument("--seq-len", type=int, default=512)
@@ -609,8 +626,10 @@ def build_parser() -> argparse.ArgumentParser:
     sub = parser.add_subparsers(dest="command", required=True)
 
     p = sub.add_parser("demo", help="quantize the default model to NF4 and compare it with fp32",
+                       formatter_class=argparse.RawDescriptionHelpFormatter,
                        description="Load SmolLM2-135M-Instruct, measure memory, perplexity and a chat answer in "
-                       "fp32, quantize (NF4 + double quantization by default) and measure again.")  # fmt: skip
+                       "fp32, quantize (NF4 + double quantization by default) and measure again.\n\nexamples:\n"
+                       "  lowbit demo\n  lowbit demo --format int8 --windows 4 --finetune-steps 0")  # fmt: skip
     p.add_argument("--model", default="smollm2-135m", help=MODEL_HELP)
     p.add_argument("--format", default="nf4", help=FORMAT_HELP)
     p.add_argument("--windows", type=int, default=16, help="number of 512-token text windows for perplexity")
@@ -619,8 +638,12 @@ def build_parser() -> argparse.ArgumentParser:
     p.set_defaults(func=_demo)
 
     p = sub.add_parser("quantize", help="quantize a model (round-to-nearest) and save it",
+                       formatter_class=argparse.RawDescriptionHelpFormatter,
                        description="Quantize every linear layer except lm_head and save safetensors + JSON that "
-                       "`lowbit perplexity` and lowbit.load_quantized read back without re-quantizing.")  # fmt: skip
+                       "every lowbit command (and lowbit.load_quantized) reads back without re-quantizing.\n\n"
+                       "examples:\n  lowbit quantize smollm2-135m --format nf4 --out smollm2-nf4\n"
+                       "  lowbit quantize smollm2-135m --format int4 --group-size 128 --out smollm2-int4\n"
+                       "  lowbit quantize ./my-model --format fp8_e4m3 --exclude lm_head 'model.layers.0.*' -v --out my-fp8")  # fmt: skip
     p.add_argument("model", help=MODEL_HELP)
     p.add_argument("--out", required=True, help="output directory")
     p.add_argument("--format", default="nf4", help=FORMAT_HELP)
@@ -635,9 +658,11 @@ def build_parser() -> argparse.ArgumentParser:
     p.set_defaults(func=_quantize)
 
     p = sub.add_parser("perplexity", help="token-level perplexity of a model on a text",
+                       formatter_class=argparse.RawDescriptionHelpFormatter,
                        description="Sliding-window perplexity (non-overlapping when --stride is omitted) of a "
                        "model or a saved quantized model, on a UTF-8 text file or lowbit's offline reference "
-                       "text.")  # fmt: skip
+                       "text.\n\nexamples:\n  lowbit perplexity smollm2-nf4 --windows 32\n"
+                       "  lowbit perplexity smollm2-135m --text book.txt --context-length 1024 --stride 512")  # fmt: skip
     p.add_argument("model", help=MODEL_HELP + ", or a directory written by `lowbit quantize`")
     p.add_argument("--text", help="UTF-8 text file (default: Python's reference topics, offline)")
     p.add_argument("--context-length", type=int, default=512)
