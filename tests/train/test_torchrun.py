@@ -29,11 +29,11 @@ def test_torchrun_fsdp_qlora_matches_one_process(tmp_path):
     tiny_llama().save_pretrained(model_dir)
     tiny_tokenizer().save_pretrained(model_dir)
     data.write_text("".join((ROOT / "data" / "instruct" / "train.jsonl").read_text().splitlines(True)[:48]))
-    args = [str(model_dir), "--data", str(data), "--method", "qlora", "--dropout", "0",
+    args = [str(model_dir), "--data", str(data), "--method", "qlora", "--lora-r", "4", "--dropout", "0",
             "--steps", "3", "--lr", "1e-2", "--optimizer", "adamw", "--warmup-steps", "0", "--max-length", "160",
             "--save-every", "2", "--prompt", "Define lawn."]  # fmt: skip
-    # No `--r`: torchrun's own argparse rejects it as an ambiguous abbreviation (--rdzv-*, --role, …) even
-    # after the script name, so the LoRA rank keeps its default here.
+    # `--lora-r`, not `--r`: torchrun's own argparse takes `--r` as an ambiguous abbreviation (--rdzv-*, --role, …)
+    # even after the script name.
     env = dict(os.environ, OMP_NUM_THREADS="1", PYTHONPATH=str(ROOT / "src"))
     two = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc-per-node", "2",
                           "-m", "lowbit.train", *args, "--batch-size", "2", "--strategy", "fsdp",
@@ -49,3 +49,4 @@ def test_torchrun_fsdp_qlora_matches_one_process(tmp_path):
     assert a.keys() == b.keys()
     for k in a:
         assert (a[k] - b[k]).abs().max() < 1e-5, k
+    assert {v.shape[0] for k, v in b.items() if "lora_A" in k} == {4}
