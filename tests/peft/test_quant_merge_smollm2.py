@@ -42,11 +42,13 @@ def merges(smollm2):
         for _, layer in lora_layers(qlora):
             b = layer.lora_B["default"]
             b.copy_(torch.randn(b.shape, generator=g))
-            b.mul_(DELTA_SIZE * layer.base_layer.dequantize(torch.float32).norm() / layer.delta_weight("default").norm())
+            w = layer.base_layer.dequantize(torch.float32)
+            b.mul_(DELTA_SIZE * w.norm() / layer.delta_weight("default").norm())
     settings = {"rtn": {"target": "requantized", "method": "rtn"},
                 "gptq": {"target": "requantized", "method": "gptq", "calibration": calibration,
                          "tokenizer": tokenizer, **GPTQ}}  # fmt: skip
-    return {name: merge_adapter(copy.deepcopy(qlora), eval_text=eval_ids, **EVAL, **kw) for name, kw in settings.items()}
+    return {name: merge_adapter(copy.deepcopy(qlora), eval_text=eval_ids, **EVAL, **kw)
+            for name, kw in settings.items()}  # fmt: skip
 
 
 def test_gptq_requantized_merge_keeps_closer_to_the_adapter_than_rounding(merges):

@@ -115,7 +115,8 @@ def eval_token_ids(text, tokenizer) -> torch.Tensor:
     """Evaluation text → (N,) token ids, tokenized once as `lowbit.evaluate.perplexity` does; ids pass through."""
     if isinstance(text, torch.Tensor):
         if text.dtype not in (torch.int64, torch.int32) or text.dim() != 1:
-            raise ValueError(f"evaluation token ids must be an integer (N,) tensor, got {text.dtype} {tuple(text.shape)}")
+            raise ValueError(f"evaluation token ids must be an integer (N,) tensor, "
+                             f"got {text.dtype} {tuple(text.shape)}")  # fmt: skip
         return text.long()
     if tokenizer is None:
         raise ValueError("evaluating the merge on text needs a tokenizer (or pass eval_text as token ids, or "

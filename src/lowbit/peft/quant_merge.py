@@ -83,7 +83,8 @@ class MergeConfig:
 
     def __post_init__(self) -> None:
         if self.version != CONFIG_VERSION:
-            raise ValueError(f"MergeConfig version {self.version} is not supported (this lowbit reads {CONFIG_VERSION})")
+            raise ValueError(f"MergeConfig version {self.version} is not supported "
+                             f"(this lowbit reads {CONFIG_VERSION})")  # fmt: skip
         if self.target not in TARGETS:
             raise ValueError(f"target must be one of {TARGETS}, got {self.target!r}")
         if self.method not in METHODS:

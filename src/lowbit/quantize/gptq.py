@@ -190,8 +190,9 @@ def _check_hessian(weight: torch.Tensor, hessian: torch.Tensor) -> None:
         raise ValueError("the calibration Hessian contains NaN or inf")
 
 
-def gptq_codebook_quantize(weight: torch.Tensor, hessian: torch.Tensor, fmt: WeightFormat,
-                           options: GPTQOptions = GPTQOptions()) -> tuple[dict[str, torch.Tensor], torch.Tensor]:  # fmt: skip
+def gptq_codebook_quantize(
+    weight: torch.Tensor, hessian: torch.Tensor, fmt: WeightFormat, options: GPTQOptions = GPTQOptions()
+) -> tuple[dict[str, torch.Tensor], torch.Tensor]:
     """GPTQ for a 4-bit codebook format: (storage tensors of `fmt`, the (out, in) float32 weight they decode to).
 
     The scales are fixed before the sweep, so a block may even span two rows (blocks run over the
