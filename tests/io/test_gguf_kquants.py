@@ -173,10 +173,10 @@ def test_bytes_decode_to_values_and_match_the_float64_reference(kind, weighted):
         same = np.abs(got - ref).reshape(-1, 256) <= 1e-5 * peak
         assert same.mean() >= 0.8, (name, same.mean())
         # ... and those differences cost nothing: per super-block the error is the reference's (constant
-        # blocks, where every grid ties, may differ by 0.1 % of the block's magnitude), overall within 1 %.
+        # blocks, where every grid ties, may differ by 0.2 % of the block's magnitude), overall within 1 %.
         err_sb = np.sqrt(np.mean((got - x).reshape(-1, 256) ** 2, axis=1))
         ref_sb = np.sqrt(np.mean((ref - x).reshape(-1, 256) ** 2, axis=1))
-        assert (np.abs(err_sb - ref_sb) <= 0.05 * ref_sb + 1e-3 * peak[:, 0]).all(), name
+        assert (np.abs(err_sb - ref_sb) <= 0.05 * ref_sb + 2e-3 * peak[:, 0]).all(), name
         assert rms(got - x) <= rms(ref - x) * 1.01, name
 
 

@@ -22,8 +22,8 @@ Formats (ggml block quantization; one scale per 32 weights of a row):
             `use_more_bits` picks (first and last eighth, every third in between)
 1-D tensors (norms, biases) stay F32. A matrix whose rows are not a multiple of the block (32; 256 for K-quants)
 falls back as llama.cpp's quantizer does: Q4_K → Q5_0, Q5_K → Q5_1, Q6_K → Q8_0, and to F16 when even 32 does
-not divide the row (SmolLM2's hidden size 576 is such a case: its q/k/v/gate/up/o matrices and embeddings become
-Q5_0 under q4_k / q4_k_m; only ffn_down, 1536 wide, is K-quantized). `q4_k`/`q5_k`/`q6_k` are "pure" files
+not divide the row. SmolLM2 (hidden size 576) is such a case: under q4_k_m its q/k/v/o/gate/up matrices become
+Q5_0, its tied embeddings (which take the output's Q6_K) Q8_0, and only ffn_down (rows of 1536) is K-quantized. `q4_k`/`q5_k`/`q6_k` are "pure" files
 (every matrix that type, like llama-quantize --pure); `q4_k_m` is the mixed recipe.
 
 An importance matrix (`collect_imatrix`: mean x² of each linear layer's input over calibration tokens, llama.cpp's

@@ -44,7 +44,8 @@ QK_K = 256
 KQUANT_TYPES = ("q4_k", "q5_k", "q6_k")
 TYPE_SIZES = {"q4_k": 144, "q5_k": 176, "q6_k": 210}  # bytes per super-block of 256 weights
 GROUP_MAX_EPS = 1e-15  # ggml: a Q6_K sub-block (or super-block) whose largest |value| is below this is zero
-ROWS_ELEMENTS = 1 << 18  # weights per chunk: the candidate tensors (×22 or ×38) stay ~40 MB
+ROWS_ELEMENTS = 1 << 18  # weights per chunk of rows (amortises the sequential scale fit of the imatrix path)
+SLICE = 4096  # sub-blocks per candidate search: (SLICE, ≤38, 32) temporaries of a few MB
 
 
 class KQuantized(NamedTuple):
@@ -64,6 +65,20 @@ def _fp16(t: torch.Tensor) -> torch.Tensor:
 # --- sub-block fits ---------------------------------------------------------------------------------------------
 
 
+def _in_slices(fit):
+    """Run a sub-block fit over SLICE sub-blocks at a time (same results, cache-sized temporaries)."""
+
+    def sliced(x, w, *args):
+        if x.shape[0] <= SLICE:
+            return fit(x, w, *args)
+        parts = [fit(x[i : i + SLICE], None if w is None else w[i : i + SLICE], *args)
+                 for i in range(0, x.shape[0], SLICE)]  # fmt: skip
+        return tuple(torch.cat(p) for p in zip(*parts))
+
+    return sliced
+
+
+@_in_slices
 def fit_min_scale(x: torch.Tensor, w: torch.Tensor, nmax: int, rmin: float, rdelta: float, nstep: int):
     """ggml's make_qkx2_quants over every sub-block at once. x, w: (B, n) → scale (B,), min (B,) ≥ 0, L (B, n).
 
@@ -77,11 +92,12 @@ def fit_min_scale(x: torch.Tensor, w: torch.Tensor, nmax: int, rmin: float, rdel
     span = torch.where(flat, torch.ones_like(span), span)
     stretch = (_f32(rmin) + _f32(rdelta) * torch.arange(nstep + 1, dtype=torch.float32)) + nmax  # (C,)
     iscale = torch.cat([nmax / span[:, None], stretch / span[:, None]], dim=1)  # (B, C+1): the plain grid first
-    shifted = (x - lo[:, None])[:, None, :]  # (B, 1, n)
-    levels = torch.round(iscale[:, :, None] * shifted).clamp_(0, nmax)  # (B, C+1, n)
+    shifted = x - lo[:, None]  # (B, n)
+    levels = torch.mul(iscale[:, :, None], shifted[:, None, :]).round_().clamp_(0, nmax)  # (B, C+1, n)
     sum_w, sum_x, sum_x2 = w.sum(-1)[:, None], (w * x).sum(-1)[:, None], (w * x * x).sum(-1)[:, None]
-    wl = w[:, None, :] * levels
-    sum_l, sum_l2, sum_xl = wl.sum(-1), (wl * levels).sum(-1), (wl * x[:, None, :]).sum(-1)  # (B, C+1)
+    # The per-candidate sums as batched mat-vecs (far fewer passes over the (B, C+1, n) tensor than w·L, …):
+    sum_l, sum_xl = torch.bmm(levels, torch.stack([w, w * x], dim=2)).unbind(2)  # Σw·L, Σw·x·L: (B, C+1)
+    sum_l2 = torch.bmm(levels.square_(), w[:, :, None])[:, :, 0]  # Σw·L² (levels is spent)
     det = sum_w * sum_l2 - sum_l * sum_l
     scale = (sum_w * sum_xl - sum_x * sum_l) / det
     offset = (sum_l2 * sum_x - sum_l * sum_xl) / det  # the additive term, ≤ 0 once clamped
@@ -96,11 +112,12 @@ def fit_min_scale(x: torch.Tensor, w: torch.Tensor, nmax: int, rmin: float, rdel
     err = torch.where(valid & torch.isfinite(err), err, torch.full_like(err, float("inf")))
     best = err.argmin(-1, keepdim=True)  # (B, 1): first minimum = ggml's "strictly better" update rule
     scale, offset = scale.gather(1, best)[:, 0], offset.gather(1, best)[:, 0]
-    levels = levels.gather(1, best[:, :, None].expand(-1, 1, x.shape[-1]))[:, 0]
+    levels = torch.round(iscale.gather(1, best) * shifted).clamp_(0, nmax)  # the winner's L, again: (B, n)
     zero = torch.zeros_like(scale)
     return torch.where(flat, zero, scale), -torch.where(flat, lo, offset), torch.where(flat[:, None], 0, levels)
 
 
+@_in_slices
 def fit_symmetric_scale(x: torch.Tensor, w: torch.Tensor | None, nmax: int = 32):
     """ggml's make_qx_quants (rmse_type 1) over every sub-block. x: (B, n) → signed scale (B,), L + nmax (B, n).
 
@@ -115,15 +132,15 @@ def fit_symmetric_scale(x: torch.Tensor, w: torch.Tensor | None, nmax: int = 32)
     peak = torch.where(tiny[:, None], torch.ones_like(peak), peak)
     k = torch.tensor([0] + list(range(-9, 0)) + list(range(1, 10)), dtype=torch.float32)  # the plain grid first
     iscale = -(nmax + _f32(0.1) * k) / peak  # (B, 19)
-    levels = torch.round(iscale[:, :, None] * x[:, None, :]).clamp_(-nmax, nmax - 1)  # (B, 19, n)
-    wl = w[:, None, :] * levels
-    sum_xl, sum_l2 = (wl * x[:, None, :]).sum(-1), (wl * levels).sum(-1)  # (B, 19)
+    levels = torch.mul(iscale[:, :, None], x[:, None, :]).round_().clamp_(-nmax, nmax - 1)  # (B, 19, n)
+    sum_xl = torch.bmm(levels, (w * x)[:, :, None])[:, :, 0]  # Σw·x·L: (B, 19)
+    sum_l2 = torch.bmm(levels.square_(), w[:, :, None])[:, :, 0]  # Σw·L² (levels is spent)
     gain = torch.where(sum_l2 > 0, sum_xl * sum_xl / sum_l2, torch.full_like(sum_l2, -float("inf")))
     gain[:, 0] = torch.where(sum_l2[:, 0] > 0, gain[:, 0], torch.zeros_like(gain[:, 0]))
     best = gain.argmax(-1, keepdim=True)
     sum_xl, sum_l2 = sum_xl.gather(1, best)[:, 0], sum_l2.gather(1, best)[:, 0]
     scale = torch.where(sum_l2 > 0, sum_xl / sum_l2, torch.zeros_like(sum_l2))
-    levels = levels.gather(1, best[:, :, None].expand(-1, 1, x.shape[-1]))[:, 0] + nmax
+    levels = torch.round(iscale.gather(1, best) * x).clamp_(-nmax, nmax - 1) + nmax  # the winner's L, again
     return torch.where(tiny, torch.zeros_like(scale), scale), torch.where(tiny[:, None], 0, levels)
 
 
