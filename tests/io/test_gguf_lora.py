@@ -24,7 +24,8 @@ def read_adapter(path):
     for t in reader.tensors:
         base, _, which = t.name.rpartition(".")
         pairs.setdefault(base, {})[which] = torch.from_numpy(np.array(t.data, dtype=np.float64))
-    return {k: (v["lora_a"], v["lora_b"]) for k, v in pairs.items()}, reader.fields["adapter.lora.alpha"].contents(), header
+    alpha = reader.fields["adapter.lora.alpha"].contents()
+    return {k: (v["lora_a"], v["lora_b"]) for k, v in pairs.items()}, alpha, header
 
 
 def read_base(path):
@@ -117,7 +118,8 @@ def test_peft_adapter_with_embeddings_and_lm_head(tmp_path):
     want_head = base["lm_head.weight"] + 8 / math.sqrt(4) * state[head.format("B")] @ state[head.format("A")]
     torch.testing.assert_close(rebuilt["output.weight"], want_head, rtol=1e-6, atol=1e-8)
     q = "base_model.model.model.layers.1.self_attn.q_proj.lora_{}.default.weight"
-    want_q = base["model.layers.1.self_attn.q_proj.weight"] + 8 / math.sqrt(2) * state[q.format("B")] @ state[q.format("A")]
+    want_q = base["model.layers.1.self_attn.q_proj.weight"]
+    want_q = want_q + 8 / math.sqrt(2) * state[q.format("B")] @ state[q.format("A")]
     torch.testing.assert_close(rebuilt["blk.1.attn_q.weight"], gguf_rows(want_q, 4), rtol=1e-6, atol=1e-8)
     # HF peft's own merge agrees (float32).
     torch.testing.assert_close(rebuilt["token_embd.weight"], merged["model.embed_tokens.weight"], rtol=1e-5, atol=1e-6)

@@ -23,8 +23,8 @@ Formats (ggml block quantization; one scale per 32 weights of a row):
 1-D tensors (norms, biases) stay F32. A matrix whose rows are not a multiple of the block (32; 256 for K-quants)
 falls back as llama.cpp's quantizer does: Q4_K → Q5_0, Q5_K → Q5_1, Q6_K → Q8_0, and to F16 when even 32 does
 not divide the row. SmolLM2 (hidden size 576) is such a case: under q4_k_m its q/k/v/o/gate/up matrices become
-Q5_0, its tied embeddings (which take the output's Q6_K) Q8_0, and only ffn_down (rows of 1536) is K-quantized. `q4_k`/`q5_k`/`q6_k` are "pure" files
-(every matrix that type, like llama-quantize --pure); `q4_k_m` is the mixed recipe.
+Q5_0, its tied embeddings (which take the output's Q6_K) Q8_0, and only ffn_down (rows of 1536) is K-quantized.
+`q4_k`/`q5_k`/`q6_k` are "pure" files (every matrix that type, like llama-quantize --pure); `q4_k_m` is the mix.
 
 An importance matrix (`collect_imatrix`: mean x² of each linear layer's input over calibration tokens, llama.cpp's
 imatrix) weights the K-quant fits toward the inputs that matter; the fallback types (quantized by the gguf
@@ -138,7 +138,8 @@ def export_gguf(model: nn.Module, path: str | os.PathLike, tokenizer=None, dtype
 
     ``dtype`` is the type of the weight matrices: f32 | f16 | q8_0 | q4_0 | q4_k | q5_k | q6_k | q4_k_m (see the
     module docstring for the mix and the fallbacks). ``importance`` maps module names ("model.layers.0.mlp.down_proj")
-    to per-input-column weights, as `collect_imatrix` returns them, for the K-quants. With a byte-level BPE ``tokenizer``
+    to per-input-column weights, as `collect_imatrix` returns them, for the K-quants.
+    With a byte-level BPE ``tokenizer``
     (GPT-2 style, e.g. SmolLM2's) the vocabulary, merges, special ids and chat template are stored too, so
     llama.cpp can run the file on its own; ``tokenizer_pre`` is llama.cpp's pre-tokenizer name (e.g. "smollm").
     """

@@ -22,9 +22,9 @@ re-derived here over whole tensors at once instead of block by block):
   weighted least-squares gain (Σw·x·L)²/Σw·L² with w = x²; the 16 scales are stored as int8 against the
   largest one (d = −max_scale/128, fp16).
 * With an importance matrix (llama.cpp's imatrix: per input column, e.g. mean x² of the activations) the
-  weights become imp_i·√(σ² + x_i²), σ² = 2·mean(x²) over the super-block, the grid search widens (rmin −0.9,
-  rdelta 0.05, 37 grids) and the 6-bit scales/mins come from ggml's make_qp_quants (weighted grid search
-  plus coordinate descent) instead of plain rounding. Q6_K uses the importances as its weights directly.
+  weights become imp_i·√(σ² + x_i²), σ² = 2·mean(x²) over the super-block, the grid search widens
+  (rmin −0.9, rdelta 0.05, 37 grids) and the 6-bit scales/mins come from ggml's make_qp_quants (weighted grid
+  search plus coordinate descent) instead of plain rounding. Q6_K uses the importances as its weights directly.
 
 Arithmetic is float32 like ggml's. Sums run in a different order (vectorised), and the candidate errors use
 the closed form Σw(sL + m − x)² = s²Σwl² + 2smΣwl − 2sΣwlx + m²Σw − 2mΣwx + Σwx²,
@@ -269,7 +269,8 @@ def _encode_q6_k(x, imp):
     ql = torch.cat([q[:, :, 0] & 0xF | (q[:, :, 2] & 0xF) << 4, q[:, :, 1] & 0xF | (q[:, :, 3] & 0xF) << 4], dim=2)
     hi = q >> 4
     qh = hi[:, :, 0] | hi[:, :, 1] << 2 | hi[:, :, 2] << 4 | hi[:, :, 3] << 6  # (S, 2, 32)
-    parts = [ql.reshape(s, 128), qh.reshape(s, 64), sc.to(torch.int8).view(torch.uint8), torch.from_numpy(_half_bytes(d))]
+    scales = sc.to(torch.int8).view(torch.uint8)
+    parts = [ql.reshape(s, 128), qh.reshape(s, 64), scales, torch.from_numpy(_half_bytes(d))]
     return torch.cat(parts, dim=1), values
 
 
