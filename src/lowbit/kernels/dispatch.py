@@ -53,3 +53,19 @@ def fused_linear(
     y = ops.lut4_linear(x.reshape(-1, w.in_features), w.packed, w.table, w.scale, w.zero_point, w.nested_code,
                         w.nested_scale, w.offset, w.out_features, w.group_size, w.flat)  # fmt: skip
     return y.reshape(*x.shape[:-1], w.out_features)
+
+
+BACKENDS = ("auto", "torch", "triton")
+
+
+def use_triton(x: torch.Tensor, backend: str) -> bool:
+    """Whether a fused training op (norms, swiglu, rope, cross_entropy, lora_fused) runs its Triton kernel.
+
+    "auto": on CUDA when Triton is installed; "torch": the reference; "triton": always (on the CPU only
+    under TRITON_INTERPRET=1, which is how the tests run the kernels without a GPU).
+    """
+    if backend not in BACKENDS:
+        raise ValueError(f"unknown backend {backend!r}; choose one of {BACKENDS}")
+    if backend == "auto":
+        return x.is_cuda and triton_available()
+    return backend == "triton"

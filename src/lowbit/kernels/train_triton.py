@@ -1,0 +1,199 @@
+"""Triton kernels of the fused training ops: RMSNorm, SwiGLU, RoPE and the cross-entropy of a logits chunk.
+
+All four are memory-bound elementwise / row-reduction passes: unfused, PyTorch runs each as several
+kernels (casts to float32, pow, mean, rsqrt, mul, cast back, …), each a full read and write of the
+activations in HBM, and autograd keeps their intermediates. Here each is one read and one write, computed
+in float32 registers, with the backward recomputing what it needs from the saved inputs.
+
+One program per row (RMSNorm, cross-entropy; RoPE: per (batch, position)), or per BLOCK elements
+(SwiGLU). Rows are assumed to fit one block (hidden sizes ≤ 64K), except cross-entropy, which walks the
+vocabulary in BLOCK-wide steps (online log-sum-exp, Milakov & Gimelshein 2018).
+
+The torch-facing functions live in `norms.py`, `swiglu.py`, `rope.py` and `cross_entropy.py`; this
+module is imported only when a kernel runs (importing lowbit.kernels never imports Triton).
+"""
+
+from __future__ import annotations
+
+import torch
+import triton
+import triton.language as tl
+
+
+@triton.jit
+def _rms_norm_fwd(x_ptr, w_ptr, y_ptr, rstd_ptr, stride_x, stride_y, n_cols, eps, BLOCK: tl.constexpr):
+    row = tl.program_id(0)
+    cols = tl.arange(0, BLOCK)
+    mask = cols < n_cols
+    x = tl.load(x_ptr + row * stride_x + cols, mask=mask, other=0.0).to(tl.float32)
+    rstd = tl.rsqrt(tl.sum(x * x, axis=0) / n_cols + eps)
+    # LlamaRMSNorm rounds the normalised x to the input dtype before the weight multiplies it.
+    xn = (x * rstd).to(x_ptr.dtype.element_ty).to(tl.float32)
+    w = tl.load(w_ptr + cols, mask=mask, other=0.0).to(tl.float32)
+    tl.store(y_ptr + row * stride_y + cols, (xn * w).to(y_ptr.dtype.element_ty), mask=mask)
+    tl.store(rstd_ptr + row, rstd)
+
+
+@triton.jit
+def _rms_norm_bwd(dy_ptr, x_ptr, w_ptr, rstd_ptr, dx_ptr, stride_dy, stride_x, stride_dx, n_cols,
+                  BLOCK: tl.constexpr):  # fmt: skip
+    # y = w ⊙ x·r with r = (mean(x²) + eps)^-½  ⇒  dx = r·(g − x̂·mean(g ⊙ x̂)),  g = dy ⊙ w, x̂ = x·r
+    row = tl.program_id(0)
+    cols = tl.arange(0, BLOCK)
+    mask = cols < n_cols
+    dy = tl.load(dy_ptr + row * stride_dy + cols, mask=mask, other=0.0).to(tl.float32)
+    x = tl.load(x_ptr + row * stride_x + cols, mask=mask, other=0.0).to(tl.float32)
+    w = tl.load(w_ptr + cols, mask=mask, other=0.0).to(tl.float32)
+    rstd = tl.load(rstd_ptr + row)
+    xh = x * rstd
+    g = dy * w
+    dx = rstd * (g - xh * (tl.sum(g * xh, axis=0) / n_cols))
+    tl.store(dx_ptr + row * stride_dx + cols, dx.to(dx_ptr.dtype.element_ty), mask=mask)
+
+
+def rms_norm_forward(x: torch.Tensor, weight: torch.Tensor, eps: float, out_dtype: torch.dtype):
+    """x (M, D) contiguous rows → (y (M, D) in out_dtype, rstd (M,) float32)."""
+    m, d = x.shape
+    y = torch.empty((m, d), dtype=out_dtype, device=x.device)
+    rstd = torch.empty(m, dtype=torch.float32, device=x.device)
+    block = triton.next_power_of_2(d)
+    _rms_norm_fwd[(m,)](x, weight, y, rstd, x.stride(0), y.stride(0), d, eps, BLOCK=block,
+                        num_warps=min(max(block // 256, 1), 16))  # fmt: skip
+    return y, rstd
+
+
+def rms_norm_backward(dy: torch.Tensor, x: torch.Tensor, weight: torch.Tensor, rstd: torch.Tensor) -> torch.Tensor:
+    m, d = x.shape
+    dx = torch.empty_like(x)
+    block = triton.next_power_of_2(d)
+    _rms_norm_bwd[(m,)](dy, x, weight, rstd, dx, dy.stride(0), x.stride(0), dx.stride(0), d, BLOCK=block,
+                        num_warps=min(max(block // 256, 1), 16))  # fmt: skip
+    return dx
+
+
+@triton.jit
+def _swiglu_fwd(g_ptr, u_ptr, y_ptr, n, BLOCK: tl.constexpr):
+    offs = tl.program_id(0).to(tl.int64) * BLOCK + tl.arange(0, BLOCK)
+    mask = offs < n
+    g = tl.load(g_ptr + offs, mask=mask, other=0.0).to(tl.float32)
+    u = tl.load(u_ptr + offs, mask=mask, other=0.0).to(tl.float32)
+    # silu(g) is rounded to the activation dtype before the product, as act_fn(gate) * up does.
+    s = (g * tl.sigmoid(g)).to(y_ptr.dtype.element_ty).to(tl.float32)
+    tl.store(y_ptr + offs, (s * u).to(y_ptr.dtype.element_ty), mask=mask)
+
+
+@triton.jit
+def _swiglu_bwd(dy_ptr, g_ptr, u_ptr, dg_ptr, du_ptr, n, BLOCK: tl.constexpr):
+    # y = silu(g)·u:  du = dy·silu(g),  dg = dy·u·σ(g)·(1 + g·(1 − σ(g)))
+    offs = tl.program_id(0).to(tl.int64) * BLOCK + tl.arange(0, BLOCK)
+    mask = offs < n
+    dy = tl.load(dy_ptr + offs, mask=mask, other=0.0).to(tl.float32)
+    g = tl.load(g_ptr + offs, mask=mask, other=0.0).to(tl.float32)
+    u = tl.load(u_ptr + offs, mask=mask, other=0.0).to(tl.float32)
+    sig = tl.sigmoid(g)
+    tl.store(du_ptr + offs, (dy * g * sig).to(du_ptr.dtype.element_ty), mask=mask)
+    tl.store(dg_ptr + offs, (dy * u * sig * (1.0 + g * (1.0 - sig))).to(dg_ptr.dtype.element_ty), mask=mask)
+
+
+SWIGLU_BLOCK = 1024
+
+
+def swiglu_forward(gate: torch.Tensor, up: torch.Tensor) -> torch.Tensor:
+    y = torch.empty_like(gate)
+    n = gate.numel()
+    _swiglu_fwd[(triton.cdiv(n, SWIGLU_BLOCK),)](gate, up, y, n, BLOCK=SWIGLU_BLOCK)
+    return y
+
+
+def swiglu_backward(dy: torch.Tensor, gate: torch.Tensor, up: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    dg, du = torch.empty_like(gate), torch.empty_like(up)
+    n = gate.numel()
+    _swiglu_bwd[(triton.cdiv(n, SWIGLU_BLOCK),)](dy, gate, up, dg, du, n, BLOCK=SWIGLU_BLOCK)
+    return dg, du
+
+
+@triton.jit
+def _rope(x_ptr, cos_ptr, sin_ptr, y_ptr, T, H, half,
+          sxb, sxh, sxt, sxd, syb, syh, syt, syd, scb, sct, scd,
+          BACKWARD: tl.constexpr, BH: tl.constexpr, BD: tl.constexpr):  # fmt: skip
+    # Forward: y = x·cos + rotate_half(x)·sin, rotate_half(x) = (−x₂, x₁) on the two halves of head_dim:
+    #   y₁ = x₁·cos₁ − x₂·sin₁,  y₂ = x₂·cos₂ + x₁·sin₂.
+    # Backward (the transpose of that linear map): dx₁ = dy₁·cos₁ + dy₂·sin₂,  dx₂ = dy₂·cos₂ − dy₁·sin₁.
+    pid = tl.program_id(0)
+    b = pid // T
+    t = pid % T
+    d = tl.arange(0, BD)
+    h = tl.arange(0, BH)
+    dmask = d < half
+    cbase = cos_ptr + b * scb + t * sct
+    sbase = sin_ptr + b * scb + t * sct
+    c1 = tl.load(cbase + d * scd, mask=dmask, other=0.0).to(tl.float32)[None, :]
+    c2 = tl.load(cbase + (d + half) * scd, mask=dmask, other=0.0).to(tl.float32)[None, :]
+    s1 = tl.load(sbase + d * scd, mask=dmask, other=0.0).to(tl.float32)[None, :]
+    s2 = tl.load(sbase + (d + half) * scd, mask=dmask, other=0.0).to(tl.float32)[None, :]
+    mask = (h < H)[:, None] & dmask[None, :]
+    xo = x_ptr + b * sxb + t * sxt + h[:, None] * sxh + d[None, :] * sxd  # (BH, BD)
+    x1 = tl.load(xo, mask=mask, other=0.0).to(tl.float32)
+    x2 = tl.load(xo + half * sxd, mask=mask, other=0.0).to(tl.float32)
+    if BACKWARD:
+        y1 = x1 * c1 + x2 * s2
+        y2 = x2 * c2 - x1 * s1
+    else:
+        y1 = x1 * c1 - x2 * s1
+        y2 = x2 * c2 + x1 * s2
+    yo = y_ptr + b * syb + t * syt + h[:, None] * syh + d[None, :] * syd
+    tl.store(yo, y1.to(y_ptr.dtype.element_ty), mask=mask)
+    tl.store(yo + half * syd, y2.to(y_ptr.dtype.element_ty), mask=mask)
+
+
+def rope(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, backward: bool) -> torch.Tensor:
+    """x (B, H, T, D) with any strides, cos/sin (B or 1, T, D) → y like x (its layout kept)."""
+    b, h, t, d = x.shape
+    y = torch.empty_like(x)
+    cos, sin = cos.expand(b, t, d), sin.expand(b, t, d)
+    if cos.stride() != sin.stride():
+        cos, sin = cos.contiguous(), sin.contiguous()
+    _rope[(b * t,)](x, cos, sin, y, t, h, d // 2, *x.stride(), *y.stride(), *cos.stride(), BACKWARD=backward,
+                    BH=triton.next_power_of_2(h), BD=triton.next_power_of_2(d // 2))  # fmt: skip
+    return y
+
+
+@triton.jit
+def _cross_entropy_rows(logits_ptr, labels_ptr, loss_ptr, scale_ptr, stride, n_cols, ignore_index,
+                        WRITE_GRAD: tl.constexpr, BLOCK: tl.constexpr):  # fmt: skip
+    # loss = logsumexp(x) − x[label]; d loss / dx = softmax(x) − onehot(label), times the reduction scale,
+    # written over the logits row (it is not needed after this program).
+    row = tl.program_id(0).to(tl.int64)
+    base = logits_ptr + row * stride
+    label = tl.load(labels_ptr + row)
+    valid = label != ignore_index
+    m = tl.full((), float("-inf"), tl.float32)
+    s = tl.full((), 0.0, tl.float32)
+    for start in range(0, n_cols, BLOCK):
+        cols = start + tl.arange(0, BLOCK)
+        x = tl.load(base + cols, mask=cols < n_cols, other=float("-inf")).to(tl.float32)
+        m_new = tl.maximum(m, tl.max(x, axis=0))
+        s = s * tl.exp(m - m_new) + tl.sum(tl.exp(x - m_new), axis=0)
+        m = m_new
+    lse = m + tl.log(s)
+    target = tl.load(base + tl.where(valid, label, 0)).to(tl.float32)
+    tl.store(loss_ptr + row, tl.where(valid, lse - target, 0.0))
+    if WRITE_GRAD:
+        scale = tl.where(valid, tl.load(scale_ptr), 0.0)
+        for start in range(0, n_cols, BLOCK):
+            cols = start + tl.arange(0, BLOCK)
+            cmask = cols < n_cols
+            x = tl.load(base + cols, mask=cmask, other=0.0).to(tl.float32)
+            g = tl.exp(x - lse) - tl.where(cols == label, 1.0, 0.0)
+            tl.store(base + cols, (g * scale).to(logits_ptr.dtype.element_ty), mask=cmask)
+
+
+def cross_entropy_rows(logits: torch.Tensor, labels: torch.Tensor, scale: torch.Tensor, ignore_index: int,
+                       write_grad: bool) -> torch.Tensor:  # fmt: skip
+    """Per-row loss (M,) float32 of logits (M, V); with write_grad, logits becomes scale·(softmax − onehot)."""
+    m, v = logits.shape
+    loss = torch.empty(m, dtype=torch.float32, device=logits.device)
+    block = min(triton.next_power_of_2(v), 4096)
+    _cross_entropy_rows[(m,)](logits, labels, loss, scale, logits.stride(0), v, ignore_index, WRITE_GRAD=write_grad,
+                              BLOCK=block, num_warps=8 if block >= 2048 else 4)  # fmt: skip
+    return loss
