@@ -1,0 +1,134 @@
+"""Chunked linear cross-entropy: the LM-head matmul and the loss without the (tokens, vocab) logits.
+
+A causal LM's loss is CE(h·Wᵀ, labels) with h (N, d) the final hidden states and W (V, d) the LM head.
+With Llama-3's V = 128,256, a batch of 16K tokens makes 16K × 128K logits: 4 GiB in bf16, 8 GiB more for
+the float32 upcast transformers' loss does, and as much again for their gradient — the largest tensors
+of a QLoRA step. Here rows are processed `chunk_size` at a time (the trick of Liger-Kernel's
+FusedLinearCrossEntropy and Wijmans et al. 2024, "Cut Your Losses"): for each chunk,
+
+    z = h_c·Wᵀ                               (c, V) in h's dtype, the only vocab-sized buffer
+    loss_c = logsumexp(z) − z[label]         one pass over z (Triton) or the float32 torch reference
+    z ← s·(softmax(z) − onehot(label))       d loss / d z, written over z (s: 1/#tokens for the mean)
+    dh_c = z·W,  dW += zᵀ·h_c                 the gradients, finished in the forward
+
+so peak memory is O(chunk_size × V), and only dh (N, d) (and dW, if the head trains) is kept for the
+backward, which merely scales them by the incoming gradient of the loss. Labels equal to
+`ignore_index` (−100) contribute neither loss nor gradient; numerics match transformers'
+ForCausalLMLoss (bf16 logits, loss in float32).
+"""
+
+from __future__ import annotations
+
+import math
+
+import torch
+import torch.nn.functional as F
+
+from lowbit.kernels.dispatch import use_triton
+
+IGNORE_INDEX = -100
+REDUCTIONS = ("mean", "sum")
+
+
+def cross_entropy_chunk_reference(logits: torch.Tensor, labels: torch.Tensor, scale: torch.Tensor,
+                                  ignore_index: int) -> tuple[torch.Tensor, torch.Tensor]:  # fmt: skip
+    """(per-row loss (c,), scale·(softmax − onehot) (c, V) in logits' dtype) in float32 (float64 for float64)."""
+    x = logits.to(torch.promote_types(logits.dtype, torch.float32))
+    lse = torch.logsumexp(x, dim=-1)  # (c,)
+    valid = labels != ignore_index
+    target = labels.where(valid, 0)
+    rows = torch.arange(x.shape[0], device=x.device)
+    loss = torch.where(valid, lse - x[rows, target], 0.0)
+    grad = torch.exp(x - lse[:, None])
+    grad[rows, target] -= 1.0
+    grad *= (scale.to(x.dtype) * valid)[:, None]
+    return loss, grad.to(logits.dtype)
+
+
+def default_chunk_size(n: int, vocab: int, hidden: int) -> int:
+    """Liger's choice: about V/d chunks, so the (chunk, V) buffer is about as big as h (N, d)."""
+    chunks = max(1, math.ceil(vocab / hidden))
+    return max(1, 2 ** math.ceil(math.log2(max(1, math.ceil(n / chunks)))))
+
+
+class _LinearCrossEntropy(torch.autograd.Function):
+    @staticmethod
+    def forward(ctx, h, weight, labels, ignore_index: int, reduction: str, chunk_size: int | None, backend: str,
+                grad_enabled: bool):  # fmt: skip
+        n, d = h.shape
+        # needs_input_grad is set even under torch.no_grad(): the caller's grad mode decides.
+        need_h, need_w = grad_enabled and ctx.needs_input_grad[0], grad_enabled and ctx.needs_input_grad[1]
+        valid = labels != ignore_index
+        count = valid.sum()
+        # The gradient's scale is known before the first chunk: 1/#tokens for the mean, kept on the device
+        # (no host sync). float64 for float64 inputs, so the reference test is exact.
+        acc = torch.promote_types(h.dtype, torch.float32)
+        scale = (1.0 / count.clamp(min=1).to(acc)) if reduction == "mean" else torch.ones((), dtype=acc, device=h.device)
+        triton = use_triton(h, backend)
+        chunk = chunk_size or default_chunk_size(n, weight.shape[0], d)
+        loss = torch.zeros((), dtype=acc, device=h.device)
+        grad_h = torch.empty_like(h) if need_h else None
+        grad_w = torch.zeros(weight.shape, dtype=acc, device=h.device) if need_w else None
+        for start in range(0, n, chunk):
+            h_c, y_c = h[start : start + chunk], labels[start : start + chunk]
+            logits = h_c @ weight.t()  # (c, V), the only vocab-sized buffer
+            if triton:
+                from lowbit.kernels import train_triton
+
+                row_loss = train_triton.cross_entropy_rows(logits, y_c, scale.float(), ignore_index, need_h or need_w)
+                grad = logits  # overwritten in place with the gradient
+            else:
+                row_loss, grad = cross_entropy_chunk_reference(logits, y_c, scale, ignore_index)
+            loss += row_loss.sum()
+            if need_h:
+                torch.matmul(grad, weight, out=grad_h[start : start + chunk])  # (c, V) @ (V, d)
+            if need_w:
+                grad_w += (grad.t() @ h_c).to(acc)  # (V, c) @ (c, d)
+            del logits, grad
+        ctx.save_for_backward(grad_h, None if grad_w is None else grad_w.to(weight.dtype))
+        return loss * scale
+
+    @staticmethod
+    def backward(ctx, grad_loss):
+        grad_h, grad_w = ctx.saved_tensors
+        grad_h = None if grad_h is None else grad_h * grad_loss.to(grad_h.dtype)
+        grad_w = None if grad_w is None else grad_w * grad_loss.to(grad_w.dtype)
+        return grad_h, grad_w, None, None, None, None, None, None
+
+
+def linear_cross_entropy(h: torch.Tensor, weight: torch.Tensor, labels: torch.Tensor, ignore_index: int = IGNORE_INDEX,
+                         reduction: str = "mean", chunk_size: int | None = None,
+                         backend: str = "auto") -> torch.Tensor:  # fmt: skip
+    """CE(h·Wᵀ, labels) for h (N, d), W (V, d), labels (N,), never holding more than chunk_size × V logits.
+
+    reduction "mean" (over labels ≠ ignore_index, 0 when there are none) or "sum". Differentiable in h and
+    W; the gradients are computed during the forward (the backward only scales them), so call it where a
+    backward will follow, or under torch.no_grad() for the loss alone.
+    """
+    if reduction not in REDUCTIONS:
+        raise ValueError(f"reduction must be one of {REDUCTIONS}, got {reduction!r}")
+    if h.dim() != 2 or weight.dim() != 2 or h.shape[1] != weight.shape[1] or labels.shape != h.shape[:1]:
+        raise ValueError(f"need h (N, d), weight (V, d), labels (N,); got {tuple(h.shape)}, {tuple(weight.shape)}, "
+                         f"{tuple(labels.shape)}")  # fmt: skip
+    if chunk_size is not None and chunk_size < 1:
+        raise ValueError(f"chunk_size must be ≥ 1, got {chunk_size}")
+    return _LinearCrossEntropy.apply(h, weight, labels, ignore_index, reduction, chunk_size, backend,
+                                     torch.is_grad_enabled())
+
+
+def causal_lm_loss(hidden: torch.Tensor, weight: torch.Tensor, labels: torch.Tensor, ignore_index: int = IGNORE_INDEX,
+                   num_items_in_batch: int | torch.Tensor | None = None, chunk_size: int | None = None,
+                   backend: str = "auto") -> torch.Tensor:  # fmt: skip
+    """transformers' ForCausalLMLoss over hidden states: position t predicts labels[t + 1].
+
+    hidden (B, T, d), labels (B, T). Mean over predicted tokens, or the sum divided by
+    `num_items_in_batch` when given (transformers' gradient-accumulation convention).
+    """
+    shifted = F.pad(labels, (0, 1), value=ignore_index)[..., 1:]  # (B, T): the last position predicts nothing
+    h = hidden.reshape(-1, hidden.shape[-1])
+    reduction = "mean" if num_items_in_batch is None else "sum"
+    loss = linear_cross_entropy(h, weight, shifted.reshape(-1).to(h.device), ignore_index, reduction, chunk_size,
+                                backend)  # fmt: skip
+    if num_items_in_batch is not None:
+        loss = loss / (num_items_in_batch.to(loss.device) if torch.is_tensor(num_items_in_batch) else num_items_in_batch)
+    return loss
