@@ -1,0 +1,122 @@
+"""QLoRA's linear layer as one autograd Function: the 4-bit base and the LoRA update together.
+
+    y  = x·Wᵀ + s·(x·Aᵀ)·Bᵀ (+ b)               W (N, K) 4-bit, A (r, K), B (N, r), s = alpha/r
+    dX = dY·W + s·(dY·B)·A
+    dB = s·dYᵀ·(x·Aᵀ),   dA = s·(dY·B)ᵀ·x
+
+Unfused (`LoraLinear` over `QuantLinear`), autograd sees ~8 nodes per layer: casts of x, A and B to the
+compute dtype (and of y back), the base op, two matmuls, a scale, an add, each saving its inputs. Here
+the Function saves only x (in the compute dtype) and x·Aᵀ (tokens × r); W is decoded from its 4-bit
+storage in the forward and again in the backward (never saved), through the base's own kernel choice:
+`lowbit::lut4_linear` / `lut4_linear_grad_input` when `QuantLinear.kernel` resolves to "fused" (CUDA),
+the format's dequantize + matmul otherwise (CPU). The LoRA product is added into the base output by one
+addmm (and s·(dY·B)·A into dX likewise), everything in the layer's compute dtype, with one cast of the
+result to x's dtype. `FusedLoraLinear` uses it when a layer has exactly one active, unmerged adapter
+without dropout; any other state runs `LoraLinear.forward` unchanged.
+"""
+
+from __future__ import annotations
+
+import torch
+from torch import nn
+
+from lowbit.kernels import ops
+from lowbit.kernels.dispatch import select
+from lowbit.kernels.lut4 import lut4_weight
+from lowbit.nn.quant_linear import QuantLinear
+from lowbit.peft.lora import LoraLinear
+
+
+def _lut4_args(base: QuantLinear):
+    w = lut4_weight(base.fmt, base.storage(), (base.out_features, base.in_features))
+    return (w.packed, w.table, w.scale, w.zero_point, w.nested_code, w.nested_scale, w.offset), w
+
+
+def base_matmul(x: torch.Tensor, base: QuantLinear, fused: bool) -> torch.Tensor:
+    """x (M, K) · Wᵀ → (M, N) in x's dtype, W decoded for this call only."""
+    if fused:
+        tensors, w = _lut4_args(base)
+        return ops.lut4_linear(x, *tensors, w.out_features, w.group_size, w.flat)
+    return x @ base.dequantize(x.dtype).t()
+
+
+def base_grad_input(dy: torch.Tensor, base: QuantLinear, fused: bool) -> torch.Tensor:
+    """dY (M, N) · W → (M, K), W decoded again rather than saved."""
+    if fused:
+        tensors, w = _lut4_args(base)
+        return ops.lut4_linear_grad_input(dy, *tensors, w.in_features, w.group_size, w.flat)
+    return dy @ base.dequantize(dy.dtype)
+
+
+class _QLoraLinear(torch.autograd.Function):
+    @staticmethod
+    def forward(ctx, x, lora_a, lora_b, bias, base: QuantLinear, scaling: float):
+        dtype = base.compute_dtype
+        fused = select(base.kernel, base.fmt, x.device) == "fused"
+        x2 = x.reshape(-1, x.shape[-1]).to(dtype)  # (M, K); a no-op when x is already in the compute dtype
+        a, b = lora_a.to(dtype), lora_b.to(dtype)  # (r, K), (N, r): small
+        xa = x2 @ a.t()  # (M, r)
+        y = torch.addmm(base_matmul(x2, base, fused), xa, b.t(), alpha=scaling)  # (M, N)
+        if bias is not None:
+            y += bias.to(dtype)
+        ctx.save_for_backward(x2, xa, lora_a, lora_b, bias)
+        ctx.base, ctx.scaling, ctx.fused, ctx.x_meta = base, scaling, fused, (x.shape, x.dtype)
+        return y.reshape(*x.shape[:-1], -1).to(x.dtype)
+
+    @staticmethod
+    def backward(ctx, dy):
+        x2, xa, lora_a, lora_b, bias = ctx.saved_tensors
+        s, dtype = ctx.scaling, x2.dtype
+        dy2 = dy.reshape(-1, dy.shape[-1]).to(dtype)  # (M, N)
+        b = lora_b.to(dtype)
+        dyb = dy2 @ b  # (M, r)
+        dx = da = db = dbias = None
+        if ctx.needs_input_grad[0]:
+            shape, x_dtype = ctx.x_meta
+            dx = torch.addmm(base_grad_input(dy2, ctx.base, ctx.fused), dyb, lora_a.to(dtype), alpha=s)
+            dx = dx.reshape(shape).to(x_dtype)
+        if ctx.needs_input_grad[1]:
+            da = (dyb.t() @ x2).mul_(s).to(lora_a.dtype)  # (r, K)
+        if ctx.needs_input_grad[2]:
+            db = (dy2.t() @ xa).mul_(s).to(lora_b.dtype)  # (N, r)
+        if bias is not None and ctx.needs_input_grad[3]:
+            dbias = dy2.sum(0).to(bias.dtype)
+        return dx, da, db, dbias, None, None
+
+
+def qlora_linear(x: torch.Tensor, base: QuantLinear, lora_a: torch.Tensor, lora_b: torch.Tensor,
+                 scaling: float) -> torch.Tensor:  # fmt: skip
+    """base(x) + scaling·(x·Aᵀ)·Bᵀ for a QuantLinear base: x (…, K) → (…, N) in x's dtype."""
+    if x.shape[-1] != base.in_features:
+        raise ValueError(f"expected input (…, {base.in_features}), got {tuple(x.shape)}")
+    return _QLoraLinear.apply(x, lora_a, lora_b, base.bias, base, scaling)
+
+
+class FusedLoraLinear(LoraLinear):
+    """A `LoraLinear` over a `QuantLinear` whose single-adapter forward is `qlora_linear`.
+
+    Built from an existing layer by `from_lora` (same parameters, adapters and state dict keys); every
+    LoRA feature (several adapters, merging, dropout, mixed batches) falls back to `LoraLinear.forward`.
+    """
+
+    @classmethod
+    def from_lora(cls, layer: LoraLinear) -> FusedLoraLinear:
+        if not isinstance(layer.base_layer, QuantLinear):
+            raise TypeError(f"FusedLoraLinear fuses LoRA over a QuantLinear, not {type(layer.base_layer).__name__}")
+        fused = cls.__new__(cls)
+        fused.__dict__.update(layer.__dict__)  # the same submodules, parameters and adapter bookkeeping
+        return fused
+
+    def _single_adapter(self) -> str | None:
+        if self.disabled or self.row_adapters is not None or self.merged_adapters or len(self.active_adapters) != 1:
+            return None
+        name = self.active_adapters[0]
+        if not isinstance(self.lora_dropout[name], nn.Identity) and self.training:
+            return None
+        return name
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        name = self._single_adapter() if isinstance(self.base_layer, QuantLinear) else None
+        if name is None:
+            return super().forward(x)
+        return qlora_linear(x, self.base_layer, self.lora_A[name], self.lora_B[name], self.scaling[name])
