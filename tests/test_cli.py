@@ -296,3 +296,18 @@ def test_every_command_teaches_with_examples():
         assert "\nexamples:\n" in text and f"lowbit {name} " in text.split("\nexamples:\n")[1], name
     readme = (Path(__file__).parents[1] / "README.md").read_text()
     assert all(f"lowbit {name} " in readme for name in commands)  # the README shows every command
+
+
+def test_finetune_trains_on_an_already_quantized_directory(tiny_dir, tmp_path, capsys):
+    q, run = tmp_path / "q", tmp_path / "run"
+    assert main(["quantize", str(tiny_dir), "--format", "nf4", "--out", str(q)]) == 0
+    args = ["finetune", str(q), "--data", str(DATA / "instruct" / "validation.jsonl"), "--steps", "1",
+            "--batch-size", "2", "--max-length", "256", "--r", "2", "--out", str(run)]  # fmt: skip
+    assert main(args) == 0
+    adapter = load_file(run / "adapter" / "adapter_model.safetensors")
+    assert len(adapter) == 2 * 14 and all(k.startswith("base_model.model.model.layers.") for k in adapter)
+    summary = json.loads((run / "finetune.json").read_text())
+    assert summary["trainable_parameters"] == sum(t.numel() for t in adapter.values())  # the 4-bit base is frozen
+    capsys.readouterr()
+    assert main(args[:-1] + [str(tmp_path / "full"), "--method", "full"]) == 1
+    assert "the model is quantized; use qlora" in capsys.readouterr().err
