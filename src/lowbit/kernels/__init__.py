@@ -20,3 +20,13 @@ __all__ = [
     "KERNEL_CHOICES", "Lut4Weight", "dequantize", "fused_linear", "int8_scaled_mm", "lut4_linear",
     "lut4_linear_grad_input", "lut4_weight", "select", "supports", "triton_available",
 ]  # fmt: skip
+
+
+def fuse_for_training(model, **kwargs) -> dict:
+    """Route a Llama / Qwen2 / Mistral model through the fused training ops; see `lowbit.kernels.fuse`.
+
+    Imported on call: the fused LoRA layer builds on lowbit.peft, which itself imports this package.
+    """
+    from lowbit.kernels.fuse import fuse_for_training as fuse
+
+    return fuse(model, **kwargs)

@@ -1,0 +1,106 @@
+"""`fuse_for_training(model)`: route a transformers Llama / Qwen2 / Mistral causal LM through the fused ops.
+
+What it changes, each by replacing a module (the state dict, parameter objects and so optimizer state and
+PEFT files stay the same):
+
+- every `LlamaRMSNorm` / `Qwen2RMSNorm` / `MistralRMSNorm` → `norms.FusedRMSNorm` (same weight);
+- every `LlamaMLP` / `Qwen2MLP` / `MistralMLP` with hidden_act "silu" → `swiglu.SwiGLUMLP` (same projections);
+- every `LoraLinear` over a `QuantLinear` → `lora_fused.FusedLoraLinear` (same adapters);
+- the loss: when called with `labels`, the model computes the shifted causal-LM loss with
+  `cross_entropy.causal_lm_loss` from the last hidden states and `lm_head.weight`, and returns
+  `logits=None` — the (tokens, vocab) logits are never built. Without labels it runs as before.
+
+The last item sets `forward` on this model instance (not its class): transformers computes the loss inside
+`XForCausalLM.forward` from full logits, so there is no module to swap for it. `unfuse_loss(model)` removes
+it. RoPE is not routed (transformers calls `apply_rotary_pos_emb` as a module global; see `rope.py`).
+"""
+
+from __future__ import annotations
+
+import types
+
+from torch import nn
+
+from lowbit.kernels.cross_entropy import causal_lm_loss
+from lowbit.kernels.lora_fused import FusedLoraLinear
+from lowbit.kernels.norms import FusedRMSNorm
+from lowbit.kernels.swiglu import SwiGLUMLP
+from lowbit.nn.quant_linear import QuantLinear
+from lowbit.peft.lora import LoraLinear
+
+RMS_NORMS = ("LlamaRMSNorm", "Qwen2RMSNorm", "MistralRMSNorm")  # x·rsqrt(mean x² + ε)·w; not Gemma's (1 + w)
+SWIGLU_MLPS = ("LlamaMLP", "Qwen2MLP", "MistralMLP")
+
+
+def _is_silu(mlp: nn.Module) -> bool:
+    return getattr(getattr(mlp, "config", None), "hidden_act", None) == "silu"
+
+
+def _replacement(module: nn.Module, backend: str, norms: bool, mlp: bool, lora: bool) -> nn.Module | None:
+    kind = type(module).__name__
+    if norms and kind in RMS_NORMS:
+        return FusedRMSNorm.from_module(module, backend)
+    if mlp and kind in SWIGLU_MLPS and _is_silu(module):
+        return SwiGLUMLP.from_module(module, backend)
+    if lora and type(module) is LoraLinear and isinstance(module.base_layer, QuantLinear):
+        return FusedLoraLinear.from_lora(module)
+    return None
+
+
+def _chunked_loss_forward(self, input_ids=None, attention_mask=None, position_ids=None, past_key_values=None,
+                          inputs_embeds=None, labels=None, use_cache=None, logits_to_keep=0, **kwargs):  # fmt: skip
+    """`XForCausalLM.forward` with the loss from hidden states (chunked cross-entropy) when labels are given."""
+    model_forward = type(self).forward
+    if labels is None:
+        return model_forward(self, input_ids=input_ids, attention_mask=attention_mask, position_ids=position_ids,
+                             past_key_values=past_key_values, inputs_embeds=inputs_embeds, use_cache=use_cache,
+                             logits_to_keep=logits_to_keep, **kwargs)  # fmt: skip
+    from transformers.modeling_outputs import CausalLMOutputWithPast
+
+    num_items = kwargs.pop("num_items_in_batch", None)
+    out = self.model(input_ids=input_ids, attention_mask=attention_mask, position_ids=position_ids,
+                     past_key_values=past_key_values, inputs_embeds=inputs_embeds, use_cache=use_cache, **kwargs)  # fmt: skip
+    loss = causal_lm_loss(out.last_hidden_state, self.lm_head.weight, labels, num_items_in_batch=num_items,
+                          chunk_size=self._lowbit_loss_chunk, backend=self._lowbit_loss_backend)  # fmt: skip
+    return CausalLMOutputWithPast(loss=loss, logits=None, past_key_values=out.past_key_values,
+                                  hidden_states=out.hidden_states, attentions=out.attentions)  # fmt: skip
+
+
+def fuse_loss(model: nn.Module, chunk_size: int | None = None, backend: str = "auto") -> bool:
+    """Compute this causal LM's loss with the chunked cross-entropy; False when the model does not fit
+    (no `.model` + plain `nn.Linear` `lm_head` without bias, e.g. a LoRA-wrapped head)."""
+    head = getattr(model, "lm_head", None)
+    if not (hasattr(model, "model") and type(head) is nn.Linear and head.bias is None):
+        return False
+    model._lowbit_loss_chunk, model._lowbit_loss_backend = chunk_size, backend
+    model.forward = types.MethodType(_chunked_loss_forward, model)
+    return True
+
+
+def unfuse_loss(model: nn.Module) -> None:
+    model.__dict__.pop("forward", None)
+
+
+def fuse_for_training(model: nn.Module, *, norms: bool = True, mlp: bool = True, lora: bool = True,
+                      loss: bool = True, backend: str = "auto", loss_chunk_size: int | None = None) -> dict:  # fmt: skip
+    """Swap the fused training ops into `model` in place; returns {what: how many} it replaced.
+
+    backend: "auto" (Triton on CUDA, the torch references elsewhere), "torch" or "triton"
+    (see `dispatch.use_triton`). Call it after quantizing and `apply_lora`, before building the optimizer
+    or not — the parameters are the same objects.
+    """
+    counts = {"rms_norm": 0, "swiglu_mlp": 0, "qlora_linear": 0, "loss": 0}
+    names = {FusedRMSNorm: "rms_norm", SwiGLUMLP: "swiglu_mlp", FusedLoraLinear: "qlora_linear"}
+
+    def visit(parent: nn.Module) -> None:  # depth-first, into the replacements (a SwiGLUMLP's LoRA projections)
+        for child_name, child in list(parent.named_children()):
+            new = _replacement(child, backend, norms, mlp, lora)
+            if new is not None:
+                setattr(parent, child_name, new)
+                counts[names[type(new)]] += 1
+            visit(new if new is not None else child)
+
+    visit(model)
+    if loss:
+        counts["loss"] = int(fuse_loss(model, loss_chunk_size, backend))
+    return counts
