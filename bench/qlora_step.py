@@ -113,11 +113,13 @@ def sync(device: str) -> None:
 
 def fresh(kind: str, shape: dict, layers: int, device: str):
     model = build_model(shape, layers, device)
-    if kind == "lowbit":
+    if kind in ("lowbit", "lowbit-fused"):
         model = lowbit_qlora(model)
     else:
         model = peft_lora(model, four_bit=kind == "peft+bnb")
     enable_checkpointing(model)
+    if kind == "lowbit-fused":  # fused RMSNorm, SwiGLU, QLoRA linear and chunked cross-entropy (issue 8)
+        log(f"  fused: {lowbit.kernels.fuse_for_training(model)}")
     model.train()
     return model
 
@@ -146,10 +148,10 @@ def measure(kind: str, shape: dict, layers: int, batch: int, seq: int, steps: in
     return result
 
 
-def profile_lowbit(shape, layers, batch, seq, device, out: Path | None) -> None:
+def profile_lowbit(shape, layers, batch, seq, device, out: Path | None, kind: str = "lowbit") -> None:
     from torch.profiler import ProfilerActivity, profile
 
-    model = fresh("lowbit", shape, layers, device)
+    model = fresh(kind, shape, layers, device)
     run_steps(model, batch, seq, 1, 2, device)  # warm up (Triton autotune, allocator)
     activities = [ProfilerActivity.CPU] + ([ProfilerActivity.CUDA] if device.startswith("cuda") else [])
     with profile(activities=activities) as prof:
@@ -158,7 +160,7 @@ def profile_lowbit(shape, layers, batch, seq, device, out: Path | None) -> None:
     table = prof.key_averages().table(sort_by=key, row_limit=30, max_name_column_width=60)
     log(table)
     if out is not None:
-        (out / "qlora_profile.txt").write_text(table)
+        (out / f"qlora_profile_{kind}.txt" if kind != "lowbit" else out / "qlora_profile.txt").write_text(table)
     del model
     free(device)
 
@@ -190,7 +192,8 @@ def main() -> None:
     parser.add_argument("--steps", type=int, default=8)
     parser.add_argument("--configs", default="8:2048:1,8:2048:4,8:8192:1,32:2048:1",
                         help="layers:seq:batch,… to time")  # fmt: skip
-    parser.add_argument("--kinds", default="lowbit,peft+bnb,bf16-lora", help="contenders, comma-separated")
+    parser.add_argument("--kinds", default="lowbit,lowbit-fused,peft+bnb,bf16-lora",
+                        help="contenders, comma-separated (lowbit-fused: lowbit.kernels.fuse_for_training)")
     parser.add_argument("--no-profile", action="store_true", help="skip the torch-profiler table")
     parser.add_argument("--max-seq", action="store_true", help="search the longest sequence (32 layers, batch 1)")
     args = parser.parse_args()
@@ -226,9 +229,24 @@ def main() -> None:
             f"{cell('peft+bnb', 'tokens_per_s', '.0f')} | {cell('bf16-lora', 'tokens_per_s', '.0f')} | {ratio} | "
             f"{cell('lowbit', 'peak_gib', '.2f')} | {cell('peft+bnb', 'peak_gib', '.2f')} | "
             f"{cell('bf16-lora', 'peak_gib', '.2f')} |")  # fmt: skip
+    fused_rows = [row for row in results if "lowbit-fused" in row]
+    if fused_rows:  # issue 8's goal: ≥ 2× peft+bnb tokens/s at ≤ its peak memory
+        log("\n| layers | seq | batch | lowbit-fused tok/s | × lowbit | × peft+bnb | lowbit-fused GiB "
+            "| GiB ÷ peft+bnb |\n|---|---|---|---|---|---|---|---|")  # fmt: skip
+
+    def ratio(row, key, other):
+        a, b = row["lowbit-fused"], row.get(other)
+        return "-" if a["oom"] or b is None or b["oom"] or not b[key] else f"{a[key] / b[key]:.2f}"
+
+    for row in fused_rows:
+        r = row["lowbit-fused"]
+        speed, mem = ("OOM", "OOM") if r["oom"] else (f"{r['tokens_per_s']:.0f}", f"{r['peak_gib']:.2f}")
+        log(f"| {row['layers']} | {row['seq']} | {row['batch']} | {speed} | {ratio(row, 'tokens_per_s', 'lowbit')} | "
+            f"{ratio(row, 'tokens_per_s', 'peft+bnb')} | {mem} | {ratio(row, 'peak_gib', 'peft+bnb')} |")  # fmt: skip
     if not args.no_profile:
         layers, seq, batch = configs[0]
-        profile_lowbit(shape, layers, batch, seq, device, args.out)
+        for kind in [k for k in ("lowbit", "lowbit-fused") if k in kinds]:
+            profile_lowbit(shape, layers, batch, seq, device, args.out, kind)
     if args.max_seq and not args.tiny:
         longest = {k: longest_sequence(k, shape, 32, device, 8192, 262144) for k in ("lowbit", "peft+bnb")}
         log(f"longest sequence, 32 layers, batch 1: {longest}")

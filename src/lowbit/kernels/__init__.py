@@ -7,6 +7,10 @@
   on CUDA runs the GEMV at M = 1 and decode + cuBLAS above (see `ops.py` and bench/RESULTS.md).
 - int8 × int8 GEMM with fused row/column scales for W8A8 (`int8_gemm.py`); op `lowbit::int8_scaled_mm`.
 - `select` / `fused_linear` (`dispatch.py`): the explicit kernel choice of `QuantLinear`.
+- Fused training ops (issue 8), each an autograd Function with a hand-written backward, a torch
+  reference and a Triton kernel (`train_triton.py`): `norms.rms_norm`, `swiglu.swiglu`, `rope.apply_rope`,
+  `cross_entropy.linear_cross_entropy` (chunked, never the (tokens, vocab) logits), `lora_fused.qlora_linear`
+  (4-bit base + LoRA in one node); `fuse_for_training(model)` (`fuse.py`) swaps them into a Llama-family model.
 
 Triton is optional (`pip install 'lowbit[gpu]'`): without it the ops run their torch references and
 `select("auto", …)` keeps the dequantize-then-matmul path. Importing this package never imports Triton.
@@ -17,8 +21,8 @@ from lowbit.kernels.lut4 import Lut4Weight, dequantize, lut4_weight, supports
 from lowbit.kernels.ops import int8_scaled_mm, lut4_linear, lut4_linear_grad_input
 
 __all__ = [
-    "KERNEL_CHOICES", "Lut4Weight", "dequantize", "fused_linear", "int8_scaled_mm", "lut4_linear",
-    "lut4_linear_grad_input", "lut4_weight", "select", "supports", "triton_available",
+    "KERNEL_CHOICES", "Lut4Weight", "dequantize", "fuse_for_training", "fused_linear", "int8_scaled_mm",
+    "lut4_linear", "lut4_linear_grad_input", "lut4_weight", "select", "supports", "triton_available",
 ]  # fmt: skip
 
 

@@ -63,7 +63,8 @@ class _LinearCrossEntropy(torch.autograd.Function):
         # The gradient's scale is known before the first chunk: 1/#tokens for the mean, kept on the device
         # (no host sync). float64 for float64 inputs, so the reference test is exact.
         acc = torch.promote_types(h.dtype, torch.float32)
-        scale = (1.0 / count.clamp(min=1).to(acc)) if reduction == "mean" else torch.ones((), dtype=acc, device=h.device)
+        ones = torch.ones((), dtype=acc, device=h.device)
+        scale = 1.0 / count.clamp(min=1).to(acc) if reduction == "mean" else ones
         triton = use_triton(h, backend)
         chunk = chunk_size or default_chunk_size(n, weight.shape[0], d)
         loss = torch.zeros((), dtype=acc, device=h.device)
@@ -130,5 +131,6 @@ def causal_lm_loss(hidden: torch.Tensor, weight: torch.Tensor, labels: torch.Ten
     loss = linear_cross_entropy(h, weight, shifted.reshape(-1).to(h.device), ignore_index, reduction, chunk_size,
                                 backend)  # fmt: skip
     if num_items_in_batch is not None:
-        loss = loss / (num_items_in_batch.to(loss.device) if torch.is_tensor(num_items_in_batch) else num_items_in_batch)
+        items = num_items_in_batch
+        loss = loss / (items.to(loss.device) if torch.is_tensor(items) else items)
     return loss

@@ -59,7 +59,8 @@ def _chunked_loss_forward(self, input_ids=None, attention_mask=None, position_id
 
     num_items = kwargs.pop("num_items_in_batch", None)
     out = self.model(input_ids=input_ids, attention_mask=attention_mask, position_ids=position_ids,
-                     past_key_values=past_key_values, inputs_embeds=inputs_embeds, use_cache=use_cache, **kwargs)  # fmt: skip
+                     past_key_values=past_key_values, inputs_embeds=inputs_embeds, use_cache=use_cache,
+                     **kwargs)  # fmt: skip
     loss = causal_lm_loss(out.last_hidden_state, self.lm_head.weight, labels, num_items_in_batch=num_items,
                           chunk_size=self._lowbit_loss_chunk, backend=self._lowbit_loss_backend)  # fmt: skip
     return CausalLMOutputWithPast(loss=loss, logits=None, past_key_values=out.past_key_values,
@@ -82,7 +83,8 @@ def unfuse_loss(model: nn.Module) -> None:
 
 
 def fuse_for_training(model: nn.Module, *, norms: bool = True, mlp: bool = True, lora: bool = True,
-                      loss: bool = True, backend: str = "auto", loss_chunk_size: int | None = None) -> dict:  # fmt: skip
+                      loss: bool = True, backend: str = "auto",
+                      loss_chunk_size: int | None = None) -> dict:  # fmt: skip
     """Swap the fused training ops into `model` in place; returns {what: how many} it replaced.
 
     backend: "auto" (Triton on CUDA, the torch references elsewhere), "torch" or "triton"
