@@ -3,6 +3,7 @@ same loss curve as the unfused model (CPU: the torch references of every fused o
 
 import copy
 
+import pytest
 import torch
 
 import lowbit
@@ -67,3 +68,23 @@ def test_without_labels_logits_are_unchanged():
     assert model(input_ids=ids, labels=ids).logits is None  # the training call builds no logits
     unfuse_loss(model)
     assert model(input_ids=ids, labels=ids).logits is not None
+
+
+def test_trainer_fused_kernels_flag():
+    from pathlib import Path
+
+    from lowbit.train import DataConfig, TrainConfig, build_examples, read_records, train
+    from tests.train.tiny_tokenizer import tiny_tokenizer
+
+    tok = tiny_tokenizer()
+    records = read_records(Path(__file__).resolve().parents[2] / "data" / "instruct" / "train.jsonl")[:40]
+    examples, _ = build_examples(records, tok, DataConfig(max_length=160))
+    cfg = dict(max_steps=3, batch_size=4, lr=1e-2, progress=False, plot=False)
+    want = train(_qlora(tiny_llama()), examples, TrainConfig(**cfg), pad_token_id=tok.pad_token_id).losses
+    model = _qlora(tiny_llama())
+    got = train(model, examples, TrainConfig(fused_kernels=True, **cfg), pad_token_id=tok.pad_token_id).losses
+    assert type(model.model.layers[0].mlp).__name__ == "SwiGLUMLP"
+    assert max(abs(a - b) for a, b in zip(got, want)) < 1e-4  # the tolerance of test_ten_qlora_steps_match_unfused
+    bf16 = TrainConfig(fused_kernels=True, precision="bf16", **cfg)
+    losses = train(_qlora(tiny_llama()), examples, bf16, pad_token_id=tok.pad_token_id).losses
+    assert losses == [pytest.approx(x, rel=0.02) for x in want]  # bf16 autocast ≈ fp32

@@ -83,3 +83,15 @@ def test_qlora_linear_without_input_grad():
     y = qlora_linear(x, layer.base_layer, layer.lora_A["default"], layer.lora_B["default"], 2.0)
     y.sum().backward()
     assert layer.lora_A["default"].grad is not None and layer.lora_B["default"].grad is not None
+
+
+def test_under_bf16_autocast_like_unfused():
+    """Autocast picks the matmul dtype as it does for the unfused layer; the backward runs outside autocast."""
+    unfused = _layer("dequant")
+    fused = FusedLoraLinear.from_lora(copy.deepcopy(unfused))
+    x, dy = torch.randn(6, 64), torch.randn(6, 48)
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        got, want = _run(fused, x, dy), _run(unfused, x, dy)
+    for g, w in zip(got, want):
+        assert g.dtype == w.dtype
+        assert ((g.float() - w.float()).norm() / w.float().norm()).item() < 2e-2  # bf16 rounding, differently placed

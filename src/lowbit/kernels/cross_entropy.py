@@ -24,7 +24,7 @@ import math
 import torch
 import torch.nn.functional as F
 
-from lowbit.kernels.dispatch import use_triton
+from lowbit.kernels.dispatch import autocast_dtype, use_triton
 
 IGNORE_INDEX = -100
 REDUCTIONS = ("mean", "sum")
@@ -67,12 +67,15 @@ class _LinearCrossEntropy(torch.autograd.Function):
         scale = 1.0 / count.clamp(min=1).to(acc) if reduction == "mean" else ones
         triton = use_triton(h, backend)
         chunk = chunk_size or default_chunk_size(n, weight.shape[0], d)
+        dtype = autocast_dtype(h.device, h.dtype)  # the logits' dtype (bf16 under bf16 autocast)
+        w_c = weight.to(dtype)  # a no-op without autocast
         loss = torch.zeros((), dtype=acc, device=h.device)
         grad_h = torch.empty_like(h) if need_h else None
         grad_w = torch.zeros(weight.shape, dtype=acc, device=h.device) if need_w else None
         for start in range(0, n, chunk):
             h_c, y_c = h[start : start + chunk], labels[start : start + chunk]
-            logits = h_c @ weight.t()  # (c, V), the only vocab-sized buffer
+            with torch.autocast(h.device.type, enabled=False):
+                logits = h_c.to(dtype) @ w_c.t()  # (c, V), the only vocab-sized buffer
             if triton:
                 from lowbit.kernels import train_triton
 
@@ -81,10 +84,11 @@ class _LinearCrossEntropy(torch.autograd.Function):
             else:
                 row_loss, grad = cross_entropy_chunk_reference(logits, y_c, scale, ignore_index)
             loss += row_loss.sum()
-            if need_h:
-                torch.matmul(grad, weight, out=grad_h[start : start + chunk])  # (c, V) @ (V, d)
-            if need_w:
-                grad_w += (grad.t() @ h_c).to(acc)  # (V, c) @ (c, d)
+            with torch.autocast(h.device.type, enabled=False):
+                if need_h:
+                    grad_h[start : start + chunk] = grad @ w_c  # (c, V) @ (V, d)
+                if need_w:
+                    grad_w += (grad.t() @ h_c.to(dtype)).to(acc)  # (V, c) @ (c, d)
             del logits, grad
         ctx.save_for_backward(grad_h, None if grad_w is None else grad_w.to(weight.dtype))
         return loss * scale

@@ -69,3 +69,13 @@ def use_triton(x: torch.Tensor, backend: str) -> bool:
     if backend == "auto":
         return x.is_cuda and triton_available()
     return backend == "triton"
+
+
+def autocast_dtype(device: torch.device, default: torch.dtype) -> torch.dtype:
+    """The dtype autocast would run a matmul in on `device` right now, else `default`.
+
+    The fused Functions do their matmuls with autocast switched off (their backward runs outside it, and
+    mixed dtypes there would fail), casting explicitly to this dtype instead: the same precision the
+    unfused path gets from autocast.
+    """
+    return torch.get_autocast_dtype(device.type) if torch.is_autocast_enabled(device.type) else default

@@ -21,7 +21,7 @@ import torch
 from torch import nn
 
 from lowbit.kernels import ops
-from lowbit.kernels.dispatch import select
+from lowbit.kernels.dispatch import autocast_dtype, select
 from lowbit.kernels.lut4 import lut4_weight
 from lowbit.nn.quant_linear import QuantLinear
 from lowbit.peft.lora import LoraLinear
@@ -51,7 +51,15 @@ def base_grad_input(dy: torch.Tensor, base: QuantLinear, fused: bool) -> torch.T
 class _QLoraLinear(torch.autograd.Function):
     @staticmethod
     def forward(ctx, x, lora_a, lora_b, bias, base: QuantLinear, scaling: float):
-        dtype = base.compute_dtype
+        dtype = autocast_dtype(x.device, base.compute_dtype)
+        with torch.autocast(x.device.type, enabled=False):
+            y, x2, xa, fused = _QLoraLinear._forward(x, lora_a, lora_b, bias, base, scaling, dtype)
+        ctx.save_for_backward(x2, xa, lora_a, lora_b, bias)
+        ctx.base, ctx.scaling, ctx.fused, ctx.x_meta = base, scaling, fused, (x.shape, x.dtype)
+        return y.reshape(*x.shape[:-1], -1).to(x.dtype)
+
+    @staticmethod
+    def _forward(x, lora_a, lora_b, bias, base, scaling, dtype):
         fused = select(base.kernel, base.fmt, x.device) == "fused"
         x2 = x.reshape(-1, x.shape[-1]).to(dtype)  # (M, K); a no-op when x is already in the compute dtype
         a, b = lora_a.to(dtype), lora_b.to(dtype)  # (r, K), (N, r): small
@@ -59,11 +67,11 @@ class _QLoraLinear(torch.autograd.Function):
         y = torch.addmm(base_matmul(x2, base, fused), xa, b.t(), alpha=scaling)  # (M, N)
         if bias is not None:
             y += bias.to(dtype)
-        ctx.save_for_backward(x2, xa, lora_a, lora_b, bias)
-        ctx.base, ctx.scaling, ctx.fused, ctx.x_meta = base, scaling, fused, (x.shape, x.dtype)
-        return y.reshape(*x.shape[:-1], -1).to(x.dtype)
+        return y, x2, xa, fused
 
     @staticmethod
+    @torch.autocast("cuda", enabled=False)
+    @torch.autocast("cpu", enabled=False)
     def backward(ctx, dy):
         x2, xa, lora_a, lora_b, bias = ctx.saved_tensors
         s, dtype = ctx.scaling, x2.dtype

@@ -66,6 +66,8 @@ class TrainConfig:
     save_every / keep_checkpoints: checkpoint every N steps (0: only at the end) into output_dir.
     max_bad_steps: stop after this many non-finite steps in a row.
     strategy: none | ddp | fsdp (used when torch.distributed is initialised with > 1 process).
+    fused_kernels: swap in lowbit.kernels' fused RMSNorm, SwiGLU MLP and QLoRA linear (Llama / Qwen2 /
+        Mistral); the loss stays this trainer's own (it needs the logits for prompt methods and distillation).
     """
 
     max_steps: int = 100
@@ -92,6 +94,7 @@ class TrainConfig:
     seed: int = 0
     max_bad_steps: int = 5
     strategy: str = "none"
+    fused_kernels: bool = False
     progress: bool = True
     plot: bool = True
     version: int = CONFIG_VERSION
@@ -395,6 +398,10 @@ def train(model: nn.Module, train_examples: Sequence[dict], config: TrainConfig 
         raise ValueError("no training examples")
     if cfg.gradient_checkpointing:
         enable_gradient_checkpointing(model)
+    if cfg.fused_kernels:
+        from lowbit.kernels import fuse_for_training
+
+        fuse_for_training(model, loss=False)
     if not any(p.requires_grad for p in model.parameters()):
         raise ValueError("the model has no trainable parameters: apply a PEFT method (lowbit.peft) first")
     rank, world = rank_and_world()
