@@ -672,11 +672,55 @@ def build_parser() -> argparse.ArgumentParser:
 
     _add_compare(sub)
     for add in (_add_generate, _add_chat, _add_eval, _add_elo, _add_prune, _add_merge, _add_export, _add_finetune,
-                _add_memory):
+                _add_memory, _add_convert):
         add(sub)
     for cmd in sub.choices.values():
         cmd.add_argument("--config", help="YAML/TOML file of settings for this command (flags given here override)")
     return parser
+
+
+def _convert(args) -> None:
+    from lowbit import io
+
+    report = io.convert(args.src, args.dst, to=args.to, verify=not args.no_verify, method=args.method, bits=args.bits,
+                        group_size=None if args.group_size == -1 else args.group_size, sym=not args.affine,
+                        desc_act=args.desc_act, format=args.format, gguf_type=args.gguf_type,
+                        checkpoint_format=args.checkpoint_format, requantize=args.requantize,
+                        calibration_samples=args.calibration_samples, eval_windows=args.eval_windows,
+                        eval_context=args.eval_context)  # fmt: skip
+    print(report.summary())
+
+
+def _add_convert(sub) -> None:
+    p = sub.add_parser("convert", help="convert between lowbit, bitsandbytes NF4, GPTQ and GGUF, and verify",
+                       formatter_class=argparse.RawDescriptionHelpFormatter,
+                       description="Read SRC (packaged name, transformers / lowbit / bitsandbytes 4-bit / GPTQ "
+                       "directory, .gguf file), write DST in the --to format and compare the two models on fixed "
+                       "text: KL of the next-token distributions, perplexity, max |Δlogit|. Quantized storage the "
+                       "target can hold is copied without requantizing (lowbit NF4 ⇄ bnb-nf4, lowbit int ⇄ gptq); a "
+                       "float source is quantized (--method, --bits, --group-size); other pairs need --requantize."
+                       "\n\nexamples:\n  lowbit convert smollm2-135m smollm2-gptq --to gptq --group-size 128\n"
+                       "  lowbit convert smollm2-gptq smollm2-int4 --to lowbit\n"
+                       "  lowbit convert smollm2-bnb smollm2-nf4 --to lowbit\n"
+                       "  lowbit convert smollm2-nf4 smollm2.q8_0.gguf --to gguf --gguf-type q8_0")  # fmt: skip
+    p.add_argument("src", help=MODEL_HELP + ", a lowbit / bitsandbytes 4-bit / GPTQ directory")
+    p.add_argument("dst", help="output directory (a .gguf file path for --to gguf)")
+    p.add_argument("--to", choices=["lowbit", "bnb-nf4", "gptq", "gguf"], required=True, help="format to write")
+    p.add_argument("--method", choices=["rtn", "gptq"], default="rtn", help="float source: how to quantize")
+    p.add_argument("--bits", type=int, choices=[2, 3, 4, 8], default=4, help="gptq target: bits per weight")
+    p.add_argument("--group-size", type=int, default=128, help="int formats: values per scale (-1: per row)")
+    p.add_argument("--affine", action="store_true", help="int formats: zero points (GPTQ sym=false)")
+    p.add_argument("--desc-act", action="store_true", help="--method gptq: act-order (g_idx)")
+    p.add_argument("--format", default="nf4", help="lowbit target from a float source: " + FORMAT_HELP)
+    p.add_argument("--gguf-type", default="q8_0", help="gguf target: f32 f16 q8_0 q4_0 q4_k q5_k q6_k q4_k_m")
+    p.add_argument("--checkpoint-format", choices=["gptq", "gptq_v2"], default="gptq",
+                   help="gptq target: v1 (zero − 1 stored, what transformers/AutoGPTQ read) or GPTQModel's v2")
+    p.add_argument("--requantize", action="store_true", help="allow dequantize + quantize when storage cannot move")
+    p.add_argument("--calibration-samples", type=int, default=32, help="--method gptq: 256-token windows")
+    p.add_argument("--eval-windows", type=int, default=4, help="verification: non-overlapping windows")
+    p.add_argument("--eval-context", type=int, default=256, help="verification: tokens per window")
+    p.add_argument("--no-verify", action="store_true", help="skip the comparison with the source")
+    p.set_defaults(func=_convert)
 
 
 def main(argv: list[str] | None = None) -> int:

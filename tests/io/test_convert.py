@@ -155,3 +155,15 @@ def test_smollm2_to_gptq_rtn_and_back(tmp_path):
     assert 0.05 < r.kl_divergence < 2 and r.perplexity_source < r.perplexity_result < 3 * r.perplexity_source
     r = convert(tmp_path / "gptq", tmp_path / "lowbit", "lowbit", **small)
     assert r.lossless
+
+
+def test_cli_prints_route_and_verdict_or_one_line_error(fp_dir, tmp_path, capsys):
+    from lowbit.cli import main
+
+    assert main(["convert", str(fp_dir), str(tmp_path / "g"), "--to", "gptq", "--group-size", "32",
+                 "--eval-windows", "1", "--eval-context", "64"]) == 0  # fmt: skip
+    out = capsys.readouterr().out.splitlines()
+    assert out[0].endswith("(gptq): quantized to int4 g32 (symmetric) by rtn") and out[1].startswith("lossy: KL ")
+    assert main(["convert", str(tmp_path / "g"), str(tmp_path / "x"), "--to", "bnb-nf4"]) == 1
+    err = capsys.readouterr().err
+    assert err.count("\n") == 1 and "holds int4 layers and bnb-nf4 stores only nf4/fp4" in err
