@@ -311,3 +311,33 @@ def test_finetune_trains_on_an_already_quantized_directory(tiny_dir, tmp_path, c
     capsys.readouterr()
     assert main(args[:-1] + [str(tmp_path / "full"), "--method", "full"]) == 1
     assert "the model is quantized; use qlora" in capsys.readouterr().err
+
+
+def test_merge_targets_write_their_report(tiny_dir, tmp_path, capsys):
+    """--target fp / requantized (GPTQ) through lowbit.merge_adapter: the report files, the saved kinds."""
+    import json
+
+    import lowbit
+    from lowbit.io import load_any
+    from lowbit.peft import LoraConfig, apply_lora, save_adapter
+    from tests.peft.test_lora import randomize_lora_b
+
+    q = tmp_path / "q"
+    assert main(["quantize", str(tiny_dir), "--format", "int4", "--group-size", "32", "--out", str(q)]) == 0
+    model = apply_lora(load_any(q)[0], LoraConfig(r=4, alpha=8))
+    randomize_lora_b(model)
+    save_adapter(model, tmp_path / "adapter")
+    assert main(["merge", str(q), str(tmp_path / "adapter"), "--target", "requantized", "--method", "gptq",
+                 "--calibration-samples", "2", "--eval-windows", "1", "--out", str(tmp_path / "rq")]) == 0  # fmt: skip
+    report = json.loads((tmp_path / "rq" / "merge_report.json").read_text())
+    assert (tmp_path / "rq" / "merge_report.md").exists() and "kl" in json.dumps(report).lower()
+    requantized = lowbit.load_quantized(tmp_path / "rq")
+    assert type(requantized.model.layers[0].mlp.down_proj) is lowbit.QuantLinear
+    assert main(["merge", str(q), str(tmp_path / "adapter"), "--target", "fp", "--fp-base", str(tiny_dir),
+                 "--eval-windows", "0", "--out", str(tmp_path / "fp")]) == 0  # fmt: skip
+    fp = AutoModelForCausalLM.from_pretrained(tmp_path / "fp", local_files_only=True)
+    base = AutoModelForCausalLM.from_pretrained(tiny_dir, local_files_only=True)
+    layer = model.model.layers[0].mlp.down_proj  # scale α/r = 8/4
+    want = base.model.layers[0].mlp.down_proj.weight + 2.0 * layer.lora_B["default"] @ layer.lora_A["default"]
+    torch.testing.assert_close(fp.model.layers[0].mlp.down_proj.weight, want, atol=1e-6, rtol=1e-6)  # no rounding
+    capsys.readouterr()

@@ -393,9 +393,22 @@ def _save_merged(model, tokenizer, out: str, dtype: str | None = None):
 
 
 def _merge(args) -> None:
+    import lowbit
+    from lowbit.evaluate import reference_text
+
     model, tokenizer = _load_with_adapter(args.base, args.adapter)
-    path = _save_merged(model, tokenizer, args.out, args.dtype)
-    print(f"merged {args.adapter} into {args.base}; saved a plain transformers model to {path}")
+    text = reference_text()
+    calibration = [text[len(text) // 2 :]] if args.method == "gptq" else None  # disjoint from the eval windows
+    lowbit.merge_adapter(model, target=args.target, method=args.method, fp_model=args.fp_base, tokenizer=tokenizer,
+                         calibration=calibration, n_samples=args.calibration_samples, eval_windows=args.eval_windows,
+                         report_dir=args.report_dir or args.out)  # fmt: skip
+    if args.target == "requantized":
+        lowbit.save_quantized(model, args.out)
+        tokenizer.save_pretrained(args.out)
+        print(f"merged {args.adapter} into {args.base} and requantized it; saved a lowbit model to {args.out}")
+    else:
+        path = _save_merged(model, tokenizer, args.out, args.dtype)
+        print(f"merged {args.adapter} into {args.base} ({args.target}); saved a plain transformers model to {path}")
 
 
 def _add_merge(sub) -> None:
@@ -407,9 +420,19 @@ def _add_merge(sub) -> None:
                        "model.safetensors + tokenizer: transformers' AutoModelForCausalLM.from_pretrained reads "
                        "the result without lowbit.\nA QLoRA adapter was trained on the quantized base: give that "
                        "same base (the `lowbit quantize` directory) to get exactly the model you trained; the "
-                       "fp32 base gives base + adapter in full precision.\n\nexamples:\n"
+                       "fp32 base gives base + adapter in full precision.\n--target says where the merge lands: "
+                       "dequantized (default: dequant(Q) + ΔW, dense), fp (the original full-precision weights "
+                       "+ ΔW; --fp-base names them) or requantized (back into the base's 4-/8-bit format, by "
+                       "plain rounding or --method gptq, which compensates the rounding error on calibration "
+                       "text). Every merge prints and saves (merge_report.md/.json) each layer's reconstruction "
+                       "error and the KL divergence and perplexity of the merged model vs the adapter-on model."
+                       "\n\nexamples:\n"
                        "  lowbit merge smollm2-nf4 smollm2-qlora/adapter --out smollm2-tuned\n"
                        "  lowbit merge smollm2-135m my-lora --out smollm2-lora-merged --dtype bfloat16\n"
+                       "  lowbit merge smollm2-nf4 smollm2-qlora/adapter --target requantized --method gptq "
+                       "--out smollm2-tuned-nf4\n"
+                       "  lowbit merge smollm2-nf4 smollm2-qlora/adapter --target fp --fp-base smollm2-135m "
+                       "--out smollm2-tuned-fp\n"
                        "  python -c 'from transformers import AutoModelForCausalLM as M; "
                        "M.from_pretrained(\"smollm2-tuned\")'")  # fmt: skip
     p.add_argument("base", help=MODEL_HELP + ", a `lowbit quantize` directory or a bitsandbytes 4-bit checkpoint")
@@ -417,6 +440,14 @@ def _add_merge(sub) -> None:
     p.add_argument("--out", required=True, help="output directory")
     p.add_argument("--dtype", choices=["float32", "bfloat16", "float16"],
                    help="cast the saved weights (default: as loaded)")
+    p.add_argument("--target", choices=["dequantized", "fp", "requantized"], default="dequantized",
+                   help="where the merge lands (default dequantized)")
+    p.add_argument("--fp-base", help="target fp: the full-precision model the quantized base came from")
+    p.add_argument("--method", choices=["rtn", "gptq"], default="rtn", help="target requantized: how to round")
+    p.add_argument("--calibration-samples", type=int, default=32, help="gptq: 256-token calibration windows")
+    p.add_argument("--eval-windows", type=int, default=4,
+                   help="256-token windows for the KL / perplexity check (0 = skip)")
+    p.add_argument("--report-dir", help="where merge_report.md / .json go (default: --out)")
     p.set_defaults(func=_merge)
 
 
