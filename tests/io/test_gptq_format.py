@@ -56,9 +56,11 @@ def test_4bit_layout_nibbles():
     module = quant_linear(4, False, 16)
     t = gptq_layer_tensors(module, "gptq_v2")
     assert t["qweight"].dtype == torch.int32 and t["qweight"].shape == (64 * 4 // 32, 32)
-    assert t["qzeros"].shape == (4, 32 * 4 // 32) and t["scales"].shape == (4, 32) and t["scales"].dtype == torch.float16
-    levels = torch.round(module.dequantize(torch.float64) / module.weight_scale.view(32, 4).double().repeat_interleave(16, 1)
-                         + module.weight_zero_point.view(32, 4).double().repeat_interleave(16, 1))  # fmt: skip
+    assert t["qzeros"].shape == (4, 32 * 4 // 32) and t["scales"].shape == (4, 32)
+    assert t["scales"].dtype == torch.float16
+    scale = module.weight_scale.view(32, 4).double().repeat_interleave(16, 1)  # (out, in): each value's scale
+    zero = module.weight_zero_point.view(32, 4).double().repeat_interleave(16, 1)
+    levels = torch.round(module.dequantize(torch.float64) / scale + zero)
     # input row 8i + j of output column o sits in bits 4j..4j+3 of qweight[i, o]
     for i, j, o in [(0, 0, 0), (0, 7, 3), (5, 2, 31), (7, 7, 17)]:
         assert (int(t["qweight"][i, o]) >> (4 * j)) & 0xF == int(levels[o, 8 * i + j])
@@ -113,7 +115,8 @@ def test_model_checkpoint_round_trip(tmp_path):
     quant = json.loads((tmp_path / "a" / "config.json").read_text())["quantization_config"]
     assert quant == json.loads((tmp_path / "a" / "quantize_config.json").read_text())
     assert {k: quant[k] for k in ("quant_method", "bits", "group_size", "desc_act", "sym", "checkpoint_format")} == {
-        "quant_method": "gptq", "bits": 4, "group_size": 32, "desc_act": False, "sym": True, "checkpoint_format": "gptq"}
+        "quant_method": "gptq", "bits": 4, "group_size": 32, "desc_act": False, "sym": True,
+        "checkpoint_format": "gptq"}
     loaded = load_gptq(tmp_path / "a")
     assert isinstance(loaded.model.layers[1].mlp.down_proj, QuantLinear)
     assert loaded.lm_head.weight is loaded.model.embed_tokens.weight  # tie restored

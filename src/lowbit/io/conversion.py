@@ -110,7 +110,8 @@ class ConvertReport:
         a, b, n = self.perplexity_source, self.perplexity_result, self.eval_tokens
         if self.lossless:
             return f"lossless: max |Δlogit| 0 over {n} tokens (perplexity {a:.2f})"
-        return (f"lossy: KL {self.kl_divergence:.2g} nats/token, perplexity {a:.2f} → {b:.2f} ({100 * (b / a - 1):+.2f}%), "
+        change = 100 * (b / a - 1)
+        return (f"lossy: KL {self.kl_divergence:.2g} nats/token, perplexity {a:.2f} → {b:.2f} ({change:+.2f}%), "
                 f"max |Δlogit| {self.max_abs_logit_diff:.2g} over {n} tokens")  # fmt: skip
 
     def summary(self) -> str:
@@ -225,7 +226,7 @@ def _write(model: nn.Module, tokenizer, dst: Path, to: str, kind: str, o: Conver
 @torch.no_grad()
 def compare_models(source: nn.Module, result: nn.Module, tokenizer, windows: int = 4, context: int = 256,
                    report: ConvertReport | None = None) -> ConvertReport:  # fmt: skip
-    """Fill `report` with KL(source ‖ result), both perplexities and max |Δlogit| on the reference text's first half."""
+    """Fill `report` with KL(source ‖ result), both perplexities and max |Δlogit| on the reference text's 1st half."""
     report = report or ConvertReport("source", "", "", "result", "")
     text = reference_text()
     ids = eval_token_ids(text[: len(text) // 2], tokenizer)
