@@ -341,3 +341,29 @@ def test_merge_targets_write_their_report(tiny_dir, tmp_path, capsys):
     want = base.model.layers[0].mlp.down_proj.weight + 2.0 * layer.lora_B["default"] @ layer.lora_A["default"]
     torch.testing.assert_close(fp.model.layers[0].mlp.down_proj.weight, want, atol=1e-6, rtol=1e-6)  # no rounding
     capsys.readouterr()
+
+
+def test_export_gguf_k_quants_with_imatrix_and_a_lora_adapter(tiny_dir, tmp_path, capsys):
+    import gguf
+
+    from lowbit.io import load_any
+    from lowbit.peft import LoraConfig, apply_lora, save_adapter
+
+    notes = tmp_path / "notes.txt"
+    notes.write_text("The quick brown fox jumps over the lazy dog. " * 40)
+    out = tmp_path / "tiny.q4_k_m.gguf"
+    assert main(["export", str(tiny_dir), "--to", "gguf", "--gguf-type", "q4_k_m", "--imatrix-text", str(notes),
+                 "--out", str(out)]) == 0  # fmt: skip
+    reader = gguf.GGUFReader(out)
+    assert {t.name for t in reader.tensors} >= {"token_embd.weight", "blk.0.ffn_down.weight"}
+    model = apply_lora(load_any(tiny_dir)[0], LoraConfig(r=4, alpha=8))
+    save_adapter(model, tmp_path / "adapter")
+    adapter = tmp_path / "adapter.gguf"
+    assert main(["export", str(tiny_dir), "--to", "gguf-lora", "--adapter", str(tmp_path / "adapter"),
+                 "--out", str(adapter)]) == 0  # fmt: skip
+    reader = gguf.GGUFReader(adapter)
+    field = reader.get_field("general.type")
+    assert bytes(field.parts[field.data[0]]).decode() == "adapter"
+    names = {t.name for t in reader.tensors}
+    assert "blk.0.attn_q.weight.lora_a" in names and "blk.1.ffn_down.weight.lora_b" in names
+    capsys.readouterr()

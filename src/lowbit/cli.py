@@ -462,28 +462,54 @@ def _export(args) -> None:
         if not any(isinstance(m, lowbit.QuantLinear) for m in model.modules()):
             lowbit.quantize(model, lowbit.QuantConfig(format=args.format), progress=True)
         path = io.save_bnb_4bit(model, args.out, tokenizer)
+    elif args.to == "gguf-lora":
+        if not args.adapter:
+            raise ValueError("--to gguf-lora needs --adapter (the PEFT-format LoRA directory to convert)")
+        path = io.export_peft_lora_gguf(args.adapter, model.config, args.out)
     else:
         pre = args.tokenizer_pre or ("smollm" if io.checkpoint_kind(args.model) == "packaged" else "default")
-        path = io.export_gguf(model, args.out, tokenizer=tokenizer, dtype=args.gguf_type, tokenizer_pre=pre)
+        importance = _imatrix(model, tokenizer, args.imatrix_text, args.imatrix_tokens) if args.imatrix_text else None
+        path = io.export_gguf(model, args.out, tokenizer=tokenizer, dtype=args.gguf_type, tokenizer_pre=pre,
+                              importance=importance)  # fmt: skip
     print(f"exported ({args.to}) to {path}")
 
 
+def _imatrix(model, tokenizer, text_file: str, tokens: int):
+    """llama.cpp's importance matrix (mean x² per input column) from up to `tokens` tokens of a text file."""
+    from pathlib import Path
+
+    from lowbit import io
+
+    ids = tokenizer(Path(text_file).read_text(), return_tensors="pt").input_ids[:, :tokens]
+    return io.collect_imatrix(model, [ids[:, i : i + 512] for i in range(0, ids.shape[1], 512)])
+
+
 def _add_export(sub) -> None:
+    from lowbit.io.gguf_export import GGUF_TYPES
+
     p = sub.add_parser("export", help="export: merged safetensors, bitsandbytes 4-bit, or GGUF",
                        formatter_class=argparse.RawDescriptionHelpFormatter,
                        description="merged: LoRA merged and quantized layers dequantized into a plain transformers "
                        "model.\nbnb4: a transformers + bitsandbytes 4-bit checkpoint (from_pretrained loads it with "
-                       "bitsandbytes).\ngguf: a GGUF file for llama.cpp (Llama/Mistral/Qwen2; f32, f16, q8_0, q4_0)."
+                       "bitsandbytes).\ngguf: a GGUF file for llama.cpp (Llama/Mistral/Qwen2; f32, f16, q8_0, q4_0 and the "
+                       "K-quants q4_k, q5_k, q6_k, q4_k_m — llama.cpp's mix — optionally weighted by an importance "
+                       "matrix from --imatrix-text).\ngguf-lora: the --adapter LoRA as a llama.cpp GGUF adapter "
+                       "(each layer's true scale folded in: rsLoRA and per-module rank/alpha come out right)."
                        "\n\nexamples:\n  lowbit export ./smollm2-nf4 --to merged --out smollm2-dense\n"
                        "  lowbit export smollm2-135m --adapter my-lora --to merged --out smollm2-tuned\n"
                        "  lowbit export smollm2-135m --to bnb4 --format nf4 --out smollm2-bnb\n"
-                       "  lowbit export smollm2-135m --to gguf --gguf-type q8_0 --out smollm2.q8_0.gguf")  # fmt: skip
+                       "  lowbit export smollm2-135m --to gguf --gguf-type q8_0 --out smollm2.q8_0.gguf\n"
+                       "  lowbit export smollm2-135m --to gguf --gguf-type q4_k_m --imatrix-text notes.txt "
+                       "--out smollm2.q4_k_m.gguf\n"
+                       "  lowbit export smollm2-135m --to gguf-lora --adapter my-lora --out my-lora.gguf")  # fmt: skip
     p.add_argument("model", help=MODEL_HELP + ", a `lowbit quantize` directory or a bitsandbytes 4-bit checkpoint")
-    p.add_argument("--to", choices=["merged", "bnb4", "gguf"], required=True, help="what to write")
+    p.add_argument("--to", choices=["merged", "bnb4", "gguf", "gguf-lora"], required=True, help="what to write")
     p.add_argument("--out", required=True, help="output directory (merged, bnb4) or .gguf file")
     p.add_argument("--adapter", help="a PEFT-format LoRA adapter directory to merge in first")
     p.add_argument("--format", choices=["nf4", "fp4"], default="nf4", help="bnb4: format if not quantized yet")
-    p.add_argument("--gguf-type", choices=["f32", "f16", "q8_0", "q4_0"], default="f16", help="gguf: weight type")
+    p.add_argument("--gguf-type", choices=list(GGUF_TYPES), default="f16", help="gguf: weight type")
+    p.add_argument("--imatrix-text", help="gguf K-quants: a text file whose activations weight the rounding")
+    p.add_argument("--imatrix-tokens", type=int, default=4096, help="gguf: tokens of --imatrix-text to use")
     p.add_argument("--tokenizer-pre", help="gguf: llama.cpp pre-tokenizer name (packaged model: smollm)")
     p.set_defaults(func=_export)
 
