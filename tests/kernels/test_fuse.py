@@ -2,6 +2,7 @@
 same loss curve as the unfused model (CPU: the torch references of every fused op)."""
 
 import copy
+import importlib.util
 
 import pytest
 import torch
@@ -88,3 +89,20 @@ def test_trainer_fused_kernels_flag():
     bf16 = TrainConfig(fused_kernels=True, precision="bf16", **cfg)
     losses = train(_qlora(tiny_llama()), examples, bf16, pad_token_id=tok.pad_token_id).losses
     assert losses == [pytest.approx(x, rel=0.02) for x in want]  # bf16 autocast ≈ fp32
+
+
+@pytest.mark.skipif(importlib.util.find_spec("triton") is None, reason="Triton is not installed")
+def test_triton_backend_in_the_model():
+    """The Triton kernels (interpreted on the CPU) inside the model: the same loss and LoRA gradients."""
+    unfused = _qlora(tiny_llama())
+    fused = copy.deepcopy(unfused)
+    fuse_for_training(fused, backend="triton", loss_chunk_size=8)
+    ids = torch.randint(0, 300, (1, 12), generator=torch.Generator().manual_seed(0))
+    losses, grads = [], []
+    for model in (unfused, fused):
+        loss = model(input_ids=ids, labels=ids).loss
+        loss.backward()
+        losses.append(loss.item())
+        grads.append(torch.cat([p.grad.flatten() for p in model.parameters() if p.requires_grad]))
+    assert abs(losses[0] - losses[1]) < 1e-5  # float32 in both
+    assert ((grads[1] - grads[0]).norm() / grads[0].norm()).item() < 1e-5
