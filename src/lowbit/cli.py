@@ -524,7 +524,7 @@ def _finetune(args) -> None:
                         weight_decay=args.weight_decay, optimizer=args.optimizer, schedule=args.schedule,
                         warmup_steps=args.warmup_steps, max_grad_norm=args.max_grad_norm or None,
                         precision=args.precision, gradient_checkpointing=args.gradient_checkpointing,
-                        eval_every=args.eval_every, eval_batches=args.eval_batches,
+                        fused_kernels=args.fused_kernels, eval_every=args.eval_every, eval_batches=args.eval_batches,
                         early_stopping_patience=args.early_stopping, save_every=args.save_every, seed=args.seed,
                         strategy=args.strategy)  # fmt: skip
     cfg = FinetuneConfig(model=args.model, data=args.data, eval_data=args.eval_data, data_config=data,
@@ -583,6 +583,8 @@ def _add_finetune(sub) -> None:
     p.add_argument("--max-grad-norm", type=float, default=1.0, help="gradient clipping (0: off)")
     p.add_argument("--precision", choices=["fp32", "bf16", "fp16"], default="fp32", help="autocast dtype")
     p.add_argument("--gradient-checkpointing", action="store_true", help="recompute activations in backward")
+    p.add_argument("--fused-kernels", action="store_true",
+                   help="fused RMSNorm / SwiGLU / QLoRA-linear training ops (Llama, Qwen2, Mistral; lowbit.kernels)")
     p.add_argument("--eval-every", type=int, default=0, help="evaluate every N steps (0: only before and after)")
     p.add_argument("--eval-batches", type=int, default=None, help="at most this many eval batches")
     p.add_argument("--early-stopping", type=int, default=None, help="stop after N evaluations without improvement")
