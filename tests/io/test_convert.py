@@ -147,7 +147,7 @@ def test_no_verify_reports_not_verified(fp_dir, tmp_path):
 @pytest.mark.slow
 def test_smollm2_to_gptq_rtn_and_back(tmp_path):
     # One 128-token window keeps this under a minute on a busy CPU (a SmolLM2 forward of 256 tokens takes ~3 s).
-    # Measured with 4 × 256 tokens: int4 g128 symmetric RTN has KL 0.76 nats/token, perplexity 19.86 → 38.28.
+    # Measured on 2 × 256 tokens: int4 g128 symmetric RTN has KL 0.76 nats/token, perplexity 19.86 → 38.28.
     small = dict(eval_windows=1, eval_context=128)
     r = convert("smollm2-135m", tmp_path / "gptq", "gptq", group_size=128, **small)
     print(r.summary())

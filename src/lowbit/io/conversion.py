@@ -197,7 +197,9 @@ def _quant_config(to: str, o: ConvertOptions) -> QuantConfig:
 def _quantize_words(to: str, o: ConvertOptions) -> str:
     c = _quant_config(to, o)
     detail = f" g{c.group_size}" if c.group_size else ""
-    return f"quantized to {c.format}{detail} ({'symmetric' if c.symmetric else 'affine'}) by {c.method}"
+    if c.format.startswith("int"):
+        detail += " (symmetric)" if c.symmetric else " (affine)"
+    return f"quantized to {c.format}{detail} by {c.method}"
 
 
 def _quantized_copy(model: nn.Module, tokenizer, to: str, o: ConvertOptions) -> nn.Module:
