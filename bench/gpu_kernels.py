@@ -276,6 +276,19 @@ def make_weights(n, k, device, n_rot, with_bnb: bool):
     return lw, bw, dense_copies
 
 
+def memory_table(fn):
+    """fn with the PTX register lookup switched off (`lut4_asm`): the kernels' table lookups from memory."""
+
+    def call(i):
+        os.environ["LOWBIT_NO_PTX_LUT"] = "1"
+        try:
+            return fn(i)
+        finally:
+            del os.environ["LOWBIT_NO_PTX_LUT"]
+
+    return call
+
+
 def decode_benchmark(device, ceil: dict, with_bnb: bool, smoke: bool) -> list[dict]:
     import torch.nn.functional as F
 
@@ -303,6 +316,7 @@ def decode_benchmark(device, ceil: dict, with_bnb: bool, smoke: bool) -> list[di
             contenders = {
                 "lowbit": (op, n_rot),
                 "lowbit gemv": (lambda i, x=x: lut4_gemv(x, lw[i], cv), n_rot),
+                "gemv mem-table": (memory_table(lambda i, x=x: lut4_gemv(x, lw[i], cv)), n_rot),
                 "lowbit deq+cuBLAS": (lambda i, x=x: F.linear(x, lut4_dequantize(lw[i], x.dtype)), n_rot),
                 "bf16": (lambda i, x=x: F.linear(x, dense[i]), len(dense)),
             }
@@ -414,11 +428,12 @@ def print_tables(ceil, decode, prefill):
     nan = float("nan")
     log("\n=== ceilings: copy %.0f GB/s, bf16 matmul %.0f TFLOP/s" % (ceil["copy_GBps"], ceil["bf16_matmul_TFLOPs"]))
     log("=== decode (NF4+DQ, block 64, bf16 x), µs per call, CUDA-graph replay, weights rotated")
-    log(f"{'shape':>11} {'M':>2} {'lowbit':>7} {'deq+cB':>7} {'bnb':>7} {'bf16':>7} {'GB/s':>6} {'%copy':>6} "
-        f"{'xbnb':>5} {'xbf16':>5}")  # fmt: skip
+    log(f"{'shape':>11} {'M':>2} {'lowbit':>7} {'gemv':>7} {'memtab':>7} {'deq+cB':>7} {'bnb':>7} {'bf16':>7} "
+        f"{'GB/s':>6} {'%copy':>6} {'xbnb':>5} {'xbf16':>5}")  # fmt: skip
     for r in decode:
         t = r["us"]
-        log(f"{r['shape']:>11} {r['M']:>2} {t['lowbit']:7.1f} {t['lowbit deq+cuBLAS']:7.1f} {t.get('bnb', nan):7.1f} "
+        log(f"{r['shape']:>11} {r['M']:>2} {t['lowbit']:7.1f} {t['lowbit gemv']:7.1f} {t['gemv mem-table']:7.1f} "
+            f"{t['lowbit deq+cuBLAS']:7.1f} {t.get('bnb', nan):7.1f} "
             f"{t['bf16']:7.1f} {r['lowbit_GBps']:6.0f} {r['frac_copy_bw']:6.1%} {r['vs_bnb']:5.2f} {r['vs_bf16']:5.2f}")
     log("=== prefill (NF4+DQ, bf16), TFLOP/s (do_bench median); lowbit = the op (Triton decode + cuBLAS)")
     log(f"{'shape':>11} {'M':>5} {'lowbit':>6} {'cuBLAS':>6} {'bnb':>6} {'xcuBLAS':>7} {'xbnb':>5} {'fusedS':>6} "

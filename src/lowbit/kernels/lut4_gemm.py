@@ -58,7 +58,7 @@ def _mma(a, b, acc, IEEE: tl.constexpr):
 def _lut4_gemm_kernel(x_ptr, y_ptr, packed_ptr, table_ptr, scale_ptr, zp_ptr, ncode_ptr, nscale_ptr, offset_ptr,
                       M, N, K, KB, G, stride_xm, stride_ym, M_BUCKET,
                       GS: tl.constexpr, SCALES: tl.constexpr, PAIRED: tl.constexpr, HAS_ZP: tl.constexpr,
-                      DOUBLE_QUANT: tl.constexpr, NESTED_GS: tl.constexpr, IEEE: tl.constexpr,
+                      DOUBLE_QUANT: tl.constexpr, NESTED_GS: tl.constexpr, LUT_ASM: tl.constexpr, IEEE: tl.constexpr,
                       BM: tl.constexpr, BN: tl.constexpr, BK: tl.constexpr, SWAP: tl.constexpr):  # fmt: skip
     pid_n, pid_m = _grouped_tile(tl.program_id(0), tl.cdiv(N, BN), tl.cdiv(M, BM), GROUP)
     rows = pid_n * BN + tl.arange(0, BN)  # (BN,) output features
@@ -70,7 +70,7 @@ def _lut4_gemm_kernel(x_ptr, y_ptr, packed_ptr, table_ptr, scale_ptr, zp_ptr, nc
     for k0 in range(0, K, BK):
         w = load_lut4_tile(packed_ptr, table_ptr, scale_ptr, zp_ptr, ncode_ptr, nscale_ptr, offset_ptr,
                            rows, k0, N, K, KB, G, BN, BK, GS, SCALES, PAIRED, HAS_ZP, DOUBLE_QUANT,
-                           NESTED_GS)  # (BN, BK) fmt: skip
+                           NESTED_GS, LUT_ASM)  # (BN, BK) fmt: skip
         cols = tl.max_contiguous(tl.multiple_of(k0 + tl.arange(0, BK), BK), BK)
         x_mask = (ms < M)[:, None] & (cols < K)[None, :]
         x = tl.load(x_ptr + ms[:, None] * stride_xm + cols[None, :], mask=x_mask, other=0.0)  # (BM, BK)
@@ -91,7 +91,7 @@ def _lut4_gemm_kernel(x_ptr, y_ptr, packed_ptr, table_ptr, scale_ptr, zp_ptr, nc
 def _lut4_gemm_dx_kernel(g_ptr, dx_ptr, packed_ptr, table_ptr, scale_ptr, zp_ptr, ncode_ptr, nscale_ptr, offset_ptr,
                          M, N, K, KB, G, stride_gm, stride_dm, M_BUCKET,
                          GS: tl.constexpr, SCALES: tl.constexpr, PAIRED: tl.constexpr, HAS_ZP: tl.constexpr,
-                         DOUBLE_QUANT: tl.constexpr, NESTED_GS: tl.constexpr, IEEE: tl.constexpr,
+                         DOUBLE_QUANT: tl.constexpr, NESTED_GS: tl.constexpr, LUT_ASM: tl.constexpr, IEEE: tl.constexpr,
                          BM: tl.constexpr, BN: tl.constexpr, BK: tl.constexpr):  # fmt: skip
     pid_k, pid_m = _grouped_tile(tl.program_id(0), tl.cdiv(K, BK), tl.cdiv(M, BM), GROUP)
     k0 = pid_k * BK
@@ -101,7 +101,7 @@ def _lut4_gemm_dx_kernel(g_ptr, dx_ptr, packed_ptr, table_ptr, scale_ptr, zp_ptr
         rows = n0 + tl.arange(0, BN)  # (BN,) the reduction runs over W's rows
         w = load_lut4_tile(packed_ptr, table_ptr, scale_ptr, zp_ptr, ncode_ptr, nscale_ptr, offset_ptr,
                            rows, k0, N, K, KB, G, BN, BK, GS, SCALES, PAIRED, HAS_ZP, DOUBLE_QUANT,
-                           NESTED_GS)  # (BN, BK) fmt: skip
+                           NESTED_GS, LUT_ASM)  # (BN, BK) fmt: skip
         g_mask = (ms < M)[:, None] & (rows < N)[None, :]
         g = tl.load(g_ptr + ms[:, None] * stride_gm + rows[None, :], mask=g_mask, other=0.0)  # (BM, BN)
         acc = _mma(g, w.to(g.dtype), acc, IEEE)  # (BM, BK)
@@ -114,12 +114,13 @@ def _lut4_gemm_dx_kernel(g_ptr, dx_ptr, packed_ptr, table_ptr, scale_ptr, zp_ptr
 def _lut4_dequant_kernel(out_ptr, packed_ptr, table_ptr, scale_ptr, zp_ptr, ncode_ptr, nscale_ptr, offset_ptr,
                          N, K, KB, G,
                          GS: tl.constexpr, SCALES: tl.constexpr, PAIRED: tl.constexpr, HAS_ZP: tl.constexpr,
-                         DOUBLE_QUANT: tl.constexpr, NESTED_GS: tl.constexpr,
+                         DOUBLE_QUANT: tl.constexpr, NESTED_GS: tl.constexpr, LUT_ASM: tl.constexpr,
                          BN: tl.constexpr, BK: tl.constexpr):  # fmt: skip
     rows = tl.program_id(0) * BN + tl.arange(0, BN)
     k0 = tl.program_id(1) * BK
     w = load_lut4_tile(packed_ptr, table_ptr, scale_ptr, zp_ptr, ncode_ptr, nscale_ptr, offset_ptr,
-                       rows, k0, N, K, KB, G, BN, BK, GS, SCALES, PAIRED, HAS_ZP, DOUBLE_QUANT, NESTED_GS)  # fmt: skip
+                       rows, k0, N, K, KB, G, BN, BK, GS, SCALES, PAIRED, HAS_ZP, DOUBLE_QUANT, NESTED_GS,
+                       LUT_ASM)  # fmt: skip
     cols = k0 + tl.arange(0, BK)
     mask = (rows < N)[:, None] & (cols < K)[None, :]
     tl.store(out_ptr + rows[:, None].to(tl.int64) * K + cols[None, :], w.to(out_ptr.dtype.element_ty), mask=mask)
@@ -154,7 +155,7 @@ def _prune_by_m(configs, named_args, **kwargs):
 
 
 # M_BUCKET (M rounded up to a power of two) keys the tuning, so a model's many prompt lengths share it.
-_TUNING = dict(key=["N", "K", "M_BUCKET", "PAIRED", "SCALES"], prune_configs_by={"early_config_prune": _prune_by_m},
+_TUNING = dict(key=["N", "K", "M_BUCKET", "PAIRED", "SCALES", "LUT_ASM"], prune_configs_by={"early_config_prune": _prune_by_m},
                do_bench=functools.partial(triton.testing.do_bench, warmup=5, rep=20))  # fmt: skip
 
 
@@ -177,7 +178,7 @@ def lut4_gemm(x: torch.Tensor, w: Lut4Weight, config: dict | None = None) -> tor
         raise ValueError(f"x must be a row-major (M, {w.in_features}) matrix, got {tuple(x.shape)}")
     n = w.out_features
     y = torch.empty((m, n), dtype=x.dtype, device=x.device)
-    pointers, sizes, layout = kernel_args(w)
+    pointers, sizes, layout = kernel_args(w, x.dtype)
     kw = dict(M=m, stride_xm=x.stride(0), stride_ym=y.stride(0), M_BUCKET=triton.next_power_of_2(m),
               IEEE=x.dtype == torch.float32, **sizes, **layout)  # fmt: skip
     grid_of = lambda meta: triton.cdiv(n, meta["BN"]) * triton.cdiv(m, meta["BM"])  # noqa: E731
@@ -193,7 +194,7 @@ def lut4_gemm_grad_input(grad_out: torch.Tensor, w: Lut4Weight, config: dict | N
         raise ValueError(f"grad_out must be a row-major (M, {w.out_features}) matrix, got {tuple(grad_out.shape)}")
     k = w.in_features
     dx = torch.empty((m, k), dtype=grad_out.dtype, device=grad_out.device)
-    pointers, sizes, layout = kernel_args(w)
+    pointers, sizes, layout = kernel_args(w, grad_out.dtype)
     kw = dict(M=m, stride_gm=grad_out.stride(0), stride_dm=dx.stride(0), M_BUCKET=triton.next_power_of_2(m),
               IEEE=grad_out.dtype == torch.float32, **sizes, **layout)  # fmt: skip
     grid_of = lambda meta: triton.cdiv(k, meta["BK"]) * triton.cdiv(m, meta["BM"])  # noqa: E731
@@ -208,7 +209,7 @@ def lut4_dequantize(
     """The dense (N, K) weight in `dtype`, decoded by the same tile reader as the matmuls."""
     n, k = w.out_features, w.in_features
     out = torch.empty((n, k), dtype=dtype, device=w.packed.device)
-    pointers, sizes, layout = kernel_args(w)
+    pointers, sizes, layout = kernel_args(w, dtype)
     bn, bk = block
     _lut4_dequant_kernel[(triton.cdiv(n, bn), triton.cdiv(k, bk))](out, *pointers, **sizes, **layout, BN=bn, BK=bk)
     return out

@@ -80,7 +80,8 @@ def _load_x_pairs(x_ptr, ms, kb0, M, KB, stride_xm, BM: tl.constexpr, BK: tl.con
 def _gemv_paired(x_ptr, packed_ptr, table_ptr, scale_ptr, zp_ptr, ncode_ptr, nscale_ptr, offset_ptr,
                  rows, ms, M, N, K, KB, G, stride_xm,
                  GS: tl.constexpr, SCALES: tl.constexpr, HAS_ZP: tl.constexpr, DOUBLE_QUANT: tl.constexpr,
-                 NESTED_GS: tl.constexpr, BM: tl.constexpr, BN: tl.constexpr, BK: tl.constexpr):  # fmt: skip
+                 NESTED_GS: tl.constexpr, LUT_ASM: tl.constexpr, BM: tl.constexpr, BN: tl.constexpr,
+                 BK: tl.constexpr):  # fmt: skip
     """Fast path: one accumulator lane per packed byte, reduced over K once at the end."""
     if BM == 1:
         acc = tl.zeros((BN, BK // 2), dtype=tl.float32)
@@ -92,17 +93,17 @@ def _gemv_paired(x_ptr, packed_ptr, table_ptr, scale_ptr, zp_ptr, ncode_ptr, nsc
             if HAS_ZP:
                 hi, lo = load_lut4_pairs(packed_ptr, table_ptr, scale_ptr, zp_ptr, ncode_ptr, nscale_ptr, offset_ptr,
                                          rows, k0, N, K, KB, G, BN, BK, GS, SCALES, HAS_ZP, DOUBLE_QUANT,
-                                         NESTED_GS)  # (BN, BK/2) each fmt: skip
+                                         NESTED_GS, LUT_ASM)  # (BN, BK/2) each fmt: skip
                 acc += hi * xe[None, :] + lo * xo[None, :]
             else:  # scale once per byte pair: s·(hi·x_even + lo·x_odd)
-                hi, lo = load_pair_values(packed_ptr, table_ptr, rows, k0, N, KB, BN, BK)  # (BN, BK/2) each
+                hi, lo = load_pair_values(packed_ptr, table_ptr, rows, k0, N, KB, BN, BK, LUT_ASM)  # (BN, BK/2) each
                 s, z = load_pair_scales(scale_ptr, zp_ptr, ncode_ptr, nscale_ptr, offset_ptr, rows, k0, N, K, G,
                                         BK, GS, SCALES, HAS_ZP, DOUBLE_QUANT, NESTED_GS)  # fmt: skip
                 acc += scale_pairs(hi * xe[None, :] + lo * xo[None, :], s, z, BN, BK, GS, SCALES, HAS_ZP)
         else:
             hi, lo = load_lut4_pairs(packed_ptr, table_ptr, scale_ptr, zp_ptr, ncode_ptr, nscale_ptr, offset_ptr,
                                      rows, k0, N, K, KB, G, BN, BK, GS, SCALES, HAS_ZP, DOUBLE_QUANT,
-                                     NESTED_GS)  # fmt: skip
+                                     NESTED_GS, LUT_ASM)  # fmt: skip
             acc += xe[:, None, :] * hi[None, :, :] + xo[:, None, :] * lo[None, :, :]  # (BM, BN, BK/2)
     if BM == 1:  # (if/else, not an early return: Triton compiles the code after a return too)
         y = tl.sum(acc, axis=1)[None, :]  # (1, BN)
@@ -121,7 +122,7 @@ def _gemv_generic(x_ptr, packed_ptr, table_ptr, scale_ptr, zp_ptr, ncode_ptr, ns
     for k0 in range(0, K, BK):
         w = load_lut4_tile(packed_ptr, table_ptr, scale_ptr, zp_ptr, ncode_ptr, nscale_ptr, offset_ptr,
                            rows, k0, N, K, KB, G, BN, BK, GS, SCALES, False, HAS_ZP, DOUBLE_QUANT,
-                           NESTED_GS)  # (BN, BK) fmt: skip
+                           NESTED_GS, "")  # (BN, BK) fmt: skip
         cols = k0 + tl.arange(0, BK)
         x_mask = (ms < M)[:, None] & (cols < K)[None, :]
         x = tl.load(x_ptr + ms[:, None] * stride_xm + cols[None, :], mask=x_mask, other=0.0)  # (BM, BK)
@@ -133,14 +134,14 @@ def _gemv_generic(x_ptr, packed_ptr, table_ptr, scale_ptr, zp_ptr, ncode_ptr, ns
 def _lut4_gemv_kernel(x_ptr, y_ptr, packed_ptr, table_ptr, scale_ptr, zp_ptr, ncode_ptr, nscale_ptr, offset_ptr,
                       M, N, K, KB, G, stride_xm, stride_ym,
                       GS: tl.constexpr, SCALES: tl.constexpr, PAIRED: tl.constexpr, HAS_ZP: tl.constexpr,
-                      DOUBLE_QUANT: tl.constexpr, NESTED_GS: tl.constexpr,
+                      DOUBLE_QUANT: tl.constexpr, NESTED_GS: tl.constexpr, LUT_ASM: tl.constexpr,
                       BM: tl.constexpr, BN: tl.constexpr, BK: tl.constexpr):  # fmt: skip
     rows = tl.program_id(0) * BN + tl.arange(0, BN)  # (BN,) output features of this program
     ms = tl.arange(0, BM)  # (BM,) rows of x
     args = (x_ptr, packed_ptr, table_ptr, scale_ptr, zp_ptr, ncode_ptr, nscale_ptr, offset_ptr,
             rows, ms, M, N, K, KB, G, stride_xm)  # fmt: skip
     if PAIRED:
-        y = _gemv_paired(*args, GS, SCALES, HAS_ZP, DOUBLE_QUANT, NESTED_GS, BM, BN, BK)
+        y = _gemv_paired(*args, GS, SCALES, HAS_ZP, DOUBLE_QUANT, NESTED_GS, LUT_ASM, BM, BN, BK)
     else:
         y = _gemv_generic(*args, GS, SCALES, HAS_ZP, DOUBLE_QUANT, NESTED_GS, BM, BN, BK)
     y_mask = (ms < M)[:, None] & (rows < N)[None, :]
@@ -170,7 +171,7 @@ def _prune(configs, named_args, **kwargs):
 
 _lut4_gemv_tuned = triton.autotune(
     configs=_configs(),
-    key=["N", "K", "BM", "PAIRED", "SCALES"],
+    key=["N", "K", "BM", "PAIRED", "SCALES", "LUT_ASM"],
     prune_configs_by={"early_config_prune": _prune},
     do_bench=functools.partial(triton.testing.do_bench, warmup=5, rep=20),
 )(_lut4_gemv_kernel)
@@ -190,7 +191,7 @@ def lut4_gemv(x: torch.Tensor, w: Lut4Weight, config: dict | None = None) -> tor
     if x.data_ptr() % 16 or x.stride(0) % 2:  # 16-bit x is read as aligned 32-bit words
         x = x.clone(memory_format=torch.contiguous_format)
     y = torch.empty((m, w.out_features), dtype=x.dtype, device=x.device)
-    pointers, sizes, layout = kernel_args(w)
+    pointers, sizes, layout = kernel_args(w, x.dtype)
     bm = max(1, triton.next_power_of_2(m))
     args = (x, y, *pointers)
     kw = dict(M=m, stride_xm=x.stride(0), stride_ym=y.stride(0), BM=bm, **sizes, **layout)

@@ -23,6 +23,7 @@ import triton
 import triton.language as tl
 
 from lowbit.formats.blockwise import NESTED_BLOCK_SIZE
+from lowbit.kernels.lut4_asm import table_asm
 
 SCALES_FLAT, SCALES_GROUPED, SCALES_ROW = 0, 1, 2
 
@@ -52,16 +53,26 @@ def load_pair_bytes(packed_ptr, rows, k0, N, KB, BN: tl.constexpr, BK: tl.conste
 
 
 @triton.jit
-def decode_pair_values(b, table_ptr):
-    """Packed bytes → (hi, lo) = (table[high nibble], table[low nibble]): columns 2j and 2j + 1."""
-    b = b.to(tl.int32)
-    return tl.load(table_ptr + (b >> 4)), tl.load(table_ptr + (b & 15))
+def decode_pair_values(b, table_ptr, LUT_ASM: tl.constexpr):
+    """Packed bytes → (hi, lo) = (table[high nibble], table[low nibble]): columns 2j and 2j + 1.
+
+    With a PTX program (`lut4_asm`, CUDA, 16-bit inputs) the table lives in registers; otherwise each
+    value is a load from the 16 float32 in memory.
+    """
+    if LUT_ASM:
+        hi, lo = tl.inline_asm_elementwise(LUT_ASM, "=r,=r,=r,=r,r", [b], dtype=(tl.float16, tl.float16),
+                                           is_pure=True, pack=4)  # fmt: skip
+        return hi.to(tl.float32), lo.to(tl.float32)
+    else:
+        b = b.to(tl.int32)
+        return tl.load(table_ptr + (b >> 4)), tl.load(table_ptr + (b & 15))
 
 
 @triton.jit
-def load_pair_values(packed_ptr, table_ptr, rows, k0, N, KB, BN: tl.constexpr, BK: tl.constexpr):
+def load_pair_values(packed_ptr, table_ptr, rows, k0, N, KB, BN: tl.constexpr, BK: tl.constexpr,
+                     LUT_ASM: tl.constexpr):  # fmt: skip
     """Paired path, unscaled: (hi, lo) = table[code], each (BN, BK/2), columns k0 + 2j and k0 + 2j + 1."""
-    return decode_pair_values(load_pair_bytes(packed_ptr, rows, k0, N, KB, BN, BK), table_ptr)
+    return decode_pair_values(load_pair_bytes(packed_ptr, rows, k0, N, KB, BN, BK), table_ptr, LUT_ASM)
 
 
 @triton.jit
@@ -123,9 +134,10 @@ def scale_pairs(v, s, z, BN: tl.constexpr, BK: tl.constexpr, GS: tl.constexpr, S
 def load_lut4_pairs(packed_ptr, table_ptr, scale_ptr, zp_ptr, ncode_ptr, nscale_ptr, offset_ptr,
                     rows, k0, N, K, KB, G,
                     BN: tl.constexpr, BK: tl.constexpr, GS: tl.constexpr, SCALES: tl.constexpr,
-                    HAS_ZP: tl.constexpr, DOUBLE_QUANT: tl.constexpr, NESTED_GS: tl.constexpr):  # fmt: skip
+                    HAS_ZP: tl.constexpr, DOUBLE_QUANT: tl.constexpr, NESTED_GS: tl.constexpr,
+                    LUT_ASM: tl.constexpr):  # fmt: skip
     """Paired path: (hi, lo), each (BN, BK/2) float32, the columns k0 + 2j and k0 + 2j + 1 of W[rows]."""
-    hi, lo = load_pair_values(packed_ptr, table_ptr, rows, k0, N, KB, BN, BK)
+    hi, lo = load_pair_values(packed_ptr, table_ptr, rows, k0, N, KB, BN, BK, LUT_ASM)
     s, z = load_pair_scales(scale_ptr, zp_ptr, ncode_ptr, nscale_ptr, offset_ptr, rows, k0, N, K, G,
                             BK, GS, SCALES, HAS_ZP, DOUBLE_QUANT, NESTED_GS)  # fmt: skip
     return scale_pairs(hi, s, z, BN, BK, GS, SCALES, HAS_ZP), scale_pairs(lo, s, z, BN, BK, GS, SCALES, HAS_ZP)
@@ -159,7 +171,7 @@ def load_lut4_tile(packed_ptr, table_ptr, scale_ptr, zp_ptr, ncode_ptr, nscale_p
                    rows, k0, N, K, KB, G,
                    BN: tl.constexpr, BK: tl.constexpr, GS: tl.constexpr, SCALES: tl.constexpr,
                    PAIRED: tl.constexpr, HAS_ZP: tl.constexpr, DOUBLE_QUANT: tl.constexpr,
-                   NESTED_GS: tl.constexpr):  # fmt: skip
+                   NESTED_GS: tl.constexpr, LUT_ASM: tl.constexpr):  # fmt: skip
     """(BN, BK) float32 tile W[rows, k0 : k0 + BK]; finite everywhere, zero outside K on the generic path.
 
     Out-of-range columns of the paired path hold finite junk (code 0 times a masked scale): callers
@@ -168,14 +180,16 @@ def load_lut4_tile(packed_ptr, table_ptr, scale_ptr, zp_ptr, ncode_ptr, nscale_p
     if PAIRED:
         hi, lo = load_lut4_pairs(packed_ptr, table_ptr, scale_ptr, zp_ptr, ncode_ptr, nscale_ptr, offset_ptr,
                                  rows, k0, N, K, KB, G, BN, BK, GS, SCALES, HAS_ZP, DOUBLE_QUANT,
-                                 NESTED_GS)  # fmt: skip
+                                 NESTED_GS, LUT_ASM)  # fmt: skip
         return tl.reshape(tl.join(hi, lo), (BN, BK))  # (BN, BK/2, 2) → (BN, BK), columns interleaved
     return _tile_generic(packed_ptr, table_ptr, scale_ptr, zp_ptr, ncode_ptr, nscale_ptr, offset_ptr,
                          rows, k0, N, K, G, BN, BK, GS, SCALES, HAS_ZP, DOUBLE_QUANT, NESTED_GS)  # fmt: skip
 
 
-def kernel_args(w) -> tuple[list, dict, dict]:
+def kernel_args(w, dtype=None) -> tuple[list, dict, dict]:
     """Host side of `load_lut4_tile`: (pointer arguments, runtime sizes, constexpr layout) of a `Lut4Weight`.
+
+    `dtype`, the kernel's input or output dtype, enables the register lookup (`lut4_asm`) where it applies.
 
     Flat blocks that never span two rows (K % group_size == 0) are re-indexed as groups along rows
     (same scale index, n·K/GS + k/GS), which is what lets the paired fast path read them as tiles.
@@ -201,5 +215,6 @@ def kernel_args(w) -> tuple[list, dict, dict]:
     ]  # fmt: skip
     sizes = {"N": n, "K": k, "KB": k // 2, "G": groups_per_row}
     layout = {"GS": gs, "SCALES": scales, "PAIRED": paired, "HAS_ZP": w.zero_point is not None,
-              "DOUBLE_QUANT": w.double_quant, "NESTED_GS": NESTED_BLOCK_SIZE}  # fmt: skip
+              "DOUBLE_QUANT": w.double_quant, "NESTED_GS": NESTED_BLOCK_SIZE,
+              "LUT_ASM": table_asm(w.table, dtype) if paired and dtype is not None else ""}  # fmt: skip
     return pointers, sizes, layout

@@ -1,0 +1,101 @@
+"""A register-only 16-entry table lookup in PTX, for the 4-bit kernels' decode on NVIDIA GPUs.
+
+Triton has no shared-memory table and lowers a gather from a small table to a global (L1) load per
+value or ~30 selects, which made the decode loop instruction-bound (bench/RESULTS.md). This lookup
+keeps the table in eight 32-bit registers and decodes four packed bytes (eight values) with 28
+integer instructions, mostly byte permutes (`prmt`):
+
+- the table is rounded to float16 and split into its low bytes L[0..15] and high bytes H[0..15],
+  four per register (L0 = L[0..3], L1 = L[4..7], ...);
+- for four 3-bit indices packed as selector nibbles, `prmt(L0, L1, sel)` picks L[i] for i < 8 and
+  `prmt(L2, L3, sel)` picks L[8 + i]; bit 3 of each code, replicated over its byte by prmt's sign
+  mode, chooses between them (`lop3` as a bitwise select); the same for H;
+- two more permutes interleave low and high bytes into float16 pairs.
+
+`tl.inline_asm_elementwise(..., pack=4)` hands the asm four packed bytes in one register and takes
+two float16 pairs back per output: `hi` (the high nibbles, even columns) and `lo` (the low nibbles,
+odd columns), element-wise per byte, exactly what `lut4_tile.decode_pair_values` computes with the
+float32 table. The float16 rounding of the table (≤ 2⁻¹² relative) is below the rounding of 16-bit
+activations, so the kernels use this path only for float16/bfloat16 inputs.
+
+The program is a pure function of the 16 table values; tests/kernels/test_lut4_asm.py runs it
+through a small interpreter of these PTX instructions against the table lookup on the CPU.
+"""
+
+from __future__ import annotations
+
+import os
+
+import torch
+
+CONSTRAINTS = "=r,=r,=r,=r,r"  # hi pair 0-1, hi pair 2-3, lo pair 0-1, lo pair 2-3; four packed bytes in
+
+
+def _word(bytes4: list[int]) -> int:
+    return bytes4[0] | bytes4[1] << 8 | bytes4[2] << 16 | bytes4[3] << 24
+
+
+def _lookup(out0: str, out1: str, sel: str, mask: str) -> list[str]:
+    """Four float16 values into out0/out1 (two per register) for the 3-bit selectors in `sel`."""
+    return [
+        f"prmt.b32 a, l0, l1, {sel};", f"prmt.b32 b, l2, l3, {sel};", f"lop3.b32 lob, a, b, {mask}, 0xD8;",
+        f"prmt.b32 a, h0, h1, {sel};", f"prmt.b32 b, h2, h3, {sel};", f"lop3.b32 hib, a, b, {mask}, 0xD8;",
+        f"prmt.b32 {out0}, lob, hib, 0x5140;", f"prmt.b32 {out1}, lob, hib, 0x7362;",
+    ]  # fmt: skip
+
+
+def lookup_asm(table_fp16_bits: list[int]) -> str:
+    """The PTX program for a table of 16 float16 bit patterns (see the module docstring)."""
+    if len(table_fp16_bits) != 16 or not all(0 <= v < 1 << 16 for v in table_fp16_bits):
+        raise ValueError("lookup_asm takes 16 float16 bit patterns")
+    low = [v & 0xFF for v in table_fp16_bits]
+    high = [v >> 8 for v in table_fp16_bits]
+    consts = [f"mov.b32 l{i}, {_word(low[4 * i : 4 * i + 4]):#010x};" for i in range(4)]
+    consts += [f"mov.b32 h{i}, {_word(high[4 * i : 4 * i + 4]):#010x};" for i in range(4)]
+    lines = ["{", ".reg .b32 t, s, sel, m, q, a, b, lob, hib, l0, l1, l2, l3, h0, h1, h2, h3;", *consts]
+    # high nibbles (bits 4-7 of each byte): their low 3 bits as selector nibbles 0..3
+    lines += ["shr.b32 t, $4, 4;", "and.b32 t, t, 0x07070707;", "shr.b32 s, t, 4;", "or.b32 s, s, t;",
+              "prmt.b32 sel, s, 0, 0x0020;",
+              "prmt.b32 m, $4, 0, 0xBA98;"]  # byte k ← sign of byte k = bit 3 of its high nibble fmt: skip
+    lines += _lookup("$0", "$1", "sel", "m")
+    # low nibbles (bits 0-3)
+    lines += ["and.b32 t, $4, 0x07070707;", "shr.b32 s, t, 4;", "or.b32 s, s, t;", "prmt.b32 sel, s, 0, 0x0020;",
+              "shl.b32 q, $4, 4;", "prmt.b32 m, q, 0, 0xBA98;"]  # fmt: skip
+    lines += _lookup("$2", "$3", "sel", "m")
+    return "\n".join(lines + ["}"])
+
+
+def fp16_bits(table: torch.Tensor) -> list[int] | None:
+    """The table's float16 bit patterns, or None where a value does not fit float16."""
+    half = table.detach().to("cpu", torch.float32).to(torch.float16)
+    if not torch.isfinite(half).all():
+        return None
+    return [int(v) & 0xFFFF for v in half.view(torch.int16).tolist()]
+
+
+_CACHE: dict[int, tuple[torch.Tensor, str]] = {}  # table data_ptr → (the table, kept alive; its program)
+
+
+def table_asm(table: torch.Tensor, dtype: torch.dtype) -> str:
+    """The lookup program for `table` when a kernel with `dtype` inputs may use it, else "".
+
+    Used on CUDA for float16/bfloat16 only (not under the Triton interpreter, which has no PTX).
+    Tables are few and long-lived (`lut4._device_table`), so their programs are cached by address;
+    reading a new table syncs once, which a CUDA-graph capture forbids, so then the kernel keeps the
+    memory-table path.
+    """
+    if dtype not in (torch.float16, torch.bfloat16) or table.device.type != "cuda":
+        return ""
+    if os.environ.get("TRITON_INTERPRET") == "1" or os.environ.get("LOWBIT_NO_PTX_LUT") == "1":
+        return ""
+    hit = _CACHE.get(table.data_ptr())  # the cache holds the table, so its address is not reused
+    if hit is not None:
+        return hit[1]
+    if torch.cuda.is_current_stream_capturing():
+        return ""
+    bits = fp16_bits(table)
+    asm = "" if bits is None else lookup_asm(bits)
+    if len(_CACHE) > 64:
+        _CACHE.clear()
+    _CACHE[table.data_ptr()] = (table, asm)
+    return asm
