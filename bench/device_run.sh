@@ -1,0 +1,39 @@
+#!/usr/bin/env bash
+# The GPU runs behind bench/RESULTS.md, one device call per part (each fits the device tool's 10 minutes):
+#   bash bench/device_run.sh kernels      # kernels: correctness + decode/prefill/int8; QLoRA step 8 layers;
+#                                         # memory estimator vs measured; fused vs unfused loss curves
+#   bash bench/device_run.sh generation   # generation tokens/s, Llama-3-8B shape, batch 1, 256 new tokens
+#   bash bench/device_run.sh longest      # QLoRA 32 layers; the longest sequence each contender fits
+# from the repository root on the device, with bitsandbytes' wheel carried in .whl/ (see RESULTS.md).
+set -uo pipefail
+OUT=${OUT:-/tmp/lowbit_device}
+RES=/tmp/lowbit_results  # every JSON/profile, tarred into $OUT at the end (the tool returns ≤ 8 files)
+mkdir -p "$OUT" "$RES"
+python3 -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade --target /tmp/site .whl/*.whl \
+  && export PYTHONPATH=/tmp/site || exit 1
+export PYTHONUNBUFFERED=1
+nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv,noheader
+part() {  # name, seconds, command...: a part that fails or runs over its time does not stop the others
+  local name=$1 limit=$2
+  shift 2
+  echo "=== $name"
+  timeout "$limit" "$@" 2>&1 | tee "$OUT/$name.log" | grep -v "^\s*$" | tail -60
+}
+case ${1:-kernels} in
+  kernels)
+    part kernels 270 python3 bench/gpu_kernels.py --out "$RES"
+    part qlora 150 python3 bench/qlora_step.py --out "$RES" --steps 6 --configs 8:2048:1 \
+      --kinds lowbit,lowbit-fused,peft+bnb
+    part memory 60 python3 bench/memory_check.py --out "$RES"
+    part fused 45 python3 bench/fused_vs_unfused.py --device cuda --steps 50 --seq 512 --out "$RES"
+    ;;
+  generation)
+    part generation 560 python3 bench/generation.py --out "$RES"
+    ;;
+  longest)
+    part qlora32 200 python3 bench/qlora_step.py --out "$RES" --steps 4 --configs 32:2048:1 \
+      --kinds lowbit,lowbit-fused,peft+bnb --no-profile
+    part longest 330 python3 bench/qlora_step.py --out "$RES" --configs "" --kinds lowbit-fused,peft+bnb --max-seq
+    ;;
+esac
+tar czf "$OUT/results-${1:-kernels}.tgz" -C "$RES" .
