@@ -59,7 +59,7 @@ def decode_pair_values(b, table_ptr, LUT_ASM: tl.constexpr):
     With a PTX program (`lut4_asm`, CUDA, 16-bit inputs) the table lives in registers; otherwise each
     value is a load from the 16 float32 in memory.
     """
-    if LUT_ASM:
+    if LUT_ASM != "":  # (an `if` takes a bool, not the string itself)
         hi, lo = tl.inline_asm_elementwise(LUT_ASM, "=r,=r,=r,=r,r", [b], dtype=(tl.float16, tl.float16),
                                            is_pure=True, pack=4)  # fmt: skip
         return hi.to(tl.float32), lo.to(tl.float32)
