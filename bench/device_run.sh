@@ -1,7 +1,8 @@
 #!/usr/bin/env bash
 # The GPU runs behind bench/RESULTS.md, one device call per part (each fits the device tool's 10 minutes):
 #   bash bench/device_run.sh kernels      # kernels: correctness + decode/prefill/int8; QLoRA step 8 layers;
-#                                         # memory estimator vs measured; fused vs unfused loss curves
+#                                         # fused vs unfused loss curves
+#   bash bench/device_run.sh memory       # the memory estimator vs torch.cuda.max_memory_allocated
 #   bash bench/device_run.sh generation   # generation tokens/s, Llama-3-8B shape, batch 1, 256 new tokens
 #   bash bench/device_run.sh longest      # QLoRA 32 layers; the longest sequence each contender fits
 # from the repository root on the device, with bitsandbytes' wheel carried in .whl/ (see RESULTS.md).
@@ -24,8 +25,10 @@ case ${1:-kernels} in
     part kernels 270 python3 bench/gpu_kernels.py --out "$RES"
     part qlora 150 python3 bench/qlora_step.py --out "$RES" --steps 6 --configs 8:2048:1 \
       --kinds lowbit,lowbit-fused,peft+bnb
-    part memory 60 python3 bench/memory_check.py --out "$RES"
     part fused 45 python3 bench/fused_vs_unfused.py --device cuda --steps 50 --seq 512 --out "$RES"
+    ;;
+  memory)
+    part memory 60 python3 bench/memory_check.py --out "$RES"
     ;;
   generation)
     part generation 560 python3 bench/generation.py --out "$RES"
