@@ -452,6 +452,7 @@ def main(argv=None) -> int:
                    help="folder for kernels.json (every number)")  # fmt: skip
     p.add_argument("--skip-correctness", action="store_true", help="only the ceilings and the benchmarks")
     p.add_argument("--smoke", action="store_true", help="tiny shapes on the CPU (Triton interpreter)")
+    p.add_argument("--decode-only", action="store_true", help="only the ceilings and benchmark 1 (decode)")
     args = p.parse_args(argv)
     if args.smoke:
         os.environ.setdefault("TRITON_INTERPRET", "1")
@@ -479,8 +480,10 @@ def main(argv=None) -> int:
         if with_bnb:
             results["bnb_bytes"] = check_against_bitsandbytes(device)
     results["decode"] = decode = decode_benchmark(device, ceil, with_bnb, args.smoke)
-    results["prefill"] = prefill = prefill_benchmark(device, ceil, with_bnb, args.smoke)
-    results["int8"] = int8_benchmark(device, args.smoke)
+    prefill = []
+    if not args.decode_only:
+        results["prefill"] = prefill = prefill_benchmark(device, ceil, with_bnb, args.smoke)
+        results["int8"] = int8_benchmark(device, args.smoke)
     print_tables(ceil, decode, prefill)
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)

@@ -4,7 +4,7 @@
   LUT4 layout in `lut4.py`): dequant-fused GEMV for decode (`lut4_gemv.py`), a one-pass decoder and
   dequant-fused GEMM forward / input-gradient kernels (`lut4_gemm.py`), all reading tiles through
   `lut4_tile.py`; op `lowbit::lut4_linear` (+ `lowbit::lut4_linear_grad_input` for autograd), which
-  on CUDA runs the GEMV at M = 1 and decode + cuBLAS above (see `ops.py` and bench/RESULTS.md).
+  on CUDA runs the GEMV at M ≤ 4 and decode + cuBLAS above (see `ops.py` and bench/RESULTS.md).
 - int8 × int8 GEMM with fused row/column scales for W8A8 (`int8_gemm.py`); op `lowbit::int8_scaled_mm`.
 - `select` / `fused_linear` (`dispatch.py`): the explicit kernel choice of `QuantLinear`.
 - Fused training ops (issue 8), each an autograd Function with a hand-written backward, a torch

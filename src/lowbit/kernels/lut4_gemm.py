@@ -12,15 +12,16 @@ accumulate) busy while the weight is decoded on the side, never written to memor
   backward through the frozen 4-bit base weight, reducing over N; here the decoded tile is the right
   operand.
 - `lut4_dequantize` writes the dense weight (N, K) in a float dtype in one pass: what the registered
-  ops use above M = 1 (decode W for this call, then cuBLAS), and a fast stand-alone decoder.
+  ops use above M = 4 (decode W for this call, then cuBLAS), and a fast stand-alone decoder.
 
-Status, measured on an H100 (bench/RESULTS.md): the fused kernels are correct on every layout but
-run at 25–90 TFLOP/s against cuBLAS's ~700, far from the goal. Decoding a weight tile costs a table
-gather per value, which Triton's software pipeliner turns into 4-byte cp.async copies, and the
-decoded tile reaches the tensor cores through a shared-memory conversion; with the decode on the
-critical path of every K step, the tensor cores idle. Decode + cuBLAS (0.83–0.98× of bf16 cuBLAS,
-≥ bitsandbytes) is therefore what the ops run; these kernels stay for experiments and as the base
-of a warp-specialised version (decode in one warp group, wgmma in another), which is the fix.
+Status, measured on an H100 (bench/RESULTS.md): the fused kernels are correct on every layout. With
+the table in memory they ran at 25–90 TFLOP/s against cuBLAS's ~700: every value of a decoded tile
+was a table gather, which Triton's pipeliner turned into 4-byte cp.async copies. With the register
+lookup (`lut4_asm`, 16-bit inputs on CUDA) the forward reaches ~300–320 TFLOP/s (0.43–0.46× cuBLAS)
+and dX ~170–210: the decode still sits on the critical path of every K step, and the decoded tile
+reaches the tensor cores through shared memory. Decode + cuBLAS (0.84–0.98× of bf16 cuBLAS,
+≥ bitsandbytes) is therefore what the ops run; a warp-specialised kernel (decode in one warp group,
+wgmma in another) is the way past it.
 """
 
 from __future__ import annotations

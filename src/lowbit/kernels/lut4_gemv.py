@@ -8,12 +8,12 @@ packed byte is loaded once (16-byte loads), its two nibbles are looked up in the
 byte, and s·(hi·x_even + lo·x_odd) is added into a float32 accumulator with one lane per byte,
 reduced over K once at the end (no cross-thread reduction in the loop). No tensor cores.
 
-Measured on an H100 (bench/RESULTS.md) this reaches only ~20–25 % of copy bandwidth: the loop is
-bound by instructions, not bytes. Each 4-bit value costs a 64-bit address computation and an L1
-gather from the table (Triton has no shared-memory or register-permute lookup; `tl.gather` lowers
-to ~30 selects a value), plus the nibble unpacking: ~300 instructions per 16 packed bytes a thread.
-bitsandbytes' CUDA GEMV, with its table in shared memory, is ~1.5× faster. The ops therefore use
-this kernel at M = 1 only (`ops.GEMV_MAX_M`).
+The table lookup decides the speed: from a table in memory each 4-bit value costs a 64-bit address
+and an L1 load (Triton has no shared-memory table), ~300 instructions per 16 packed bytes a thread,
+which held the loop to ~20–25 % of copy bandwidth on an H100. On CUDA with 16-bit x the table lives in
+registers instead (`lut4_asm`: byte permutes, 3.5 instructions a value), 1.4–1.6× faster, on par with
+bitsandbytes' CUDA GEMV (bench/RESULTS.md). The ops use this kernel up to M = 4 (`ops.GEMV_MAX_M`):
+the accumulator grows with M and at M = 8 decode + cuBLAS is faster.
 """
 
 from __future__ import annotations
@@ -149,10 +149,13 @@ def _lut4_gemv_kernel(x_ptr, y_ptr, packed_ptr, table_ptr, scale_ptr, zp_ptr, nc
 
 
 def _configs() -> list[triton.Config]:
-    """(BN, BK, warps, stages): 1–16 rows a program, 2–16 KiB of packed weight a step."""
+    """(BN, BK, warps, stages): 1–64 rows a program, 0.5–8 KiB of packed weight a step."""
     shapes = [(2, 1024, 4, 1), (2, 1024, 4, 3), (4, 512, 4, 1), (4, 512, 4, 3), (4, 1024, 4, 3), (4, 1024, 8, 3),
               (8, 256, 4, 3), (8, 512, 4, 3), (8, 512, 8, 1), (8, 512, 8, 3), (8, 1024, 8, 3), (16, 128, 4, 3),
-              (16, 256, 4, 3), (16, 256, 8, 3), (16, 512, 8, 3), (1, 1024, 4, 1), (2, 512, 4, 3), (4, 256, 4, 3)]
+              (16, 256, 4, 3), (16, 256, 8, 3), (16, 512, 8, 3), (1, 1024, 4, 1), (2, 512, 4, 3), (4, 256, 4, 3),
+              # more bytes in flight per SM, for the register-table path (no longer instruction-bound)
+              (16, 128, 4, 5), (16, 256, 4, 4), (32, 128, 4, 4), (32, 256, 8, 3), (16, 512, 8, 4),
+              (8, 1024, 8, 4), (64, 128, 8, 3)]
     return [triton.Config({"BN": bn, "BK": bk}, num_warps=w, num_stages=s) for bn, bk, w, s in shapes]  # fmt: skip
 
 

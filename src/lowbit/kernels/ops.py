@@ -25,8 +25,9 @@ from torch import Tensor
 from lowbit.kernels.lut4 import Lut4Weight, check_weight, linear_grad_input_reference, linear_reference
 
 # Rows of x up to which the CUDA forward uses the GEMV rather than decode + cuBLAS. From the H100
-# runs in bench/RESULTS.md: at M = 1 the GEMV wins (14–44 µs vs 30–111 µs), at M = 4 and 8 it loses.
-GEMV_MAX_M = 1
+# runs in bench/RESULTS.md (register table lookup): M = 1: 10–31 µs vs 27–104 µs; M = 4: 26–81 µs vs
+# 27–104 µs; M = 8: the GEMV's (M, N, K/2) accumulator spills and decode + cuBLAS wins.
+GEMV_MAX_M = 4
 
 
 def _lut4(packed, table, scale, zero_point, nested_code, nested_scale, offset, n, k, group_size, flat) -> Lut4Weight:
