@@ -93,12 +93,23 @@ def main() -> None:
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--data", type=Path, default=ROOT / "data" / "instruct" / "train.jsonl")
     parser.add_argument("--out", type=Path, default=None, help="directory for fused_vs_unfused.json")
+    parser.add_argument("--random-init", type=Path, default=None, metavar="DIR",
+                        help="SmolLM2's config.json and tokenizer from DIR, weights random (seeded): for a GPU "
+                             "machine without the packaged model (~/.cache/lowbit/smollm2-135m-instruct minus "
+                             "model.safetensors)")  # fmt: skip
     args = parser.parse_args()
     device = args.device
     dtype = torch.bfloat16 if device == "cuda" else torch.float32
 
     torch.manual_seed(args.seed)
-    model, tokenizer = lowbit.load_model("smollm2-135m", dtype=dtype)
+    if args.random_init is None:
+        model, tokenizer = lowbit.load_model("smollm2-135m", dtype=dtype)
+    else:
+        from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer
+
+        config = AutoConfig.from_pretrained(args.random_init, local_files_only=True)
+        model = AutoModelForCausalLM.from_config(config).to(dtype)
+        tokenizer = AutoTokenizer.from_pretrained(args.random_init, local_files_only=True)
     model.config.use_cache = False
     model.to(device)
     lowbit.quantize(model, lowbit.QuantConfig(format="nf4", block_size=64, double_quant=True))
@@ -112,7 +123,7 @@ def main() -> None:
     counts = fuse_for_training(fused)  # backend "auto"
     probe = torch.empty(0, device=device)
     backend = "triton" if (probe.is_cuda and triton_available()) else "torch references"
-    log(f"SmolLM2-135M {str(dtype).removeprefix('torch.')} on {device}"
+    log(f"SmolLM2-135M{' (random weights)' if args.random_init else ''} {str(dtype).removeprefix('torch.')} on {device}"
         f"{' (' + torch.cuda.get_device_name() + ')' if device == 'cuda' else ''}; NF4+DQ b64, LoRA r16 α32 "
         f"all-linear; {args.steps} steps × {args.batch} × {args.seq} tokens, AdamW lr {args.lr}")  # fmt: skip
     log(f"fuse_for_training: {counts}; fused ops run: {backend}")
