@@ -34,9 +34,14 @@ def test_full_finetuning_by_hand():
     assert est.activations == 2 * per_layer + 300 * tokens * 4
     assert est.loss_transient == 3 * 300 * tokens * 4
     assert est.kv_cache == 2 * 2 * 32 * tokens * 4
-    # bf16 weights halve weights and gradients; Adam's moments stay fp32
+    # the peak: resident weights and moments, plus the start of backward (layers' activations, the loss
+    # transient with the saved log-softmax counted once, the head's gradient) or its end (all gradients)
+    start = 2 * per_layer + 3 * 300 * tokens * 4 + 300 * 64 * 4
+    assert est.backward_start == start
+    assert est.training_total == 4 * PARAMS + 8 * PARAMS + max(start, 4 * PARAMS)
+    # bf16 weights halve weights, gradients and torch AdamW's moments (kept in the parameter's dtype)
     bf16 = estimate_memory(tiny_llama(), MemoryConfig(method="full", precision="bf16"))
-    assert bf16.weights == 2 * PARAMS and bf16.optimizer_states == 8 * PARAMS
+    assert bf16.weights == 2 * PARAMS and bf16.optimizer_states == 4 * PARAMS
 
 
 def test_lora_and_qlora_by_hand_and_against_real_storage():
@@ -51,6 +56,10 @@ def test_lora_and_qlora_by_hand_and_against_real_storage():
     n_linear = 2 * (LAYER - 2 * 64)
     assert qlora.weights + qlora.quant_constants == 4 * (PARAMS - n_linear) + real + 4 * LORA_16
     assert nf4_bytes(64 * 160, 64, True) == (64 * 80, 160 + 4 + 4)
+    # a bf16 base keeps its unquantized layers (embeddings, head, norms) in bf16; LoRA stays fp32
+    qlora_bf16 = estimate_memory(tiny_llama(), MemoryConfig(method="qlora", lora_r=16, precision="bf16"))
+    assert qlora_bf16.weights + qlora_bf16.quant_constants == 2 * (PARAMS - n_linear) + real + 4 * LORA_16
+    assert qlora_bf16.optimizer_states == 8 * LORA_16
 
 
 @pytest.mark.parametrize("optimizer", ["adamw", "adamw8bit"])

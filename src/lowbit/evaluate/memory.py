@@ -3,13 +3,18 @@
     est = estimate_memory(config, MemoryConfig(method="qlora", seq_len=512, batch=4, optimizer="adamw8bit"))
     print(est.to_markdown())
 
-Training memory = weights + quantization constants + gradients + optimizer states + activations.
+Training peak = what stays resident (weights, quantization constants, optimizer states) + the larger of
+two moments of the backward pass: its start (the layers' saved activations, the loss transient and, in
+full fine-tuning, the output head's gradient) and its end (every gradient). Summing all terms instead
+overstates the peak by 15-55 %: activations are freed as gradients appear (bench/RESULTS.md compares
+both against `torch.cuda.max_memory_allocated` on an H100).
 
-- weights: every parameter in its storage dtype; with QLoRA the linear layers (all but the output head)
-  are NF4: half a byte per weight plus the block constants (double-quantized: 1 byte per block of 64 and
+- weights: every parameter in the model's dtype (`precision`); with QLoRA the linear layers (all but the
+  output head) are NF4: half a byte per weight plus the block constants (double-quantized: 1 byte per block of 64 and
   4 bytes per 256 blocks), plus fp32 LoRA matrices r·(in + out) per adapted layer.
 - gradients: one value per trainable parameter, in the parameter's dtype.
-- optimizer states: AdamW keeps two fp32 moments (8 B/param); 8-bit blockwise AdamW 2 B/param plus two
+- optimizer states: AdamW keeps two moments in the parameter's dtype (torch's AdamW: 8 B/param for
+  fp32, 4 for bf16 weights); 8-bit blockwise AdamW 2 B/param plus two
   fp32 scales per block of 2048 (tensors under 4096 values stay fp32); SGD without momentum nothing.
 - activations: what autograd keeps for the backward pass. Per decoder layer and token (hidden h,
   intermediate i, key/value width k): the norm inputs and outputs, q, k, v and the attention output,
@@ -17,9 +22,10 @@ Training memory = weights + quantization constants + gradients + optimizer state
   layer; the loss keeps the log-softmax of the logits, V per token. Attention is assumed to be fused
   (SDPA/flash: no T×T matrix is kept). With gradient checkpointing only each layer's input (h per token)
   is kept, plus one layer's activations while it is recomputed.
-- loss transient: at the start of backward three more fp32 (tokens × V) tensors live at once (the
-  gradients of the log-softmax output, of its input and of the unsliced logits); with a large vocabulary
-  this is the peak's biggest single term.
+- loss transient: at the start of backward three fp32 (tokens × V) tensors live at once (the saved
+  log-softmax and the gradients of its output and input); with a large vocabulary this is the peak's
+  biggest single term. (The saved log-softmax is also in `activations`, what autograd keeps; the peak
+  counts it once.)
 
 The seeds' rule of thumb is `rule_of_thumb(n)`: 4 bytes per fp32 parameter to store it (1B → 4 GB), and
 for full training with Adam 4 (weights) + 4 (gradients) + 8 (two moments) + ~8 (activations, a high
@@ -45,8 +51,8 @@ HEAD_NAMES = ("lm_head", "score", "classifier")
 
 @dataclass(frozen=True)
 class MemoryConfig:
-    """method: full | lora | qlora; precision: fp32 | bf16 | fp16 (weights of full/lora, and activations
-    under autocast); optimizer: adamw | adamw8bit | sgd (paged variants need the same bytes, on the CPU)."""
+    """method: full | lora | qlora; precision: fp32 | bf16 | fp16 (the model's weights — with qlora the
+    layers that stay unquantized — and its activations); optimizer: adamw | adamw8bit | sgd (paged variants need the same bytes, on the CPU)."""
 
     method: str = "qlora"
     seq_len: int = 512
@@ -81,15 +87,20 @@ class MemoryEstimate:
     activations: int
     activations_no_checkpointing: int
     activations_checkpointing: int
-    loss_transient: int  # fp32 logits-sized gradients alive at the start of backward
+    loss_transient: int  # fp32 logits-sized tensors alive at the start of backward
     kv_cache: int  # inference: keys and values for batch × seq_len tokens
     trainable_parameters: int
     parameters: int
+    backward_start: int  # layers' saved activations + loss transient (+ the head's gradient, full fine-tuning)
+
+    @property
+    def backward_end(self) -> int:
+        return self.gradients
 
     @property
     def training_total(self) -> int:
-        return (self.weights + self.quant_constants + self.gradients + self.optimizer_states + self.activations
-                + self.loss_transient)
+        resident = self.weights + self.quant_constants + self.optimizer_states
+        return resident + max(self.backward_start, self.backward_end)
 
     @property
     def inference_total(self) -> int:
@@ -103,7 +114,8 @@ class MemoryEstimate:
                 ("  without checkpointing", self.activations_no_checkpointing),
                 ("  with checkpointing", self.activations_checkpointing),
                 ("loss (logits gradients, transient)", self.loss_transient),
-                ("**training peak**", self.training_total), ("KV cache (inference)", self.kv_cache),
+                ("start of backward (activations + loss + head gradient)", self.backward_start),
+                ("**training peak** (resident + max(start, end of backward))", self.training_total), ("KV cache (inference)", self.kv_cache),
                 ("**inference**", self.inference_total)]  # fmt: skip
         lines = ["| part | memory |", "|---|---:|"] + [f"| {n} | {gib(b)} |" for n, b in rows]
         lines.append(f"\n{self.parameters / 1e6:.1f}M parameters, {self.trainable_parameters / 1e6:.2f}M trainable")
@@ -130,11 +142,11 @@ def nf4_bytes(n: int, block: int, double_quant: bool) -> tuple[int, int]:
     return (n + 1) // 2, constants
 
 
-def _optimizer_bytes(shapes: list[int], cfg: MemoryConfig) -> int:
+def _optimizer_bytes(shapes: list[int], cfg: MemoryConfig, param_bytes: int) -> int:
     if cfg.optimizer == "sgd":
         return 0
     if cfg.optimizer == "adamw":
-        return 8 * sum(shapes)
+        return 2 * param_bytes * sum(shapes)
     total = 0
     for n in shapes:
         total += 2 * n + 8 * math.ceil(n / cfg.optimizer_block_size) if n >= 4096 else 8 * n
@@ -169,7 +181,7 @@ def estimate_memory(model_or_config, cfg: MemoryConfig | None = None) -> MemoryE
     config = model.config
     n_params = sum(p.numel() for p in model.parameters())
     linears = _linears(model)
-    wbytes = DTYPE_BYTES[cfg.precision] if cfg.method != "qlora" else 4
+    wbytes = DTYPE_BYTES[cfg.precision]
     weights, constants, trainable = n_params * wbytes, 0, []
     if cfg.method == "full":
         trainable = [p.numel() for p in model.parameters()]
@@ -179,7 +191,7 @@ def estimate_memory(model_or_config, cfg: MemoryConfig | None = None) -> MemoryE
     if cfg.method == "qlora":
         for _, i, o in linears:
             codes, consts = nf4_bytes(i * o, cfg.quant_block_size, cfg.double_quant)
-            weights += codes - 4 * i * o
+            weights += codes - wbytes * i * o
             constants += consts
     grads = sum(trainable) * (wbytes if cfg.method == "full" else 4)
     n_lora = 0 if cfg.method == "full" else len(linears) // config.num_hidden_layers
@@ -188,9 +200,13 @@ def estimate_memory(model_or_config, cfg: MemoryConfig | None = None) -> MemoryE
     h, _, kv, layers, _ = _layer_sizes(config)
     kv_cache = 2 * layers * kv * cfg.batch * cfg.seq_len * DTYPE_BYTES[cfg.precision]
     loss_transient = 3 * config.vocab_size * cfg.batch * cfg.seq_len * 4
-    return MemoryEstimate(weights, constants, grads, _optimizer_bytes(trainable, cfg),
-                          act_ckpt if cfg.gradient_checkpointing else act_plain, act_plain, act_ckpt, loss_transient,
-                          kv_cache, sum(trainable), n_params)  # fmt: skip
+    activations = act_ckpt if cfg.gradient_checkpointing else act_plain
+    saved_log_softmax = config.vocab_size * cfg.batch * cfg.seq_len * 4  # in both activations and the transient
+    head_grad = config.vocab_size * h * wbytes if cfg.method == "full" else 0  # the first gradient backward makes
+    optimizer = _optimizer_bytes(trainable, cfg, wbytes if cfg.method == "full" else 4)
+    return MemoryEstimate(weights, constants, grads, optimizer, activations, act_plain, act_ckpt, loss_transient,
+                          kv_cache, sum(trainable), n_params,
+                          activations - saved_log_softmax + loss_transient + head_grad)  # fmt: skip
 
 
 def _meta_model(config) -> nn.Module:
