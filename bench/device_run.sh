@@ -3,8 +3,8 @@
 #   bash bench/device_run.sh kernels      # kernels: correctness + decode/prefill/int8; QLoRA step 8 layers
 #   bash bench/device_run.sh memory       # the memory estimator vs torch.cuda.max_memory_allocated
 #   bash bench/device_run.sh generation   # decode kernels again; generation tokens/s, Llama-3-8B shape, batch 1
-#   bash bench/device_run.sh longest      # QLoRA 32 layers; fused vs unfused loss curves (carry smol_cfg too);
-#                                         # the longest sequence each contender fits
+#   bash bench/device_run.sh longest      # memory estimator; fused vs unfused loss curves (carry smol_cfg too);
+#                                         # QLoRA step training peaks; the longest sequence each contender fits
 # from the repository root on the device, with bitsandbytes' wheel carried in .whl/ (see RESULTS.md).
 set -uo pipefail
 OUT=${OUT:-/tmp/lowbit_device}
@@ -34,11 +34,12 @@ case ${1:-kernels} in
     part generation 420 python3 bench/generation.py --out "$RES"
     ;;
   longest)
-    part qlora32 200 python3 bench/qlora_step.py --out "$RES" --steps 4 --configs 32:2048:1 \
-      --kinds lowbit,lowbit-fused,peft+bnb --no-profile
+    part memory 50 python3 bench/memory_check.py --out "$RES"
     part fused 60 python3 bench/fused_vs_unfused.py --device cuda --steps 50 --seq 512 --out "$RES" \
       --random-init smol_cfg  # SmolLM2's config + tokenizer (carried), random weights: the model file is 98 MB
-    part longest 300 python3 bench/qlora_step.py --out "$RES" --configs "" --kinds lowbit-fused,peft+bnb --max-seq
+    part qlora8 100 python3 bench/qlora_step.py --out "$RES" --steps 4 --configs 8:2048:1 \
+      --kinds lowbit,lowbit-fused,peft+bnb --no-profile
+    part longest 330 python3 bench/qlora_step.py --out "$RES" --configs "" --kinds peft+bnb,lowbit-fused --max-seq
     ;;
 esac
 tar czf "$OUT/results-${1:-kernels}.tgz" -C "$RES" .

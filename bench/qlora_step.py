@@ -2,7 +2,8 @@
 
 Same process, same random model, same settings (r = 16 on every linear layer of the blocks, α = 32, gradient
 checkpointing, torch AdamW lr 1e-4, labels = inputs): tokens/s over timed steps after warm-up and
-`torch.cuda.max_memory_allocated` over the whole run (optimizer states included). Then a torch-profiler
+`torch.cuda.max_memory_allocated` over the training steps (weights and optimizer states included; not the
+bf16 model each contender is built from before quantizing). Then a torch-profiler
 table of one lowbit step (where the time goes) and, with --max-seq, the longest sequence each fits.
 
     python3 bench/qlora_step.py --out $OUT           # on a GPU; bitsandbytes from its carried wheel
@@ -137,6 +138,8 @@ def measure(kind: str, shape: dict, layers: int, batch: int, seq: int, steps: in
     try:
         model = fresh(kind, shape, layers, device)
         weights = torch.cuda.memory_allocated() - base_mem if device.startswith("cuda") else 0
+        if device.startswith("cuda"):  # the training peak, not the bf16 model held before quantizing
+            torch.cuda.reset_peak_memory_stats()
         result = run_steps(model, batch, seq, steps, warmup, device)
         peak = torch.cuda.max_memory_allocated() - base_mem if device.startswith("cuda") else 0
         result.update(peak_gib=peak / 2**30, weights_gib=weights / 2**30, oom=False)
@@ -271,8 +274,10 @@ def main() -> None:
         for kind in [k for k in ("lowbit", "lowbit-fused") if k in kinds]:
             profile_lowbit(shape, layers, batch, seq, device, args.out, kind)
     if args.max_seq and not args.tiny:
-        longest = {k: longest_sequence(k, shape, 32, device) for k in ("lowbit-fused", "lowbit", "peft+bnb")
-                   if k in kinds}  # fmt: skip
+        longest = {}
+        for kind in kinds:  # in the order given: a cheap peer first, in case the run is cut short
+            longest[kind] = longest_sequence(kind, shape, 32, device)
+            log(f"longest sequence, 32 layers, batch 1, {kind}: {longest[kind]}")
         log(f"longest sequence, 32 layers, batch 1: {longest}")
         results.append({"longest_sequence": longest})
     if args.out is not None:
