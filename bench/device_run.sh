@@ -41,5 +41,13 @@ case ${1:-kernels} in
       --kinds lowbit,lowbit-fused,peft+bnb --no-profile
     part longest 330 python3 bench/qlora_step.py --out "$RES" --configs "" --kinds peft+bnb,lowbit-fused --max-seq
     ;;
+  recheck)  # the last call of the 2026-12-05 session: the fused path's reach, fp32 curves, steadier speeds
+    part longest2 200 python3 bench/qlora_step.py --out "$RES" --configs "" --kinds lowbit-fused --max-seq \
+      --seq-lengths 86016,122880
+    part fused32 60 python3 bench/fused_vs_unfused.py --device cuda --steps 50 --seq 512 --out "$RES" \
+      --random-init smol_cfg --fp32
+    part qlora8b 90 python3 bench/qlora_step.py --out "$RES" --steps 10 --configs 8:2048:1 \
+      --kinds peft+bnb,lowbit,lowbit-fused --no-profile
+    ;;
 esac
 tar czf "$OUT/results-${1:-kernels}.tgz" -C "$RES" .

@@ -91,6 +91,7 @@ def main() -> None:
     parser.add_argument("--batch", type=int, default=2)
     parser.add_argument("--lr", type=float, default=1e-4)
     parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--fp32", action="store_true", help="float32 base on CUDA too (default there: bfloat16)")
     parser.add_argument("--data", type=Path, default=ROOT / "data" / "instruct" / "train.jsonl")
     parser.add_argument("--out", type=Path, default=None, help="directory for fused_vs_unfused.json")
     parser.add_argument("--random-init", type=Path, default=None, metavar="DIR",
@@ -99,7 +100,7 @@ def main() -> None:
                              "model.safetensors)")  # fmt: skip
     args = parser.parse_args()
     device = args.device
-    dtype = torch.bfloat16 if device == "cuda" else torch.float32
+    dtype = torch.float32 if device == "cpu" or args.fp32 else torch.bfloat16
 
     torch.manual_seed(args.seed)
     if args.random_init is None:

@@ -168,7 +168,8 @@ def profile_lowbit(shape, layers, batch, seq, device, out: Path | None, kind: st
     free(device)
 
 
-def longest_sequence(kind: str, shape: dict, layers: int, device: str, probes=(8192, 16384)) -> dict:
+def longest_sequence(kind: str, shape: dict, layers: int, device: str, probes=(8192, 16384),
+                     lengths: list[int] | None = None) -> dict:  # fmt: skip
     """The longest batch-1 sequence whose training step fits the GPU, for one model built once.
 
     Activation memory grows linearly with the sequence (flash attention, checkpointed blocks), so the
@@ -189,6 +190,17 @@ def longest_sequence(kind: str, shape: dict, layers: int, device: str, probes=(8
             model.zero_grad(set_to_none=True)
             free(device)
 
+    if lengths:  # given lengths, tried in order up to the first that does not fit
+        result = {}
+        for seq in lengths:
+            p = peak(seq)
+            log(f"  {kind} seq {seq}: " + ("OOM" if p is None else f"fits, peak {p / 2**30:.1f} GiB"))
+            result[seq] = None if p is None else p / 2**30
+            if p is None:
+                break
+        del model
+        free(device)
+        return result
     (s1, s2), (p1, p2) = probes, [peak(p) for p in probes]
     if p1 is None or p2 is None:
         del model
@@ -222,6 +234,8 @@ def main() -> None:
                         help="contenders, comma-separated (lowbit-fused: lowbit.kernels.fuse_for_training)")
     parser.add_argument("--no-profile", action="store_true", help="skip the torch-profiler table")
     parser.add_argument("--max-seq", action="store_true", help="search the longest sequence (32 layers, batch 1)")
+    parser.add_argument("--seq-lengths", default="", help="with --max-seq: try these lengths (comma-separated) "
+                        "in order instead of predicting from two probes")  # fmt: skip
     args = parser.parse_args()
     device = "cpu" if args.tiny else "cuda"
     shape = TINY if args.tiny else LLAMA3_8B
@@ -276,7 +290,8 @@ def main() -> None:
     if args.max_seq and not args.tiny:
         longest = {}
         for kind in kinds:  # in the order given: a cheap peer first, in case the run is cut short
-            longest[kind] = longest_sequence(kind, shape, 32, device)
+            lengths = [int(v) for v in args.seq_lengths.split(",") if v]
+            longest[kind] = longest_sequence(kind, shape, 32, device, lengths=lengths)
             log(f"longest sequence, 32 layers, batch 1, {kind}: {longest[kind]}")
         log(f"longest sequence, 32 layers, batch 1: {longest}")
         results.append({"longest_sequence": longest})
