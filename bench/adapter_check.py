@@ -41,8 +41,9 @@ def main() -> None:
     adapter = args.run / "adapter"
     theirs = peft.PeftModel.from_pretrained(copy.deepcopy(base), str(adapter)).eval()
     ours_fp32 = lowbit.peft.load_adapter(copy.deepcopy(base), adapter)
-    qlora = lowbit.quantize(copy.deepcopy(base), lowbit.QuantConfig(format="nf4", block_size=64, double_quant=True))
-    qlora = lowbit.peft.load_adapter(qlora, adapter)
+    qlora = copy.deepcopy(base)
+    lowbit.quantize(qlora, lowbit.QuantConfig(format="nf4", block_size=64, double_quant=True))  # in place
+    lowbit.peft.load_adapter(qlora, adapter)
 
     records = read_records(args.data)
     examples, _ = build_examples(records, tok, DataConfig(max_length=256))

@@ -1,0 +1,56 @@
+"""Compile lowbit's Triton kernels for an H100 (sm_90) on a machine without a GPU: front end, PTX and ptxas.
+
+Run as a script (`python tests/kernels/cuda_compile.py`) by test_cuda_compile.py, in a process without
+TRITON_INTERPRET (under the interpreter `@triton.jit` makes interpreted functions, which do not compile).
+It catches what the interpreter cannot: code the compiler rejects (a non-bool `if` on a constexpr) and
+inline PTX that ptxas rejects. Prints one line per kernel and the number of `prmt` in each PTX.
+"""
+
+import os
+import sys
+
+assert os.environ.get("TRITON_INTERPRET", "0") != "1", "run without TRITON_INTERPRET"
+
+import torch  # noqa: E402
+import triton  # noqa: E402
+from triton.backends.compiler import GPUTarget  # noqa: E402
+from triton.compiler import ASTSource  # noqa: E402
+
+from lowbit.kernels import lut4_gemm, lut4_gemv  # noqa: E402
+from lowbit.kernels.lut4 import _device_table  # noqa: E402
+from lowbit.kernels.lut4_asm import fp16_bits, lookup_asm  # noqa: E402
+
+TARGET = GPUTarget("cuda", 90, 32)
+LAYOUT = dict(GS=64, SCALES=1, PAIRED=True, HAS_ZP=False, DOUBLE_QUANT=True, NESTED_GS=256)
+POINTERS = ["*u8", "*fp32", "*u8", "*fp32", "*fp32", "*fp32", "*fp32"]  # packed … offset (kernel_args order)
+
+
+def compile_kernel(kernel, types: list[str], constexprs: dict, warps: int = 4, stages: int = 3):
+    names = kernel.arg_names
+    signature = dict(zip(names, types)) | {name: "constexpr" for name in constexprs}
+    source = ASTSource(fn=kernel, signature=signature, constexprs={(names.index(n),): v for n, v in constexprs.items()})
+    return triton.compile(source, target=TARGET, options={"num_warps": warps, "num_stages": stages})
+
+
+def main() -> int:
+    asm = lookup_asm(fp16_bits(_device_table("nf4", torch.device("cpu"))))
+    cases = {
+        "gemv bf16, register table": (lut4_gemv._lut4_gemv_kernel, ["*bf16", "*bf16", *POINTERS] + ["i32"] * 7,
+                                      LAYOUT | dict(LUT_ASM=asm, BM=1, BN=8, BK=512)),
+        "gemv fp32, memory table": (lut4_gemv._lut4_gemv_kernel, ["*fp32", "*fp32", *POINTERS] + ["i32"] * 7,
+                                    LAYOUT | dict(LUT_ASM="", BM=1, BN=8, BK=512)),
+        "gemv bf16 M=4": (lut4_gemv._lut4_gemv_kernel, ["*bf16", "*bf16", *POINTERS] + ["i32"] * 7,
+                          LAYOUT | dict(LUT_ASM=asm, BM=4, BN=8, BK=256)),
+        "dequantize to bf16": (lut4_gemm._lut4_dequant_kernel, ["*bf16", *POINTERS] + ["i32"] * 4,
+                               LAYOUT | dict(LUT_ASM=asm, BN=16, BK=256)),
+        "fused GEMM bf16": (lut4_gemm._lut4_gemm_kernel, ["*bf16", "*bf16", *POINTERS] + ["i32"] * 8,
+                            LAYOUT | dict(LUT_ASM=asm, IEEE=False, BM=64, BN=64, BK=64, SWAP=True)),
+    }  # fmt: skip
+    for name, (kernel, types, constexprs) in cases.items():
+        compiled = compile_kernel(kernel, types, constexprs)
+        print(f"{name}: {len(compiled.asm['cubin'])} bytes of sm_90 code, {compiled.asm['ptx'].count('prmt.b32')} prmt")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
