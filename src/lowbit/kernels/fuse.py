@@ -58,9 +58,10 @@ def _chunked_loss_forward(self, input_ids=None, attention_mask=None, position_id
     from transformers.modeling_outputs import CausalLMOutputWithPast
 
     num_items = kwargs.pop("num_items_in_batch", None)
+    if past_key_values is not None:  # (passed only when given: newer transformers warn on the old name)
+        kwargs["past_key_values"] = past_key_values
     out = self.model(input_ids=input_ids, attention_mask=attention_mask, position_ids=position_ids,
-                     past_key_values=past_key_values, inputs_embeds=inputs_embeds, use_cache=use_cache,
-                     **kwargs)  # fmt: skip
+                     inputs_embeds=inputs_embeds, use_cache=use_cache, **kwargs)  # fmt: skip
     loss = causal_lm_loss(out.last_hidden_state, self.lm_head.weight, labels, num_items_in_batch=num_items,
                           chunk_size=self._lowbit_loss_chunk, backend=self._lowbit_loss_backend)  # fmt: skip
     return CausalLMOutputWithPast(loss=loss, logits=None, past_key_values=out.past_key_values,
