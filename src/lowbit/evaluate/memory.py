@@ -10,12 +10,12 @@ overstates the peak by 15-55 %: activations are freed as gradients appear (bench
 both against `torch.cuda.max_memory_allocated` on an H100).
 
 - weights: every parameter in the model's dtype (`precision`); with QLoRA the linear layers (all but the
-  output head) are NF4: half a byte per weight plus the block constants (double-quantized: 1 byte per block of 64 and
-  4 bytes per 256 blocks), plus fp32 LoRA matrices r·(in + out) per adapted layer.
+  output head) are NF4: half a byte per weight plus the block constants (double-quantized: 1 byte per
+  block of 64 and 4 bytes per 256 blocks), plus fp32 LoRA matrices r·(in + out) per adapted layer.
 - gradients: one value per trainable parameter, in the parameter's dtype.
 - optimizer states: AdamW keeps two moments in the parameter's dtype (torch's AdamW: 8 B/param for
-  fp32, 4 for bf16 weights); 8-bit blockwise AdamW 2 B/param plus two
-  fp32 scales per block of 2048 (tensors under 4096 values stay fp32); SGD without momentum nothing.
+  fp32, 4 for bf16 weights); 8-bit blockwise AdamW 2 B/param plus two fp32 scales per block of 2048
+  (tensors under 4096 values stay fp32); SGD without momentum nothing.
 - activations: what autograd keeps for the backward pass. Per decoder layer and token (hidden h,
   intermediate i, key/value width k): the norm inputs and outputs, q, k, v and the attention output,
   the MLP's gate, up, activation and product — about 6·h + 2·k + 4·i values, plus r per LoRA-adapted
@@ -52,7 +52,8 @@ HEAD_NAMES = ("lm_head", "score", "classifier")
 @dataclass(frozen=True)
 class MemoryConfig:
     """method: full | lora | qlora; precision: fp32 | bf16 | fp16 (the model's weights — with qlora the
-    layers that stay unquantized — and its activations); optimizer: adamw | adamw8bit | sgd (paged variants need the same bytes, on the CPU)."""
+    layers that stay unquantized — and its activations); optimizer: adamw | adamw8bit | sgd (paged
+    variants need the same bytes, on the CPU)."""
 
     method: str = "qlora"
     seq_len: int = 512
@@ -115,7 +116,8 @@ class MemoryEstimate:
                 ("  with checkpointing", self.activations_checkpointing),
                 ("loss (logits gradients, transient)", self.loss_transient),
                 ("start of backward (activations + loss + head gradient)", self.backward_start),
-                ("**training peak** (resident + max(start, end of backward))", self.training_total), ("KV cache (inference)", self.kv_cache),
+                ("**training peak** (resident + max(start, end of backward))", self.training_total),
+                ("KV cache (inference)", self.kv_cache),
                 ("**inference**", self.inference_total)]  # fmt: skip
         lines = ["| part | memory |", "|---|---:|"] + [f"| {n} | {gib(b)} |" for n, b in rows]
         lines.append(f"\n{self.parameters / 1e6:.1f}M parameters, {self.trainable_parameters / 1e6:.2f}M trainable")

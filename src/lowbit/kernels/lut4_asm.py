@@ -28,9 +28,6 @@ import os
 
 import torch
 
-CONSTRAINTS = "=r,=r,=r,=r,r"  # hi pair 0-1, hi pair 2-3, lo pair 0-1, lo pair 2-3; four packed bytes in
-
-
 def _word(bytes4: list[int]) -> int:
     return bytes4[0] | bytes4[1] << 8 | bytes4[2] << 16 | bytes4[3] << 24
 

@@ -60,6 +60,7 @@ def decode_pair_values(b, table_ptr, LUT_ASM: tl.constexpr):
     value is a load from the 16 float32 in memory.
     """
     if LUT_ASM != "":  # (an `if` takes a bool, not the string itself)
+        # out: hi values 0-1, 2-3 and lo values 0-1, 2-3 as float16 pairs; in: four packed bytes
         hi, lo = tl.inline_asm_elementwise(LUT_ASM, "=r,=r,=r,=r,r", [b], dtype=(tl.float16, tl.float16),
                                            is_pure=True, pack=4)  # fmt: skip
         return hi.to(tl.float32), lo.to(tl.float32)
