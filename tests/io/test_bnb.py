@@ -24,6 +24,40 @@ def logits(model):
         return model(X).logits.float()
 
 
+def _native_cpu_dequantize_is_exact() -> bool:
+    """bitsandbytes' native CPU 4-bit dequantize against its own pure-PyTorch reference (default backend).
+
+    bitsandbytes 0.50.2 on an AMD EPYC with AVX512-BF16 (seen 2026-12-05) returned NF4 weights 26 % off
+    (relative) from its reference, which lowbit matches exactly; on such a machine bnb's CPU forward is not
+    a reference, and the tests compare lowbit with bnb's reference decoder instead of its model's logits.
+    """
+    try:
+        from bitsandbytes.backends.default.ops import _dequantize_4bit_compute
+    except ImportError:
+        return True
+    w = torch.randn(64, 160, generator=torch.Generator().manual_seed(0))  # rows of 2.5 blocks, as down_proj
+    packed, state = bnb.functional.quantize_4bit(w, blocksize=64, quant_type="nf4")
+    native = bnb.functional.dequantize_4bit(packed, state)
+    reference = _dequantize_4bit_compute(packed.reshape(-1), state.absmax, state.code, 64, w.shape, torch.float32)
+    return torch.equal(native, reference)
+
+
+BNB_CPU_EXACT = _native_cpu_dequantize_is_exact()
+
+
+def bnb_reference_dequantize(packed: torch.Tensor, state) -> torch.Tensor:
+    """bitsandbytes' dequantization of `packed`: its native kernel where exact, else its torch reference."""
+    if BNB_CPU_EXACT:
+        return bnb.functional.dequantize_4bit(packed, state).float()
+    from bitsandbytes.backends.default.ops import _dequantize_4bit_compute
+
+    absmax = state.absmax
+    if state.nested:
+        absmax = bnb.functional.dequantize_blockwise(state.absmax, state.state2) + state.offset
+    return _dequantize_4bit_compute(packed.reshape(-1), absmax.float(), state.code, state.blocksize, state.shape,
+                                    torch.float32)  # fmt: skip
+
+
 @pytest.fixture(scope="module", params=list(VARIANTS))
 def bnb_checkpoint(request, tmp_path_factory):
     """A checkpoint written by transformers' save_pretrained of a BitsAndBytesConfig(load_in_4bit) model."""
@@ -47,10 +81,11 @@ def test_loads_a_transformers_bnb_checkpoint_without_requantizing(bnb_checkpoint
     assert torch.equal(layer.weight, stored["model.layers.1.mlp.down_proj.weight"].reshape(-1))  # the same bytes
     # bitsandbytes' own dequantization of the loaded layer is our dense weight.
     ref = bnb_model.model.layers[1].mlp.down_proj
-    dense = bnb.functional.dequantize_4bit(ref.weight.data, ref.weight.quant_state).float()
+    dense = bnb_reference_dequantize(ref.weight.data, ref.weight.quant_state)
     torch.testing.assert_close(layer.dequantize(torch.float32), dense, atol=0, rtol=0)
-    tol = 1e-5 if layer.compute_dtype == torch.float32 else 1e-2  # bf16 matmuls round differently
-    torch.testing.assert_close(logits(ours), logits(bnb_model), atol=tol, rtol=tol)
+    if BNB_CPU_EXACT:  # else bnb's own CPU forward is off here (see _native_cpu_dequantize_is_exact)
+        tol = 1e-5 if layer.compute_dtype == torch.float32 else 1e-2  # bf16 matmuls round differently
+        torch.testing.assert_close(logits(ours), logits(bnb_model), atol=tol, rtol=tol)
     assert ours.lowbit_quant_config.format == layer.fmt.name
 
 
@@ -61,7 +96,13 @@ def test_writes_a_checkpoint_that_transformers_bnb_loads_with_the_same_logits(tm
     loaded = AutoModelForCausalLM.from_pretrained(tmp_path, device_map="cpu")
     assert isinstance(loaded.model.layers[0].self_attn.q_proj, bnb.nn.Linear4bit)
     assert type(loaded.model.layers[0].mlp.down_proj) is nn.Linear
-    torch.testing.assert_close(logits(loaded), logits(model), atol=1e-5, rtol=1e-5)
+    if BNB_CPU_EXACT:  # else bnb's own CPU forward is off here (see _native_cpu_dequantize_is_exact)
+        torch.testing.assert_close(logits(loaded), logits(model), atol=1e-5, rtol=1e-5)
+    for name, module in loaded.named_modules():  # what transformers + bnb loaded is lowbit's weight
+        if isinstance(module, bnb.nn.Linear4bit):
+            ours = model.get_submodule(name).dequantize(torch.float32)
+            torch.testing.assert_close(bnb_reference_dequantize(module.weight.data, module.weight.quant_state),
+                                       ours, atol=0, rtol=0)  # fmt: skip
     again = load_bnb_4bit(tmp_path)  # and back into lowbit, byte for byte
     for name, module in model.named_modules():
         if isinstance(module, lowbit.QuantLinear):
