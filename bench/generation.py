@@ -1,9 +1,15 @@
 """Generation tokens/s at batch 1 on a Llama-3-8B-shaped model (random weights): lowbit NF4 vs transformers +
-bitsandbytes NF4 vs bf16, each eager (dynamic KV cache, what `generate` does by default) and compiled
-(static KV cache + `torch.compile(mode="reduce-overhead")`, i.e. CUDA graphs).
+bitsandbytes NF4 vs bf16.
 
-Greedy, a 16-token prompt, exactly --new tokens (EOS ignored); one warm-up generation (compilation, autotune)
-before the timed one. Also checks that lowbit's NF4 model and bnb's produce the same first tokens.
+Each model decodes two ways: transformers' `model.generate` (dynamic KV cache, eager: what users run today),
+and lowbit's `generate_ids` with its static KV cache, one CUDA graph replayed per token (`static_cache=True`).
+bitsandbytes' layers run in both, so the second way also compares the 4-bit kernels under equal conditions.
+(transformers' own static cache under `torch.compile(mode="reduce-overhead")` failed for every model in an
+earlier run: bench/RESULTS.md.)
+
+Greedy, a 16-token prompt, exactly --new tokens (EOS ignored), after a short warm-up generation (kernel
+autotuning). tok/s = new tokens / wall time including the prompt (and, for lowbit, the graph capture); the
+steady per-token time is also reported. Checks that each model's two ways give the same first tokens.
 
     python3 bench/generation.py --out $OUT          # on a GPU; bitsandbytes from its carried wheel
     python3 bench/generation.py --tiny              # CPU smoke run on a tiny shape (eager only)
@@ -23,6 +29,7 @@ import torch
 sys.path[:0] = [str(Path(__file__).resolve().parents[1] / "src"), str(Path(__file__).resolve().parent)]
 
 import lowbit  # noqa: E402
+from lowbit.generate import GenerateConfig, iter_tokens  # noqa: E402
 from qlora_step import LLAMA3_8B, TARGETS, TINY, build_model, log  # noqa: E402
 
 
@@ -53,23 +60,42 @@ def prepare(kind: str, shape: dict, layers: int, device: str):
     return model
 
 
-def generate_timed(model, prompt: torch.Tensor, new: int, compiled: bool) -> tuple[float, torch.Tensor]:
-    kwargs = dict(max_new_tokens=new, min_new_tokens=new, do_sample=False, pad_token_id=0)
-    if compiled:
-        kwargs["cache_implementation"] = "static"
+def hf_generate(model, prompt: torch.Tensor, new: int) -> tuple[dict, list[int]]:
+    kwargs = dict(do_sample=False, pad_token_id=0)
     with torch.no_grad():
-        # warm-up: compilation and CUDA graphs need the timed run's cache length; eager only the autotune
-        model.generate(prompt, **(kwargs if compiled else {**kwargs, "max_new_tokens": 8, "min_new_tokens": 8}))
+        model.generate(prompt, max_new_tokens=8, min_new_tokens=8, **kwargs)  # warm-up: autotuning
         sync(prompt.device)
         start = time.perf_counter()
-        out = model.generate(prompt, **kwargs)
+        out = model.generate(prompt, max_new_tokens=new, min_new_tokens=new, **kwargs)
         sync(prompt.device)
-    return new / (time.perf_counter() - start), out[0, prompt.shape[1] :]
+    seconds = time.perf_counter() - start
+    return {"tok_s": new / seconds, "ms_per_token": 1e3 * seconds / new}, out[0, prompt.shape[1] :].tolist()
+
+
+def lowbit_generate(model, prompt: torch.Tensor, new: int) -> tuple[dict, list[int]]:
+    """lowbit's decoder with the static cache; each token is on the host when yielded (its .tolist() syncs)."""
+
+    def run(n: int) -> tuple[list[float], list[int]]:
+        config = GenerateConfig(max_new_tokens=n, eos_token_id=(), static_cache=True)
+        stamps, tokens = [time.perf_counter()], []
+        for (token,) in iter_tokens(model, prompt, config):
+            stamps.append(time.perf_counter())
+            tokens.append(token)
+        return stamps, tokens
+
+    run(8)  # warm-up: autotuning at the prompt's and the step's shapes
+    stamps, tokens = run(new)
+    total = stamps[-1] - stamps[0]
+    steady = (stamps[-1] - stamps[2]) / (new - 2)  # after the first step's capture
+    return {"tok_s": new / total, "ms_per_token": 1e3 * steady, "prefill_capture_ms": 1e3 * (stamps[2] - stamps[0])}, tokens
 
 
 def sync(device) -> None:
     if torch.device(device).type == "cuda":
         torch.cuda.synchronize()
+
+
+WAYS = {"transformers generate": hf_generate, "lowbit static + CUDA graph": lowbit_generate}
 
 
 def main() -> None:
@@ -81,39 +107,37 @@ def main() -> None:
     args = parser.parse_args()
     device = "cpu" if args.tiny else "cuda"
     shape, layers = (TINY, 2) if args.tiny else (LLAMA3_8B, args.layers)
-    kinds = ["bf16", "lowbit-nf4"] + ([] if args.tiny else ["bnb-nf4"])
-    modes = [False] if args.tiny else [False, True]
+    kinds = ["bnb-nf4", "lowbit-nf4", "bf16"] if not args.tiny else ["lowbit-nf4", "bf16"]
     prompt = torch.randint(0, shape["vocab_size"], (1, 16), generator=torch.Generator().manual_seed(0)).to(device)
-    results, tokens = {}, {}
+    results: dict[str, dict | None] = {}
     for kind in kinds:
         model = prepare(kind, shape, layers, device)
-        for compiled in modes:
-            key = f"{kind} {'compiled' if compiled else 'eager'}"
-            if compiled:
-                model.forward = torch.compile(model.forward, mode="reduce-overhead")
+        tokens = {}
+        for way, fn in WAYS.items():
+            key = f"{kind} · {way}"
             try:
-                rate, out = generate_timed(model, prompt, args.new, compiled)
-                results[key], tokens[key] = rate, out
-                log(f"{key}: {rate:.1f} tok/s, first tokens {out[:8].tolist()}")
-            except Exception as e:  # a peer that does not compile is reported, not fatal
+                results[key], tokens[way] = fn(model, prompt, args.new)
+                log(f"{key}: {results[key]}, first tokens {tokens[way][:8]}")
+            except Exception as e:  # a contender that fails is reported, not fatal
                 results[key] = None
                 log(f"{key}: failed: {type(e).__name__}: {str(e)[:300]}")
+        if len(tokens) == 2:
+            a, b = tokens.values()
+            agree = next((i for i, (x, y) in enumerate(zip(a, b)) if x != y), len(a))
+            results[f"{kind} · tokens agreeing from the start"] = agree
+            log(f"{kind}: the two ways agree on the first {agree} of {len(a)} greedy tokens")
         del model
         gc.collect()
-        torch._dynamo.reset()
         if device == "cuda":
             torch.cuda.empty_cache()
-    log("\n| model | eager tok/s | compiled tok/s |\n|---|---|---|")
+    log("\n| model | " + " | ".join(f"{w} tok/s (ms/token)" for w in WAYS) + " |\n|---|---|---|")
     for kind in kinds:
-        cells = [results.get(f"{kind} {m}") for m in ("eager", "compiled")]
-        log(f"| {kind} | " + " | ".join("-" if c is None else f"{c:.1f}" for c in cells) + " |")
-    best = {k: max((v for key, v in results.items() if key.startswith(k) and v), default=None) for k in kinds}
-    if best.get("bnb-nf4") and best.get("lowbit-nf4"):
-        log(f"lowbit best / bnb best: {best['lowbit-nf4'] / best['bnb-nf4']:.2f}×; lowbit compiled / bnb eager: "
-            f"{(results.get('lowbit-nf4 compiled') or 0) / (results.get('bnb-nf4 eager') or 1):.2f}×")  # fmt: skip
-    if "lowbit-nf4 eager" in tokens and "bnb-nf4 eager" in tokens:
-        same = (tokens["lowbit-nf4 eager"][:16] == tokens["bnb-nf4 eager"][:16]).float().mean().item()
-        log(f"lowbit vs bnb NF4 greedy tokens agreeing in the first 16: {same:.0%}")
+        cells = [results.get(f"{kind} · {w}") for w in WAYS]
+        log(f"| {kind} | " + " | ".join("failed" if c is None else f"{c['tok_s']:.1f} ({c['ms_per_token']:.2f})"
+                                        for c in cells) + " |")  # fmt: skip
+    peer, ours = results.get("bnb-nf4 · transformers generate"), results.get("lowbit-nf4 · lowbit static + CUDA graph")
+    if peer and ours:
+        log(f"lowbit NF4 (static + graph) / transformers + bnb NF4 (generate): {ours['tok_s'] / peer['tok_s']:.2f}×")
     if args.out is not None:
         args.out.mkdir(parents=True, exist_ok=True)
         (args.out / "generation.json").write_text(json.dumps(results, indent=1))

@@ -111,6 +111,9 @@ def _add_decoding_options(p) -> None:
     g.add_argument("--length-penalty", type=float, default=1.0, help="beam score = log p / length^this")
     g.add_argument("--stop", nargs="*", default=[], metavar="TEXT", help=r"stop strings (escapes like \n work)")
     g.add_argument("--seed", type=int, default=None, help="seed for sampling")
+    g.add_argument("--static-cache", action=argparse.BooleanOptionalAction, default=None,
+                   help="lowbit's preallocated KV cache and fixed-shape step, replayed as a CUDA graph on a GPU "
+                        "(default: on for Llama/Mistral/Qwen-layout models on CUDA)")  # fmt: skip
 
 
 def _generate_config(args):
@@ -121,6 +124,7 @@ def _generate_config(args):
     return GenerateConfig(max_new_tokens=args.max_new_tokens, do_sample=args.sample, temperature=args.temperature,
                           top_k=args.top_k, top_p=args.top_p, repetition_penalty=args.repetition_penalty,
                           num_beams=args.num_beams, length_penalty=args.length_penalty, seed=args.seed,
+                          static_cache=args.static_cache,
                           stop_strings=tuple(codecs.decode(s, "unicode_escape") for s in args.stop))  # fmt: skip
 
 

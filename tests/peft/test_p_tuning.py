@@ -19,6 +19,7 @@ from lowbit.peft.p_tuning import (
     remove_p_tuning,
 )
 from lowbit.peft.prompt_tuning import prompt_source
+from tests.peft.generate_check import assert_generate_matches_peft_forward
 from tests.tiny_models import tiny_llama
 
 N = 5
@@ -67,11 +68,7 @@ def test_forward_with_encoder_equals_peft(encoder):
 def test_generate_equals_peft():
     reference, model = peft_and_lowbit("mlp")
     ids, mask = ids_and_mask(pad=False)
-    kw = dict(max_new_tokens=4, do_sample=False, output_logits=True, return_dict_in_generate=True)
-    a = reference.generate(input_ids=ids, attention_mask=mask, **kw)
-    b = model.generate(input_ids=ids, attention_mask=mask, **kw)
-    assert torch.equal(a.sequences, b.sequences)
-    assert all(torch.equal(x, y) for x, y in zip(a.logits, b.logits))
+    assert_generate_matches_peft_forward(reference, model, ids, mask)
 
 
 def test_mlp_encoder_output_matches_float64_hand_computation():

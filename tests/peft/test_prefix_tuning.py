@@ -20,6 +20,7 @@ from lowbit.peft.prefix_tuning import (
     remove_prefix_tuning,
 )
 from lowbit.peft.prompt_tuning import PREFIX_ATTR, prompt_source
+from tests.peft.generate_check import assert_generate_matches_peft_forward
 from tests.tiny_models import tiny_bert, tiny_llama, tiny_qwen2
 
 N = 5
@@ -91,11 +92,7 @@ def test_forward_equals_peft(projection, build):
 def test_generate_equals_peft():
     reference, model = peft_and_lowbit(True)
     ids, mask = ids_and_mask(pad=False)
-    a = reference.generate(input_ids=ids, attention_mask=mask, **GEN)
-    b = model.generate(input_ids=ids, attention_mask=mask, **GEN)
-    assert torch.equal(a.sequences, b.sequences)
-    for x, y in zip(a.logits, b.logits):
-        assert_same(x, y, exact=False)
+    assert_generate_matches_peft_forward(reference, model, ids, mask)
 
 
 def test_left_padded_generate_equals_each_row_alone():

@@ -19,6 +19,7 @@ from lowbit.peft.prompt_tuning import (
     prompt_tuning_to_peft_dict,
     remove_prompt_tuning,
 )
+from tests.peft.generate_check import assert_generate_matches_peft_forward
 from tests.tiny_models import tiny_bert, tiny_llama
 
 N = 5
@@ -157,9 +158,7 @@ def test_generate_equals_peft():
     reference = peft_prompt_model()
     model = lowbit_like(reference)
     ids, _ = ids_and_mask(pad=False)
-    a, b = _generate(reference, ids), _generate(model, ids)
-    assert torch.equal(a.sequences, b.sequences)
-    assert all(torch.equal(x, y) for x, y in zip(a.logits, b.logits))
+    assert_generate_matches_peft_forward(reference, model, ids, torch.ones_like(ids))
 
 
 def test_left_padded_generate_equals_each_row_alone():

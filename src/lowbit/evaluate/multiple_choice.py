@@ -28,6 +28,8 @@ from pathlib import Path
 import torch
 from tqdm.auto import tqdm
 
+from lowbit.hf_compat import cache_kwarg, output_cache
+
 NORMALIZATIONS = ("tokens", "chars", "none")
 STYLES = ("cloze", "letters")
 
@@ -114,7 +116,7 @@ def continuation_logprobs(model, tokenizer, prompt: str, continuations: list[str
     with torch.no_grad():
         out = model(input_ids=torch.tensor([context], device=device), use_cache=True)
         first = _log_softmax(out.logits[0, -1])  # (V,): predicts every continuation's first token
-        rest = _continuation_logits(model, out.past_key_values, len(context), conts, device)  # (C, L-1, V) or None
+        rest = _continuation_logits(model, output_cache(out), len(context), conts, device)  # (C, L-1, V) or None
     scored = []
     for i, c in enumerate(conts):
         total = first[c[0]]
@@ -140,7 +142,7 @@ def _continuation_logits(model, cache, n_context: int, conts: list[list[int]], d
     mask = torch.tensor([[1] * n_context + [1] * (len(c) - 1) + [0] * (width - len(c) + 1) for c in conts],
                         device=device)  # fmt: skip  (C, n_context + L-1)
     positions = torch.arange(n_context, n_context + width, device=device).expand(len(conts), -1)
-    return model(input_ids=ids, attention_mask=mask, position_ids=positions, past_key_values=cache).logits
+    return model(input_ids=ids, attention_mask=mask, position_ids=positions, **{cache_kwarg(model): cache}).logits
 
 
 def evaluate_multiple_choice(model, tokenizer, questions: list[MCQuestion] | str | os.PathLike,

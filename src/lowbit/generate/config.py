@@ -27,6 +27,9 @@ class GenerateConfig:
     - ``eos_token_id``: end-of-sequence id(s); None = the model's generation config, else the tokenizer's.
     - ``stop_strings``: stop as soon as the generated text contains one of them (the text returned ends before it).
     - ``seed``: seeds a private ``torch.Generator`` for sampling; None = torch's global generator.
+    - ``static_cache``: decode with lowbit's preallocated KV cache and fixed-shape step (`static.StaticDecoder`),
+      replayed as one CUDA graph a token on a GPU. None = on for a supported model on CUDA, True = always (an
+      error for a model it does not support), False = transformers' own cache. Beam search always uses the latter.
     """
 
     max_new_tokens: int = 128
@@ -42,6 +45,7 @@ class GenerateConfig:
     eos_token_id: int | tuple[int, ...] | None = None
     stop_strings: tuple[str, ...] = ()
     seed: int | None = None
+    static_cache: bool | None = None
     version: int = CONFIG_VERSION
 
     def __post_init__(self) -> None:
@@ -69,6 +73,8 @@ class GenerateConfig:
             raise ValueError(f"eos_token_id must be a non-negative int or a tuple of them, got {self.eos_token_id!r}")
         if self.seed is not None:
             _check_int("seed", self.seed, minimum=0)
+        if self.static_cache not in (None, True, False):
+            raise ValueError(f"static_cache must be None (auto), True or False, got {self.static_cache!r}")
         if self.version != CONFIG_VERSION:
             raise ValueError(f"GenerateConfig version {self.version} is not supported (this lowbit: {CONFIG_VERSION})")
 

@@ -21,7 +21,10 @@ import torch
 
 from lowbit.generate.config import GenerateConfig
 from lowbit.generate.logits import process_scores
+from lowbit.generate.static import StaticDecoder
+from lowbit.generate.static import supports as supports_static
 from lowbit.generate.stopping import TextStream, find_stop
+from lowbit.hf_compat import cache_kwarg, output_cache
 
 
 class KVDecoder:
@@ -42,20 +45,21 @@ class KVDecoder:
             self.positions = (attention_mask.long().cumsum(-1) - 1).masked_fill(attention_mask == 0, 0)
         self.cache = None
         self._logits_to_keep = "logits_to_keep" in inspect.signature(model.forward).parameters
+        self._cache_kwarg = cache_kwarg(model) or "past_key_values"
 
     def forward(self, new_ids: torch.Tensor) -> torch.Tensor:
         """Run ``new_ids`` (B, n) — the prompt first, then one token per step. Returns last logits (B, V) float32."""
         n = new_ids.shape[1]
         kwargs = {"input_ids": new_ids, "position_ids": self.positions[:, -n:], "use_cache": True}
         if self.cache is not None:
-            kwargs["past_key_values"] = self.cache
+            kwargs[self._cache_kwarg] = self.cache
         if self.mask is not None:
             kwargs["attention_mask"] = self.mask
         if self._logits_to_keep:
             kwargs["logits_to_keep"] = 1  # the lm_head runs on the last position only
         with torch.no_grad():  # here, not around a generator's yields: the caller's grad mode stays its own
             out = self.model(**kwargs)
-        self.cache = out.past_key_values
+        self.cache = output_cache(out)
         return out.logits[:, -1].float()
 
     def advance(self, next_ids: torch.Tensor) -> torch.Tensor:
@@ -73,6 +77,17 @@ class KVDecoder:
         self.positions = self.positions[rows]
         if self.mask is not None:
             self.mask = self.mask[rows]
+
+
+def make_decoder(model, input_ids: torch.Tensor, attention_mask: torch.Tensor | None,
+                 config: GenerateConfig) -> KVDecoder | StaticDecoder:  # fmt: skip
+    """The decoder ``config.static_cache`` asks for (None: the static one on CUDA where the model allows it)."""
+    static = config.static_cache
+    if static is None:
+        static = input_ids.device.type == "cuda" and supports_static(model)
+    if static:  # the last step's token is returned, never fed: the cache needs one slot less than the total
+        return StaticDecoder(model, input_ids, input_ids.shape[1] + config.max_new_tokens, attention_mask)
+    return KVDecoder(model, input_ids, attention_mask)
 
 
 def resolve_eos(model, tokenizer, config: GenerateConfig) -> tuple[int, ...]:
@@ -109,7 +124,7 @@ def iter_tokens(model, input_ids: torch.Tensor, config: GenerateConfig, attentio
     when every row has or after ``max_new_tokens`` steps. Finished rows keep being fed (their tokens are
     ignored) so that the batch shape — and with it the random stream of sampling — stays as in transformers.
     """
-    decoder = KVDecoder(model, input_ids, attention_mask)
+    decoder = make_decoder(model, input_ids, attention_mask, config)
     tokens, prompt_len = input_ids, input_ids.shape[1]
     generated: list[list[int]] = [[] for _ in range(input_ids.shape[0])]
     finished = [False] * input_ids.shape[0]

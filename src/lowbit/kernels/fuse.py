@@ -21,6 +21,7 @@ import types
 
 from torch import nn
 
+from lowbit.hf_compat import output_cache, output_fields
 from lowbit.kernels.cross_entropy import causal_lm_loss
 from lowbit.kernels.lora_fused import FusedLoraLinear
 from lowbit.kernels.norms import FusedRMSNorm
@@ -47,25 +48,25 @@ def _replacement(module: nn.Module, backend: str, norms: bool, mlp: bool, lora: 
     return None
 
 
-def _chunked_loss_forward(self, input_ids=None, attention_mask=None, position_ids=None, past_key_values=None,
-                          inputs_embeds=None, labels=None, use_cache=None, logits_to_keep=0, **kwargs):  # fmt: skip
-    """`XForCausalLM.forward` with the loss from hidden states (chunked cross-entropy) when labels are given."""
+def _chunked_loss_forward(self, input_ids=None, attention_mask=None, position_ids=None, inputs_embeds=None,
+                          labels=None, use_cache=None, logits_to_keep=0, **kwargs):  # fmt: skip
+    """`XForCausalLM.forward` with the loss from hidden states (chunked cross-entropy) when labels are given.
+
+    A KV cache travels in ``kwargs`` under whichever name the caller used (`lowbit.hf_compat`)."""
     model_forward = type(self).forward
     if labels is None:
         return model_forward(self, input_ids=input_ids, attention_mask=attention_mask, position_ids=position_ids,
-                             past_key_values=past_key_values, inputs_embeds=inputs_embeds, use_cache=use_cache,
-                             logits_to_keep=logits_to_keep, **kwargs)  # fmt: skip
+                             inputs_embeds=inputs_embeds, use_cache=use_cache, logits_to_keep=logits_to_keep,
+                             **kwargs)  # fmt: skip
     from transformers.modeling_outputs import CausalLMOutputWithPast
 
     num_items = kwargs.pop("num_items_in_batch", None)
-    if past_key_values is not None:  # (passed only when given: newer transformers warn on the old name)
-        kwargs["past_key_values"] = past_key_values
     out = self.model(input_ids=input_ids, attention_mask=attention_mask, position_ids=position_ids,
                      inputs_embeds=inputs_embeds, use_cache=use_cache, **kwargs)  # fmt: skip
     loss = causal_lm_loss(out.last_hidden_state, self.lm_head.weight, labels, num_items_in_batch=num_items,
                           chunk_size=self._lowbit_loss_chunk, backend=self._lowbit_loss_backend)  # fmt: skip
-    return CausalLMOutputWithPast(loss=loss, logits=None, past_key_values=out.past_key_values,
-                                  hidden_states=out.hidden_states, attentions=out.attentions)  # fmt: skip
+    return CausalLMOutputWithPast(loss=loss, logits=None, hidden_states=out.hidden_states, attentions=out.attentions,
+                                  **output_fields(CausalLMOutputWithPast, output_cache(out)))  # fmt: skip
 
 
 def fuse_loss(model: nn.Module, chunk_size: int | None = None, backend: str = "auto") -> bool:

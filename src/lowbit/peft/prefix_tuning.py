@@ -21,7 +21,6 @@ head_dim + j.
 
 from __future__ import annotations
 
-import inspect
 from dataclasses import dataclass, replace
 from functools import partial
 
@@ -29,6 +28,7 @@ import torch
 from torch import nn
 from transformers import DynamicCache
 
+from lowbit.hf_compat import cache_key, cache_kwarg
 from lowbit.peft.prompt_tuning import (
     PREFIX_ATTR,
     cached_length,
@@ -80,8 +80,9 @@ class PrefixTuningConfig:
 
 def _prefix_dims(model: nn.Module) -> dict[str, int]:
     cfg = getattr(model, "config", None)
-    if cfg is None or "past_key_values" not in inspect.signature(model.forward).parameters:
-        raise ValueError("prefix tuning needs a transformers decoder whose forward takes past_key_values")
+    if cfg is None or cache_kwarg(model) is None:
+        raise ValueError("prefix tuning needs a transformers decoder whose forward takes a KV cache "
+                         "(`cache` or `past_key_values`)")
     heads = cfg.num_attention_heads
     kv_heads = getattr(cfg, "num_key_value_heads", None) or heads
     head_dim = getattr(cfg, "head_dim", None) or cfg.hidden_size // heads
@@ -143,7 +144,8 @@ class PrefixEncoder(nn.Module):
 def _prefix_hook(model: nn.Module, args: tuple, kwargs: dict, *, source: PrefixEncoder):
     kwargs = forward_kwargs(model, args, kwargs)
     n = source.num_virtual_tokens
-    cache = kwargs.get("past_key_values")
+    cache_name = cache_key(model, kwargs)
+    cache = kwargs.get(cache_name)
     if cached_length(cache) == 0:
         if cache is not None and not isinstance(cache, DynamicCache):
             raise ValueError(f"prefix tuning fills a DynamicCache, got a {type(cache).__name__}")
@@ -154,7 +156,7 @@ def _prefix_hook(model: nn.Module, args: tuple, kwargs: dict, *, source: PrefixE
         dtype = model.get_input_embeddings().weight.dtype
         for layer, (key, value) in enumerate(source.key_values(ref.shape[0], dtype)):
             cache.update(key, value, layer)
-        kwargs["past_key_values"] = cache
+        kwargs[cache_name] = cache
     if kwargs.get("position_ids") is not None:  # real tokens sit after the N prefix positions
         kwargs["position_ids"] = kwargs["position_ids"] + n
     extend_attention_mask(kwargs, n)

@@ -36,6 +36,7 @@ from typing import Any
 import torch
 from torch import nn
 
+from lowbit.hf_compat import cache_key
 from lowbit.peft.registry import PeftMethod, record_adapter, register_peft_method
 from lowbit.peft.state_check import check_adapter_state, check_new_adapter_name
 
@@ -132,7 +133,7 @@ def cached_length(cache: Any) -> int:
     if cache is None:
         return 0
     if not hasattr(cache, "get_seq_length"):
-        raise TypeError("prompt learning needs a transformers Cache object as past_key_values, "
+        raise TypeError("prompt learning needs a transformers Cache object as the KV cache, "
                         f"got {type(cache).__name__}")  # fmt: skip
     return cache.get_seq_length()
 
@@ -174,7 +175,7 @@ def _prepend_prompt(model: nn.Module, kwargs: dict, prompt: torch.Tensor) -> Non
 def _virtual_tokens_hook(model: nn.Module, args: tuple, kwargs: dict, *, source: nn.Module):
     kwargs = forward_kwargs(model, args, kwargs)
     n = source.num_virtual_tokens
-    if cached_length(kwargs.get("past_key_values")) == 0:
+    if cached_length(kwargs.get(cache_key(model, kwargs))) == 0:
         _prepend_prompt(model, kwargs, source())
     elif kwargs.get("position_ids") is not None:  # decoding: the cache already holds the n virtual positions
         kwargs["position_ids"] = kwargs["position_ids"] + n
