@@ -3,6 +3,7 @@
 #   bash bench/device_run.sh kernels      # kernels: correctness + decode/prefill/int8; QLoRA step 8 layers
 #   bash bench/device_run.sh memory       # the memory estimator vs torch.cuda.max_memory_allocated
 #   bash bench/device_run.sh generation   # decode kernels again; generation tokens/s, Llama-3-8B shape, batch 1
+#   bash bench/device_run.sh graphs       # generation tokens/s: transformers' generate vs lowbit's static cache + graph
 #   bash bench/device_run.sh longest      # memory estimator; fused vs unfused loss curves (carry smol_cfg too);
 #                                         # QLoRA step training peaks; the longest sequence each contender fits
 # from the repository root on the device, with bitsandbytes' wheel carried in .whl/ (see RESULTS.md).
@@ -31,6 +32,9 @@ case ${1:-kernels} in
     ;;
   generation)
     part decode 120 python3 bench/gpu_kernels.py --out "$RES" --skip-correctness --decode-only
+    part generation 420 python3 bench/generation.py --out "$RES"
+    ;;
+  graphs)
     part generation 420 python3 bench/generation.py --out "$RES"
     ;;
   longest)
