@@ -3,7 +3,8 @@
 #   bash bench/device_run.sh kernels      # kernels: correctness + decode/prefill/int8; QLoRA step 8 layers
 #   bash bench/device_run.sh memory       # the memory estimator vs torch.cuda.max_memory_allocated
 #   bash bench/device_run.sh generation   # decode kernels again; generation tokens/s, Llama-3-8B shape, batch 1
-#   bash bench/device_run.sh graphs       # generation tokens/s: transformers' generate vs lowbit's static cache + graph
+#   bash bench/device_run.sh graphs       # generation tokens/s: transformers' generate vs lowbit's static cache + graph;
+#                                         # QLoRA step with fewer blocks checkpointed (lowbit-fused@k)
 #   bash bench/device_run.sh longest      # memory estimator; fused vs unfused loss curves (carry smol_cfg too);
 #                                         # QLoRA step training peaks; the longest sequence each contender fits
 # from the repository root on the device, with bitsandbytes' wheel carried in .whl/ (see RESULTS.md).
@@ -35,7 +36,9 @@ case ${1:-kernels} in
     part generation 420 python3 bench/generation.py --out "$RES"
     ;;
   graphs)
-    part generation 420 python3 bench/generation.py --out "$RES"
+    part generation 300 python3 bench/generation.py --out "$RES"
+    part qlora 240 python3 bench/qlora_step.py --out "$RES" --steps 6 --configs 8:2048:1,8:2048:4 --no-profile \
+      --kinds peft+bnb,lowbit-fused,lowbit-fused@4,lowbit-fused@0
     ;;
   longest)
     part memory 50 python3 bench/memory_check.py --out "$RES"

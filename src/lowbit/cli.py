@@ -527,7 +527,9 @@ def _finetune(args) -> None:
     train = TrainConfig(max_steps=args.steps, batch_size=args.batch_size, grad_accum=args.grad_accum, lr=args.lr,
                         weight_decay=args.weight_decay, optimizer=args.optimizer, schedule=args.schedule,
                         warmup_steps=args.warmup_steps, max_grad_norm=args.max_grad_norm or None,
-                        precision=args.precision, gradient_checkpointing=args.gradient_checkpointing,
+                        precision=args.precision,
+                        gradient_checkpointing=args.gradient_checkpointing or args.checkpoint_layers is not None,
+                        checkpoint_layers=args.checkpoint_layers,
                         fused_kernels=args.fused_kernels, eval_every=args.eval_every, eval_batches=args.eval_batches,
                         early_stopping_patience=args.early_stopping, save_every=args.save_every, seed=args.seed,
                         strategy=args.strategy)  # fmt: skip
@@ -587,6 +589,9 @@ def _add_finetune(sub) -> None:
     p.add_argument("--max-grad-norm", type=float, default=1.0, help="gradient clipping (0: off)")
     p.add_argument("--precision", choices=["fp32", "bf16", "fp16"], default="fp32", help="autocast dtype")
     p.add_argument("--gradient-checkpointing", action="store_true", help="recompute activations in backward")
+    p.add_argument("--checkpoint-layers", type=int, default=None, metavar="N",
+                   help="recompute only the first N blocks (implies --gradient-checkpointing): the others keep "
+                        "their activations, trading memory for speed (see `lowbit memory --checkpoint-layers`)")
     p.add_argument("--fused-kernels", action="store_true",
                    help="fused RMSNorm / SwiGLU / QLoRA-linear training ops (Llama, Qwen2, Mistral; lowbit.kernels)")
     p.add_argument("--eval-every", type=int, default=0, help="evaluate every N steps (0: only before and after)")
@@ -611,7 +616,9 @@ def _memory(args) -> None:
               f"(the '20× storage' shortcut says {r['train_20x_storage'] / 1e9:.3g} GB)")  # fmt: skip
         return
     cfg = MemoryConfig(method=args.method, seq_len=args.seq_len, batch=args.batch, optimizer=args.optimizer,
-                       precision=args.precision, lora_r=args.r, gradient_checkpointing=args.gradient_checkpointing)  # fmt: skip
+                       precision=args.precision, lora_r=args.r,
+                       gradient_checkpointing=args.gradient_checkpointing or args.checkpoint_layers is not None,
+                       checkpoint_layers=args.checkpoint_layers)  # fmt: skip
     print(estimate_memory(load_config(args.model), cfg).to_markdown())
 
 
@@ -625,6 +632,7 @@ def _add_memory(sub) -> None:
                        "per parameter to train with Adam).\n\nexamples:\n"
                        "  lowbit memory smollm2-135m --method qlora --seq-len 512 --batch 4 --optimizer adamw8bit\n"
                        "  lowbit memory ./llama-3-8b/config.json --method lora --gradient-checkpointing\n"
+                       "  lowbit memory ./llama-3-8b/config.json --checkpoint-layers 16   # half the blocks\n"
                        "  lowbit memory --params 1e9")  # fmt: skip
     p.add_argument("model", nargs="?", default="smollm2-135m", help=MODEL_HELP + ", or a config.json")
     p.add_argument("--method", choices=["full", "lora", "qlora"], default="qlora")
@@ -634,6 +642,8 @@ def _add_memory(sub) -> None:
     p.add_argument("--precision", choices=["fp32", "bf16", "fp16"], default="fp32")
     p.add_argument("--r", type=int, default=16, help="LoRA rank")
     p.add_argument("--gradient-checkpointing", action="store_true")
+    p.add_argument("--checkpoint-layers", type=int, default=None, metavar="N",
+                   help="checkpoint only the first N blocks (implies --gradient-checkpointing)")
     p.add_argument("--params", type=float, help="just the rule of thumb for this many fp32 parameters")
     p.set_defaults(func=_memory)
 

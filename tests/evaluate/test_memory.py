@@ -103,7 +103,19 @@ def test_activation_estimate_is_near_what_autograd_saves():
     assert measured_ckpt < measured and est.activations_checkpointing < est.activations_no_checkpointing
 
 
+def test_checkpointing_some_blocks_by_hand():
+    """k of L blocks recomputed: k block inputs + (L − k) blocks' activations + one block recomputed in backward."""
+    base = dict(method="lora", lora_r=8, seq_len=64, batch=2, gradient_checkpointing=True)
+    est = {k: estimate_memory(tiny_llama(), MemoryConfig(**base, checkpoint_layers=k)).activations for k in (0, 1, 2)}
+    plain = estimate_memory(tiny_llama(), MemoryConfig(**base)).activations_no_checkpointing
+    every = estimate_memory(tiny_llama(), MemoryConfig(**base)).activations_checkpointing
+    logits, block_input = 300 * 128 * 4, 64 * 128 * 4  # fp32, 2 × 64 tokens
+    block = (plain - logits) // 2
+    assert est[0] == plain and est[2] == every
+    assert est[1] == block_input + 2 * block + logits
+
+
 def test_bad_config():
-    for kw in (dict(method="ia3"), dict(optimizer="adam"), dict(seq_len=0), dict(precision="int8")):
+    for kw in (dict(method="ia3"), dict(optimizer="adam"), dict(seq_len=0), dict(precision="int8"), dict(checkpoint_layers=-1)):
         with pytest.raises(ValueError):
             MemoryConfig(**kw)

@@ -119,6 +119,28 @@ def test_gradient_checkpointing_with_qlora_gives_the_same_gradients(sft, tok):
         torch.testing.assert_close(grads[1][name], grads[0][name], rtol=1e-5, atol=1e-7)
 
 
+@pytest.mark.parametrize("layers", [0, 1, 2])
+def test_checkpointing_some_blocks_recomputes_only_those_and_keeps_the_gradients(sft, tok, layers):
+    """checkpoint_layers = k: blocks < k run their MLP twice a step (forward, recomputation), the rest once."""
+    reference = lora_llama(quantized=True)
+    model = lora_llama(quantized=True)
+    assert trainer_mod.enable_gradient_checkpointing(model, layers) == layers
+    calls = []
+    for i, block in enumerate(model.model.layers):
+        # a pre-hook: the recomputation stops once it has what backward needs, before the forward hook
+        block.mlp.register_forward_pre_hook(lambda *_, i=i: calls.append(i))
+    grads = []
+    for m in (reference, model):
+        m.train()
+        trainer_mod.batch_loss(m, collate(sft[:4], tok.pad_token_id)).backward()
+        grads.append({n: p.grad for n, p in m.named_parameters() if p.requires_grad})
+    assert [calls.count(i) for i in range(2)] == [2 if i < layers else 1 for i in range(2)]
+    for name in grads[0]:
+        torch.testing.assert_close(grads[1][name], grads[0][name], rtol=1e-5, atol=1e-7)
+    with pytest.raises(ValueError, match="needs gradient_checkpointing"):
+        TrainConfig(checkpoint_layers=1)
+
+
 def test_qlora_training_runs_with_checkpointing_and_bf16(sft, tok):
     model = lora_llama(quantized=True)
     cfg = TrainConfig(max_steps=3, lr=1e-2, precision="bf16", gradient_checkpointing=True, **FAST)

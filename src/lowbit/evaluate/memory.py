@@ -62,6 +62,7 @@ class MemoryConfig:
     precision: str = "fp32"
     lora_r: int = 16
     gradient_checkpointing: bool = False
+    checkpoint_layers: int | None = None  # with checkpointing: only the first N blocks (None: all)
     quant_block_size: int = 64
     double_quant: bool = True
     optimizer_block_size: int = 2048
@@ -73,6 +74,9 @@ class MemoryConfig:
         for name, allowed in (("method", METHODS), ("optimizer", OPTIMIZER_BYTES), ("precision", tuple(DTYPE_BYTES))):
             if getattr(self, name) not in allowed:
                 raise ValueError(f"{name} must be one of {allowed}, got {getattr(self, name)!r}")
+        if self.checkpoint_layers is not None and (isinstance(self.checkpoint_layers, bool) or not
+                                                   isinstance(self.checkpoint_layers, int) or self.checkpoint_layers < 0):
+            raise ValueError(f"checkpoint_layers must be an int ≥ 0 or None, got {self.checkpoint_layers!r}")
         for name in ("seq_len", "batch", "lora_r", "quant_block_size", "optimizer_block_size"):
             value = getattr(self, name)
             if isinstance(value, bool) or not isinstance(value, int) or value < 1:
@@ -171,9 +175,11 @@ def activation_bytes(config, cfg: MemoryConfig, n_lora_per_layer: int, checkpoin
     act = DTYPE_BYTES[cfg.precision]
     per_layer = (6 * h + 2 * kv + 4 * inter + cfg.lora_r * n_lora_per_layer) * tokens * act
     logits = vocab * tokens * 4  # the fp32 log-softmax that cross-entropy keeps
-    if checkpointing:
-        return layers * h * tokens * act + per_layer + logits
-    return layers * per_layer + logits
+    if not checkpointing:
+        return layers * per_layer + logits
+    recomputed = layers if cfg.checkpoint_layers is None else min(cfg.checkpoint_layers, layers)
+    # a recomputed block keeps only its input, plus, during its backward, its own activations once more
+    return recomputed * h * tokens * act + (layers - recomputed + (recomputed > 0)) * per_layer + logits
 
 
 def estimate_memory(model_or_config, cfg: MemoryConfig | None = None) -> MemoryEstimate:
@@ -268,7 +274,7 @@ def measure_training_peak(model: nn.Module, cfg: MemoryConfig, steps: int = 2) -
     else:
         apply_lora(model, LoraConfig(r=cfg.lora_r, alpha=cfg.lora_r))
     if cfg.gradient_checkpointing:
-        enable_gradient_checkpointing(model)
+        enable_gradient_checkpointing(model, cfg.checkpoint_layers)
     params = [p for p in model.parameters() if p.requires_grad]
     opt = build_optimizer(params, TrainConfig(optimizer=cfg.optimizer, optimizer_block_size=cfg.optimizer_block_size))
     ids = torch.randint(0, model.config.vocab_size, (cfg.batch, cfg.seq_len), device=device)

@@ -40,6 +40,8 @@ import torch.nn.functional as F
 from torch import nn
 from tqdm.auto import tqdm
 
+from transformers.modeling_layers import GradientCheckpointingLayer
+
 from lowbit.train import checkpoint as ckpt
 from lowbit.train.data import IGNORE_INDEX, collate
 from lowbit.train.distill import DistillConfig, distillation_loss
@@ -61,6 +63,9 @@ class TrainConfig:
     precision: fp32 | bf16 | fp16 autocast (fp16 adds a gradient scaler).
     gradient_checkpointing: recompute each block's activations in backward (transformers' non-reentrant
         checkpointing; works with LoRA/QLoRA and the prompt methods).
+    checkpoint_layers: with gradient_checkpointing, recompute only the first N blocks (None: all). The others
+        keep their activations: each block not recomputed saves one forward pass of it per step and costs its
+        activations' memory (`lowbit memory` estimates both; bench/RESULTS.md has measured trade-offs).
     eval_every / eval_batches: evaluate every N steps (0: only at the end) on at most eval_batches batches.
     early_stopping_patience: stop after this many evaluations without a new best eval loss.
     save_every / keep_checkpoints: checkpoint every N steps (0: only at the end) into output_dir.
@@ -85,6 +90,7 @@ class TrainConfig:
     max_grad_norm: float | None = 1.0
     precision: str = "fp32"
     gradient_checkpointing: bool = False
+    checkpoint_layers: int | None = None
     eval_every: int = 0
     eval_batches: int | None = None
     eval_batch_size: int | None = None
@@ -118,6 +124,12 @@ class TrainConfig:
         for name, allowed in choices:
             if getattr(self, name) not in allowed:
                 raise ValueError(f"{name} must be one of {allowed}, got {getattr(self, name)!r}")
+        if self.checkpoint_layers is not None:
+            if isinstance(self.checkpoint_layers, bool) or not isinstance(self.checkpoint_layers, int):
+                raise ValueError(f"checkpoint_layers must be an int ≥ 0 or None, got {self.checkpoint_layers!r}")
+            if self.checkpoint_layers < 0 or not self.gradient_checkpointing:
+                raise ValueError(f"checkpoint_layers ({self.checkpoint_layers}) needs gradient_checkpointing=True "
+                                 "and must be ≥ 0")  # fmt: skip
         if self.early_stopping_patience is not None and self.early_stopping_patience < 1:
             raise ValueError(f"early_stopping_patience must be ≥ 1 or None, got {self.early_stopping_patience}")
         object.__setattr__(self, "betas", tuple(self.betas))
@@ -191,12 +203,24 @@ def build_optimizer(params: list[nn.Parameter], cfg: TrainConfig) -> torch.optim
     return AdamW8bit(params, block_size=cfg.optimizer_block_size, paged=cfg.optimizer.startswith("paged"), **kw)
 
 
-def enable_gradient_checkpointing(model: nn.Module) -> None:
+def enable_gradient_checkpointing(model: nn.Module, layers: int | None = None) -> int:
     """transformers' per-block activation checkpointing, non-reentrant: it needs no input that requires
-    grad, so it works when every base weight is frozen (LoRA, QLoRA) and with prompt hooks."""
+    grad, so it works when every base weight is frozen (LoRA, QLoRA) and with prompt hooks.
+
+    ``layers``: recompute only the first this many blocks (None: all); the rest keep their activations, which
+    trades memory for the recomputation. Which blocks does not change the peak (every block's activations are
+    alive at the start of backward). Returns the number of blocks checkpointed.
+    """
     if not hasattr(model, "gradient_checkpointing_enable"):
         raise ValueError(f"{type(model).__name__} has no gradient_checkpointing_enable (not a transformers model)")
     model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+    blocks = [m for m in model.modules() if isinstance(m, GradientCheckpointingLayer)]
+    if layers is not None:
+        if not blocks:
+            raise ValueError(f"{type(model).__name__} has no per-block checkpointing flags to choose from")
+        for i, block in enumerate(blocks):
+            block.gradient_checkpointing = i < layers
+    return sum(block.gradient_checkpointing for block in blocks)
     if getattr(model.config, "use_cache", False):
         model.config.use_cache = False  # a KV cache is useless in training and conflicts with checkpointing
 
@@ -397,7 +421,7 @@ def train(model: nn.Module, train_examples: Sequence[dict], config: TrainConfig 
     if not train_examples:
         raise ValueError("no training examples")
     if cfg.gradient_checkpointing:
-        enable_gradient_checkpointing(model)
+        enable_gradient_checkpointing(model, cfg.checkpoint_layers)
     if cfg.fused_kernels:
         from lowbit.kernels import fuse_for_training
 
