@@ -40,6 +40,14 @@ case ${1:-kernels} in
     part qlora 240 python3 bench/qlora_step.py --out "$RES" --steps 6 --configs 8:2048:1,8:2048:4 --no-profile \
       --kinds peft+bnb,lowbit-fused,lowbit-fused@4,lowbit-fused@0
     ;;
+  graphs2)  # the static decoder's logits on the GPU; where a fused step's time goes; more shapes
+    part check 150 python3 bench/generation.py --out "$RES" --check-only
+    part profile 120 python3 bench/qlora_step.py --out "$RES" --steps 2 --configs 8:2048:1 --kinds lowbit-fused@0
+    part qlora2 120 python3 bench/qlora_step.py --out "$RES" --steps 4 --configs 8:8192:1 --no-profile \
+      --kinds peft+bnb,lowbit-fused,lowbit-fused@0
+    RES=$RES/32 part qlora3 220 python3 bench/qlora_step.py --out "$RES/32" --steps 4 --configs 32:2048:1 --no-profile \
+      --kinds peft+bnb,lowbit-fused@16,lowbit-fused@0
+    ;;
   longest)
     part memory 50 python3 bench/memory_check.py --out "$RES"
     part fused 60 python3 bench/fused_vs_unfused.py --device cuda --steps 50 --seq 512 --out "$RES" \

@@ -29,7 +29,8 @@ import torch
 sys.path[:0] = [str(Path(__file__).resolve().parents[1] / "src"), str(Path(__file__).resolve().parent)]
 
 import lowbit  # noqa: E402
-from lowbit.generate import GenerateConfig, iter_tokens  # noqa: E402
+from lowbit.generate import GenerateConfig, KVDecoder, iter_tokens  # noqa: E402
+from lowbit.generate.static import StaticDecoder  # noqa: E402
 from qlora_step import LLAMA3_8B, TARGETS, TINY, build_model, log  # noqa: E402
 
 
@@ -90,6 +91,21 @@ def lowbit_generate(model, prompt: torch.Tensor, new: int) -> tuple[dict, list[i
     return {"tok_s": new / total, "ms_per_token": 1e3 * steady, "prefill_capture_ms": 1e3 * (stamps[2] - stamps[0])}, tokens
 
 
+def logit_check(model, prompt: torch.Tensor, n: int = 32) -> dict:
+    """Teacher-forced logits of n steps, static decoder (graph) and transformers' dynamic cache, against the
+    uncached forward over the whole sequence: the static path should be as close as the dynamic one."""
+    forced = torch.randint(0, model.config.vocab_size, (1, n), generator=torch.Generator().manual_seed(1))
+    forced = forced.to(prompt.device)
+    with torch.no_grad():
+        want = model(input_ids=torch.cat([prompt, forced], 1)).logits[0, prompt.shape[1] - 1 :].float()  # (n+1, V)
+    result = {"logit_scale": want.abs().max().item()}
+    for name, decoder in (("static", StaticDecoder(model, prompt, prompt.shape[1] + n)), ("dynamic", KVDecoder(model, prompt))):
+        got = torch.cat([decoder.forward(prompt).clone()] + [decoder.advance(forced[:, i]).clone() for i in range(n)])
+        result[name] = {"max_abs": (got - want).abs().max().item(),
+                        "argmax_agree": (got.argmax(-1) == want.argmax(-1)).float().mean().item()}  # fmt: skip
+    return result
+
+
 def sync(device) -> None:
     if torch.device(device).type == "cuda":
         torch.cuda.synchronize()
@@ -104,6 +120,7 @@ def main() -> None:
     parser.add_argument("--layers", type=int, default=32)
     parser.add_argument("--new", type=int, default=256)
     parser.add_argument("--out", type=Path)
+    parser.add_argument("--check-only", action="store_true", help="only the teacher-forced logit check")
     args = parser.parse_args()
     device = "cpu" if args.tiny else "cuda"
     shape, layers = (TINY, 2) if args.tiny else (LLAMA3_8B, args.layers)
@@ -113,7 +130,7 @@ def main() -> None:
     for kind in kinds:
         model = prepare(kind, shape, layers, device)
         tokens = {}
-        for way, fn in WAYS.items():
+        for way, fn in {} if args.check_only else WAYS.items():
             key = f"{kind} · {way}"
             try:
                 results[key], tokens[way] = fn(model, prompt, args.new)
@@ -121,6 +138,11 @@ def main() -> None:
             except Exception as e:  # a contender that fails is reported, not fatal
                 results[key] = None
                 log(f"{key}: failed: {type(e).__name__}: {str(e)[:300]}")
+        try:
+            results[f"{kind} · logits vs uncached forward"] = check = logit_check(model, prompt)
+            log(f"{kind}: teacher-forced logits vs the uncached forward: {check}")
+        except Exception as e:
+            log(f"{kind}: logit check failed: {type(e).__name__}: {str(e)[:300]}")
         if len(tokens) == 2:
             a, b = tokens.values()
             agree = next((i for i, (x, y) in enumerate(zip(a, b)) if x != y), len(a))
@@ -130,6 +152,8 @@ def main() -> None:
         gc.collect()
         if device == "cuda":
             torch.cuda.empty_cache()
+    if args.check_only:
+        kinds = []  # no timings to tabulate
     log("\n| model | " + " | ".join(f"{w} tok/s (ms/token)" for w in WAYS) + " |\n|---|---|---|")
     for kind in kinds:
         cells = [results.get(f"{kind} · {w}") for w in WAYS]

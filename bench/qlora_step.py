@@ -168,7 +168,8 @@ def profile_lowbit(shape, layers, batch, seq, device, out: Path | None, kind: st
     table = prof.key_averages().table(sort_by=key, row_limit=30, max_name_column_width=60)
     log(table)
     if out is not None:
-        (out / f"qlora_profile_{kind}.txt" if kind != "lowbit" else out / "qlora_profile.txt").write_text(table)
+        name = "qlora_profile" + ("" if kind == "lowbit" else "_" + kind.replace("@", "_ckpt"))
+        (out / f"{name}.txt").write_text(table)
     del model
     free(device)
 
@@ -292,7 +293,7 @@ def main() -> None:
                 f"{mem} | {ratio(row, kind, 'peak_gib', 'peft+bnb')} |")  # fmt: skip
     if not args.no_profile and configs:
         layers, seq, batch = configs[0]
-        for kind in [k for k in ("lowbit", "lowbit-fused") if k in kinds]:
+        for kind in [k for k in kinds if k.startswith("lowbit")]:
             profile_lowbit(shape, layers, batch, seq, device, args.out, kind)
     if args.max_seq and not args.tiny:
         longest = {}
