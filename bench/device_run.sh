@@ -48,6 +48,10 @@ case ${1:-kernels} in
     RES=$RES/32 part qlora3 220 python3 bench/qlora_step.py --out "$RES/32" --steps 4 --configs 32:2048:1 --no-profile \
       --kinds peft+bnb,lowbit-fused@16,lowbit-fused@0
     ;;
+  direct)  # the fused QLoRA linear calling the CUDA kernels without the custom op's dispatch
+    part qlora 200 python3 bench/qlora_step.py --out "$RES" --steps 8 --configs 8:2048:1,8:2048:4 \
+      --kinds peft+bnb,lowbit-fused,lowbit-fused@4,lowbit-fused@0
+    ;;
   longest)
     part memory 50 python3 bench/memory_check.py --out "$RES"
     part fused 60 python3 bench/fused_vs_unfused.py --device cuda --steps 50 --seq 512 --out "$RES" \

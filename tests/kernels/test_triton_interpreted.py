@@ -112,3 +112,19 @@ def test_kernel_launchers_reject_bad_shapes():
         lut4_gemm(torch.randn(4, 63), w, GEMM)
     with pytest.raises(ValueError, match=r"row-major \(M, 8\)"):
         lut4_gemm_grad_input(torch.randn(4, 7), w, GEMM)
+
+
+def test_the_cuda_forward_and_grad_input_pick_their_kernels_and_match_float64():
+    """`ops.linear_cuda` (GEMV up to GEMV_MAX_M rows, else decode + matmul) and `linear_grad_input_cuda`: what
+    the CUDA custom ops run, and what the fused QLoRA linear calls directly on a GPU."""
+    from lowbit.kernels import ops
+
+    w, dense = make(WeightFormat("nf4", block_size=64, double_quant=True), (48, 128), 0)
+    for m in (1, ops.GEMV_MAX_M, ops.GEMV_MAX_M + 1, 0):
+        x = torch.randn(m, 128)
+        y = ops.linear_cuda(x, w, GEMV)
+        assert y.shape == (m, 48)
+        if m:
+            assert rel_err(y, x.double() @ dense.t()) < 1e-5
+    g = torch.randn(7, 48)
+    assert rel_err(ops.linear_grad_input_cuda(g, w), g.double() @ dense) < 1e-5

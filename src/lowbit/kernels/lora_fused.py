@@ -32,10 +32,18 @@ def _lut4_args(base: QuantLinear):
     return (w.packed, w.table, w.scale, w.zero_point, w.nested_code, w.nested_scale, w.offset), w
 
 
+def _direct(x: torch.Tensor) -> bool:
+    """Call the CUDA kernels without the custom op (this Function is the autograd node already); the op stays
+    on the CPU (its reference) and under torch.compile (which traces ops, not Triton launches)."""
+    return x.is_cuda and not torch.compiler.is_compiling()
+
+
 def base_matmul(x: torch.Tensor, base: QuantLinear, fused: bool) -> torch.Tensor:
     """x (M, K) · Wᵀ → (M, N) in x's dtype, W decoded for this call only."""
     if fused:
         tensors, w = _lut4_args(base)
+        if _direct(x):
+            return ops.linear_cuda(x, w)
         return ops.lut4_linear(x, *tensors, w.out_features, w.group_size, w.flat)
     return x @ base.dequantize(x.dtype).t()
 
@@ -44,6 +52,8 @@ def base_grad_input(dy: torch.Tensor, base: QuantLinear, fused: bool) -> torch.T
     """dY (M, N) · W → (M, K), W decoded again rather than saved."""
     if fused:
         tensors, w = _lut4_args(base)
+        if _direct(dy):
+            return ops.linear_grad_input_cuda(dy, w)
         return ops.lut4_linear_grad_input(dy, *tensors, w.in_features, w.group_size, w.flat)
     return dy @ base.dequantize(dy.dtype)
 

@@ -53,19 +53,32 @@ def _(x, packed, table, scale, zero_point, nested_code, nested_scale, offset, ou
     return x.new_empty((x.shape[0], out_features))
 
 
-@lut4_linear.register_kernel("cuda")
-def _(x, packed, table, scale, zero_point, nested_code, nested_scale, offset, out_features, group_size, flat):
+def linear_cuda(x: Tensor, w: Lut4Weight, gemv_config: dict | None = None) -> Tensor:
+    """The CUDA forward on a checked weight. Callers already inside their own autograd Function (the fused
+    QLoRA linear) call it directly: the custom op's dispatch costs ~100 µs of host time a call.
+    ``gemv_config`` fixes the GEMV's launch instead of autotuning it (the Triton interpreter)."""
     from lowbit.kernels.lut4_gemm import lut4_dequantize
     from lowbit.kernels.lut4_gemv import lut4_gemv
 
-    w = _lut4(packed, table, scale, zero_point, nested_code, nested_scale, offset, out_features, x.shape[1],
-              group_size, flat)  # fmt: skip
     x = x.contiguous()
     if x.shape[0] == 0:
-        return x.new_empty((0, out_features))
+        return x.new_empty((0, w.out_features))
     if x.shape[0] <= GEMV_MAX_M:
-        return lut4_gemv(x, w)
+        return lut4_gemv(x, w, gemv_config)
     return x @ lut4_dequantize(w, x.dtype).t()  # (M, K) @ (K, N); the dense W lives for this call only
+
+
+def linear_grad_input_cuda(grad_out: Tensor, w: Lut4Weight) -> Tensor:
+    from lowbit.kernels.lut4_gemm import lut4_dequantize
+
+    return grad_out @ lut4_dequantize(w, grad_out.dtype)  # (M, N) @ (N, K), W decoded again, not saved
+
+
+@lut4_linear.register_kernel("cuda")
+def _(x, packed, table, scale, zero_point, nested_code, nested_scale, offset, out_features, group_size, flat):
+    w = _lut4(packed, table, scale, zero_point, nested_code, nested_scale, offset, out_features, x.shape[1],
+              group_size, flat)  # fmt: skip
+    return linear_cuda(x, w)
 
 
 @torch.library.custom_op("lowbit::lut4_linear_grad_input", mutates_args=())
@@ -87,11 +100,9 @@ def _(grad_out, packed, table, scale, zero_point, nested_code, nested_scale, off
 
 @lut4_linear_grad_input.register_kernel("cuda")
 def _(grad_out, packed, table, scale, zero_point, nested_code, nested_scale, offset, in_features, group_size, flat):
-    from lowbit.kernels.lut4_gemm import lut4_dequantize
-
     w = _lut4(packed, table, scale, zero_point, nested_code, nested_scale, offset, grad_out.shape[1], in_features,
               group_size, flat)  # fmt: skip
-    return grad_out @ lut4_dequantize(w, grad_out.dtype)  # (M, N) @ (N, K), W decoded again, not saved
+    return linear_grad_input_cuda(grad_out, w)
 
 
 def _setup_context(ctx, inputs, output):
