@@ -52,6 +52,13 @@ case ${1:-kernels} in
     part qlora 200 python3 bench/qlora_step.py --out "$RES" --steps 8 --configs 8:2048:1,8:2048:4 \
       --kinds peft+bnb,lowbit-fused,lowbit-fused@4,lowbit-fused@0
     ;;
+  chunks)  # the loss in 1,024-row chunks; the session's final QLoRA table
+    part cetest 120 python3 -m pytest -q -p no:cacheprovider tests/kernels/test_cross_entropy.py
+    part qlora 260 python3 bench/qlora_step.py --out "$RES" --steps 8 --configs 8:2048:1,8:2048:4,8:8192:1 \
+      --kinds peft+bnb,lowbit-fused,lowbit-fused@4,lowbit-fused@0
+    RES=$RES/32 part qlora32 200 python3 bench/qlora_step.py --out "$RES/32" --steps 4 --configs 32:2048:1 \
+      --no-profile --kinds peft+bnb,lowbit-fused,lowbit-fused@24,lowbit-fused@0
+    ;;
   longest)
     part memory 50 python3 bench/memory_check.py --out "$RES"
     part fused 60 python3 bench/fused_vs_unfused.py --device cuda --steps 50 --seq 512 --out "$RES" \

@@ -8,7 +8,7 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from lowbit.kernels.cross_entropy import causal_lm_loss, linear_cross_entropy
+from lowbit.kernels.cross_entropy import CHUNK_BYTES, causal_lm_loss, linear_cross_entropy
 
 BACKENDS = ["torch", pytest.param("triton", marks=pytest.mark.skipif(importlib.util.find_spec("triton") is None,
                                                                        reason="Triton is not installed"))]
@@ -85,7 +85,7 @@ def test_nothing_vocab_sized_per_token_is_saved_for_backward():
 
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="peak-memory measurement needs CUDA")
 def test_peak_memory_below_full_logits_on_gpu():
-    n, d, v = 4096, 1024, 32000
+    n, d, v = 16384, 1024, 32000  # bf16 logits: 1,000 MiB, four times the chunk budget
     h = torch.randn(n, d, device="cuda", dtype=torch.bfloat16, requires_grad=True)
     w = torch.randn(v, d, device="cuda", dtype=torch.bfloat16) / 32
     labels = torch.randint(0, v, (n,), device="cuda")
@@ -100,7 +100,7 @@ def test_peak_memory_below_full_logits_on_gpu():
 
     fused = peak(lambda: linear_cross_entropy(h, w, labels))
     plain = peak(lambda: F.cross_entropy((h @ w.t()).float(), labels))
-    assert fused < n * v * 2 < plain  # below even the bf16 logits alone
+    assert fused < CHUNK_BYTES + 4 * n * d * 2 < n * v * 2 < plain  # one chunk's logits, dh, h's copies
 
 
 def test_causal_lm_loss_is_transformers_for_causal_lm_loss():
@@ -133,3 +133,12 @@ def test_triton_bf16_logits_gradient_written_in_place():
     assert abs(got[0].item() - want[0].item()) < 1e-5 * want[0].item()
     # bf16 gradient rows: Triton's interpreter truncates to bf16 where torch rounds to nearest
     assert ((got[1].float() - want[1].float()).norm() / want[1].float().norm()).item() < 2e-2
+
+
+def test_default_chunk_fills_the_byte_budget():
+    from lowbit.kernels.cross_entropy import default_chunk_size
+
+    assert default_chunk_size(2048, 128256, 2) == 1024  # Llama-3 in bf16: 1,024 × 128,256 × 2 B ≤ 256 MiB
+    assert default_chunk_size(2048, 128256, 4) == 512
+    assert default_chunk_size(100, 128256, 2) == 128  # never more rows than the next power of two of n
+    assert default_chunk_size(1, 10**9, 4) == 1

@@ -45,17 +45,26 @@ def cross_entropy_chunk_reference(logits: torch.Tensor, labels: torch.Tensor, sc
     return loss, grad.to(logits.dtype)
 
 
-def default_chunk_size(n: int, vocab: int, hidden: int) -> int:
-    """Liger's choice: about V/d chunks, so the (chunk, V) buffer is about as big as h (N, d)."""
-    chunks = max(1, math.ceil(vocab / hidden))
-    return max(1, 2 ** math.ceil(math.log2(max(1, math.ceil(n / chunks)))))
+CHUNK_BYTES = 256 * 2**20  # the (chunk, V) logits buffer's budget
+
+
+def default_chunk_size(n: int, vocab: int, itemsize: int) -> int:
+    """The most rows (a power of two, ≤ what n needs) whose logits fit in CHUNK_BYTES.
+
+    Every chunk reads all of W: with Liger's choice of about V/d chunks (64 rows for Llama-3 at 2,048 tokens)
+    each (64, d)·(d, V) product is bound by reading W's 1 GiB, and the loss took 40 % of an 8-block QLoRA
+    step on an H100 (bench/RESULTS.md). 1,024 rows of a 128k vocabulary (256 MiB in bf16) are compute-bound.
+    """
+    rows = max(1, CHUNK_BYTES // (vocab * itemsize))
+    rows = 2 ** int(math.log2(rows))
+    return min(rows, 2 ** math.ceil(math.log2(max(1, n))))
 
 
 class _LinearCrossEntropy(torch.autograd.Function):
     @staticmethod
     def forward(ctx, h, weight, labels, ignore_index: int, reduction: str, chunk_size: int | None, backend: str,
                 grad_enabled: bool):  # fmt: skip
-        n, d = h.shape
+        n = h.shape[0]
         # needs_input_grad is set even under torch.no_grad(): the caller's grad mode decides.
         need_h, need_w = grad_enabled and ctx.needs_input_grad[0], grad_enabled and ctx.needs_input_grad[1]
         valid = labels != ignore_index
@@ -66,8 +75,8 @@ class _LinearCrossEntropy(torch.autograd.Function):
         ones = torch.ones((), dtype=acc, device=h.device)
         scale = 1.0 / count.clamp(min=1).to(acc) if reduction == "mean" else ones
         triton = use_triton(h, backend)
-        chunk = chunk_size or default_chunk_size(n, weight.shape[0], d)
         dtype = autocast_dtype(h.device, h.dtype)  # the logits' dtype (bf16 under bf16 autocast)
+        chunk = chunk_size or default_chunk_size(n, weight.shape[0], dtype.itemsize)
         w_c = weight.to(dtype)  # a no-op without autocast
         loss = torch.zeros((), dtype=acc, device=h.device)
         grad_h = torch.empty_like(h) if need_h else None
