@@ -59,6 +59,12 @@ case ${1:-kernels} in
     RES=$RES/32 part qlora32 200 python3 bench/qlora_step.py --out "$RES/32" --steps 4 --configs 32:2048:1 \
       --no-profile --kinds peft+bnb,lowbit-fused,lowbit-fused@24,lowbit-fused@0
     ;;
+  graphstep)  # each training step replayed as one CUDA graph (lowbit.train.GraphedStep)
+    part qlora 240 python3 bench/qlora_step.py --out "$RES" --steps 8 --configs 8:2048:1,8:2048:4 --no-profile \
+      --kinds peft+bnb,lowbit-fused@0,lowbit-fused@0+graph,lowbit-fused+graph,lowbit-fused@4+graph
+    RES=$RES/32 part qlora32 200 python3 bench/qlora_step.py --out "$RES/32" --steps 4 --configs 32:2048:1 \
+      --no-profile --kinds peft+bnb,lowbit-fused+graph,lowbit-fused@24+graph
+    ;;
   longest)
     part memory 50 python3 bench/memory_check.py --out "$RES"
     part fused 60 python3 bench/fused_vs_unfused.py --device cuda --steps 50 --seq 512 --out "$RES" \

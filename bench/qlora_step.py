@@ -88,17 +88,24 @@ def enable_checkpointing(model, layers: int | None = None):
     base.enable_input_require_grads()
 
 
-def run_steps(model, batch: int, seq: int, steps: int, warmup: int, device: str) -> dict:
+def run_steps(model, batch: int, seq: int, steps: int, warmup: int, device: str, graph: bool = False) -> dict:
+    """``graph``: each step replays one CUDA graph of forward + backward + AdamW (lowbit.train.GraphedStep)."""
+    from lowbit.train.graphed import GraphedStep
+
     params = [p for p in model.parameters() if p.requires_grad]
     opt = torch.optim.AdamW(params, lr=1e-4)
     gen = torch.Generator(device="cpu").manual_seed(1)
     vocab = model.config.vocab_size
     ids = torch.randint(0, vocab, (steps + warmup, batch, seq), generator=gen).to(device)
+    graphed = GraphedStep(model, opt, {"input_ids": ids[0], "labels": ids[0]}) if graph else None
     losses, start = [], None
     for i in range(steps + warmup):
         if i == warmup:
             sync(device)
             start = time.perf_counter()
+        if graphed is not None:
+            losses.append(graphed({"input_ids": ids[i], "labels": ids[i]}).clone())
+            continue
         loss = model(input_ids=ids[i], labels=ids[i]).loss
         loss.backward()
         opt.step()
@@ -115,15 +122,22 @@ def sync(device: str) -> None:
         torch.cuda.synchronize()
 
 
+def parse_kind(kind: str) -> tuple[str, int | None, bool]:
+    """``name[@k][+graph]``: @k checkpoints only the first k blocks (the rest keep their activations); +graph
+    replays each training step as one CUDA graph. Returns (name, k or None, graph)."""
+    graph = kind.endswith("+graph")
+    name, _, checkpointed = kind.removesuffix("+graph").partition("@")
+    return name, int(checkpointed) if checkpointed else None, graph
+
+
 def fresh(kind: str, shape: dict, layers: int, device: str):
-    """A contender by name; ``name@k`` checkpoints only the first k blocks (the rest keep their activations)."""
-    name, _, checkpointed = kind.partition("@")
+    name, checkpointed, _ = parse_kind(kind)
     model = build_model(shape, layers, device)
     if name in ("lowbit", "lowbit-fused"):
         model = lowbit_qlora(model)
     else:
         model = peft_lora(model, four_bit=name == "peft+bnb")
-    enable_checkpointing(model, int(checkpointed) if checkpointed else None)
+    enable_checkpointing(model, checkpointed)
     if name == "lowbit-fused":  # fused RMSNorm, SwiGLU, QLoRA linear and chunked cross-entropy (issue 8)
         log(f"  fused: {lowbit.kernels.fuse_for_training(model)}")
     model.train()
@@ -145,11 +159,14 @@ def measure(kind: str, shape: dict, layers: int, batch: int, seq: int, steps: in
         weights = torch.cuda.memory_allocated() - base_mem if device.startswith("cuda") else 0
         if device.startswith("cuda"):  # the training peak, not the bf16 model held before quantizing
             torch.cuda.reset_peak_memory_stats()
-        result = run_steps(model, batch, seq, steps, warmup, device)
+        result = run_steps(model, batch, seq, steps, warmup, device, graph=parse_kind(kind)[2])
         peak = torch.cuda.max_memory_allocated() - base_mem if device.startswith("cuda") else 0
         result.update(peak_gib=peak / 2**30, weights_gib=weights / 2**30, oom=False)
     except torch.OutOfMemoryError:
         result = {"oom": True}
+    except Exception as e:  # a contender that fails (e.g. a step that cannot be captured) is reported, not fatal
+        log(f"{kind}: failed: {type(e).__name__}: {str(e)[:400]}")
+        result = {"oom": True, "error": f"{type(e).__name__}: {str(e)[:400]}"}
     finally:
         model = None
         free(device)
@@ -160,15 +177,16 @@ def profile_lowbit(shape, layers, batch, seq, device, out: Path | None, kind: st
     from torch.profiler import ProfilerActivity, profile
 
     model = fresh(kind, shape, layers, device)
-    run_steps(model, batch, seq, 1, 2, device)  # warm up (Triton autotune, allocator)
+    graph = parse_kind(kind)[2]
+    run_steps(model, batch, seq, 1, 2, device, graph)  # warm up (Triton autotune, allocator)
     activities = [ProfilerActivity.CPU] + ([ProfilerActivity.CUDA] if device.startswith("cuda") else [])
     with profile(activities=activities) as prof:
-        run_steps(model, batch, seq, 2, 0, device)
+        run_steps(model, batch, seq, 2, 0, device, graph)
     key = "cuda_time_total" if device.startswith("cuda") else "cpu_time_total"
     table = prof.key_averages().table(sort_by=key, row_limit=30, max_name_column_width=60)
     log(table)
     if out is not None:
-        name = "qlora_profile" + ("" if kind == "lowbit" else "_" + kind.replace("@", "_ckpt"))
+        name = "qlora_profile" + ("" if kind == "lowbit" else "_" + kind.replace("@", "_ckpt").replace("+", "_"))
         (out / f"{name}.txt").write_text(table)
     del model
     free(device)

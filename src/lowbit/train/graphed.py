@@ -1,0 +1,103 @@
+"""A training step — forward, backward, optimizer step — captured once as a CUDA graph and then replayed.
+
+At a small batch a QLoRA step is bound by the host, not the GPU: some thousand kernel launches from Python
+(an 8-block Llama-3-shaped step at 2,048 tokens: ~100 ms of host time for ~45 ms of GPU work on an H100,
+bench/RESULTS.md). A replayed graph launches them all at once. What the replay needs:
+
+- fixed shapes: every batch has the example batch's shapes and dtypes (packed sequences, a fixed batch
+  size); its tensors are copied into the step's static inputs;
+- an optimizer that can run inside a graph: torch's Adam or AdamW (switched to ``capturable=True`` here),
+  with a constant learning rate (a scheduler's Python-side change never reaches the graph);
+- no host synchronisation inside the step (no ``.item()``, no branching on tensor values). lowbit's fused
+  kernels, chunked loss and 4-bit linears keep everything on the device.
+
+Capturing needs eager warm-up steps first (kernel autotuning, cuBLAS workspaces, the optimizer's state).
+Their effect is undone — the trainable parameters are restored and the optimizer state zeroed, which for
+Adam is its fresh state — so the first call is the first real step. On the CPU the same object runs the
+step eagerly (and still warms up and undoes it), so the bookkeeping is tested where CI runs.
+"""
+
+from __future__ import annotations
+
+import contextlib
+from typing import Callable
+
+import torch
+from torch import nn
+
+GRAPH_OPTIMIZERS = (torch.optim.Adam, torch.optim.AdamW)
+
+
+def model_loss(model: nn.Module, batch: dict[str, torch.Tensor]) -> torch.Tensor:
+    return model(**batch).loss
+
+
+class GraphedStep:
+    """``step(batch) -> loss``: one optimizer step of ``model`` on ``batch``, replayed as a CUDA graph on a GPU.
+
+    ``example`` fixes the batch's keys, shapes and dtypes; ``loss_fn(model, batch)`` (default: the output's
+    ``.loss``, so the batch carries labels). The returned loss is the step's static output tensor: read or
+    clone it before the next call.
+    """
+
+    def __init__(self, model: nn.Module, optimizer: torch.optim.Optimizer, example: dict[str, torch.Tensor],
+                 loss_fn: Callable[[nn.Module, dict], torch.Tensor] = model_loss, warmup: int = 2) -> None:  # fmt: skip
+        if type(optimizer) not in GRAPH_OPTIMIZERS:
+            raise TypeError(f"a graphed step takes torch's Adam or AdamW (whose zeroed state is a fresh one), "
+                            f"got {type(optimizer).__name__}")  # fmt: skip
+        if not example or not all(torch.is_tensor(v) for v in example.values()):
+            raise ValueError("example must be a non-empty dict of tensors (input_ids, labels, …)")
+        self.model, self.optimizer, self.loss_fn = model, optimizer, loss_fn
+        self.static = {k: v.clone() for k, v in example.items()}
+        self.cuda = next(iter(example.values())).device.type == "cuda"
+        if self.cuda:
+            for group in optimizer.param_groups:
+                group["capturable"] = True
+        params = [p for group in optimizer.param_groups for p in group["params"]]
+        start = [p.detach().clone() for p in params]
+        stream = torch.cuda.Stream() if self.cuda else None
+        if stream is not None:
+            stream.wait_stream(torch.cuda.current_stream())
+        with torch.cuda.stream(stream) if stream is not None else contextlib.nullcontext():
+            for _ in range(warmup):
+                self._eager_step()
+        if stream is not None:
+            torch.cuda.current_stream().wait_stream(stream)
+        with torch.no_grad():  # undo the warm-up: the first call is the first real step
+            for p, value in zip(params, start):
+                p.copy_(value)
+            for state in optimizer.state.values():
+                for value in state.values():
+                    if torch.is_tensor(value):
+                        value.zero_()
+        self.graph: torch.cuda.CUDAGraph | None = None
+        self.loss: torch.Tensor | None = None
+        if self.cuda:
+            optimizer.zero_grad(set_to_none=True)  # the captured backward allocates the gradients in its pool
+            self.graph = torch.cuda.CUDAGraph()
+            with torch.cuda.graph(self.graph):
+                self.loss = self._step()
+
+    def _step(self) -> torch.Tensor:
+        loss = self.loss_fn(self.model, self.static)
+        loss.backward()
+        self.optimizer.step()
+        return loss.detach()
+
+    def _eager_step(self) -> torch.Tensor:
+        self.optimizer.zero_grad(set_to_none=True)
+        return self._step()
+
+    def __call__(self, batch: dict[str, torch.Tensor]) -> torch.Tensor:
+        if batch.keys() != self.static.keys():
+            raise ValueError(f"the batch has keys {sorted(batch)}, the captured step {sorted(self.static)}")
+        for key, value in batch.items():
+            held = self.static[key]
+            if value.shape != held.shape or value.dtype != held.dtype:
+                raise ValueError(f"{key}: the captured step takes {tuple(held.shape)} {held.dtype}, got "
+                                 f"{tuple(value.shape)} {value.dtype} (pad or pack batches to one shape)")  # fmt: skip
+            held.copy_(value)
+        if self.graph is None:
+            return self._eager_step()
+        self.graph.replay()
+        return self.loss
