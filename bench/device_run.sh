@@ -65,6 +65,12 @@ case ${1:-kernels} in
     RES=$RES/32 part qlora32 200 python3 bench/qlora_step.py --out "$RES/32" --steps 4 --configs 32:2048:1 \
       --no-profile --kinds peft+bnb,lowbit-fused+graph,lowbit-fused@24+graph
     ;;
+  final)  # the 8-bit optimizer and activation offload on the GPU; the longest sequence with offload
+    part qlora 200 python3 bench/qlora_step.py --out "$RES" --steps 6 --configs 8:2048:1,8:2048:4,8:8192:1 \
+      --no-profile --kinds peft+bnb,lowbit-fused@0,lowbit-fused@0+adam8bit,lowbit-fused+offload
+    part longest 230 python3 bench/qlora_step.py --out "$RES" --configs "" --kinds lowbit-fused+offload --max-seq \
+      --seq-lengths 163840,204800
+    ;;
   longest)
     part memory 50 python3 bench/memory_check.py --out "$RES"
     part fused 60 python3 bench/fused_vs_unfused.py --device cuda --steps 50 --seq 512 --out "$RES" \

@@ -88,12 +88,16 @@ def enable_checkpointing(model, layers: int | None = None):
     base.enable_input_require_grads()
 
 
-def run_steps(model, batch: int, seq: int, steps: int, warmup: int, device: str, graph: bool = False) -> dict:
-    """``graph``: each step replays one CUDA graph of forward + backward + AdamW (lowbit.train.GraphedStep)."""
+def run_steps(model, batch: int, seq: int, steps: int, warmup: int, device: str,
+              flags: set[str] = frozenset()) -> dict:  # fmt: skip
+    """flags (see parse_kind): graph, offload, adam8bit."""
+    from lowbit.optim import AdamW8bit
     from lowbit.train.graphed import GraphedStep
+    from lowbit.train.trainer import offloaded_activations
 
     params = [p for p in model.parameters() if p.requires_grad]
-    opt = torch.optim.AdamW(params, lr=1e-4)
+    opt = AdamW8bit(params, lr=1e-4) if "adam8bit" in flags else torch.optim.AdamW(params, lr=1e-4)
+    graph = "graph" in flags
     gen = torch.Generator(device="cpu").manual_seed(1)
     vocab = model.config.vocab_size
     ids = torch.randint(0, vocab, (steps + warmup, batch, seq), generator=gen).to(device)
@@ -106,7 +110,8 @@ def run_steps(model, batch: int, seq: int, steps: int, warmup: int, device: str,
         if graphed is not None:
             losses.append(graphed({"input_ids": ids[i], "labels": ids[i]}).clone())
             continue
-        loss = model(input_ids=ids[i], labels=ids[i]).loss
+        with offloaded_activations("offload" in flags, torch.device(device)):
+            loss = model(input_ids=ids[i], labels=ids[i]).loss
         loss.backward()
         opt.step()
         opt.zero_grad(set_to_none=True)
@@ -122,12 +127,18 @@ def sync(device: str) -> None:
         torch.cuda.synchronize()
 
 
-def parse_kind(kind: str) -> tuple[str, int | None, bool]:
-    """``name[@k][+graph]``: @k checkpoints only the first k blocks (the rest keep their activations); +graph
-    replays each training step as one CUDA graph. Returns (name, k or None, graph)."""
-    graph = kind.endswith("+graph")
-    name, _, checkpointed = kind.removesuffix("+graph").partition("@")
-    return name, int(checkpointed) if checkpointed else None, graph
+FLAGS = ("graph", "offload", "adam8bit")
+
+
+def parse_kind(kind: str) -> tuple[str, int | None, set[str]]:
+    """``name[@k][+flag…]``: @k checkpoints only the first k blocks (the rest keep their activations); +graph
+    replays each training step as one CUDA graph; +offload keeps saved activations in pinned CPU memory;
+    +adam8bit uses lowbit's 8-bit AdamW. Returns (name, k or None, flags)."""
+    head, *flags = kind.split("+")
+    if set(flags) - set(FLAGS):
+        raise ValueError(f"unknown flags {set(flags) - set(FLAGS)} in {kind!r}; known: {FLAGS}")
+    name, _, checkpointed = head.partition("@")
+    return name, int(checkpointed) if checkpointed else None, set(flags)
 
 
 def fresh(kind: str, shape: dict, layers: int, device: str):
@@ -159,7 +170,7 @@ def measure(kind: str, shape: dict, layers: int, batch: int, seq: int, steps: in
         weights = torch.cuda.memory_allocated() - base_mem if device.startswith("cuda") else 0
         if device.startswith("cuda"):  # the training peak, not the bf16 model held before quantizing
             torch.cuda.reset_peak_memory_stats()
-        result = run_steps(model, batch, seq, steps, warmup, device, graph=parse_kind(kind)[2])
+        result = run_steps(model, batch, seq, steps, warmup, device, parse_kind(kind)[2])
         peak = torch.cuda.max_memory_allocated() - base_mem if device.startswith("cuda") else 0
         result.update(peak_gib=peak / 2**30, weights_gib=weights / 2**30, oom=False)
     except torch.OutOfMemoryError:
@@ -177,11 +188,11 @@ def profile_lowbit(shape, layers, batch, seq, device, out: Path | None, kind: st
     from torch.profiler import ProfilerActivity, profile
 
     model = fresh(kind, shape, layers, device)
-    graph = parse_kind(kind)[2]
-    run_steps(model, batch, seq, 1, 2, device, graph)  # warm up (Triton autotune, allocator)
+    flags = parse_kind(kind)[2]
+    run_steps(model, batch, seq, 1, 2, device, flags)  # warm up (Triton autotune, allocator)
     activities = [ProfilerActivity.CPU] + ([ProfilerActivity.CUDA] if device.startswith("cuda") else [])
     with profile(activities=activities) as prof:
-        run_steps(model, batch, seq, 2, 0, device, graph)
+        run_steps(model, batch, seq, 2, 0, device, flags)
     key = "cuda_time_total" if device.startswith("cuda") else "cpu_time_total"
     table = prof.key_averages().table(sort_by=key, row_limit=30, max_name_column_width=60)
     log(table)
@@ -206,7 +217,7 @@ def longest_sequence(kind: str, shape: dict, layers: int, device: str, probes=(8
     def peak(seq: int) -> float | None:
         free(device)
         try:
-            run_steps(model, 1, seq, 1, 0, device)
+            run_steps(model, 1, seq, 1, 0, device, parse_kind(kind)[2])
             return float(torch.cuda.max_memory_allocated())
         except torch.OutOfMemoryError:
             return None

@@ -529,7 +529,7 @@ def _finetune(args) -> None:
                         warmup_steps=args.warmup_steps, max_grad_norm=args.max_grad_norm or None,
                         precision=args.precision,
                         gradient_checkpointing=args.gradient_checkpointing or args.checkpoint_layers is not None,
-                        checkpoint_layers=args.checkpoint_layers,
+                        checkpoint_layers=args.checkpoint_layers, offload_activations=args.offload_activations,
                         fused_kernels=args.fused_kernels, eval_every=args.eval_every, eval_batches=args.eval_batches,
                         early_stopping_patience=args.early_stopping, save_every=args.save_every, seed=args.seed,
                         strategy=args.strategy)  # fmt: skip
@@ -592,6 +592,8 @@ def _add_finetune(sub) -> None:
     p.add_argument("--checkpoint-layers", type=int, default=None, metavar="N",
                    help="recompute only the first N blocks (implies --gradient-checkpointing): the others keep "
                         "their activations, trading memory for speed (see `lowbit memory --checkpoint-layers`)")
+    p.add_argument("--offload-activations", action="store_true",
+                   help="keep activations saved for backward in pinned CPU memory (GPU): longer sequences fit")
     p.add_argument("--fused-kernels", action="store_true",
                    help="fused RMSNorm / SwiGLU / QLoRA-linear training ops (Llama, Qwen2, Mistral; lowbit.kernels)")
     p.add_argument("--eval-every", type=int, default=0, help="evaluate every N steps (0: only before and after)")

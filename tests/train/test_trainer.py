@@ -141,6 +141,16 @@ def test_checkpointing_some_blocks_recomputes_only_those_and_keeps_the_gradients
         TrainConfig(checkpoint_layers=1)
 
 
+def test_offloaded_activations_train_the_same(sft, tok):
+    """Activations parked in CPU memory (a copy on the CPU itself) change nothing but where they wait."""
+    cfg = dict(max_steps=3, lr=1e-2, gradient_checkpointing=True, **FAST)
+    plain = train(lora_llama(quantized=True), sft, TrainConfig(**cfg), pad_token_id=tok.pad_token_id)
+    offload = train(lora_llama(quantized=True), sft, TrainConfig(**cfg, offload_activations=True),
+                    pad_token_id=tok.pad_token_id)  # fmt: skip
+    assert offload.losses == pytest.approx(plain.losses, rel=1e-6)
+    assert isinstance(trainer_mod.offloaded_activations(True, torch.device("cpu")), torch.autograd.graph.save_on_cpu)
+
+
 def test_qlora_training_runs_with_checkpointing_and_bf16(sft, tok):
     model = lora_llama(quantized=True)
     cfg = TrainConfig(max_steps=3, lr=1e-2, precision="bf16", gradient_checkpointing=True, **FAST)

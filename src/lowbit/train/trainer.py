@@ -71,6 +71,8 @@ class TrainConfig:
     save_every / keep_checkpoints: checkpoint every N steps (0: only at the end) into output_dir.
     max_bad_steps: stop after this many non-finite steps in a row.
     strategy: none | ddp | fsdp (used when torch.distributed is initialised with > 1 process).
+    offload_activations: keep the tensors saved for backward in pinned CPU memory (with gradient
+        checkpointing: the blocks' inputs), for sequences whose activations do not fit the GPU.
     fused_kernels: swap in lowbit.kernels' fused RMSNorm, SwiGLU MLP and QLoRA linear (Llama / Qwen2 /
         Mistral); the loss stays this trainer's own (it needs the logits for prompt methods and distillation).
     """
@@ -101,6 +103,7 @@ class TrainConfig:
     max_bad_steps: int = 5
     strategy: str = "none"
     fused_kernels: bool = False
+    offload_activations: bool = False
     progress: bool = True
     plot: bool = True
     version: int = CONFIG_VERSION
@@ -277,6 +280,14 @@ def batch_loss(model: nn.Module, batch: dict, teacher: nn.Module | None = None,
     return distillation_loss(logits, t_logits, labels, distill or DistillConfig(), reduction="sum")
 
 
+def offloaded_activations(enabled: bool, device: torch.device):
+    """While active, every tensor autograd saves for backward waits in (pinned) CPU memory instead of the
+    device's, and comes back when backward needs it: the longest sequences fit, each step pays the copies."""
+    if not enabled:
+        return contextlib.nullcontext()
+    return torch.autograd.graph.save_on_cpu(pin_memory=device.type == "cuda")
+
+
 def _autocast(device: torch.device, precision: str):
     dtype = PRECISIONS[precision]
     return torch.autocast(device.type, dtype=dtype) if dtype is not None else contextlib.nullcontext()
@@ -295,7 +306,7 @@ def train_step(module: nn.Module, micro_batches: list[dict], n_items: int, optim
         last = i == len(micro_batches) - 1
         sync = module.no_sync() if hasattr(module, "no_sync") and not last else contextlib.nullcontext()
         with sync:
-            with _autocast(device, cfg.precision):
+            with _autocast(device, cfg.precision), offloaded_activations(cfg.offload_activations, device):
                 loss_sum = batch_loss(module, batch, teacher, distill)
             scaled = loss_sum * (loss_scale() / n_items)  # token mean over the global batch
             (scaler.scale(scaled) if scaler is not None else scaled).backward()
