@@ -71,6 +71,10 @@ case ${1:-kernels} in
     part longest 230 python3 bench/qlora_step.py --out "$RES" --configs "" --kinds lowbit-fused+offload --max-seq \
       --seq-lengths 163840,204800
     ;;
+  offload2)  # how far the offloaded 32-block step reaches
+    part longest 230 python3 bench/qlora_step.py --out "$RES" --configs "" --kinds lowbit-fused+offload --max-seq \
+      --seq-lengths 286720
+    ;;
   longest)
     part memory 50 python3 bench/memory_check.py --out "$RES"
     part fused 60 python3 bench/fused_vs_unfused.py --device cuda --steps 50 --seq 512 --out "$RES" \

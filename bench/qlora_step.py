@@ -134,11 +134,11 @@ def parse_kind(kind: str) -> tuple[str, int | None, set[str]]:
     """``name[@k][+flag…]``: @k checkpoints only the first k blocks (the rest keep their activations); +graph
     replays each training step as one CUDA graph; +offload keeps saved activations in pinned CPU memory;
     +adam8bit uses lowbit's 8-bit AdamW. Returns (name, k or None, flags)."""
-    head, *flags = kind.split("+")
-    if set(flags) - set(FLAGS):
-        raise ValueError(f"unknown flags {set(flags) - set(FLAGS)} in {kind!r}; known: {FLAGS}")
-    name, _, checkpointed = head.partition("@")
-    return name, int(checkpointed) if checkpointed else None, set(flags)
+    parts, flags = kind.split("+"), set()
+    while len(parts) > 1 and parts[-1] in FLAGS:  # "peft+bnb" is a name, not a flag
+        flags.add(parts.pop())
+    name, _, checkpointed = "+".join(parts).partition("@")
+    return name, int(checkpointed) if checkpointed else None, flags
 
 
 def fresh(kind: str, shape: dict, layers: int, device: str):
