@@ -57,13 +57,19 @@ def quantize_blockwise(
     if block_size < 1:
         raise ValueError(f"block_size must be a positive integer, got {block_size}")
     check_finite_float(x)
+    return quantize_blocks(x, codebook.to(x.device), block_size)
+
+
+def quantize_blocks(x: torch.Tensor, codebook: torch.Tensor, block_size: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """`quantize_blockwise` for hot loops: no input checks (the finiteness check synchronises with the
+    device) and the codebook already on x's device."""
     n = x.numel()
     blocks = _blocks(x.detach().reshape(-1).float(), block_size)  # (nb, B)
     absmax = blocks.abs().amax(dim=1)  # (nb,)
     # Multiply by the reciprocal (not divide) and clamp, exactly as bitsandbytes does, so codes
     # agree bit for bit; the clamp keeps all-zero blocks at code "0.0" instead of NaN.
     scaled = (blocks * (1.0 / absmax.clamp(min=1e-38)).unsqueeze(1)).clamp(-1, 1)
-    codes = nearest_code(scaled.reshape(-1)[:n], codebook.to(x.device))
+    codes = nearest_code(scaled.reshape(-1)[:n], codebook)
     return codes.to(torch.uint8), absmax
 
 

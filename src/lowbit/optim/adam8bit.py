@@ -30,7 +30,7 @@ from functools import lru_cache
 
 import torch
 
-from lowbit.formats.blockwise import dequantize_blockwise, quantize_blockwise
+from lowbit.formats.blockwise import dequantize_blockwise, quantize_blocks
 from lowbit.formats.codebooks import dynamic_codebook
 from lowbit.optim.paged import fetch_state, offload_state
 
@@ -90,6 +90,14 @@ class AdamW8bit(torch.optim.Optimizer):
         defaults = dict(lr=lr, betas=tuple(betas), eps=eps, weight_decay=weight_decay, block_size=block_size,
                         min_8bit_size=min_8bit_size, paged=paged)  # fmt: skip
         super().__init__(params, defaults)
+        self._maps: dict[torch.device, tuple[torch.Tensor, torch.Tensor]] = {}
+
+    def _codebooks(self, device: torch.device) -> tuple[torch.Tensor, torch.Tensor]:
+        """(signed, unsigned) dynamic maps on ``device``, built once: per tensor and step they would cost two
+        table constructions and four host-to-device copies."""
+        if device not in self._maps:
+            self._maps[device] = (dynamic_codebook().to(device), unsigned_dynamic_codebook().to(device))
+        return self._maps[device]
 
     def _init_state(self, p: torch.Tensor, group: dict) -> dict:
         state = self.state[p]
@@ -109,7 +117,7 @@ class AdamW8bit(torch.optim.Optimizer):
         """(m, v) as fp32 tensors of shape (numel,)."""
         if "exp_avg" in state:
             return state["exp_avg"], state["exp_avg_sq"]
-        signed, unsigned = dynamic_codebook(), unsigned_dynamic_codebook()
+        signed, unsigned = self._codebooks(state["exp_avg_codes"].device)
         m = dequantize_blockwise(state["exp_avg_codes"], state["exp_avg_absmax"], signed, block_size)
         v = dequantize_blockwise(state["exp_avg_sq_codes"], state["exp_avg_sq_absmax"], unsigned, block_size)
         return m, v
@@ -117,9 +125,10 @@ class AdamW8bit(torch.optim.Optimizer):
     def _write_moments(self, state: dict, m: torch.Tensor, v: torch.Tensor, block_size: int) -> None:
         if "exp_avg" in state:
             return  # fp32 moments were updated in place
-        pairs = ((m, dynamic_codebook(), "exp_avg"), (v, unsigned_dynamic_codebook(), "exp_avg_sq"))
-        for x, codebook, name in pairs:
-            state[f"{name}_codes"], state[f"{name}_absmax"] = quantize_blockwise(x, codebook, block_size)
+        signed, unsigned = self._codebooks(m.device)
+        for x, codebook, name in ((m, signed, "exp_avg"), (v, unsigned, "exp_avg_sq")):
+            # the moments are finite whenever the gradients are (a trainer skips non-finite steps)
+            state[f"{name}_codes"], state[f"{name}_absmax"] = quantize_blocks(x, codebook, block_size)
 
     @torch.no_grad()
     def step(self, closure=None):

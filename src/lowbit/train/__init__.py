@@ -8,6 +8,7 @@
 from lowbit.train.checkpoint import latest_checkpoint, list_checkpoints, load_checkpoint, save_checkpoint
 from lowbit.train.data import DataConfig, DataReport, build_examples, collate, pack_examples, read_records
 from lowbit.train.distill import DistillConfig, distillation_loss
+from lowbit.train.graphed import GraphedStep
 from lowbit.train.metrics import plot_loss_curve, read_metrics
 from lowbit.train.schedule import lr_factor, make_scheduler
 from lowbit.train.trainer import TrainConfig, TrainingDiverged, TrainResult, evaluate, train
@@ -16,6 +17,7 @@ __all__ = [
     "DataConfig",
     "DataReport",
     "DistillConfig",
+    "GraphedStep",
     "TrainConfig",
     "TrainResult",
     "TrainingDiverged",
