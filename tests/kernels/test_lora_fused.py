@@ -95,3 +95,35 @@ def test_under_bf16_autocast_like_unfused():
     for g, w in zip(got, want):
         assert g.dtype == w.dtype
         assert ((g.float() - w.float()).norm() / w.float().norm()).item() < 2e-2  # bf16 rounding, differently placed
+
+
+@pytest.mark.parametrize("backend", ["torch", "triton"])
+def test_swiglu_into_the_qlora_down_projection_matches_unfused_and_keeps_no_product(backend):
+    """swiglu_qlora(gate, up, …) = LoraLinear(silu(gate) ⊙ up) in value and in every gradient, while autograd
+    keeps gate and up (and x·Aᵀ) but not the (tokens, intermediate) product."""
+    if backend == "triton":
+        pytest.importorskip("triton")
+    from lowbit.kernels.lora_fused import swiglu_qlora
+    from lowbit.kernels.swiglu import swiglu_reference
+
+    layer = _layer("dequant")  # in 64 (the "intermediate"), out 48
+    torch.manual_seed(3)
+    gate, up, dy = torch.randn(2, 5, 64), torch.randn(2, 5, 64), torch.randn(2, 5, 48)
+    results = []
+    for fused in (False, True):
+        g, u = gate.clone().requires_grad_(), up.clone().requires_grad_()
+        layer.zero_grad()
+        shapes = []
+        with torch.autograd.graph.saved_tensors_hooks(lambda t: shapes.append(tuple(t.shape)) or t, lambda t: t):
+            if fused:
+                y = swiglu_qlora(g, u, layer.base_layer, layer.lora_A["default"], layer.lora_B["default"],
+                                 layer.scaling["default"], backend)  # fmt: skip
+            else:
+                y = layer(swiglu_reference(g, u))
+        y.backward(dy)
+        results.append((y.detach(), g.grad, u.grad, layer.lora_A["default"].grad.clone(),
+                        layer.lora_B["default"].grad.clone()))  # fmt: skip
+        if fused:
+            assert sorted(shapes) == sorted([(2, 5, 64), (2, 5, 64), (10, 4), (4, 64), (48, 4)])
+    for got, want in zip(*reversed(results)):
+        assert ((got - want).norm() / want.norm()).item() < 1e-6

@@ -11,7 +11,8 @@ storage in the forward and again in the backward (never saved), through the base
 `lowbit::lut4_linear` / `lut4_linear_grad_input` when `QuantLinear.kernel` resolves to "fused" (CUDA),
 the format's dequantize + matmul otherwise (CPU). The LoRA product is added into the base output by one
 addmm (and s·(dY·B)·A into dX likewise), everything in the layer's compute dtype, with one cast of the
-result to x's dtype. `FusedLoraLinear` uses it when a layer has exactly one active, unmerged adapter
+result to x's dtype. `swiglu_qlora` is the same layer fed by silu(gate) ⊙ up (the MLP's down projection):
+it keeps gate and up instead of their product and recomputes the product in the backward. `FusedLoraLinear` uses it when a layer has exactly one active, unmerged adapter
 without dropout; any other state runs `LoraLinear.forward` unchanged.
 """
 
@@ -21,8 +22,9 @@ import torch
 from torch import nn
 
 from lowbit.kernels import ops
-from lowbit.kernels.dispatch import autocast_dtype, select
+from lowbit.kernels.dispatch import autocast_dtype, select, use_triton
 from lowbit.kernels.lut4 import lut4_weight
+from lowbit.kernels.swiglu import check_pair, swiglu_grads, swiglu_values
 from lowbit.nn.quant_linear import QuantLinear
 from lowbit.peft.lora import LoraLinear
 
@@ -84,22 +86,67 @@ class _QLoraLinear(torch.autograd.Function):
     @torch.autocast("cpu", enabled=False)
     def backward(ctx, dy):
         x2, xa, lora_a, lora_b, bias = ctx.saved_tensors
-        s, dtype = ctx.scaling, x2.dtype
-        dy2 = dy.reshape(-1, dy.shape[-1]).to(dtype)  # (M, N)
-        b = lora_b.to(dtype)
-        dyb = dy2 @ b  # (M, r)
-        dx = da = db = dbias = None
-        if ctx.needs_input_grad[0]:
-            shape, x_dtype = ctx.x_meta
-            dx = torch.addmm(base_grad_input(dy2, ctx.base, ctx.fused), dyb, lora_a.to(dtype), alpha=s)
-            dx = dx.reshape(shape).to(x_dtype)
-        if ctx.needs_input_grad[1]:
-            da = (dyb.t() @ x2).mul_(s).to(lora_a.dtype)  # (r, K)
-        if ctx.needs_input_grad[2]:
-            db = (dy2.t() @ xa).mul_(s).to(lora_b.dtype)  # (N, r)
-        if bias is not None and ctx.needs_input_grad[3]:
-            dbias = dy2.sum(0).to(bias.dtype)
-        return dx, da, db, dbias, None, None
+        shape, x_dtype = ctx.x_meta
+        dx, da, db, dbias = _backward(ctx, dy, x2, xa, lora_a, lora_b, bias, ctx.needs_input_grad[:4])
+        return None if dx is None else dx.reshape(shape).to(x_dtype), da, db, dbias, None, None
+
+
+def _backward(ctx, dy, x2, xa, lora_a, lora_b, bias, needs) -> tuple:
+    """(dX (M, K) in the compute dtype, dA, dB, dbias) of y = x·Wᵀ + s·(x·Aᵀ)·Bᵀ + b; ``needs`` says which."""
+    s, dtype = ctx.scaling, x2.dtype
+    dy2 = dy.reshape(-1, dy.shape[-1]).to(dtype)  # (M, N)
+    dyb = dy2 @ lora_b.to(dtype)  # (M, r)
+    dx = da = db = dbias = None
+    if needs[0]:
+        dx = torch.addmm(base_grad_input(dy2, ctx.base, ctx.fused), dyb, lora_a.to(dtype), alpha=s)
+    if needs[1]:
+        da = (dyb.t() @ x2).mul_(s).to(lora_a.dtype)  # (r, K)
+    if needs[2]:
+        db = (dy2.t() @ xa).mul_(s).to(lora_b.dtype)  # (N, r)
+    if bias is not None and needs[3]:
+        dbias = dy2.sum(0).to(bias.dtype)
+    return dx, da, db, dbias
+
+
+class _SwiGLUQLora(torch.autograd.Function):
+    """down(silu(gate) ⊙ up) with a QLoRA down projection: saves gate and up (which the SwiGLU backward
+    needs anyway) and recomputes their product for the LoRA gradient dA = s·(dY·B)ᵀ·act, instead of
+    keeping it."""
+
+    @staticmethod
+    def forward(ctx, gate, up, lora_a, lora_b, bias, base: QuantLinear, scaling: float, backend: str):
+        check_pair(gate, up)
+        gate, up = gate.contiguous(), up.contiguous()
+        ctx.triton = use_triton(gate, backend)
+        act = swiglu_values(gate, up, ctx.triton)
+        dtype = autocast_dtype(act.device, base.compute_dtype)
+        with torch.autocast(act.device.type, enabled=False):
+            y, _, xa, fused = _QLoraLinear._forward(act, lora_a, lora_b, bias, base, scaling, dtype)
+        ctx.save_for_backward(gate, up, xa, lora_a, lora_b, bias)
+        ctx.base, ctx.scaling, ctx.fused, ctx.dtype = base, scaling, fused, dtype
+        return y.reshape(*act.shape[:-1], -1).to(act.dtype)
+
+    @staticmethod
+    @torch.autocast("cuda", enabled=False)
+    @torch.autocast("cpu", enabled=False)
+    def backward(ctx, dy):
+        gate, up, xa, lora_a, lora_b, bias = ctx.saved_tensors
+        act = swiglu_values(gate, up, ctx.triton)  # recomputed: one elementwise pass
+        x2 = act.reshape(-1, act.shape[-1]).to(ctx.dtype)
+        needs = (any(ctx.needs_input_grad[:2]),) + ctx.needs_input_grad[2:5]
+        dact, da, db, dbias = _backward(ctx, dy, x2, xa, lora_a, lora_b, bias, needs)
+        dgate = dup = None
+        if dact is not None:
+            dgate, dup = swiglu_grads(dact.reshape(gate.shape).to(gate.dtype).contiguous(), gate, up, ctx.triton)
+        return dgate, dup, da, db, dbias, None, None, None
+
+
+def swiglu_qlora(gate: torch.Tensor, up: torch.Tensor, base: QuantLinear, lora_a: torch.Tensor,
+                 lora_b: torch.Tensor, scaling: float, backend: str = "auto") -> torch.Tensor:  # fmt: skip
+    """qlora_linear(silu(gate) ⊙ up, …) without keeping the product for backward: gate, up (…, K) → (…, N)."""
+    if gate.shape[-1] != base.in_features:
+        raise ValueError(f"expected gate and up (…, {base.in_features}), got {tuple(gate.shape)}")
+    return _SwiGLUQLora.apply(gate, up, lora_a, lora_b, base.bias, base, scaling, backend)
 
 
 def qlora_linear(x: torch.Tensor, base: QuantLinear, lora_a: torch.Tensor, lora_b: torch.Tensor,
@@ -125,7 +172,10 @@ class FusedLoraLinear(LoraLinear):
         fused.__dict__.update(layer.__dict__)  # the same submodules, parameters and adapter bookkeeping
         return fused
 
-    def _single_adapter(self) -> str | None:
+    def single_adapter(self) -> str | None:
+        """The one adapter the fused forward runs (None: a state only `LoraLinear.forward` handles)."""
+        if not isinstance(self.base_layer, QuantLinear):
+            return None
         if self.disabled or self.row_adapters is not None or self.merged_adapters or len(self.active_adapters) != 1:
             return None
         name = self.active_adapters[0]
@@ -134,7 +184,7 @@ class FusedLoraLinear(LoraLinear):
         return name
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        name = self._single_adapter() if isinstance(self.base_layer, QuantLinear) else None
+        name = self.single_adapter()
         if name is None:
             return super().forward(x)
         return qlora_linear(x, self.base_layer, self.lora_A[name], self.lora_B[name], self.scaling[name])

@@ -30,34 +30,43 @@ def swiglu_grad_reference(dy, gate, up) -> tuple[torch.Tensor, torch.Tensor]:
     return (d * u * sig * (1 + g * (1 - sig))).to(gate.dtype), (d * g * sig).to(up.dtype)
 
 
+def check_pair(gate: torch.Tensor, up: torch.Tensor) -> None:
+    if gate.shape != up.shape or gate.dtype != up.dtype:
+        raise ValueError(f"gate and up must match, got {gate.dtype} {tuple(gate.shape)} and "
+                         f"{up.dtype} {tuple(up.shape)}")  # fmt: skip
+
+
+def swiglu_values(gate: torch.Tensor, up: torch.Tensor, triton: bool) -> torch.Tensor:
+    """silu(gate) ⊙ up of contiguous tensors, without autograd: the Triton pass or the torch reference."""
+    if triton:
+        from lowbit.kernels import train_triton
+
+        return train_triton.swiglu_forward(gate, up)
+    return swiglu_reference(gate, up)
+
+
+def swiglu_grads(dy: torch.Tensor, gate: torch.Tensor, up: torch.Tensor, triton: bool):
+    """(d gate, d up) for the output gradient dy; all contiguous."""
+    if triton:
+        from lowbit.kernels import train_triton
+
+        return train_triton.swiglu_backward(dy, gate, up)
+    return swiglu_grad_reference(dy, gate, up)
+
+
 class _SwiGLU(torch.autograd.Function):
     @staticmethod
     def forward(ctx, gate: torch.Tensor, up: torch.Tensor, backend: str) -> torch.Tensor:
-        if gate.shape != up.shape or gate.dtype != up.dtype:
-            raise ValueError(f"gate and up must match, got {gate.dtype} {tuple(gate.shape)} and "
-                             f"{up.dtype} {tuple(up.shape)}")  # fmt: skip
+        check_pair(gate, up)
         gate, up = gate.contiguous(), up.contiguous()
         ctx.triton = use_triton(gate, backend)
-        if ctx.triton:
-            from lowbit.kernels import train_triton
-
-            y = train_triton.swiglu_forward(gate, up)
-        else:
-            y = swiglu_reference(gate, up)
         ctx.save_for_backward(gate, up)
-        return y
+        return swiglu_values(gate, up, ctx.triton)
 
     @staticmethod
     def backward(ctx, dy: torch.Tensor):
         gate, up = ctx.saved_tensors
-        dy = dy.contiguous()
-        if ctx.triton:
-            from lowbit.kernels import train_triton
-
-            dg, du = train_triton.swiglu_backward(dy, gate, up)
-        else:
-            dg, du = swiglu_grad_reference(dy, gate, up)
-        return dg, du, None
+        return *swiglu_grads(dy.contiguous(), gate, up, ctx.triton), None
 
 
 def swiglu(gate: torch.Tensor, up: torch.Tensor, backend: str = "auto") -> torch.Tensor:
@@ -67,7 +76,12 @@ def swiglu(gate: torch.Tensor, up: torch.Tensor, backend: str = "auto") -> torch
 
 class SwiGLUMLP(nn.Module):
     """Drop-in for LlamaMLP / Qwen2MLP / MistralMLP (hidden_act "silu"): the same three projections,
-    under the same names (state dict unchanged), with the activation and product fused."""
+    under the same names (state dict unchanged), with the activation and product fused.
+
+    When the down projection is a fused QLoRA linear (`FusedLoraLinear` with one active adapter), the
+    product silu(gate) ⊙ up is not kept for its backward either: `lora_fused.swiglu_qlora` recomputes it
+    from gate and up (one elementwise pass), which drops a (tokens, intermediate) tensor — a fifth of a
+    Llama block's saved activations."""
 
     def __init__(self, gate_proj: nn.Module, up_proj: nn.Module, down_proj: nn.Module, backend: str = "auto"):
         super().__init__()
@@ -79,4 +93,12 @@ class SwiGLUMLP(nn.Module):
         return cls(mlp.gate_proj, mlp.up_proj, mlp.down_proj, backend)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return self.down_proj(swiglu(self.gate_proj(x), self.up_proj(x), self.backend))
+        from lowbit.kernels.lora_fused import FusedLoraLinear, swiglu_qlora  # (lora_fused imports this module)
+
+        gate, up = self.gate_proj(x), self.up_proj(x)
+        down = self.down_proj
+        adapter = down.single_adapter() if isinstance(down, FusedLoraLinear) else None
+        if adapter is None:
+            return down(swiglu(gate, up, self.backend))
+        return swiglu_qlora(gate, up, down.base_layer, down.lora_A[adapter], down.lora_B[adapter],
+                            down.scaling[adapter], self.backend)  # fmt: skip
