@@ -118,3 +118,18 @@ def test_bad_calls_get_clear_errors():
         decoder.advance(ids[:, 0])
     with pytest.raises(ValueError, match="static_cache"):
         GenerateConfig(static_cache="yes")
+
+
+def test_models_that_synchronise_with_the_host_are_not_captured():
+    """LLM.int8's outlier split decides on the host: the decoder keeps eager steps for it (and stays exact)."""
+    from lowbit.generate.static import graph_capturable
+
+    model = tiny_llama(tie=False)
+    assert graph_capturable(model)
+    lowbit.quantize(model, lowbit.QuantConfig(format="int8", method="llm_int8"))
+    assert not graph_capturable(model)
+    ids, mask = padded_batch()
+    assert StaticDecoder(model, ids, max_len=12, attention_mask=mask, cuda_graph=None).cuda_graph is False
+    config = GenerateConfig(max_new_tokens=6, eos_token_id=())
+    assert generate_ids(model, ids, config, attention_mask=mask, static_cache=True) == generate_ids(
+        model, ids, config, attention_mask=mask, static_cache=False)  # fmt: skip

@@ -19,6 +19,8 @@ slot T + s. Padding slots are masked out of attention; positions count real toke
 
 from __future__ import annotations
 
+import warnings
+
 import torch
 from torch import nn
 from torch.nn import functional as F
@@ -58,13 +60,20 @@ def supports(model: nn.Module) -> bool:
     return not isinstance(decoder_parts(model), str)
 
 
+def graph_capturable(model: nn.Module) -> bool:
+    """False when a module declares (``graph_capturable = False``) that its forward synchronises with the host."""
+    return all(getattr(m, "graph_capturable", True) for m in model.modules())
+
+
 class StaticDecoder:
     """Decodes ``batch`` rows of up to ``max_len`` tokens (prompt + new) of ``model`` with a fixed-shape step.
 
     The interface is `KVDecoder`'s: ``forward(input_ids)`` runs the prompt, ``advance(next_ids)`` one token a row;
     both return the last position's logits (B, V) in float32. With ``cuda_graph`` (default: on a CUDA device)
     the first ``advance`` captures the step and every later one replays it; the logits it returns are a buffer
-    the next replay overwrites.
+    the next replay overwrites. The default is off for models with a module that synchronises with the host
+    (``graph_capturable = False``, e.g. LLM.int8's outlier split), and a capture that fails falls back to
+    eager steps with a warning.
     """
 
     def __init__(self, model: nn.Module, input_ids: torch.Tensor, max_len: int,
@@ -101,7 +110,7 @@ class StaticDecoder:
         self.slot = torch.full((1,), width, dtype=torch.long, device=device)
         self.position = self.prompt_positions[:, -1:] + 1  # (B, 1)
         self.width, self.steps = width, 0
-        self.cuda_graph = device.type == "cuda" if cuda_graph is None else cuda_graph
+        self.cuda_graph = device.type == "cuda" and graph_capturable(model) if cuda_graph is None else cuda_graph
         self.graph: torch.cuda.CUDAGraph | None = None
         self.logits: torch.Tensor | None = None
 
@@ -168,7 +177,13 @@ class StaticDecoder:
             if not self.cuda_graph:
                 return self._step()
             if self.graph is None:
-                self._capture()
+                try:
+                    self._capture()
+                except RuntimeError as e:  # a module synchronised with the host inside the step
+                    warnings.warn(f"the decode step could not be captured as a CUDA graph, decoding without "
+                                  f"one: {str(e).splitlines()[0]}", stacklevel=2)  # fmt: skip
+                    self.cuda_graph, self.graph = False, None
+                    return self._step()
             self.graph.replay()
             return self.logits
 

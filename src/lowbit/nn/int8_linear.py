@@ -122,6 +122,10 @@ def check_threshold(threshold: float) -> float:
 class Int8Linear(QuantLinear):
     """y = LLM.int8(x, W) + b; W stored int8 per row. Gradients reach x through the dequantized weight."""
 
+    # Which columns hold outliers is decided on the host (a data-dependent branch and gather), so a step that
+    # contains this layer cannot be captured as a CUDA graph (lowbit.generate.static reads this).
+    graph_capturable = False
+
     def __init__(
         self,
         in_features: int,
