@@ -620,7 +620,7 @@ def _memory(args) -> None:
     cfg = MemoryConfig(method=args.method, seq_len=args.seq_len, batch=args.batch, optimizer=args.optimizer,
                        precision=args.precision, lora_r=args.r,
                        gradient_checkpointing=args.gradient_checkpointing or args.checkpoint_layers is not None,
-                       checkpoint_layers=args.checkpoint_layers)  # fmt: skip
+                       checkpoint_layers=args.checkpoint_layers, fused_kernels=args.fused_kernels)  # fmt: skip
     print(estimate_memory(load_config(args.model), cfg).to_markdown())
 
 
@@ -635,6 +635,7 @@ def _add_memory(sub) -> None:
                        "  lowbit memory smollm2-135m --method qlora --seq-len 512 --batch 4 --optimizer adamw8bit\n"
                        "  lowbit memory ./llama-3-8b/config.json --method lora --gradient-checkpointing\n"
                        "  lowbit memory ./llama-3-8b/config.json --checkpoint-layers 16   # half the blocks\n"
+                       "  lowbit memory ./llama-3-8b/config.json --fused-kernels --precision bf16 --seq-len 8192\n"
                        "  lowbit memory --params 1e9")  # fmt: skip
     p.add_argument("model", nargs="?", default="smollm2-135m", help=MODEL_HELP + ", or a config.json")
     p.add_argument("--method", choices=["full", "lora", "qlora"], default="qlora")
@@ -646,6 +647,8 @@ def _add_memory(sub) -> None:
     p.add_argument("--gradient-checkpointing", action="store_true")
     p.add_argument("--checkpoint-layers", type=int, default=None, metavar="N",
                    help="checkpoint only the first N blocks (implies --gradient-checkpointing)")
+    p.add_argument("--fused-kernels", action="store_true",
+                   help="lowbit's fused training kernels and chunked loss (finetune --fused-kernels)")
     p.add_argument("--params", type=float, help="just the rule of thumb for this many fp32 parameters")
     p.set_defaults(func=_memory)
 

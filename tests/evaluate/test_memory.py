@@ -9,6 +9,7 @@ from lowbit.evaluate.memory import MemoryConfig, estimate_memory, nf4_bytes, rul
 from lowbit.optim import optimizer_state_nbytes
 from lowbit.train.trainer import TrainConfig, build_optimizer
 from tests.tiny_models import tiny_llama
+from transformers import LlamaConfig, LlamaForCausalLM
 
 # tiny_llama by hand: hidden 64, intermediate 160, 2 layers, 4 heads, 2 KV heads (k/v width 32), vocab 300, tied.
 EMBED = 300 * 64
@@ -74,7 +75,7 @@ def test_optimizer_states_match_a_real_optimizer(optimizer):
     assert est.optimizer_states == optimizer_state_nbytes(opt)
 
 
-def saved_activation_bytes(model, batch) -> int:
+def saved_activation_bytes(model, batch, loss_in_model: bool = False) -> int:
     """Bytes of the distinct tensors autograd saves in one forward + loss (measured, not estimated)."""
     seen, params = {}, {p.data_ptr() for p in model.parameters()} | {b.data_ptr() for b in model.buffers()}
 
@@ -85,8 +86,11 @@ def saved_activation_bytes(model, batch) -> int:
         return t
 
     with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
-        logits = model(input_ids=batch, use_cache=False).logits.float()[:, :-1]
-        loss = torch.nn.functional.cross_entropy(logits.reshape(-1, logits.shape[-1]), batch[:, 1:].reshape(-1))
+        if loss_in_model:  # the model's own loss (a fused model's chunked cross-entropy)
+            loss = model(input_ids=batch, labels=batch, use_cache=False).loss
+        else:
+            logits = model(input_ids=batch, use_cache=False).logits.float()[:, :-1]
+            loss = torch.nn.functional.cross_entropy(logits.reshape(-1, logits.shape[-1]), batch[:, 1:].reshape(-1))
     loss.backward()
     return sum(seen.values())
 
@@ -101,6 +105,34 @@ def test_activation_estimate_is_near_what_autograd_saves():
     model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
     measured_ckpt = saved_activation_bytes(model, batch)
     assert measured_ckpt < measured and est.activations_checkpointing < est.activations_no_checkpointing
+
+
+@pytest.mark.parametrize("checkpointing", [False, True])
+def test_fused_activation_estimate_is_near_what_autograd_saves(checkpointing):
+    """QLoRA with lowbit's fused kernels (bf16, the chunked loss): the estimate against the saved tensors."""
+    from lowbit.kernels import fuse_for_training
+    from lowbit.train.trainer import enable_gradient_checkpointing
+
+    config = dict(hidden_size=256, intermediate_size=896, num_hidden_layers=2, num_attention_heads=4,
+                  num_key_value_heads=1, vocab_size=512)  # Llama-3's proportions  # fmt: skip
+    torch.manual_seed(0)
+    model = LlamaForCausalLM(LlamaConfig(**config)).to(torch.bfloat16)
+    lowbit.quantize(model, lowbit.QuantConfig(format="nf4"))
+    model = lowbit.peft.apply_lora(model, lowbit.peft.LoraConfig(r=16, target_modules="all-linear"))
+    fuse_for_training(model)
+    if checkpointing:
+        enable_gradient_checkpointing(model)
+    model.train()
+    batch = torch.randint(0, 512, (2, 128))
+    measured = saved_activation_bytes(model, batch, loss_in_model=True)
+    cfg = MemoryConfig(method="qlora", precision="bf16", seq_len=128, batch=2, fused_kernels=True,
+                       gradient_checkpointing=checkpointing)  # fmt: skip
+    est = estimate_memory(LlamaConfig(**config), cfg)
+    expected = est.activations
+    if checkpointing:  # the recomputation saves its tensors during backward, outside what is measured here
+        loss_terms = 2 * 256 * 256 * 2  # the chunked loss: final hidden states and their gradient, bf16
+        expected -= (est.activations_no_checkpointing - loss_terms) // 2  # one of the 2 blocks
+    assert 0.85 < expected / measured < 1.15
 
 
 def test_checkpointing_some_blocks_by_hand():

@@ -22,6 +22,11 @@ both against `torch.cuda.max_memory_allocated` on an H100).
   layer; the loss keeps the log-softmax of the logits, V per token. Attention is assumed to be fused
   (SDPA/flash: no T×T matrix is kept). With gradient checkpointing only each layer's input (h per token)
   is kept, plus one layer's activations while it is recomputed.
+- with `fused_kernels` (`lowbit.kernels.fuse_for_training`): the fused RMSNorm, SwiGLU and QLoRA linear
+  keep 2·i + 7·h + 2·k values per layer and token (SwiGLU keeps gate and up; with QLoRA the down projection
+  recomputes their product instead of keeping it, otherwise add i), and the chunked cross-entropy keeps
+  2·h (the final hidden states and their gradient, computed in the forward) instead of V; its transient is
+  one chunk of logits (`kernels.cross_entropy.default_chunk_size` rows × V).
 - loss transient: at the start of backward three fp32 (tokens × V) tensors live at once (the saved
   log-softmax and the gradients of its output and input); with a large vocabulary this is the peak's
   biggest single term. (The saved log-softmax is also in `activations`, what autograd keeps; the peak
@@ -63,6 +68,7 @@ class MemoryConfig:
     lora_r: int = 16
     gradient_checkpointing: bool = False
     checkpoint_layers: int | None = None  # with checkpointing: only the first N blocks (None: all)
+    fused_kernels: bool = False  # lowbit.kernels.fuse_for_training (fused norms, SwiGLU, QLoRA linear, loss)
     quant_block_size: int = 64
     double_quant: bool = True
     optimizer_block_size: int = 2048
@@ -173,8 +179,13 @@ def activation_bytes(config, cfg: MemoryConfig, n_lora_per_layer: int, checkpoin
     h, inter, kv, layers, vocab = _layer_sizes(config)
     tokens = cfg.batch * cfg.seq_len
     act = DTYPE_BYTES[cfg.precision]
-    per_layer = (6 * h + 2 * kv + 4 * inter + cfg.lora_r * n_lora_per_layer) * tokens * act
-    logits = vocab * tokens * 4  # the fp32 log-softmax that cross-entropy keeps
+    if cfg.fused_kernels:
+        values = 7 * h + 2 * kv + (2 if cfg.method == "qlora" else 3) * inter
+        logits = 2 * h * tokens * act  # the chunked loss: the final hidden states and their gradient
+    else:
+        values = 6 * h + 2 * kv + 4 * inter
+        logits = vocab * tokens * 4  # the fp32 log-softmax that cross-entropy keeps
+    per_layer = (values + cfg.lora_r * n_lora_per_layer) * tokens * act
     if not checkpointing:
         return layers * per_layer + logits
     recomputed = layers if cfg.checkpoint_layers is None else min(cfg.checkpoint_layers, layers)
@@ -207,9 +218,17 @@ def estimate_memory(model_or_config, cfg: MemoryConfig | None = None) -> MemoryE
     act_ckpt = activation_bytes(config, cfg, n_lora, checkpointing=True)
     h, _, kv, layers, _ = _layer_sizes(config)
     kv_cache = 2 * layers * kv * cfg.batch * cfg.seq_len * DTYPE_BYTES[cfg.precision]
-    loss_transient = 3 * config.vocab_size * cfg.batch * cfg.seq_len * 4
+    tokens = cfg.batch * cfg.seq_len
+    if cfg.fused_kernels:  # one chunk of logits at a time
+        from lowbit.kernels.cross_entropy import default_chunk_size
+
+        act = DTYPE_BYTES[cfg.precision]
+        loss_transient = default_chunk_size(tokens, config.vocab_size, act) * config.vocab_size * act
+        saved_log_softmax = 0
+    else:
+        loss_transient = 3 * config.vocab_size * tokens * 4
+        saved_log_softmax = config.vocab_size * tokens * 4  # in both activations and the transient
     activations = act_ckpt if cfg.gradient_checkpointing else act_plain
-    saved_log_softmax = config.vocab_size * cfg.batch * cfg.seq_len * 4  # in both activations and the transient
     head_grad = config.vocab_size * h * wbytes if cfg.method == "full" else 0  # the first gradient backward makes
     optimizer = _optimizer_bytes(trainable, cfg, wbytes if cfg.method == "full" else 4)
     return MemoryEstimate(weights, constants, grads, optimizer, activations, act_plain, act_ckpt, loss_transient,
