@@ -16,7 +16,7 @@ import triton  # noqa: E402
 from triton.backends.compiler import GPUTarget  # noqa: E402
 from triton.compiler import ASTSource  # noqa: E402
 
-from lowbit.kernels import lut4_gemm, lut4_gemv  # noqa: E402
+from lowbit.kernels import adam8bit, lut4_gemm, lut4_gemv  # noqa: E402
 from lowbit.kernels.lut4 import _device_table  # noqa: E402
 from lowbit.kernels.lut4_asm import fp16_bits, lookup_asm  # noqa: E402
 
@@ -45,6 +45,10 @@ def main() -> int:
                                LAYOUT | dict(LUT_ASM=asm, BN=16, BK=256)),
         "fused GEMM bf16": (lut4_gemm._lut4_gemm_kernel, ["*bf16", "*bf16", *POINTERS] + ["i32"] * 8,
                             LAYOUT | dict(LUT_ASM=asm, IEEE=False, BM=64, BN=64, BK=64, SWAP=True)),
+        "8-bit AdamW step, bf16 parameter": (adam8bit._adamw8bit_kernel, ["*bf16", "*bf16", "*u8", "*u8", "*fp32",
+                                             "*fp32", "*fp32", "*fp32", "*i32", "*fp32", "*fp32", "*i32", "i32",
+                                             "i32", "fp32", "fp32", "fp32", "fp32", "fp32", "fp32"],
+                                             dict(BLOCK=2048)),
     }  # fmt: skip
     for name, (kernel, types, constexprs) in cases.items():
         compiled = compile_kernel(kernel, types, constexprs)

@@ -141,3 +141,67 @@ def test_paged_optimizers_are_a_no_op_on_cpu():
 def test_bad_arguments(kw):
     with pytest.raises(ValueError):
         AdamW8bit([torch.nn.Parameter(torch.zeros(3))], **kw)
+
+
+def _steps(p0, grads, backend, **kw):
+    p = torch.nn.Parameter(p0.clone())
+    opt = AdamW8bit([p], backend=backend, min_8bit_size=0, **kw)
+    for g in grads:
+        p.grad = g.clone().to(p.dtype)
+        opt.step()
+    return p.detach(), opt.state[p]
+
+
+@pytest.mark.parametrize("block_size, n, dtype", [(256, 3 * 256 + 17, torch.float32), (2048, 5000, torch.float32),
+                                                  (300, 1000, torch.bfloat16)])  # fmt: skip
+def test_fused_step_matches_the_torch_step(block_size, n, dtype):
+    """The Triton kernel (interpreted on the CPU) against the torch path: same parameters, same codes."""
+    pytest.importorskip("triton")
+    torch.manual_seed(5)
+    p0 = torch.randn(n).to(dtype)
+    grads = [torch.randn(n) * (1 + t) for t in range(6)]
+    kw = dict(lr=1e-2, betas=(0.9, 0.99), eps=1e-8, weight_decay=0.1, block_size=block_size)
+    p_torch, s_torch = _steps(p0, grads, "torch", **kw)
+    p_fused, s_fused = _steps(p0, grads, "triton", **kw)
+    assert p_fused.dtype == dtype
+    # (Triton's interpreter casts float32 to bfloat16 by truncation, the GPU rounds: up to an ulp a step.)
+    rtol = 1e-6 if dtype == torch.float32 else len(grads) * 2**-7
+    torch.testing.assert_close(p_fused.float(), p_torch.float(), rtol=rtol, atol=1e-7 if rtol < 1e-3 else 4e-3)
+    for key in ("exp_avg_absmax", "exp_avg_sq_absmax"):
+        torch.testing.assert_close(s_fused[key], s_torch[key], rtol=1e-6, atol=0)
+    for key in ("exp_avg_codes", "exp_avg_sq_codes"):  # a rounding tie may fall the other way, rarely
+        assert (s_fused[key] == s_torch[key]).float().mean() > 0.999
+        assert (s_fused[key].int() - s_torch[key].int()).abs().max() <= 1
+
+
+def test_fused_and_torch_steps_share_one_state():
+    """A run that switches backend halfway, through the state dict, continues like one that does not."""
+    pytest.importorskip("triton")
+    torch.manual_seed(6)
+    p0, grads = torch.randn(4096 + 5), [torch.randn(4096 + 5) for _ in range(6)]
+    straight, _ = _steps(p0, grads, "torch", lr=1e-2)
+    p = torch.nn.Parameter(p0.clone())
+    opt = AdamW8bit([p], backend="triton", min_8bit_size=0, lr=1e-2)
+    for g in grads[:3]:
+        p.grad = g.clone()
+        opt.step()
+    opt2 = AdamW8bit([p], backend="torch", min_8bit_size=0, lr=1e-2)
+    opt2.load_state_dict(copy.deepcopy(opt.state_dict()))
+    for g in grads[3:]:
+        p.grad = g.clone()
+        opt2.step()
+    torch.testing.assert_close(p.detach(), straight, rtol=1e-6, atol=1e-7)
+
+
+def test_code_search_matches_nearest_code():
+    from lowbit.formats.codebooks import dynamic_codebook, nearest_code
+    from lowbit.kernels.adam8bit import CodeSearch
+
+    for codebook in (dynamic_codebook(), unsigned_dynamic_codebook()):
+        search = CodeSearch.from_map(codebook)
+        x = torch.cat([torch.rand(20000) * 2 - 1, codebook, (codebook[1:] + codebook[:-1]) / 2])
+        if codebook.min() >= 0:
+            x = x.abs()
+        slots = (search.boundaries[None, :] < x[:, None]).sum(1)  # the kernel's search, by counting
+        assert torch.equal(search.codes[slots].long(), nearest_code(x, codebook))
+        assert torch.equal(search.values, codebook)

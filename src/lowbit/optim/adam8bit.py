@@ -21,6 +21,10 @@ constants cost more than they save, and they are often sensitive biases or norms
 
 bitsandbytes ≥ 0.45 uses blocks of 256; pass `block_size=256` to reproduce its `AdamW8bit` (the
 tests do, on CPU).
+
+On CUDA the step of every 8-bit tensor is one Triton kernel (`lowbit.kernels.adam8bit`); elsewhere, and
+with ``backend="torch"``, the torch code below. Both keep the same state, so a state dict moves freely
+between them.
 """
 
 from __future__ import annotations
@@ -70,11 +74,16 @@ class AdamW8bit(torch.optim.Optimizer):
     min_8bit_size: tensors with fewer elements keep fp32 moments.
     paged: keep the states in (pinned) CPU memory between steps when the parameters live on a GPU
         (`lowbit.optim.paged`); on CPU it changes nothing.
+    backend: "auto" (the fused Triton step on CUDA), "torch" or "triton" (`kernels.dispatch.use_triton`).
     """
 
     def __init__(self, params, lr: float = 1e-3, betas: tuple[float, float] = (0.9, 0.999), eps: float = 1e-8,
                  weight_decay: float = 1e-2, block_size: int = 2048, min_8bit_size: int = 4096,
-                 paged: bool = False) -> None:  # fmt: skip
+                 paged: bool = False, backend: str = "auto") -> None:  # fmt: skip
+        from lowbit.kernels.dispatch import BACKENDS
+
+        if backend not in BACKENDS:
+            raise ValueError(f"unknown backend {backend!r}; choose one of {BACKENDS}")
         if not (lr >= 0.0 and math.isfinite(lr)):
             raise ValueError(f"lr must be a finite number ≥ 0, got {lr}")
         if not all(0.0 <= b < 1.0 for b in betas) or len(betas) != 2:
@@ -90,7 +99,9 @@ class AdamW8bit(torch.optim.Optimizer):
         defaults = dict(lr=lr, betas=tuple(betas), eps=eps, weight_decay=weight_decay, block_size=block_size,
                         min_8bit_size=min_8bit_size, paged=paged)  # fmt: skip
         super().__init__(params, defaults)
+        self.backend = backend
         self._maps: dict[torch.device, tuple[torch.Tensor, torch.Tensor]] = {}
+        self._searches: dict[torch.device, tuple] = {}
 
     def _codebooks(self, device: torch.device) -> tuple[torch.Tensor, torch.Tensor]:
         """(signed, unsigned) dynamic maps on ``device``, built once: per tensor and step they would cost two
@@ -98,6 +109,19 @@ class AdamW8bit(torch.optim.Optimizer):
         if device not in self._maps:
             self._maps[device] = (dynamic_codebook().to(device), unsigned_dynamic_codebook().to(device))
         return self._maps[device]
+
+    def _code_searches(self, device: torch.device) -> tuple:
+        """(signed, unsigned) maps prepared for the fused kernel, built once per device."""
+        if device not in self._searches:
+            from lowbit.kernels.adam8bit import CodeSearch
+
+            self._searches[device] = tuple(CodeSearch.from_map(c) for c in self._codebooks(device))
+        return self._searches[device]
+
+    def _fused(self, p: torch.Tensor, state: dict) -> bool:
+        from lowbit.kernels.dispatch import use_triton
+
+        return "exp_avg_codes" in state and p.is_contiguous() and use_triton(p, self.backend)
 
     def _init_state(self, p: torch.Tensor, group: dict) -> dict:
         state = self.state[p]
@@ -148,6 +172,13 @@ class AdamW8bit(torch.optim.Optimizer):
                 fetch_state(state, p.device, group["paged"])
                 state["step"] += 1
                 t = state["step"]
+                if self._fused(p, state):
+                    from lowbit.kernels.adam8bit import adamw8bit_step
+
+                    adamw8bit_step(p.data, p.grad, state, *self._code_searches(p.device), lr=lr, beta1=beta1,
+                                   beta2=beta2, eps=eps, weight_decay=wd, step=t, block_size=block)  # fmt: skip
+                    offload_state(state, group["paged"])
+                    continue
                 g = p.grad.reshape(-1).float()  # (numel,)
                 m, v = self._read_moments(state, block)
                 m.mul_(beta1).add_(g, alpha=1.0 - beta1)

@@ -223,9 +223,9 @@ def enable_gradient_checkpointing(model: nn.Module, layers: int | None = None) -
             raise ValueError(f"{type(model).__name__} has no per-block checkpointing flags to choose from")
         for i, block in enumerate(blocks):
             block.gradient_checkpointing = i < layers
-    return sum(block.gradient_checkpointing for block in blocks)
     if getattr(model.config, "use_cache", False):
         model.config.use_cache = False  # a KV cache is useless in training and conflicts with checkpointing
+    return sum(block.gradient_checkpointing for block in blocks)
 
 
 def _pad_id(model: nn.Module, pad_token_id: int | None) -> int:
