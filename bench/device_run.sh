@@ -5,6 +5,7 @@
 #   bash bench/device_run.sh generation   # decode kernels again; generation tokens/s, Llama-3-8B shape, batch 1
 #   bash bench/device_run.sh graphs       # generation tokens/s: transformers' generate vs lowbit's static cache + graph;
 #                                         # QLoRA step with fewer blocks checkpointed (lowbit-fused@k)
+#   bash bench/device_run.sh optimizer    # fused 8-bit AdamW vs torch / bnb; fused memory estimate; QLoRA steps
 #   bash bench/device_run.sh longest      # memory estimator; fused vs unfused loss curves (carry smol_cfg too);
 #                                         # QLoRA step training peaks; the longest sequence each contender fits
 # from the repository root on the device, with bitsandbytes' wheel carried in .whl/ (see RESULTS.md).
@@ -90,6 +91,14 @@ case ${1:-kernels} in
       --random-init smol_cfg --fp32
     part qlora8b 90 python3 bench/qlora_step.py --out "$RES" --steps 10 --configs 8:2048:1 \
       --kinds peft+bnb,lowbit,lowbit-fused --no-profile
+    ;;
+  optimizer)  # session 14: the fused 8-bit AdamW; the fused path's memory estimate; QLoRA steps with both
+    part optimizer 90 python3 bench/optimizer_step.py --out "$RES"
+    part memory 140 python3 bench/memory_check.py --out "$RES" --configs qlora-fused,qlora-fused-nockpt,qlora-fused-32@24
+    part qlora 110 python3 bench/qlora_step.py --out "$RES" --steps 6 --configs 8:2048:1 --no-profile \
+      --kinds peft+bnb,lowbit-fused@0,lowbit-fused@0+adam8bit
+    RES=$RES/32 part qlora32 220 python3 bench/qlora_step.py --out "$RES/32" --steps 4 --configs 32:2048:1 \
+      --no-profile --kinds peft+bnb,lowbit-fused@24,lowbit-fused@20
     ;;
 esac
 tar czf "$OUT/results-${1:-kernels}.tgz" -C "$RES" .

@@ -58,6 +58,11 @@ CONFIGS = {
     "qlora": (LLAMA3_8B, 8, dict(method="qlora", precision="bf16", optimizer="adamw", lora_r=16, quant_block_size=64,
                                  double_quant=True, seq_len=2048, batch=1, gradient_checkpointing=True)),  # fmt: skip
 }
+# the fused training path (lowbit.kernels.fuse_for_training): every block recomputed, none, and 24 of 32
+CONFIGS["qlora-fused"] = (LLAMA3_8B, 8, dict(CONFIGS["qlora"][2], fused_kernels=True))
+CONFIGS["qlora-fused-nockpt"] = (LLAMA3_8B, 8, dict(CONFIGS["qlora"][2], fused_kernels=True,
+                                                    gradient_checkpointing=False))  # fmt: skip
+CONFIGS["qlora-fused-32@24"] = (LLAMA3_8B, 32, dict(CONFIGS["qlora"][2], fused_kernels=True, checkpoint_layers=24))
 SMOKE_SHAPE = dict(TINY, tie_word_embeddings=False)
 
 
@@ -68,7 +73,9 @@ def log(*a):
 def describe(name: str, shape: dict, layers: int, cfg: MemoryConfig) -> str:
     extra = f" r={cfg.lora_r}" if cfg.method != "full" else ""
     extra += " NF4+DQ" if cfg.method == "qlora" else ""
-    extra += " ckpt" if cfg.gradient_checkpointing else ""
+    extra += " fused" if cfg.fused_kernels else ""
+    if cfg.gradient_checkpointing:
+        extra += " ckpt" if cfg.checkpoint_layers is None else f" ckpt {cfg.checkpoint_layers}"
     return (f"{name}: {cfg.method}{extra} {cfg.precision} {cfg.optimizer}, {layers}×h{shape['hidden_size']} "
             f"V{shape['vocab_size']}, seq {cfg.seq_len}×{cfg.batch}")  # fmt: skip
 

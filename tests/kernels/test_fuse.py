@@ -9,7 +9,7 @@ import torch
 
 import lowbit
 from lowbit.kernels import fuse_for_training
-from lowbit.kernels.fuse import unfuse_loss
+from lowbit.kernels.fuse import has_fused_loss, unfuse_loss
 from tests.tiny_models import tiny_llama, tiny_qwen2
 
 
@@ -85,6 +85,7 @@ def test_trainer_fused_kernels_flag():
     model = _qlora(tiny_llama())
     got = train(model, examples, TrainConfig(fused_kernels=True, **cfg), pad_token_id=tok.pad_token_id).losses
     assert type(model.model.layers[0].mlp).__name__ == "SwiGLUMLP"
+    assert has_fused_loss(model)  # the trainer's loss came from the chunked cross-entropy, no logits
     assert max(abs(a - b) for a, b in zip(got, want)) < 1e-4  # the tolerance of test_ten_qlora_steps_match_unfused
     bf16 = TrainConfig(fused_kernels=True, precision="bf16", **cfg)
     losses = train(_qlora(tiny_llama()), examples, bf16, pad_token_id=tok.pad_token_id).losses

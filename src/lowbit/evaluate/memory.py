@@ -294,6 +294,10 @@ def measure_training_peak(model: nn.Module, cfg: MemoryConfig, steps: int = 2) -
         apply_lora(model, LoraConfig(r=cfg.lora_r, alpha=cfg.lora_r))
     if cfg.gradient_checkpointing:
         enable_gradient_checkpointing(model, cfg.checkpoint_layers)
+    if cfg.fused_kernels:
+        from lowbit.kernels import fuse_for_training
+
+        fuse_for_training(model)
     params = [p for p in model.parameters() if p.requires_grad]
     opt = build_optimizer(params, TrainConfig(optimizer=cfg.optimizer, optimizer_block_size=cfg.optimizer_block_size))
     ids = torch.randint(0, model.config.vocab_size, (cfg.batch, cfg.seq_len), device=device)

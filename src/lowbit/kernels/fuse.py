@@ -80,6 +80,12 @@ def fuse_loss(model: nn.Module, chunk_size: int | None = None, backend: str = "a
     return True
 
 
+def has_fused_loss(model: nn.Module) -> bool:
+    """Whether `fuse_loss` routed this model's loss through the chunked cross-entropy."""
+    forward = model.__dict__.get("forward")
+    return getattr(forward, "__func__", None) is _chunked_loss_forward
+
+
 def unfuse_loss(model: nn.Module) -> None:
     model.__dict__.pop("forward", None)
 

@@ -73,8 +73,8 @@ class TrainConfig:
     strategy: none | ddp | fsdp (used when torch.distributed is initialised with > 1 process).
     offload_activations: keep the tensors saved for backward in pinned CPU memory (with gradient
         checkpointing: the blocks' inputs), for sequences whose activations do not fit the GPU.
-    fused_kernels: swap in lowbit.kernels' fused RMSNorm, SwiGLU MLP and QLoRA linear (Llama / Qwen2 /
-        Mistral); the loss stays this trainer's own (it needs the logits for prompt methods and distillation).
+    fused_kernels: swap in lowbit.kernels' fused RMSNorm, SwiGLU MLP, QLoRA linear and chunked cross-entropy
+        (Llama / Qwen2 / Mistral). Distillation and prompt tuning keep the logits-based loss.
     """
 
     max_steps: int = 100
@@ -270,7 +270,17 @@ def logits_and_labels(model: nn.Module, batch: dict) -> tuple[torch.Tensor, torc
 
 def batch_loss(model: nn.Module, batch: dict, teacher: nn.Module | None = None,
                distill: DistillConfig | None = None) -> torch.Tensor:  # fmt: skip
-    """Summed cross-entropy (or distillation loss) of one batch; divide by `loss_items` for the mean."""
+    """Summed cross-entropy (or distillation loss) of one batch; divide by `loss_items` for the mean.
+
+    A causal LM whose loss `fuse_for_training` fused computes it inside its forward from the hidden states
+    (chunked cross-entropy, no (tokens, vocab) fp32 logits), unless a prompt method's hook lengthens its input.
+    """
+    from lowbit.kernels.fuse import has_fused_loss
+
+    inner = getattr(model, "module", model)  # DDP wraps the model in .module
+    if teacher is None and batch["labels"].dim() == 2 and has_fused_loss(inner) and not inner._forward_pre_hooks:
+        # num_items_in_batch=1: the sum over predicted tokens (ignore_index excluded), as below
+        return model(**batch, use_cache=False, num_items_in_batch=1).loss
     logits, labels, inputs = logits_and_labels(model, batch)
     if teacher is None:
         return F.cross_entropy(logits.reshape(-1, logits.shape[-1]), labels.reshape(-1),
@@ -436,7 +446,7 @@ def train(model: nn.Module, train_examples: Sequence[dict], config: TrainConfig 
     if cfg.fused_kernels:
         from lowbit.kernels import fuse_for_training
 
-        fuse_for_training(model, loss=False)
+        fuse_for_training(model)
     if not any(p.requires_grad for p in model.parameters()):
         raise ValueError("the model has no trainable parameters: apply a PEFT method (lowbit.peft) first")
     rank, world = rank_and_world()
