@@ -367,3 +367,18 @@ def test_export_gguf_k_quants_with_imatrix_and_a_lora_adapter(tiny_dir, tmp_path
     names = {t.name for t in reader.tensors}
     assert "blk.0.attn_q.weight.lora_a" in names and "blk.1.ffn_down.weight.lora_b" in names
     capsys.readouterr()
+
+
+def test_memory_plans_checkpointing_for_a_budget(tiny_dir, capsys):
+    from lowbit.evaluate.memory import MemoryConfig, estimate_memory, load_config
+
+    args = ["memory", str(tiny_dir), "--method", "qlora", "--precision", "bf16", "--seq-len", "512", "--batch", "4"]
+    cfg = MemoryConfig(method="qlora", precision="bf16", seq_len=512, batch=4)
+    keep = estimate_memory(load_config(str(tiny_dir)), cfg).training_total
+    main(args + ["--budget", str(keep / 2**30)])
+    assert "no gradient checkpointing needed (0 of 2 blocks recomputed)" in capsys.readouterr().out
+    every = estimate_memory(load_config(str(tiny_dir)), MemoryConfig(**{**cfg.__dict__, "gradient_checkpointing": True}))
+    main(args + ["--budget", str(every.training_total / 2**30)])
+    assert "--checkpoint-layers 2 (2 of 2 blocks recomputed)" in capsys.readouterr().out
+    with pytest.raises(SystemExit, match="even with all 2 blocks recomputed"):
+        main(args + ["--budget", "0.0001"])

@@ -529,8 +529,8 @@ def _finetune(args) -> None:
                         warmup_steps=args.warmup_steps, max_grad_norm=args.max_grad_norm or None,
                         precision=args.precision,
                         gradient_checkpointing=args.gradient_checkpointing or args.checkpoint_layers is not None,
-                        checkpoint_layers=args.checkpoint_layers, offload_activations=args.offload_activations,
-                        fused_kernels=args.fused_kernels, eval_every=args.eval_every, eval_batches=args.eval_batches,
+                        checkpoint_layers=args.checkpoint_layers, memory_budget_gib=args.memory_budget,
+                        offload_activations=args.offload_activations, fused_kernels=args.fused_kernels, eval_every=args.eval_every, eval_batches=args.eval_batches,
                         early_stopping_patience=args.early_stopping, save_every=args.save_every, seed=args.seed,
                         strategy=args.strategy)  # fmt: skip
     cfg = FinetuneConfig(model=args.model, data=args.data, eval_data=args.eval_data, data_config=data,
@@ -589,9 +589,13 @@ def _add_finetune(sub) -> None:
     p.add_argument("--max-grad-norm", type=float, default=1.0, help="gradient clipping (0: off)")
     p.add_argument("--precision", choices=["fp32", "bf16", "fp16"], default="fp32", help="autocast dtype")
     p.add_argument("--gradient-checkpointing", action="store_true", help="recompute activations in backward")
-    p.add_argument("--checkpoint-layers", type=int, default=None, metavar="N",
+    p.add_argument("--checkpoint-layers", type=_layers_or_auto, default=None, metavar="N|auto",
                    help="recompute only the first N blocks (implies --gradient-checkpointing): the others keep "
-                        "their activations, trading memory for speed (see `lowbit memory --checkpoint-layers`)")
+                        "their activations, trading memory for speed (see `lowbit memory --checkpoint-layers`); "
+                        "auto: as few as the memory estimate fits in --memory-budget")
+    p.add_argument("--memory-budget", type=float, default=None, metavar="GIB",
+                   help="with --checkpoint-layers auto: the memory to fit (default: 90%% of the GPU's; required "
+                        "on the CPU)")
     p.add_argument("--offload-activations", action="store_true",
                    help="keep activations saved for backward in pinned CPU memory (GPU): longer sequences fit")
     p.add_argument("--fused-kernels", action="store_true",
@@ -608,8 +612,17 @@ def _add_finetune(sub) -> None:
     p.set_defaults(func=_finetune)
 
 
+def _layers_or_auto(value: str) -> int | str:
+    if value == "auto":
+        return value
+    try:
+        return int(value)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected a number of blocks or 'auto', got {value!r}") from None
+
+
 def _memory(args) -> None:
-    from lowbit.evaluate.memory import MemoryConfig, estimate_memory, load_config, rule_of_thumb
+    from lowbit.evaluate.memory import MemoryConfig, estimate_memory, load_config, plan_checkpoint_layers, rule_of_thumb
 
     if args.params:
         r = rule_of_thumb(args.params)
@@ -621,7 +634,17 @@ def _memory(args) -> None:
                        precision=args.precision, lora_r=args.r,
                        gradient_checkpointing=args.gradient_checkpointing or args.checkpoint_layers is not None,
                        checkpoint_layers=args.checkpoint_layers, fused_kernels=args.fused_kernels)  # fmt: skip
-    print(estimate_memory(load_config(args.model), cfg).to_markdown())
+    config = load_config(args.model)
+    if args.budget is None:
+        print(estimate_memory(config, cfg).to_markdown())
+        return
+    try:
+        layers, estimate = plan_checkpoint_layers(config, cfg, int(args.budget * 2**30))
+    except ValueError as e:
+        raise SystemExit(f"lowbit memory: {e}") from None
+    print(estimate.to_markdown())
+    advice = "no gradient checkpointing needed" if layers == 0 else f"--checkpoint-layers {layers}"
+    print(f"\nfits {args.budget:g} GiB with {advice} ({layers} of {config.num_hidden_layers} blocks recomputed)")
 
 
 def _add_memory(sub) -> None:
@@ -636,6 +659,8 @@ def _add_memory(sub) -> None:
                        "  lowbit memory ./llama-3-8b/config.json --method lora --gradient-checkpointing\n"
                        "  lowbit memory ./llama-3-8b/config.json --checkpoint-layers 16   # half the blocks\n"
                        "  lowbit memory ./llama-3-8b/config.json --fused-kernels --precision bf16 --seq-len 8192\n"
+                       "  lowbit memory ./llama-3-8b/config.json --fused-kernels --precision bf16 --budget 20"
+                       "   # blocks to recompute\n"
                        "  lowbit memory --params 1e9")  # fmt: skip
     p.add_argument("model", nargs="?", default="smollm2-135m", help=MODEL_HELP + ", or a config.json")
     p.add_argument("--method", choices=["full", "lora", "qlora"], default="qlora")
@@ -649,6 +674,8 @@ def _add_memory(sub) -> None:
                    help="checkpoint only the first N blocks (implies --gradient-checkpointing)")
     p.add_argument("--fused-kernels", action="store_true",
                    help="lowbit's fused training kernels and chunked loss (finetune --fused-kernels)")
+    p.add_argument("--budget", type=float, default=None, metavar="GIB",
+                   help="plan: the fewest blocks to recompute for the training peak to fit this many GiB")
     p.add_argument("--params", type=float, help="just the rule of thumb for this many fp32 parameters")
     p.set_defaults(func=_memory)
 

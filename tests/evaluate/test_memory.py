@@ -151,3 +151,26 @@ def test_bad_config():
     for kw in (dict(method="ia3"), dict(optimizer="adam"), dict(seq_len=0), dict(precision="int8"), dict(checkpoint_layers=-1)):
         with pytest.raises(ValueError):
             MemoryConfig(**kw)
+
+
+def test_plan_checkpoint_layers_keeps_as_many_blocks_as_fit():
+    """By hand: recomputing k ≥ 1 of L blocks keeps k block inputs + (L − k + 1) blocks' activations, so the
+    estimate falls by (k − 1)·(block − input) − input from keeping them all."""
+    from lowbit.evaluate.memory import plan_checkpoint_layers
+
+    config = LlamaConfig(hidden_size=128, intermediate_size=512, num_hidden_layers=8, num_attention_heads=4,
+                         num_key_value_heads=2, vocab_size=1000)  # fmt: skip
+    cfg = MemoryConfig(method="qlora", precision="bf16", seq_len=256, batch=2)
+    keep_all = estimate_memory(config, cfg)
+    tokens, act = 2 * 256, 2
+    block = (keep_all.activations_no_checkpointing - 1000 * tokens * 4) // 8
+    block_input = 128 * tokens * act
+    assert plan_checkpoint_layers(config, cfg, keep_all.training_total)[0] == 0
+    budget = keep_all.training_total - int(3.5 * (block - block_input))  # needs (k − 1) ≥ 3.5 + input/(block − input)
+    k, est = plan_checkpoint_layers(config, cfg, budget)
+    assert k == 5 and est.training_total <= budget
+    assert est.activations == 5 * block_input + 4 * block + 1000 * tokens * 4
+    every = estimate_memory(config, MemoryConfig(**{**cfg.__dict__, "gradient_checkpointing": True}))
+    assert plan_checkpoint_layers(config, cfg, every.training_total)[0] == 8
+    with pytest.raises(ValueError, match="even with all 8 blocks recomputed"):
+        plan_checkpoint_layers(config, cfg, every.training_total - 1)

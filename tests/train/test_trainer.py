@@ -281,3 +281,28 @@ def test_config_validation_and_errors(sft, tok):
     with pytest.raises(ValueError, match="needs output_dir"):
         train(lora_llama(), sft, TrainConfig(**FAST), pad_token_id=0, resume="auto")
     assert copy.deepcopy(TrainConfig()) == TrainConfig()
+
+
+def test_checkpoint_layers_auto_follows_the_memory_budget(sft, tok):
+    from lowbit.evaluate.memory import MemoryConfig, estimate_memory
+
+    seq = max(len(e["input_ids"]) for e in sft)
+    memory = dict(method="qlora", seq_len=seq, batch=4, lora_r=4, precision="fp32")
+    keep = estimate_memory(tiny_llama().config, MemoryConfig(**memory)).training_total
+    every = estimate_memory(tiny_llama().config, MemoryConfig(**memory, gradient_checkpointing=True)).training_total
+    assert every < keep
+    for budget, recomputed in ((keep, 0), ((keep + every) / 2, 2)):  # 1 of 2 blocks would not save anything
+        model = lora_llama(quantized=True)
+        cfg = TrainConfig(max_steps=1, batch_size=4, gradient_checkpointing=True, checkpoint_layers="auto",
+                          memory_budget_gib=budget / 2**30, **FAST)  # fmt: skip
+        train(model, sft, cfg, pad_token_id=tok.pad_token_id)
+        assert [block.gradient_checkpointing for block in model.model.layers] == [i < recomputed for i in range(2)]
+    with pytest.raises(ValueError, match="needs memory_budget_gib on the CPU"):
+        train(lora_llama(quantized=True), sft, TrainConfig(max_steps=1, gradient_checkpointing=True,
+                                                           checkpoint_layers="auto", **FAST), pad_token_id=0)  # fmt: skip
+    with pytest.raises(ValueError, match="even with all 2 blocks"):
+        train(lora_llama(quantized=True), sft, TrainConfig(max_steps=1, batch_size=4, gradient_checkpointing=True,
+                                                           checkpoint_layers="auto", memory_budget_gib=every / 2**31,
+                                                           **FAST), pad_token_id=0)  # fmt: skip
+    with pytest.raises(ValueError, match="goes with checkpoint_layers='auto'"):
+        TrainConfig(gradient_checkpointing=True, memory_budget_gib=10)

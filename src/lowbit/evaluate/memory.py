@@ -42,7 +42,7 @@ the memory of storing", which does not follow from its per-parameter table.
 from __future__ import annotations
 
 import math
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 
 import torch
 from torch import nn
@@ -234,6 +234,25 @@ def estimate_memory(model_or_config, cfg: MemoryConfig | None = None) -> MemoryE
     return MemoryEstimate(weights, constants, grads, optimizer, activations, act_plain, act_ckpt, loss_transient,
                           kv_cache, sum(trainable), n_params,
                           activations - saved_log_softmax + loss_transient + head_grad)  # fmt: skip
+
+
+def plan_checkpoint_layers(model_or_config, cfg: MemoryConfig, budget_bytes: int) -> tuple[int, MemoryEstimate]:
+    """The fewest blocks to recompute so that the estimated training peak fits in ``budget_bytes``.
+
+    Every recomputed block costs one more forward pass of it per step, so the plan keeps as many blocks'
+    activations as fit: returns (k, its estimate), k = 0 when no block needs recomputing (`checkpoint_layers`
+    = k, with gradient checkpointing). Raises ValueError when recomputing every block does not fit either.
+    """
+    model = model_or_config if isinstance(model_or_config, nn.Module) else _meta_model(model_or_config)
+    layers = model.config.num_hidden_layers
+    estimate = None
+    for k in range(layers + 1):  # not monotone at k = 1 (a recomputed block's transient), so every k is tried
+        estimate = estimate_memory(model, replace(cfg, gradient_checkpointing=True, checkpoint_layers=k))
+        if estimate.training_total <= budget_bytes:
+            return k, estimate
+    raise ValueError(f"the estimated training peak is {estimate.training_total / 2**30:.2f} GiB even with all "
+                     f"{layers} blocks recomputed, over the budget of {budget_bytes / 2**30:.2f} GiB: shorten the "
+                     "sequences or the batch, or use fused kernels, an 8-bit optimizer or activation offload")
 
 
 def _meta_model(config) -> nn.Module:

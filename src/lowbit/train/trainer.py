@@ -66,6 +66,8 @@ class TrainConfig:
     checkpoint_layers: with gradient_checkpointing, recompute only the first N blocks (None: all). The others
         keep their activations: each block not recomputed saves one forward pass of it per step and costs its
         activations' memory (`lowbit memory` estimates both; bench/RESULTS.md has measured trade-offs).
+        "auto": as few as `lowbit.evaluate.memory.plan_checkpoint_layers` estimates fit in memory_budget_gib
+        (default: 90 % of the GPU's memory; required on the CPU), for a transformers causal LM.
     eval_every / eval_batches: evaluate every N steps (0: only at the end) on at most eval_batches batches.
     early_stopping_patience: stop after this many evaluations without a new best eval loss.
     save_every / keep_checkpoints: checkpoint every N steps (0: only at the end) into output_dir.
@@ -92,7 +94,8 @@ class TrainConfig:
     max_grad_norm: float | None = 1.0
     precision: str = "fp32"
     gradient_checkpointing: bool = False
-    checkpoint_layers: int | None = None
+    checkpoint_layers: int | str | None = None
+    memory_budget_gib: float | None = None
     eval_every: int = 0
     eval_batches: int | None = None
     eval_batch_size: int | None = None
@@ -128,11 +131,15 @@ class TrainConfig:
             if getattr(self, name) not in allowed:
                 raise ValueError(f"{name} must be one of {allowed}, got {getattr(self, name)!r}")
         if self.checkpoint_layers is not None:
-            if isinstance(self.checkpoint_layers, bool) or not isinstance(self.checkpoint_layers, int):
-                raise ValueError(f"checkpoint_layers must be an int ≥ 0 or None, got {self.checkpoint_layers!r}")
-            if self.checkpoint_layers < 0 or not self.gradient_checkpointing:
+            if self.checkpoint_layers != "auto" and (isinstance(self.checkpoint_layers, bool)
+                                                     or not isinstance(self.checkpoint_layers, int)):
+                raise ValueError(f"checkpoint_layers must be an int ≥ 0, 'auto' or None, got {self.checkpoint_layers!r}")
+            if not self.gradient_checkpointing or (self.checkpoint_layers != "auto" and self.checkpoint_layers < 0):
                 raise ValueError(f"checkpoint_layers ({self.checkpoint_layers}) needs gradient_checkpointing=True "
                                  "and must be ≥ 0")  # fmt: skip
+        if self.memory_budget_gib is not None and not (self.memory_budget_gib > 0 and self.checkpoint_layers == "auto"):
+            raise ValueError(f"memory_budget_gib ({self.memory_budget_gib}) must be > 0 and goes with "
+                             "checkpoint_layers='auto'")  # fmt: skip
         if self.early_stopping_patience is not None and self.early_stopping_patience < 1:
             raise ValueError(f"early_stopping_patience must be ≥ 1 or None, got {self.early_stopping_patience}")
         object.__setattr__(self, "betas", tuple(self.betas))
@@ -226,6 +233,40 @@ def enable_gradient_checkpointing(model: nn.Module, layers: int | None = None) -
     if getattr(model.config, "use_cache", False):
         model.config.use_cache = False  # a KV cache is useless in training and conflicts with checkpointing
     return sum(block.gradient_checkpointing for block in blocks)
+
+
+def plan_checkpointing(model: nn.Module, cfg: TrainConfig, seq_len: int) -> int:
+    """`checkpoint_layers="auto"`: the fewest blocks to recompute for the estimated peak to fit the budget.
+
+    The estimate (`lowbit.evaluate.memory`) is built from the model's config and what this run trains: QLoRA
+    when the model holds QuantLinear layers, LoRA (its rank) when it holds LoRA layers, else full fine-tuning;
+    the precision, optimizer, batch size and fused kernels of ``cfg``; the longest sequence of the data.
+    """
+    from lowbit.evaluate.memory import MemoryConfig, plan_checkpoint_layers
+    from lowbit.nn.quant_linear import QuantLinear
+
+    device = _device(model)
+    if cfg.memory_budget_gib is not None:
+        budget = int(cfg.memory_budget_gib * 2**30)
+    elif device.type == "cuda":
+        budget = int(0.9 * torch.cuda.get_device_properties(device).total_memory)
+    else:
+        raise ValueError("checkpoint_layers='auto' needs memory_budget_gib on the CPU (no device memory to read)")
+    ranks = [p.shape[0] for m in model.modules() if isinstance(getattr(m, "lora_A", None), nn.ParameterDict)
+             for p in m.lora_A.values()]  # fmt: skip
+    method = "qlora" if any(isinstance(m, QuantLinear) for m in model.modules()) else ("lora" if ranks else "full")
+    optimizer = {"adamw8bit": "adamw8bit", "paged_adamw8bit": "adamw8bit", "sgd": "sgd"}.get(cfg.optimizer, "adamw")
+    memory = MemoryConfig(method=method, seq_len=seq_len, batch=cfg.batch_size, optimizer=optimizer,
+                          precision=cfg.precision, lora_r=max(ranks, default=16), fused_kernels=cfg.fused_kernels,
+                          optimizer_block_size=cfg.optimizer_block_size)  # fmt: skip
+    config = getattr(model, "config", None)
+    if config is None or not hasattr(config, "num_hidden_layers"):
+        raise ValueError("checkpoint_layers='auto' needs a transformers model with a config; pass a number")
+    layers, estimate = plan_checkpoint_layers(config, memory, budget)
+    if cfg.progress and rank_and_world()[0] == 0:
+        print(f"checkpoint_layers='auto': recomputing {layers} of {config.num_hidden_layers} blocks, estimated peak "
+              f"{estimate.training_total / 2**30:.2f} GiB of a {budget / 2**30:.2f} GiB budget")  # fmt: skip
+    return layers
 
 
 def _pad_id(model: nn.Module, pad_token_id: int | None) -> int:
@@ -442,7 +483,10 @@ def train(model: nn.Module, train_examples: Sequence[dict], config: TrainConfig 
     if not train_examples:
         raise ValueError("no training examples")
     if cfg.gradient_checkpointing:
-        enable_gradient_checkpointing(model, cfg.checkpoint_layers)
+        layers = cfg.checkpoint_layers
+        if layers == "auto":
+            layers = plan_checkpointing(model, cfg, max(len(e["input_ids"]) for e in train_examples))
+        enable_gradient_checkpointing(model, layers)
     if cfg.fused_kernels:
         from lowbit.kernels import fuse_for_training
 
