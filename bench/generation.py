@@ -18,6 +18,7 @@ steady per-token time is also reported. Checks that each model's two ways give t
 from __future__ import annotations
 
 import argparse
+import functools
 import gc
 import json
 import sys
@@ -73,11 +74,11 @@ def hf_generate(model, prompt: torch.Tensor, new: int) -> tuple[dict, list[int]]
     return {"tok_s": new / seconds, "ms_per_token": 1e3 * seconds / new}, out[0, prompt.shape[1] :].tolist()
 
 
-def lowbit_generate(model, prompt: torch.Tensor, new: int) -> tuple[dict, list[int]]:
+def lowbit_generate(model, prompt: torch.Tensor, new: int, fused_ops: bool = False) -> tuple[dict, list[int]]:
     """lowbit's decoder with the static cache; each token is on the host when yielded (its .tolist() syncs)."""
 
     def run(n: int) -> tuple[list[float], list[int]]:
-        config = GenerateConfig(max_new_tokens=n, eos_token_id=(), static_cache=True)
+        config = GenerateConfig(max_new_tokens=n, eos_token_id=(), static_cache=True, fused_ops=fused_ops)
         stamps, tokens = [time.perf_counter()], []
         for (token,) in iter_tokens(model, prompt, config):
             stamps.append(time.perf_counter())
@@ -99,7 +100,10 @@ def logit_check(model, prompt: torch.Tensor, n: int = 32) -> dict:
     with torch.no_grad():
         want = model(input_ids=torch.cat([prompt, forced], 1)).logits[0, prompt.shape[1] - 1 :].float()  # (n+1, V)
     result = {"logit_scale": want.abs().max().item()}
-    for name, decoder in (("static", StaticDecoder(model, prompt, prompt.shape[1] + n)), ("dynamic", KVDecoder(model, prompt))):
+    decoders = {"static": StaticDecoder(model, prompt, prompt.shape[1] + n),
+                "static + fused ops": StaticDecoder(model, prompt, prompt.shape[1] + n, fused_ops=True),
+                "dynamic": KVDecoder(model, prompt)}  # fmt: skip
+    for name, decoder in decoders.items():
         got = torch.cat([decoder.forward(prompt).clone()] + [decoder.advance(forced[:, i]).clone() for i in range(n)])
         result[name] = {"max_abs": (got - want).abs().max().item(),
                         "argmax_agree": (got.argmax(-1) == want.argmax(-1)).float().mean().item()}  # fmt: skip
@@ -111,7 +115,8 @@ def sync(device) -> None:
         torch.cuda.synchronize()
 
 
-WAYS = {"transformers generate": hf_generate, "lowbit static + CUDA graph": lowbit_generate}
+WAYS = {"transformers generate": hf_generate, "lowbit static + CUDA graph": lowbit_generate,
+        "lowbit static + CUDA graph + fused ops": functools.partial(lowbit_generate, fused_ops=True)}
 
 
 def main() -> None:
@@ -143,8 +148,8 @@ def main() -> None:
             log(f"{kind}: teacher-forced logits vs the uncached forward: {check}")
         except Exception as e:
             log(f"{kind}: logit check failed: {type(e).__name__}: {str(e)[:300]}")
-        if len(tokens) == 2:
-            a, b = tokens.values()
+        if len(tokens) >= 2:
+            a, b = list(tokens.values())[:2]
             agree = next((i for i, (x, y) in enumerate(zip(a, b)) if x != y), len(a))
             results[f"{kind} · tokens agreeing from the start"] = agree
             log(f"{kind}: the two ways agree on the first {agree} of {len(a)} greedy tokens")
@@ -154,7 +159,7 @@ def main() -> None:
             torch.cuda.empty_cache()
     if args.check_only:
         kinds = []  # no timings to tabulate
-    log("\n| model | " + " | ".join(f"{w} tok/s (ms/token)" for w in WAYS) + " |\n|---|---|---|")
+    log("\n| model | " + " | ".join(f"{w} tok/s (ms/token)" for w in WAYS) + " |\n|---|" + "---|" * len(WAYS))
     for kind in kinds:
         cells = [results.get(f"{kind} · {w}") for w in WAYS]
         log(f"| {kind} | " + " | ".join("failed" if c is None else f"{c['tok_s']:.1f} ({c['ms_per_token']:.2f})"

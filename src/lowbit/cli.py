@@ -114,6 +114,8 @@ def _add_decoding_options(p) -> None:
     g.add_argument("--static-cache", action=argparse.BooleanOptionalAction, default=None,
                    help="lowbit's preallocated KV cache and fixed-shape step, replayed as a CUDA graph on a GPU "
                         "(default: on for Llama/Mistral/Qwen-layout models on CUDA)")  # fmt: skip
+    g.add_argument("--fused-ops", action="store_true",
+                   help="with the static cache: lowbit's fused RMSNorm / rotary / SwiGLU kernels in each step")
 
 
 def _generate_config(args):
@@ -124,7 +126,7 @@ def _generate_config(args):
     return GenerateConfig(max_new_tokens=args.max_new_tokens, do_sample=args.sample, temperature=args.temperature,
                           top_k=args.top_k, top_p=args.top_p, repetition_penalty=args.repetition_penalty,
                           num_beams=args.num_beams, length_penalty=args.length_penalty, seed=args.seed,
-                          static_cache=args.static_cache,
+                          static_cache=args.static_cache, fused_ops=args.fused_ops,
                           stop_strings=tuple(codecs.decode(s, "unicode_escape") for s in args.stop))  # fmt: skip
 
 

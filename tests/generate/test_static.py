@@ -37,21 +37,49 @@ def padded_batch(width: int = 7):
     return ids, mask
 
 
+@pytest.mark.parametrize("fused_ops", [False, True])
 @pytest.mark.parametrize("name", MODELS)
-def test_every_step_matches_the_uncached_forward(name):
+def test_every_step_matches_the_uncached_forward(name, fused_ops):
     """Prompt and 6 steps of a left-padded batch in float64: each step's logits equal transformers' forward over
-    the whole sequence so far (no cache, its own masks and positions) at that step's position."""
+    the whole sequence so far (no cache, its own masks and positions) at that step's position. With fused_ops
+    the norms, rotation and SwiGLU are lowbit's fused ops (their torch references on the CPU)."""
     model = MODELS[name]().double()
     ids, mask = padded_batch()
     new = torch.randint(3, 300, (2, 6), generator=torch.Generator().manual_seed(2))
-    decoder = StaticDecoder(model, ids, max_len=ids.shape[1] + 6, attention_mask=mask)
+    decoder = StaticDecoder(model, ids, max_len=ids.shape[1] + 6, attention_mask=mask, fused_ops=fused_ops)
     got = [decoder.forward(ids)] + [decoder.advance(new[:, i]) for i in range(5)]
     full_ids, full_mask = torch.cat([ids, new], 1), torch.cat([mask, torch.ones_like(new)], 1)
     positions = (full_mask.cumsum(-1) - 1).clamp(min=0)
     with torch.no_grad():
         want = model(input_ids=full_ids, attention_mask=full_mask, position_ids=positions).logits.float()
+    # transformers' RMSNorm computes in float32 even for float64 inputs; lowbit's keeps float64
+    atol = 1e-6 if fused_ops else 1e-9
     for step, logits in enumerate(got):
-        torch.testing.assert_close(logits, want[:, ids.shape[1] - 1 + step], rtol=0, atol=1e-9)
+        torch.testing.assert_close(logits, want[:, ids.shape[1] - 1 + step], rtol=0, atol=atol)
+
+
+@pytest.mark.parametrize("name", ["llama", "qwen3"])
+def test_fused_ops_run_their_triton_kernels(name):
+    """The Triton kernels (interpreted on the CPU) in the decode step give the unfused step's logits, and
+    replace the modules' own norms and MLP activation (which then never run)."""
+    pytest.importorskip("triton")
+    model = MODELS[name]()
+    ids, mask = padded_batch()
+    new = torch.randint(3, 300, (2, 3), generator=torch.Generator().manual_seed(2))
+    calls = []
+    for module in model.modules():
+        if type(module).__name__.endswith("RMSNorm") or type(module).__name__ == "SiLUActivation":
+            module.register_forward_hook(lambda *_: calls.append(1))
+    logits = []
+    for fused in (True, False):
+        decoder = StaticDecoder(model, ids, max_len=ids.shape[1] + 3, attention_mask=mask, fused_ops=fused,
+                                backend="triton")  # fmt: skip
+        logits.append([decoder.forward(ids)] + [decoder.advance(new[:, i]).clone() for i in range(3)])
+        if fused:
+            assert calls == []
+    assert calls  # the unfused step ran the modules
+    for got, want in zip(*logits):
+        torch.testing.assert_close(got, want, rtol=1e-5, atol=1e-5)
 
 
 def test_sliding_window_is_applied():

@@ -86,7 +86,8 @@ def make_decoder(model, input_ids: torch.Tensor, attention_mask: torch.Tensor | 
     if static is None:
         static = input_ids.device.type == "cuda" and supports_static(model)
     if static:  # the last step's token is returned, never fed: the cache needs one slot less than the total
-        return StaticDecoder(model, input_ids, input_ids.shape[1] + config.max_new_tokens, attention_mask)
+        return StaticDecoder(model, input_ids, input_ids.shape[1] + config.max_new_tokens, attention_mask,
+                             fused_ops=config.fused_ops)  # fmt: skip
     return KVDecoder(model, input_ids, attention_mask)
 
 

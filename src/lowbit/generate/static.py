@@ -15,6 +15,10 @@ Qwen3's q/k norms, SmolLM2); `supports` says why another does not.
 
 Cache slots are shared by the batch: a left-padded prompt of width T fills slots 0 … T-1 and step s writes
 slot T + s. Padding slots are masked out of attention; positions count real tokens only, as in `KVDecoder`.
+
+With ``fused_ops`` the step's small operations run as lowbit's fused kernels (`lowbit.kernels`: RMSNorm,
+the rotation of q and k, SwiGLU; Triton on CUDA, the torch references elsewhere) instead of the modules'
+own chains of elementwise kernels: at batch 1 those launches, not the weights, are about half of a step.
 """
 
 from __future__ import annotations
@@ -25,7 +29,9 @@ import torch
 from torch import nn
 from torch.nn import functional as F
 
-from lowbit.kernels.rope import rope_reference
+from lowbit.kernels.norms import rms_norm
+from lowbit.kernels.rope import apply_rope, rope_reference
+from lowbit.kernels.swiglu import swiglu
 
 # Decoders whose forward is embed → layers (pre-norm attention + MLP) → norm → head, and nothing else. Others
 # with the same module names differ in the glue (Gemma scales the embedding, SmolLM3 skips RoPE in some layers).
@@ -56,6 +62,11 @@ def layer_windows(config) -> list[int | None]:
     return [window if kind == "sliding_attention" else None for kind in types]
 
 
+# modules whose forward the fused kernels compute exactly: x·rsqrt(mean x² + ε)·w, and down(silu(gate) ⊙ up)
+RMS_NORMS = ("LlamaRMSNorm", "MistralRMSNorm", "Qwen2RMSNorm", "Qwen3RMSNorm", "FusedRMSNorm")
+SWIGLU_MLPS = ("LlamaMLP", "MistralMLP", "Qwen2MLP", "Qwen3MLP")
+
+
 def supports(model: nn.Module) -> bool:
     return not isinstance(decoder_parts(model), str)
 
@@ -73,11 +84,13 @@ class StaticDecoder:
     the first ``advance`` captures the step and every later one replays it; the logits it returns are a buffer
     the next replay overwrites. The default is off for models with a module that synchronises with the host
     (``graph_capturable = False``, e.g. LLM.int8's outlier split), and a capture that fails falls back to
-    eager steps with a warning.
+    eager steps with a warning. ``fused_ops`` computes the norms, the rotation and SwiGLU with lowbit's fused
+    kernels (``backend`` as in `kernels.dispatch.use_triton`); modules of other kinds run as they are.
     """
 
     def __init__(self, model: nn.Module, input_ids: torch.Tensor, max_len: int,
-                 attention_mask: torch.Tensor | None = None, cuda_graph: bool | None = None) -> None:  # fmt: skip
+                 attention_mask: torch.Tensor | None = None, cuda_graph: bool | None = None,
+                 fused_ops: bool = False, backend: str = "auto") -> None:  # fmt: skip
         parts = decoder_parts(model)
         if isinstance(parts, str):
             raise ValueError(f"no static decode path: {parts}")
@@ -110,6 +123,7 @@ class StaticDecoder:
         self.slot = torch.full((1,), width, dtype=torch.long, device=device)
         self.position = self.prompt_positions[:, -1:] + 1  # (B, 1)
         self.width, self.steps = width, 0
+        self.fused_ops, self.backend = fused_ops, backend
         self.cuda_graph = device.type == "cuda" and graph_capturable(model) if cuda_graph is None else cuda_graph
         self.graph: torch.cuda.CUDAGraph | None = None
         self.logits: torch.Tensor | None = None
@@ -123,13 +137,28 @@ class StaticDecoder:
         # query slot t sees the real keys at slots ≤ t; also itself, so that a padding query stays finite
         distance = slots[:, None] - self.slot_ids[None, :]  # (n, max_len)
         causal = ((distance >= 0) & self.valid[:, None, :]) | (distance == 0)  # (B, n, max_len)
-        masks = {w: causal if w is None else causal & (distance < w) for w in set(self.windows)}
+        # grouped-query attention without repeating the cache: the g query heads of a key/value head become
+        # g·n query rows of it (head h uses key/value head h // g); one mask per window, shared by the layers
+        batch, group = ids.shape[0], self.heads // self.kv_heads
+        masks = {w: (causal if w is None else causal & (distance < w))[:, None, None]
+                 .expand(batch, 1, group, n, self.max_len).reshape(batch, 1, group * n, self.max_len)
+                 for w in set(self.windows)}  # fmt: skip
         x = self.inner.embed_tokens(ids)
         for layer, keys, values, window in zip(self.inner.layers, self.keys, self.values, self.windows):
-            h = layer.input_layernorm(x)
+            h = self._norm(layer.input_layernorm, x)
             x = x + self._attention(layer.self_attn, h, cos, sin, masks[window], slots, keys, values)
-            x = x + layer.mlp(layer.post_attention_layernorm(x))
-        return self.head(self.inner.norm(x[:, -1:]))[:, 0].float()
+            x = x + self._mlp(layer.mlp, self._norm(layer.post_attention_layernorm, x))
+        return self.head(self._norm(self.inner.norm, x[:, -1:]))[:, 0].float()
+
+    def _norm(self, norm: nn.Module, x: torch.Tensor) -> torch.Tensor:
+        if self.fused_ops and type(norm).__name__ in RMS_NORMS:
+            return rms_norm(x, norm.weight, norm.variance_epsilon, self.backend)
+        return norm(x)
+
+    def _mlp(self, mlp: nn.Module, x: torch.Tensor) -> torch.Tensor:
+        if self.fused_ops and type(mlp).__name__ in SWIGLU_MLPS and getattr(mlp.config, "hidden_act", None) == "silu":
+            return mlp.down_proj(swiglu(mlp.gate_proj(x), mlp.up_proj(x), self.backend))
+        return mlp(x)
 
     def _attention(self, attn, h, cos, sin, mask, slots, keys, values) -> torch.Tensor:
         batch, n, _ = h.shape
@@ -137,15 +166,15 @@ class StaticDecoder:
         k = attn.k_proj(h).view(batch, n, -1, self.head_dim)
         v = attn.v_proj(h).view(batch, n, -1, self.head_dim).transpose(1, 2)
         if hasattr(attn, "q_norm"):  # Qwen3: an RMSNorm over each head before the rotation
-            q, k = attn.q_norm(q), attn.k_norm(k)
-        q, k = rope_reference(q.transpose(1, 2), cos, sin), rope_reference(k.transpose(1, 2), cos, sin)
+            q, k = self._norm(attn.q_norm, q), self._norm(attn.k_norm, k)
+        if self.fused_ops:  # (B, n, H, D) in, (B, H, n, D) views out
+            q, k = apply_rope(q, k, cos, sin, unsqueeze_dim=2, backend=self.backend)
+            q, k = q.transpose(1, 2), k.transpose(1, 2)
+        else:
+            q, k = rope_reference(q.transpose(1, 2), cos, sin), rope_reference(k.transpose(1, 2), cos, sin)
         keys.index_copy_(2, slots, k.to(keys.dtype))
         values.index_copy_(2, slots, v.to(values.dtype))
-        # grouped-query attention without repeating the cache: the g query heads of a key/value head become
-        # g·n query rows of it (head h uses key/value head h // g)
-        group = self.heads // self.kv_heads
-        q = q.reshape(batch, self.kv_heads, group * n, self.head_dim)
-        mask = mask[:, None, None].expand(batch, 1, group, n, self.max_len).reshape(batch, 1, group * n, -1)
+        q = q.reshape(batch, self.kv_heads, -1, self.head_dim)  # (B, kv heads, g·n, D)
         out = F.scaled_dot_product_attention(q, keys.to(q.dtype), values.to(q.dtype), attn_mask=mask,
                                              scale=attn.scaling)  # fmt: skip
         out = out.view(batch, self.heads, n, self.head_dim).transpose(1, 2).reshape(batch, n, -1)
