@@ -532,7 +532,8 @@ def _finetune(args) -> None:
                         precision=args.precision,
                         gradient_checkpointing=args.gradient_checkpointing or args.checkpoint_layers is not None,
                         checkpoint_layers=args.checkpoint_layers, memory_budget_gib=args.memory_budget,
-                        offload_activations=args.offload_activations, fused_kernels=args.fused_kernels, eval_every=args.eval_every, eval_batches=args.eval_batches,
+                        offload_activations=args.offload_activations, fused_kernels=args.fused_kernels,
+                        eval_every=args.eval_every, eval_batches=args.eval_batches,
                         early_stopping_patience=args.early_stopping, save_every=args.save_every, seed=args.seed,
                         strategy=args.strategy)  # fmt: skip
     cfg = FinetuneConfig(model=args.model, data=args.data, eval_data=args.eval_data, data_config=data,
@@ -600,8 +601,9 @@ def _add_finetune(sub) -> None:
                         "on the CPU)")
     p.add_argument("--offload-activations", action="store_true",
                    help="keep activations saved for backward in pinned CPU memory (GPU): longer sequences fit")
-    p.add_argument("--fused-kernels", action="store_true",
-                   help="fused RMSNorm / SwiGLU / QLoRA-linear training ops (Llama, Qwen2, Mistral; lowbit.kernels)")
+    p.add_argument("--fused-kernels", action=argparse.BooleanOptionalAction, default=None,
+                   help="fused RMSNorm / SwiGLU / QLoRA-linear ops and chunked loss (Llama, Qwen2, Mistral; "
+                        "lowbit.kernels); default: on for a CUDA device")
     p.add_argument("--eval-every", type=int, default=0, help="evaluate every N steps (0: only before and after)")
     p.add_argument("--eval-batches", type=int, default=None, help="at most this many eval batches")
     p.add_argument("--early-stopping", type=int, default=None, help="stop after N evaluations without improvement")

@@ -45,10 +45,11 @@ def main() -> int:
                                LAYOUT | dict(LUT_ASM=asm, BN=16, BK=256)),
         "fused GEMM bf16": (lut4_gemm._lut4_gemm_kernel, ["*bf16", "*bf16", *POINTERS] + ["i32"] * 8,
                             LAYOUT | dict(LUT_ASM=asm, IEEE=False, BM=64, BN=64, BK=64, SWAP=True)),
-        "8-bit AdamW step, bf16 parameter": (adam8bit._adamw8bit_kernel, ["*bf16", "*bf16", "*u8", "*u8", "*fp32",
-                                             "*fp32", "*fp32", "*fp32", "*i32", "*fp32", "*fp32", "*i32", "i32",
-                                             "i32", "fp32", "fp32", "fp32", "fp32", "fp32", "fp32"],
-                                             dict(BLOCK=2048)),
+        "8-bit AdamW step, bf16 parameters": (adam8bit._adamw8bit_kernel, ["*i64", "*i32", "*i32", "*fp32", "*fp32",
+                                              "*fp32", "*i32", "*fp32", "*fp32", "*i32", "i32", "fp32", "fp32",
+                                              "fp32", "fp32"],
+                                              dict(P_DTYPE=triton.language.bfloat16, G_DTYPE=triton.language.bfloat16,
+                                                   BLOCK=2048)),
     }  # fmt: skip
     for name, (kernel, types, constexprs) in cases.items():
         compiled = compile_kernel(kernel, types, constexprs)

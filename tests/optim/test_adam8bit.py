@@ -205,3 +205,45 @@ def test_code_search_matches_nearest_code():
         slots = (search.boundaries[None, :] < x[:, None]).sum(1)  # the kernel's search, by counting
         assert torch.equal(search.codes[slots].long(), nearest_code(x, codebook))
         assert torch.equal(search.values, codebook)
+
+
+def test_fused_step_updates_many_tensors_in_one_launch():
+    """Tensors of several sizes and dtypes, one skipping steps (its bias correction lags), one too small for
+    8-bit states: the one-launch-per-dtype kernel (interpreted) against the torch path, tensor by tensor."""
+    pytest.importorskip("triton")
+    from lowbit.kernels import adam8bit
+
+    torch.manual_seed(7)
+    shapes = [(64, 70), (3000,), (16, 256), (50,)]
+    dtypes = [torch.float32, torch.float32, torch.bfloat16, torch.float32]
+    p0 = [torch.randn(s).to(d) for s, d in zip(shapes, dtypes)]
+    grads = [[torch.randn(s) for s in shapes] for _ in range(5)]
+    launches = []
+    original = adam8bit.adamw8bit_step
+
+    def counting(params, *args, **kw):
+        launches.append(len(params))
+        return original(params, *args, **kw)
+
+    results = []
+    for backend in ("triton", "torch"):
+        params = [torch.nn.Parameter(p.clone()) for p in p0]
+        opt = AdamW8bit(params, lr=1e-2, weight_decay=0.05, block_size=512, min_8bit_size=1000, backend=backend)
+        adam8bit.adamw8bit_step = counting
+        try:
+            for step, gs in enumerate(grads):
+                for i, (p, g) in enumerate(zip(params, gs)):
+                    p.grad = None if (i == 1 and step % 2) else g.to(p.dtype)
+                opt.step()
+        finally:
+            adam8bit.adamw8bit_step = original
+        results.append((params, opt))
+    # per step one launch for the fp32 tensors (two, or one on the steps tensor 1 skips) and one for the bf16;
+    # the 50-value tensor keeps fp32 moments and the torch path
+    assert launches == [2, 1, 1, 1] * 2 + [2, 1]
+    (fused, opt_f), (plain, opt_t) = results
+    for a, b, p0_ in zip(fused, plain, p0):
+        rtol = 1e-6 if p0_.dtype == torch.float32 else 5 * 2**-7  # (the interpreter truncates to bf16)
+        torch.testing.assert_close(a.detach().float(), b.detach().float(), rtol=rtol, atol=1e-7 if rtol < 1e-3 else 4e-3)
+        assert opt_f.state[a]["step"] == opt_t.state[b]["step"]
+    assert opt_f.state[fused[1]]["step"] == 3

@@ -1,4 +1,4 @@
-"""One fused kernel for an 8-bit blockwise AdamW step (`lowbit.optim.AdamW8bit` on CUDA).
+"""One fused kernel launch for an 8-bit blockwise AdamW step of many tensors (`lowbit.optim.AdamW8bit` on CUDA).
 
 The torch path of the optimizer runs ~20 kernels per tensor and step (decode two code tensors, the
 update, two absmax reductions, two nearest-code searches, the casts) and materialises both moments in
@@ -9,6 +9,10 @@ writes the parameter, and re-quantizes both moments with the block's new absmax 
 an 8-step binary search over the map's decision boundaries (the midpoints between sorted neighbours,
 ties to the smaller value, exactly `formats.codebooks.nearest_code`'s rule). Per parameter it moves
 the 2 bytes of codes (both ways) plus the parameter and gradient; nothing else touches memory.
+
+One launch covers every tensor of a dtype (a LoRA model has hundreds of small ones, and a launch per
+tensor would cost more host time than the update): a table holds each tensor's seven addresses and
+size, and a per-block index says which tensor and which of its blocks a program updates.
 """
 
 from __future__ import annotations
@@ -56,54 +60,93 @@ def _nearest(x, boundaries_ptr, codes_ptr):
 
 
 @triton.jit
-def _requantize(x, mask, code_ptr, absmax_ptr, offs, pid, boundaries_ptr, codes_ptr):
+def _requantize(x, mask, code_ptr, absmax_ptr, offs, block, boundaries_ptr, codes_ptr):
     absmax = tl.max(tl.abs(x), axis=0)
     inv = 1.0 / tl.maximum(absmax, 1e-38)  # the reciprocal, then a product, as the torch path does
     scaled = tl.minimum(tl.maximum(x * inv, -1.0), 1.0)
     tl.store(code_ptr + offs, _nearest(scaled, boundaries_ptr, codes_ptr).to(tl.uint8), mask=mask)
-    tl.store(absmax_ptr + pid, absmax)
+    tl.store(absmax_ptr + block, absmax)
 
 
 @triton.jit
-def _adamw8bit_kernel(p_ptr, g_ptr, m_code_ptr, v_code_ptr, m_absmax_ptr, v_absmax_ptr,
+def _adamw8bit_kernel(table_ptr, block_tensor_ptr, block_first_ptr, scalars_ptr,
                       m_values_ptr, m_bounds_ptr, m_codes_ptr, v_values_ptr, v_bounds_ptr, v_codes_ptr,
-                      n, block_size, beta1, beta2, eps, decay, step_size, bias2_sqrt,
-                      BLOCK: tl.constexpr):  # fmt: skip
+                      block_size, beta1, beta2, eps, decay,
+                      P_DTYPE: tl.constexpr, G_DTYPE: tl.constexpr, BLOCK: tl.constexpr):  # fmt: skip
     pid = tl.program_id(0)
+    t = tl.load(block_tensor_ptr + pid)  # this program's tensor …
+    block = pid - tl.load(block_first_ptr + t)  # … and block of it
+    row = table_ptr + t * 7  # FIELDS per row
+    p_ptr = tl.load(row).to(tl.pointer_type(P_DTYPE), bitcast=True)
+    g_ptr = tl.load(row + 1).to(tl.pointer_type(G_DTYPE), bitcast=True)
+    m_code_ptr = tl.load(row + 2).to(tl.pointer_type(tl.uint8), bitcast=True)
+    v_code_ptr = tl.load(row + 3).to(tl.pointer_type(tl.uint8), bitcast=True)
+    m_absmax_ptr = tl.load(row + 4).to(tl.pointer_type(tl.float32), bitcast=True)
+    v_absmax_ptr = tl.load(row + 5).to(tl.pointer_type(tl.float32), bitcast=True)
+    n = tl.load(row + 6)
+    step_size, bias2_sqrt = tl.load(scalars_ptr + 2 * t), tl.load(scalars_ptr + 2 * t + 1)  # bias corrections
+
     lane = tl.arange(0, BLOCK)
-    offs = pid.to(tl.int64) * block_size + lane
+    offs = block.to(tl.int64) * block_size + lane
     mask = (lane < block_size) & (offs < n)
     g = tl.load(g_ptr + offs, mask=mask, other=0.0).to(tl.float32)
     p = tl.load(p_ptr + offs, mask=mask, other=0.0).to(tl.float32)
     m_code = tl.load(m_code_ptr + offs, mask=mask, other=0).to(tl.int32)
     v_code = tl.load(v_code_ptr + offs, mask=mask, other=0).to(tl.int32)
-    m = tl.load(m_values_ptr + m_code) * tl.load(m_absmax_ptr + pid)
-    v = tl.load(v_values_ptr + v_code) * tl.load(v_absmax_ptr + pid)
+    m = tl.load(m_values_ptr + m_code) * tl.load(m_absmax_ptr + block)
+    v = tl.load(v_values_ptr + v_code) * tl.load(v_absmax_ptr + block)
     m = m * beta1 + (1.0 - beta1) * g
     v = v * beta2 + (1.0 - beta2) * g * g
     m = tl.where(mask, m, 0.0)  # lanes past the tensor count as zeros in the block's absmax
     v = tl.where(mask, v, 0.0)
     denom = tl.sqrt_rn(v) / bias2_sqrt + eps
     p = p * decay - step_size * tl.div_rn(m, denom)
-    tl.store(p_ptr + offs, p.to(p_ptr.dtype.element_ty), mask=mask)
-    _requantize(m, mask, m_code_ptr, m_absmax_ptr, offs, pid, m_bounds_ptr, m_codes_ptr)
-    _requantize(v, mask, v_code_ptr, v_absmax_ptr, offs, pid, v_bounds_ptr, v_codes_ptr)
+    tl.store(p_ptr + offs, p.to(P_DTYPE), mask=mask)
+    _requantize(m, mask, m_code_ptr, m_absmax_ptr, offs, block, m_bounds_ptr, m_codes_ptr)
+    _requantize(v, mask, v_code_ptr, v_absmax_ptr, offs, block, v_bounds_ptr, v_codes_ptr)
 
 
-def adamw8bit_step(param: torch.Tensor, grad: torch.Tensor, state: dict, signed: CodeSearch, unsigned: CodeSearch,
-                   *, lr: float, beta1: float, beta2: float, eps: float, weight_decay: float, step: int,
+FIELDS = 7  # a table row: parameter, gradient, m codes, v codes, m absmax, v absmax, size
+TRITON_DTYPES = {torch.float32: tl.float32, torch.bfloat16: tl.bfloat16, torch.float16: tl.float16}
+_BLOCK_INDEX: dict[tuple, tuple[torch.Tensor, torch.Tensor]] = {}  # (sizes, block size, device) → tables
+
+
+def _block_index(sizes: tuple[int, ...], block_size: int, device: torch.device) -> tuple[torch.Tensor, torch.Tensor]:
+    """(tensor of each program, first program of each tensor) for tensors of these sizes, cached."""
+    key = (sizes, block_size, device)
+    if key not in _BLOCK_INDEX:
+        counts = torch.tensor([triton.cdiv(n, block_size) for n in sizes])
+        first = torch.cumsum(counts, 0) - counts
+        tensor_of = torch.repeat_interleave(torch.arange(len(sizes)), counts)
+        if len(_BLOCK_INDEX) > 16:
+            _BLOCK_INDEX.clear()
+        _BLOCK_INDEX[key] = (tensor_of.to(device, torch.int32), first.to(device, torch.int32))
+    return _BLOCK_INDEX[key]
+
+
+def adamw8bit_step(params: list[torch.Tensor], grads: list[torch.Tensor], states: list[dict], signed: CodeSearch,
+                   unsigned: CodeSearch, *, lr: float, beta1: float, beta2: float, eps: float, weight_decay: float,
                    block_size: int) -> None:  # fmt: skip
-    """One AdamW step of `param` in place, its moments in ``state`` (AdamW8bit's codes and absmax) likewise.
-
-    ``step`` is the step number after this update (≥ 1), for the bias corrections."""
-    if not param.is_contiguous() or grad.shape != param.shape:
-        raise ValueError("adamw8bit_step takes a contiguous parameter and a gradient of its shape")
-    n = param.numel()
-    blocks = triton.cdiv(n, block_size)
-    _adamw8bit_kernel[(blocks,)](
-        param, grad.contiguous(), state["exp_avg_codes"], state["exp_avg_sq_codes"], state["exp_avg_absmax"],
-        state["exp_avg_sq_absmax"], signed.values, signed.boundaries, signed.codes, unsigned.values,
-        unsigned.boundaries, unsigned.codes, n, block_size, beta1, beta2, eps, 1.0 - lr * weight_decay,
-        lr / (1.0 - beta1**step), (1.0 - beta2**step) ** 0.5, BLOCK=triton.next_power_of_2(block_size),
+    """One AdamW step of every parameter in place (one dtype, one device, contiguous), and of its moments in
+    its state (AdamW8bit's codes and absmax, and ``step``: the step number after this update, ≥ 1)."""
+    if not params:
+        return
+    dtype, grad_dtype, device = params[0].dtype, grads[0].dtype, params[0].device
+    for p, g in zip(params, grads):
+        if not p.is_contiguous() or not g.is_contiguous() or g.shape != p.shape:
+            raise ValueError("adamw8bit_step takes contiguous parameters and contiguous gradients of their shapes")
+        if (p.dtype, g.dtype, p.device) != (dtype, grad_dtype, device):
+            raise ValueError("adamw8bit_step takes parameters (and gradients) of one dtype on one device")
+    keys = ("exp_avg_codes", "exp_avg_sq_codes", "exp_avg_absmax", "exp_avg_sq_absmax")
+    rows = [[p.data_ptr(), g.data_ptr(), *(s[k].data_ptr() for k in keys), p.numel()]
+            for p, g, s in zip(params, grads, states)]  # fmt: skip
+    scalars = [x for s in states for x in (lr / (1.0 - beta1 ** s["step"]), (1.0 - beta2 ** s["step"]) ** 0.5)]
+    table = torch.tensor(rows, dtype=torch.int64).to(device, non_blocking=True)
+    scalars = torch.tensor(scalars, dtype=torch.float32).to(device, non_blocking=True)
+    tensor_of, first = _block_index(tuple(p.numel() for p in params), block_size, device)
+    _adamw8bit_kernel[(tensor_of.numel(),)](
+        table, tensor_of, first, scalars, signed.values, signed.boundaries, signed.codes, unsigned.values,
+        unsigned.boundaries, unsigned.codes, block_size, beta1, beta2, eps, 1.0 - lr * weight_decay,
+        P_DTYPE=TRITON_DTYPES[dtype], G_DTYPE=TRITON_DTYPES[grad_dtype], BLOCK=triton.next_power_of_2(block_size),
         num_warps=4 if block_size <= 1024 else 8,
     )  # fmt: skip

@@ -121,7 +121,7 @@ class AdamW8bit(torch.optim.Optimizer):
     def _fused(self, p: torch.Tensor, state: dict) -> bool:
         from lowbit.kernels.dispatch import use_triton
 
-        return "exp_avg_codes" in state and p.is_contiguous() and use_triton(p, self.backend)
+        return "exp_avg_codes" in state and p.is_contiguous() and p.grad.is_contiguous() and use_triton(p, self.backend)
 
     def _init_state(self, p: torch.Tensor, group: dict) -> dict:
         state = self.state[p]
@@ -163,6 +163,7 @@ class AdamW8bit(torch.optim.Optimizer):
         for group in self.param_groups:
             beta1, beta2 = group["betas"]
             lr, eps, wd, block = group["lr"], group["eps"], group["weight_decay"], group["block_size"]
+            fused: dict[tuple, list[torch.Tensor]] = {}
             for p in group["params"]:
                 if p.grad is None:
                     continue
@@ -172,12 +173,10 @@ class AdamW8bit(torch.optim.Optimizer):
                 fetch_state(state, p.device, group["paged"])
                 state["step"] += 1
                 t = state["step"]
-                if self._fused(p, state):
-                    from lowbit.kernels.adam8bit import adamw8bit_step
-
-                    adamw8bit_step(p.data, p.grad, state, *self._code_searches(p.device), lr=lr, beta1=beta1,
-                                   beta2=beta2, eps=eps, weight_decay=wd, step=t, block_size=block)  # fmt: skip
-                    offload_state(state, group["paged"])
+                if self._fused(p, state):  # updated below, with the group's other tensors of its dtype
+                    fused.setdefault((p.dtype, p.grad.dtype, p.device), []).append(p)
+                    if group["paged"]:  # one tensor's states on the device at a time
+                        self._fused_step(fused.popitem()[1], group)
                     continue
                 g = p.grad.reshape(-1).float()  # (numel,)
                 m, v = self._read_moments(state, block)
@@ -189,7 +188,21 @@ class AdamW8bit(torch.optim.Optimizer):
                 p.copy_(theta.view_as(p))
                 self._write_moments(state, m, v, block)
                 offload_state(state, group["paged"])
+            for params in fused.values():
+                self._fused_step(params, group)
         return loss
+
+    def _fused_step(self, params: list[torch.Tensor], group: dict) -> None:
+        """The update of these parameters (one dtype, one device) in one kernel launch."""
+        from lowbit.kernels.adam8bit import adamw8bit_step
+
+        beta1, beta2 = group["betas"]
+        states = [self.state[p] for p in params]
+        adamw8bit_step([p.data for p in params], [p.grad for p in params], states,
+                       *self._code_searches(params[0].device), lr=group["lr"], beta1=beta1, beta2=beta2,
+                       eps=group["eps"], weight_decay=group["weight_decay"], block_size=group["block_size"])  # fmt: skip
+        for state in states:
+            offload_state(state, group["paged"])
 
     def load_state_dict(self, state_dict: dict) -> None:
         super().load_state_dict(state_dict)

@@ -76,7 +76,9 @@ class TrainConfig:
     offload_activations: keep the tensors saved for backward in pinned CPU memory (with gradient
         checkpointing: the blocks' inputs), for sequences whose activations do not fit the GPU.
     fused_kernels: swap in lowbit.kernels' fused RMSNorm, SwiGLU MLP, QLoRA linear and chunked cross-entropy
-        (Llama / Qwen2 / Mistral). Distillation and prompt tuning keep the logits-based loss.
+        (Llama / Qwen2 / Mistral; other modules stay as they are). Distillation and prompt tuning keep the
+        logits-based loss. None (default): on when the model is on a CUDA device, where they measured 2×
+        peft + bitsandbytes' QLoRA step at less memory (bench/RESULTS.md); the CPU keeps the plain modules.
     """
 
     max_steps: int = 100
@@ -105,7 +107,7 @@ class TrainConfig:
     seed: int = 0
     max_bad_steps: int = 5
     strategy: str = "none"
-    fused_kernels: bool = False
+    fused_kernels: bool | None = None
     offload_activations: bool = False
     progress: bool = True
     plot: bool = True
@@ -140,6 +142,8 @@ class TrainConfig:
         if self.memory_budget_gib is not None and not (self.memory_budget_gib > 0 and self.checkpoint_layers == "auto"):
             raise ValueError(f"memory_budget_gib ({self.memory_budget_gib}) must be > 0 and goes with "
                              "checkpoint_layers='auto'")  # fmt: skip
+        if self.fused_kernels not in (None, True, False):
+            raise ValueError(f"fused_kernels must be None (auto), True or False, got {self.fused_kernels!r}")
         if self.early_stopping_patience is not None and self.early_stopping_patience < 1:
             raise ValueError(f"early_stopping_patience must be ≥ 1 or None, got {self.early_stopping_patience}")
         object.__setattr__(self, "betas", tuple(self.betas))
@@ -235,6 +239,11 @@ def enable_gradient_checkpointing(model: nn.Module, layers: int | None = None) -
     return sum(block.gradient_checkpointing for block in blocks)
 
 
+def uses_fused_kernels(model: nn.Module, cfg: TrainConfig) -> bool:
+    """`cfg.fused_kernels`, with None resolved: on for a model on a CUDA device."""
+    return cfg.fused_kernels if cfg.fused_kernels is not None else _device(model).type == "cuda"
+
+
 def plan_checkpointing(model: nn.Module, cfg: TrainConfig, seq_len: int) -> int:
     """`checkpoint_layers="auto"`: the fewest blocks to recompute for the estimated peak to fit the budget.
 
@@ -257,7 +266,8 @@ def plan_checkpointing(model: nn.Module, cfg: TrainConfig, seq_len: int) -> int:
     method = "qlora" if any(isinstance(m, QuantLinear) for m in model.modules()) else ("lora" if ranks else "full")
     optimizer = {"adamw8bit": "adamw8bit", "paged_adamw8bit": "adamw8bit", "sgd": "sgd"}.get(cfg.optimizer, "adamw")
     memory = MemoryConfig(method=method, seq_len=seq_len, batch=cfg.batch_size, optimizer=optimizer,
-                          precision=cfg.precision, lora_r=max(ranks, default=16), fused_kernels=cfg.fused_kernels,
+                          precision=cfg.precision, lora_r=max(ranks, default=16),
+                          fused_kernels=uses_fused_kernels(model, cfg),
                           optimizer_block_size=cfg.optimizer_block_size)  # fmt: skip
     config = getattr(model, "config", None)
     if config is None or not hasattr(config, "num_hidden_layers"):
@@ -487,7 +497,7 @@ def train(model: nn.Module, train_examples: Sequence[dict], config: TrainConfig 
         if layers == "auto":
             layers = plan_checkpointing(model, cfg, max(len(e["input_ids"]) for e in train_examples))
         enable_gradient_checkpointing(model, layers)
-    if cfg.fused_kernels:
+    if uses_fused_kernels(model, cfg):
         from lowbit.kernels import fuse_for_training
 
         fuse_for_training(model)
