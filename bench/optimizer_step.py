@@ -5,8 +5,9 @@ Two parameter sets, fp32, random gradients:
          448 tensors, 42M parameters), what issue 8's training step updates;
   full — one 14336×4096 matrix (58.7M parameters), a full fine-tune's largest tensor.
 
-Per optimizer: ms per step (CUDA events, median of 20 after 5 warm-up steps), state bytes, and — for the
-8-bit ones — how far the parameters drift from torch AdamW's after 20 steps of the same gradients. First a
+Per optimizer: ms per step (CUDA events, median of 20 after 5 warm-up steps), state bytes (for the paged
+ones they live in CPU memory between steps), and how far the parameters drift from torch AdamW's after 25
+steps of the same gradients. First a
 correctness check on the GPU: the fused kernel against lowbit's torch path (same state after 10 steps).
 
     python3 bench/optimizer_step.py --out $OUT      # on a GPU; bitsandbytes from its carried wheel
@@ -23,7 +24,7 @@ import torch
 
 sys.path[:0] = [str(Path(__file__).resolve().parents[1] / "src")]
 
-from lowbit.optim import AdamW8bit, optimizer_state_nbytes  # noqa: E402
+from lowbit.optim import AdamW8bit, PagedAdamW, PagedAdamW8bit, optimizer_state_nbytes  # noqa: E402
 
 HIDDEN, INTER, KV, R, BLOCKS = 4096, 14336, 1024, 16, 32
 LINEARS = [(HIDDEN, HIDDEN), (HIDDEN, KV), (HIDDEN, KV), (HIDDEN, HIDDEN), (HIDDEN, INTER), (HIDDEN, INTER),
@@ -46,10 +47,13 @@ def optimizers():
     yield "torch AdamW (fused)", lambda ps: torch.optim.AdamW(ps, lr=1e-3, fused=True)
     yield "lowbit AdamW8bit (fused kernel)", lambda ps: AdamW8bit(ps, lr=1e-3)
     yield "lowbit AdamW8bit (torch path)", lambda ps: AdamW8bit(ps, lr=1e-3, backend="torch")
+    yield "lowbit PagedAdamW8bit (states in CPU memory)", lambda ps: PagedAdamW8bit(ps, lr=1e-3)
+    yield "lowbit PagedAdamW (states in CPU memory)", lambda ps: PagedAdamW(ps, lr=1e-3)
     try:
         import bitsandbytes as bnb
 
         yield "bitsandbytes AdamW8bit", lambda ps: bnb.optim.AdamW8bit(ps, lr=1e-3)
+        yield "bitsandbytes PagedAdamW8bit", lambda ps: bnb.optim.PagedAdamW8bit(ps, lr=1e-3)
     except ImportError as e:
         print(f"bitsandbytes not available: {e}")
 
