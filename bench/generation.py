@@ -115,8 +115,20 @@ def sync(device) -> None:
         torch.cuda.synchronize()
 
 
+def lowbit_generate_shared(model, prompt: torch.Tensor, new: int) -> tuple[dict, list[int]]:
+    """lowbit_generate with fused ops and the shared-table GEMV (`ops.GEMV_M1 = "shared"`)."""
+    from lowbit.kernels import ops
+
+    before, ops.GEMV_M1 = ops.GEMV_M1, "shared"
+    try:
+        return lowbit_generate(model, prompt, new, fused_ops=True)
+    finally:
+        ops.GEMV_M1 = before
+
+
 WAYS = {"transformers generate": hf_generate, "lowbit static + CUDA graph": lowbit_generate,
-        "lowbit static + CUDA graph + fused ops": functools.partial(lowbit_generate, fused_ops=True)}
+        "lowbit static + CUDA graph + fused ops": functools.partial(lowbit_generate, fused_ops=True),
+        "lowbit static + graph + fused ops + shared-table GEMV": lowbit_generate_shared}
 
 
 def main() -> None:

@@ -16,7 +16,7 @@ import triton  # noqa: E402
 from triton.backends.compiler import GPUTarget  # noqa: E402
 from triton.compiler import ASTSource  # noqa: E402
 
-from lowbit.kernels import adam8bit, lut4_gemm, lut4_gemv  # noqa: E402
+from lowbit.kernels import adam8bit, lut4_gemm, lut4_gemv, lut4_gemv_shared  # noqa: E402
 from lowbit.kernels.lut4 import _device_table  # noqa: E402
 from lowbit.kernels.lut4_asm import fp16_bits, lookup_asm  # noqa: E402
 
@@ -51,6 +51,15 @@ def main() -> int:
                                               dict(P_DTYPE=triton.language.bfloat16, G_DTYPE=triton.language.bfloat16,
                                                    BLOCK=2048)),
     }  # fmt: skip
+    shared = LAYOUT.copy()
+    for key in ("SCALES", "PAIRED", "HAS_ZP"):
+        shared.pop(key)
+    for table in (256, 16):  # x pairs, 2^-e, y, then the weight's pointers and N, K, KB, G
+        cases[f"gemv shared table {table}"] = (lut4_gemv_shared._gemv_shared_kernel,
+                                               ["*i32", "*fp32", "*bf16", "*u8", "*i32", *POINTERS[2:]] + ["i32"] * 4,
+                                               shared | dict(TABLE=table, PTX=True, BN=16, BK=256))  # fmt: skip
+    cases["gemv shared, x to float16 pairs"] = (lut4_gemv_shared._prepare_x_kernel, ["*bf16", "*i32", "*fp32", "i32",
+                                                                                    "i32"], dict(BLOCK=1024))  # fmt: skip
     for name, (kernel, types, constexprs) in cases.items():
         compiled = compile_kernel(kernel, types, constexprs)
         print(f"{name}: {len(compiled.asm['cubin'])} bytes of sm_90 code, {compiled.asm['ptx'].count('prmt.b32')} prmt")

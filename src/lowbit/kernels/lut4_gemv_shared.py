@@ -1,0 +1,202 @@
+"""Decode GEMV (M = 1) with the 4-bit table in shared memory and the products in packed half2 arithmetic.
+
+Why another GEMV: compiled for sm_90 (nvdisasm, tests/kernels/cuda_compile.py), the register-table GEMV
+(`lut4_gemv`) spends ~17 instructions per packed byte — 7 on the `prmt` table lookup, 2 converting the
+looked-up float16 values to float32, 2 converting x from bfloat16, 3 multiply-adds and the scale —
+which is what holds it near 30–38 % of an H100's copy bandwidth: it is bound by instruction issue, not by
+memory. Here each packed byte costs about 7:
+
+- its two nibbles are looked up at once, as one byte, in a 256-entry table of float16 pairs
+  (table[high nibble], table[low nibble]) that `tl.gather` keeps in shared memory: one shared load;
+  ``mode="nibble"`` looks each nibble up in a 16-entry table instead (two loads, no bank conflicts);
+- x arrives as float16 pairs (x[2j], x[2j+1]) — one 32-bit word per packed byte — prepared once per call by
+  `_prepare_x_kernel`, scaled by a power of two so that |x| < 1 (bfloat16 activations can exceed float16's
+  range; the power of two is undone exactly at the end);
+- the pair of products is one `mul.rn.f16x2`, and a group's products are summed in float16 pairs (a
+  group's GS values, |w·x| ≤ max|table| each, far from float16's range), then converted to float32 once per
+  group, scaled and accumulated in float32.
+
+Precision: float16 products and group sums carry ~2⁻¹¹ relative rounding, the same order as the
+bfloat16 inputs themselves (2⁻⁹); the tests bound it against float64.
+
+Status: correct on the CPU (Triton's interpreter, which runs the float16 pair arithmetic as float16
+numpy instead of PTX) and compiled for sm_90 in CI; its speed on an H100 is not measured yet, so
+`ops` uses it only when ``LOWBIT_GEMV=shared`` is set (bench/gpu_kernels.py times both).
+"""
+
+from __future__ import annotations
+
+import functools
+import os
+
+import torch
+import triton
+import triton.language as tl
+
+from lowbit.kernels.lut4 import Lut4Weight
+from lowbit.kernels.lut4_tile import SCALES_GROUPED, kernel_args, load_pair_bytes, load_pair_scales
+
+MODES = ("byte", "nibble")
+
+
+@triton.jit
+def _unpack(a):
+    """int32 bits of a float16 pair → (low half, high half) as float16."""
+    return (a & 0xFFFF).to(tl.int16).to(tl.float16, bitcast=True), (a >> 16).to(tl.int16).to(tl.float16, bitcast=True)
+
+
+@triton.jit
+def _pack(lo, hi):
+    return (lo.to(tl.int16, bitcast=True).to(tl.int32) & 0xFFFF) | (hi.to(tl.int16, bitcast=True).to(tl.int32) << 16)
+
+
+@triton.jit
+def _mul2(a, b, PTX: tl.constexpr):
+    """Float16 pairs a·b, lane by lane (int32 bits in and out)."""
+    if PTX:
+        return tl.inline_asm_elementwise("mul.rn.f16x2 $0, $1, $2;", "=r,r,r", [a, b], dtype=tl.int32,
+                                         is_pure=True, pack=1)  # fmt: skip
+    else:
+        a0, a1 = _unpack(a)
+        b0, b1 = _unpack(b)
+        return _pack(a0 * b0, a1 * b1)
+
+
+@triton.jit
+def _add2_ptx(a, b):
+    """Float16 pairs a + b (the PTX path's group sums; the interpreter sums the unpacked lanes instead)."""
+    return tl.inline_asm_elementwise("add.rn.f16x2 $0, $1, $2;", "=r,r,r", [a, b], dtype=tl.int32, is_pure=True,
+                                     pack=1)  # fmt: skip
+
+
+@triton.jit
+def _prepare_x_kernel(x_ptr, out_ptr, inv_ptr, K, KB, BLOCK: tl.constexpr):
+    """One row of x → float16 pairs of x·2^e (|x·2^e| < 1) as int32 words, and 2^-e."""
+    amax = tl.zeros((BLOCK,), dtype=tl.float32)
+    for k0 in range(0, K, BLOCK):
+        k = k0 + tl.arange(0, BLOCK)
+        amax = tl.maximum(amax, tl.abs(tl.load(x_ptr + k, mask=k < K, other=0.0).to(tl.float32)))
+    biased = (tl.max(amax, axis=0).to(tl.int32, bitcast=True) >> 23) & 0xFF  # amax < 2^(biased - 126)
+    biased = tl.where(biased == 0xFF, 127, biased)  # inf / nan: scale 1, let them through
+    scale = ((253 - biased) << 23).to(tl.float32, bitcast=True)  # 2^(126 - biased)
+    tl.store(inv_ptr, ((biased + 1) << 23).to(tl.float32, bitcast=True))  # 2^(biased - 126)
+    for j0 in range(0, KB, BLOCK // 2):
+        j = j0 + tl.arange(0, BLOCK // 2)
+        even = tl.load(x_ptr + 2 * j, mask=j < KB, other=0.0).to(tl.float32) * scale
+        odd = tl.load(x_ptr + 2 * j + 1, mask=j < KB, other=0.0).to(tl.float32) * scale
+        tl.store(out_ptr + j, _pack(even.to(tl.float16), odd.to(tl.float16)), mask=j < KB)
+
+
+@triton.jit
+def _gemv_shared_kernel(x2_ptr, inv_ptr, y_ptr, packed_ptr, pairs_ptr, scale_ptr, zp_ptr, ncode_ptr, nscale_ptr,
+                        offset_ptr, N, K, KB, G,
+                        GS: tl.constexpr, DOUBLE_QUANT: tl.constexpr, NESTED_GS: tl.constexpr,
+                        TABLE: tl.constexpr, PTX: tl.constexpr, BN: tl.constexpr, BK: tl.constexpr):  # fmt: skip
+    rows = tl.program_id(0) * BN + tl.arange(0, BN)
+    table = tl.load(pairs_ptr + tl.arange(0, TABLE))  # (TABLE,) int32: float16 pairs (byte) or values (nibble)
+    acc = tl.zeros((BN, BK // GS), dtype=tl.float32)
+    for k0 in range(0, K, BK):
+        b = tl.reshape(load_pair_bytes(packed_ptr, rows, k0, N, KB, BN, BK).to(tl.int32), (BN * BK // 2,))
+        if TABLE == 256:
+            w = tl.gather(table, b, 0)  # (table[high nibble], table[low nibble]): columns 2j, 2j + 1
+        else:
+            w = (tl.gather(table, b >> 4, 0) & 0xFFFF) | (tl.gather(table, b & 15, 0) << 16)
+        j = k0 // 2 + tl.arange(0, BK // 2)
+        x2 = tl.load(x2_ptr + tl.max_contiguous(tl.multiple_of(j, BK // 2), BK // 2), mask=j < KB, other=0)
+        p = tl.reshape(_mul2(tl.reshape(w, (BN, BK // 2)), x2[None, :], PTX), (BN, BK // GS, GS // 2))
+        if PTX:  # a group's products summed as float16 pairs
+            lo, hi = _unpack(tl.reduce(p, 2, _add2_ptx))  # (BN, BK/GS) each
+        else:  # (the interpreter runs a custom reduction element by element: sum the float16 lanes instead)
+            lo, hi = _unpack(p)
+            lo, hi = tl.sum(lo, axis=2), tl.sum(hi, axis=2)
+        s, _ = load_pair_scales(scale_ptr, zp_ptr, ncode_ptr, nscale_ptr, offset_ptr, rows, k0, N, K, G, BK, GS,
+                                1, False, DOUBLE_QUANT, NESTED_GS)  # fmt: skip  (1: SCALES_GROUPED)
+        acc += (lo.to(tl.float32) + hi.to(tl.float32)) * s
+    y = tl.sum(acc, axis=1) * tl.load(inv_ptr)
+    tl.store(y_ptr + rows, y.to(y_ptr.dtype.element_ty), mask=rows < N)
+
+
+def _configs() -> list[triton.Config]:
+    shapes = [(8, 512, 4, 3), (16, 256, 4, 3), (16, 512, 4, 3), (16, 512, 8, 3), (32, 256, 8, 3), (32, 128, 4, 3),
+              (16, 256, 4, 4), (64, 128, 8, 3), (8, 1024, 8, 3)]  # fmt: skip
+    return [triton.Config({"BN": bn, "BK": bk}, num_warps=w, num_stages=s) for bn, bk, w, s in shapes]
+
+
+def _prune(configs, named_args, **kwargs):
+    gs = named_args.get("GS", kwargs.get("GS"))
+    return [c for c in configs if c.kwargs["BK"] >= gs] or configs[:1]
+
+
+_gemv_shared_tuned = triton.autotune(
+    configs=_configs(), key=["N", "K", "TABLE"], prune_configs_by={"early_config_prune": _prune},
+    do_bench=functools.partial(triton.testing.do_bench, warmup=5, rep=20),
+)(_gemv_shared_kernel)
+
+
+def supports(x: torch.Tensor, w: Lut4Weight) -> bool:
+    """One row of x, grouped scales without zero points (NF4, FP4, E2M1, symmetric int4), a table float16 holds."""
+    if x.dim() != 2 or x.shape[0] != 1 or w.zero_point is not None or w.in_features % 2:
+        return False
+    _, _, layout = kernel_args(w)
+    gs = layout["GS"]
+    return layout["SCALES"] == SCALES_GROUPED and layout["PAIRED"] and 2 <= gs <= 1024
+
+
+_TABLES: dict[tuple[int, str], tuple[torch.Tensor, torch.Tensor]] = {}  # (table address, mode) → (table, kernel's)
+
+
+def half_tables(table: torch.Tensor, mode: str) -> torch.Tensor:
+    """The kernel's table for a (16,) float32 format table: 256 float16 pairs (byte mode) or 16 float16 values."""
+    if mode not in MODES:
+        raise ValueError(f"mode must be one of {MODES}, got {mode!r}")
+    key = (table.data_ptr(), mode)
+    hit = _TABLES.get(key)
+    if hit is not None:
+        return hit[1]
+    if table.is_cuda and torch.cuda.is_current_stream_capturing():
+        raise RuntimeError("the shared-table GEMV builds its table outside a CUDA graph capture: call it once first")
+    half = table.detach().float().to(torch.float16)
+    if not torch.isfinite(half).all():
+        raise ValueError("the format's table does not fit float16")
+    bits = half.view(torch.int16).to(torch.int32) & 0xFFFF  # (16,)
+    if mode == "byte":
+        byte = torch.arange(256, device=table.device)
+        out = bits[byte >> 4] | (bits[byte & 15] << 16)  # high nibble (even column) in the low half, like x
+    else:
+        out = bits
+    if len(_TABLES) > 64:
+        _TABLES.clear()
+    _TABLES[key] = (table, out.to(torch.int32).contiguous())
+    return _TABLES[key][1]
+
+
+def prepare_x(x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """x (1, K) → (K/2,) int32 float16 pairs of x·2^e and (1,) float32 2^-e."""
+    k = x.shape[1]
+    x2 = torch.empty(k // 2, dtype=torch.int32, device=x.device)
+    inv = torch.empty(1, dtype=torch.float32, device=x.device)
+    _prepare_x_kernel[(1,)](x, x2, inv, k, k // 2, BLOCK=1024, num_warps=4)
+    return x2, inv
+
+
+def lut4_gemv_shared(x: torch.Tensor, w: Lut4Weight, mode: str = "byte", config: dict | None = None) -> torch.Tensor:
+    """y = x · Wᵀ for x (1, K), y (1, N) in x's dtype; see `supports` for the weights it takes.
+
+    `config=None` autotunes (CUDA); a dict {BN, BK, num_warps, num_stages} fixes the launch.
+    """
+    if not supports(x, w):
+        raise ValueError("lut4_gemv_shared takes one row of x and grouped scales without zero points")
+    if x.shape[1] != w.in_features:
+        raise ValueError(f"x must be (1, {w.in_features}), got {tuple(x.shape)}")
+    x = x.contiguous()
+    x2, inv = prepare_x(x)
+    y = torch.empty((1, w.out_features), dtype=x.dtype, device=x.device)
+    pointers, sizes, layout = kernel_args(w)
+    pointers[1] = half_tables(w.table, mode)
+    kw = dict(**sizes, GS=layout["GS"], DOUBLE_QUANT=layout["DOUBLE_QUANT"], NESTED_GS=layout["NESTED_GS"],
+              TABLE=256 if mode == "byte" else 16, PTX=x.is_cuda and os.environ.get("TRITON_INTERPRET") != "1")  # fmt: skip
+    if config is None:
+        _gemv_shared_tuned[lambda meta: (triton.cdiv(w.out_features, meta["BN"]),)](x2, inv, y, *pointers, **kw)
+    else:
+        _gemv_shared_kernel[(triton.cdiv(w.out_features, config["BN"]),)](x2, inv, y, *pointers, **kw, **config)
+    return y
