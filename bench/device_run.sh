@@ -5,7 +5,7 @@
 #   bash bench/device_run.sh generation   # decode kernels again; generation tokens/s, Llama-3-8B shape, batch 1
 #   bash bench/device_run.sh graphs       # generation tokens/s: transformers' generate vs lowbit's static cache + graph;
 #                                         # QLoRA step with fewer blocks checkpointed (lowbit-fused@k)
-#   bash bench/device_run.sh decodefused  # generation tokens/s with the static decoder's fused ops (and without)
+#   bash bench/device_run.sh gemv2        # shared-table GEMV vs the register one; generation with fused ops / it
 #   bash bench/device_run.sh optimizer    # fused 8-bit AdamW vs torch / bnb; fused memory estimate; QLoRA steps
 #   bash bench/device_run.sh longest      # memory estimator; fused vs unfused loss curves (carry smol_cfg too);
 #                                         # QLoRA step training peaks; the longest sequence each contender fits
@@ -93,8 +93,9 @@ case ${1:-kernels} in
     part qlora8b 90 python3 bench/qlora_step.py --out "$RES" --steps 10 --configs 8:2048:1 \
       --kinds peft+bnb,lowbit,lowbit-fused --no-profile
     ;;
-  decodefused)  # session 14: the static decoder with and without fused norm / rotary / SwiGLU kernels
-    part generation 420 python3 bench/generation.py --out "$RES"
+  gemv2)  # session 14: the shared-table float16-pair GEMV (correctness, decode µs) and what it does to generation
+    part kernels 240 python3 bench/gpu_kernels.py --out "$RES" --decode-only
+    part generation 330 python3 bench/generation.py --out "$RES"
     ;;
   optimizer)  # session 14: the fused 8-bit AdamW; the fused path's memory estimate; QLoRA steps with both
     part optimizer 90 python3 bench/optimizer_step.py --out "$RES"

@@ -116,14 +116,14 @@ def sync(device) -> None:
 
 
 def lowbit_generate_shared(model, prompt: torch.Tensor, new: int) -> tuple[dict, list[int]]:
-    """lowbit_generate with fused ops and the shared-table GEMV (`ops.GEMV_M1 = "shared"`)."""
+    """lowbit_generate with fused ops and the shared-table GEMV (`ops.GEMV_KERNEL = "shared"`)."""
     from lowbit.kernels import ops
 
-    before, ops.GEMV_M1 = ops.GEMV_M1, "shared"
+    before, ops.GEMV_KERNEL = ops.GEMV_KERNEL, "shared"
     try:
         return lowbit_generate(model, prompt, new, fused_ops=True)
     finally:
-        ops.GEMV_M1 = before
+        ops.GEMV_KERNEL = before
 
 
 WAYS = {"transformers generate": hf_generate, "lowbit static + CUDA graph": lowbit_generate,

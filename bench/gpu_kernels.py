@@ -179,9 +179,9 @@ def check_correctness(device, smoke: bool) -> list[dict]:
                 for m in (1, 3):
                     x = torch.randn(m, k, device=device).to(dt)
                     checks[f"gemv M={m}"] = guarded(lambda: rel_err(lut4_gemv(x, w, gemv_cfg), x.double() @ dense.t()))
-                    if lut4_gemv_shared.supports(x, w):  # the shared-table, float16-pair GEMV (M = 1)
+                    if lut4_gemv_shared.supports(x, w):  # the shared-table, float16-pair GEMV (M ≤ 4)
                         for mode in lut4_gemv_shared.MODES:
-                            checks[f"gemv shared {mode}"] = guarded(lambda: rel_err(
+                            checks[f"gemv shared {mode} M={m}"] = guarded(lambda: rel_err(
                                 lut4_gemv_shared.lut4_gemv_shared(x, w, mode, shared_cfg), x.double() @ dense.t()))
                 for ci, cfg in enumerate(gemm_cfgs[::2] if fi == 0 else gemm_cfgs[:1]):
                     for m in (1, 64, 300):
@@ -327,7 +327,7 @@ def decode_benchmark(device, ceil: dict, with_bnb: bool, smoke: bool) -> list[di
                 "lowbit deq+cuBLAS": (lambda i, x=x: F.linear(x, lut4_dequantize(lw[i], x.dtype)), n_rot),
                 "bf16": (lambda i, x=x: F.linear(x, dense[i]), len(dense)),
             }
-            if m == 1:  # the shared-table, float16-pair GEMV (prepare x + GEMV, two launches), both tables
+            if m <= 4:  # the shared-table, float16-pair GEMV (prepare x + GEMV, two launches), both tables
                 cs = None if not smoke else {"BN": 8, "BK": 128, "num_warps": 4, "num_stages": 1}
                 for mode in lut4_gemv_shared.MODES:
                     contenders[f"shared {mode}"] = (lambda i, x=x, mode=mode: lut4_gemv_shared.lut4_gemv_shared(
@@ -339,7 +339,7 @@ def decode_benchmark(device, ceil: dict, with_bnb: bool, smoke: bool) -> list[di
                 t[name] = guarded(lambda: graph_time_us(fn, rot, device))
                 t_flush[name] = guarded(lambda: bench_us(rotating(fn, rot), device))
             best = getattr(_lut4_gemv_tuned, "best_config", None)
-            if m == 1:
+            if m <= 4:
                 best = f"{best}; shared {getattr(lut4_gemv_shared._gemv_shared_tuned, 'best_config', None)}"
             moved = nbytes4 + 2 * m * k + 2 * m * n
             row = {"shape": f"{n}x{k}", "M": m, "us": t, "us_do_bench_flushed": t_flush, "gemv_config": str(best),

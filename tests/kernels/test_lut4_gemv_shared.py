@@ -30,13 +30,13 @@ def make(fmt, shape, seed):
 @pytest.mark.parametrize("mode", ["byte", "nibble"])
 @pytest.mark.parametrize("fmt", FORMATS, ids=lambda f: f"{f.name}-{f.block_size or f.group_size}")
 def test_matches_float64(fmt, mode):
-    """N not a multiple of BN, K not a multiple of BK (a masked tail), 16-bit and 32-bit x."""
+    """N not a multiple of BN, K not a multiple of BK (a masked tail), 16-bit and 32-bit x, 1 and 3 rows."""
     w, dense = make(fmt, (44, 384), 3)
     assert supports(torch.zeros(1, 384), w)
-    for dtype in (torch.float32, torch.bfloat16, torch.float16):
-        x = torch.randn(1, 384).to(dtype)
+    for dtype, m in ((torch.float32, 1), (torch.bfloat16, 1), (torch.float16, 3)):  # M = 3: a padded row
+        x = torch.randn(m, 384).to(dtype)
         y = lut4_gemv_shared(x, w, mode, CONFIG)
-        assert y.dtype == dtype and y.shape == (1, 44)
+        assert y.dtype == dtype and y.shape == (m, 44)
         # float16 products and group sums; a bfloat16 y also carries the interpreter's truncating cast
         assert rel_err(y, x.double() @ dense.t()) < (8e-3 if dtype == torch.bfloat16 else 4e-3)
 
@@ -71,24 +71,26 @@ def test_what_it_does_not_take():
     w, _ = make(WeightFormat("int4", group_size=32, symmetric=False), (8, 64), 5)  # zero points
     assert not supports(torch.zeros(1, 64), w)
     w, _ = make(FORMATS[0], (8, 64), 5)
-    assert not supports(torch.zeros(2, 64), w)  # one row of x only
-    with pytest.raises(ValueError, match="one row of x"):
-        lut4_gemv_shared(torch.zeros(2, 64), w)
+    assert supports(torch.zeros(4, 64), w) and not supports(torch.zeros(5, 64), w)  # up to 4 rows of x
+    with pytest.raises(ValueError, match="1 to 4 rows of x"):
+        lut4_gemv_shared(torch.zeros(5, 64), w)
+    with pytest.raises(ValueError, match="cover a whole group"):
+        lut4_gemv_shared(torch.zeros(1, 64), w, "byte", {"BN": 8, "BK": 32, "num_warps": 4, "num_stages": 1})
     with pytest.raises(ValueError, match="mode"):
         half_tables(torch.zeros(16), "word")
 
 
 def test_ops_use_it_at_one_row_when_asked(monkeypatch):
-    """`ops.linear_cuda` routes M = 1 here under LOWBIT_GEMV=shared (ops.GEMV_M1), and only there."""
+    """`ops.linear_cuda` routes M ≤ 4 here under LOWBIT_GEMV=shared (ops.GEMV_KERNEL), and nothing else."""
     from lowbit.kernels import lut4_gemv_shared as module
     from lowbit.kernels import ops
 
     calls = []
     original = module.lut4_gemv_shared
     monkeypatch.setattr(module, "lut4_gemv_shared", lambda x, w: calls.append(x.shape) or original(x, w, "byte", CONFIG))
-    monkeypatch.setattr(ops, "GEMV_M1", "shared")
+    monkeypatch.setattr(ops, "GEMV_KERNEL", "shared")
     w, dense = make(FORMATS[0], (16, 128), 6)
-    x = torch.randn(1, 128)
+    x = torch.randn(2, 128)
     assert rel_err(ops.linear_cuda(x, w), x.double() @ dense.t()) < 4e-3
-    ops.linear_cuda(torch.randn(2, 128), w, {"BN": 4, "BK": 64, "num_warps": 4, "num_stages": 1})  # two rows: not here
-    assert calls == [(1, 128)]
+    ops.linear_cuda(torch.randn(5, 128), w)  # five rows: decode + matmul
+    assert calls == [(2, 128)]

@@ -1,4 +1,4 @@
-"""Decode GEMV (M = 1) with the 4-bit table in shared memory and the products in packed half2 arithmetic.
+"""Decode GEMV (M ≤ 4) with the 4-bit table in shared memory and the products in packed half2 arithmetic.
 
 Why another GEMV: compiled for sm_90 (nvdisasm, tests/kernels/cuda_compile.py), the register-table GEMV
 (`lut4_gemv`) spends ~17 instructions per packed byte — 7 on the `prmt` table lookup, 2 converting the
@@ -70,8 +70,10 @@ def _add2_ptx(a, b):
 
 
 @triton.jit
-def _prepare_x_kernel(x_ptr, out_ptr, inv_ptr, K, KB, BLOCK: tl.constexpr):
-    """One row of x → float16 pairs of x·2^e (|x·2^e| < 1) as int32 words, and 2^-e."""
+def _prepare_x_kernel(x_ptr, out_ptr, inv_ptr, K, KB, stride_xm, BLOCK: tl.constexpr):
+    """Row m of x → float16 pairs of x·2^e (|x·2^e| < 1) as int32 words, and 2^-e."""
+    m = tl.program_id(0)
+    x_ptr += m.to(tl.int64) * stride_xm
     amax = tl.zeros((BLOCK,), dtype=tl.float32)
     for k0 in range(0, K, BLOCK):
         k = k0 + tl.arange(0, BLOCK)
@@ -79,41 +81,46 @@ def _prepare_x_kernel(x_ptr, out_ptr, inv_ptr, K, KB, BLOCK: tl.constexpr):
     biased = (tl.max(amax, axis=0).to(tl.int32, bitcast=True) >> 23) & 0xFF  # amax < 2^(biased - 126)
     biased = tl.where(biased == 0xFF, 127, biased)  # inf / nan: scale 1, let them through
     scale = ((253 - biased) << 23).to(tl.float32, bitcast=True)  # 2^(126 - biased)
-    tl.store(inv_ptr, ((biased + 1) << 23).to(tl.float32, bitcast=True))  # 2^(biased - 126)
+    tl.store(inv_ptr + m, ((biased + 1) << 23).to(tl.float32, bitcast=True))  # 2^(biased - 126)
     for j0 in range(0, KB, BLOCK // 2):
         j = j0 + tl.arange(0, BLOCK // 2)
         even = tl.load(x_ptr + 2 * j, mask=j < KB, other=0.0).to(tl.float32) * scale
         odd = tl.load(x_ptr + 2 * j + 1, mask=j < KB, other=0.0).to(tl.float32) * scale
-        tl.store(out_ptr + j, _pack(even.to(tl.float16), odd.to(tl.float16)), mask=j < KB)
+        tl.store(out_ptr + m.to(tl.int64) * KB + j, _pack(even.to(tl.float16), odd.to(tl.float16)), mask=j < KB)
 
 
 @triton.jit
 def _gemv_shared_kernel(x2_ptr, inv_ptr, y_ptr, packed_ptr, pairs_ptr, scale_ptr, zp_ptr, ncode_ptr, nscale_ptr,
-                        offset_ptr, N, K, KB, G,
+                        offset_ptr, M, N, K, KB, G, stride_ym,
                         GS: tl.constexpr, DOUBLE_QUANT: tl.constexpr, NESTED_GS: tl.constexpr,
-                        TABLE: tl.constexpr, PTX: tl.constexpr, BN: tl.constexpr, BK: tl.constexpr):  # fmt: skip
-    rows = tl.program_id(0) * BN + tl.arange(0, BN)
+                        TABLE: tl.constexpr, PTX: tl.constexpr, BM: tl.constexpr, BN: tl.constexpr,
+                        BK: tl.constexpr):  # fmt: skip
+    rows = tl.program_id(0) * BN + tl.arange(0, BN)  # output features
+    ms = tl.arange(0, BM)  # rows of x, all in this program: each packed byte is read and looked up once
     table = tl.load(pairs_ptr + tl.arange(0, TABLE))  # (TABLE,) int32: float16 pairs (byte) or values (nibble)
-    acc = tl.zeros((BN, BK // GS), dtype=tl.float32)
+    acc = tl.zeros((BM, BN, BK // GS), dtype=tl.float32)
     for k0 in range(0, K, BK):
         b = tl.reshape(load_pair_bytes(packed_ptr, rows, k0, N, KB, BN, BK).to(tl.int32), (BN * BK // 2,))
         if TABLE == 256:
             w = tl.gather(table, b, 0)  # (table[high nibble], table[low nibble]): columns 2j, 2j + 1
         else:
             w = (tl.gather(table, b >> 4, 0) & 0xFFFF) | (tl.gather(table, b & 15, 0) << 16)
-        j = k0 // 2 + tl.arange(0, BK // 2)
-        x2 = tl.load(x2_ptr + tl.max_contiguous(tl.multiple_of(j, BK // 2), BK // 2), mask=j < KB, other=0)
-        p = tl.reshape(_mul2(tl.reshape(w, (BN, BK // 2)), x2[None, :], PTX), (BN, BK // GS, GS // 2))
+        j = tl.max_contiguous(tl.multiple_of(k0 // 2 + tl.arange(0, BK // 2), BK // 2), BK // 2)
+        x2 = tl.load(x2_ptr + ms[:, None].to(tl.int64) * KB + j[None, :], mask=(ms < M)[:, None] & (j < KB)[None, :],
+                     other=0)  # (BM, BK/2) fmt: skip
+        p = _mul2(tl.reshape(w, (1, BN, BK // 2)), x2[:, None, :], PTX)  # (BM, BN, BK/2)
+        p = tl.reshape(p, (BM, BN, BK // GS, GS // 2))
         if PTX:  # a group's products summed as float16 pairs
-            lo, hi = _unpack(tl.reduce(p, 2, _add2_ptx))  # (BN, BK/GS) each
+            lo, hi = _unpack(tl.reduce(p, 3, _add2_ptx))  # (BM, BN, BK/GS) each
         else:  # (the interpreter runs a custom reduction element by element: sum the float16 lanes instead)
             lo, hi = _unpack(p)
-            lo, hi = tl.sum(lo, axis=2), tl.sum(hi, axis=2)
+            lo, hi = tl.sum(lo, axis=3), tl.sum(hi, axis=3)
         s, _ = load_pair_scales(scale_ptr, zp_ptr, ncode_ptr, nscale_ptr, offset_ptr, rows, k0, N, K, G, BK, GS,
                                 1, False, DOUBLE_QUANT, NESTED_GS)  # fmt: skip  (1: SCALES_GROUPED)
-        acc += (lo.to(tl.float32) + hi.to(tl.float32)) * s
-    y = tl.sum(acc, axis=1) * tl.load(inv_ptr)
-    tl.store(y_ptr + rows, y.to(y_ptr.dtype.element_ty), mask=rows < N)
+        acc += (lo.to(tl.float32) + hi.to(tl.float32)) * s[None, :, :]
+    y = tl.sum(acc, axis=2) * tl.load(inv_ptr + ms, mask=ms < M, other=1.0)[:, None]  # (BM, BN)
+    mask = (ms < M)[:, None] & (rows < N)[None, :]
+    tl.store(y_ptr + ms[:, None] * stride_ym + rows[None, :], y.to(y_ptr.dtype.element_ty), mask=mask)
 
 
 def _configs() -> list[triton.Config]:
@@ -123,19 +130,24 @@ def _configs() -> list[triton.Config]:
 
 
 def _prune(configs, named_args, **kwargs):
-    gs = named_args.get("GS", kwargs.get("GS"))
-    return [c for c in configs if c.kwargs["BK"] >= gs] or configs[:1]
+    """A tile covers whole groups; the (BM, BN, BK/2) products stay in registers (≤ 64 words a thread)."""
+    gs, bm = named_args.get("GS", kwargs.get("GS")), named_args.get("BM", kwargs.get("BM", 1))
+    keep = [c for c in configs if c.kwargs["BK"] >= gs and bm * c.kwargs["BN"] * c.kwargs["BK"] // 2 <= 64 * 32 * c.num_warps]
+    return keep or [c for c in configs if c.kwargs["BK"] >= gs][:1] or configs[:1]
 
 
 _gemv_shared_tuned = triton.autotune(
-    configs=_configs(), key=["N", "K", "TABLE"], prune_configs_by={"early_config_prune": _prune},
+    configs=_configs(), key=["N", "K", "BM", "TABLE"], prune_configs_by={"early_config_prune": _prune},
     do_bench=functools.partial(triton.testing.do_bench, warmup=5, rep=20),
 )(_gemv_shared_kernel)
 
 
+MAX_M = 4  # rows of x at once
+
+
 def supports(x: torch.Tensor, w: Lut4Weight) -> bool:
-    """One row of x, grouped scales without zero points (NF4, FP4, E2M1, symmetric int4), a table float16 holds."""
-    if x.dim() != 2 or x.shape[0] != 1 or w.zero_point is not None or w.in_features % 2:
+    """Up to MAX_M rows of x; grouped scales without zero points (NF4, FP4, E2M1, symmetric int4)."""
+    if x.dim() != 2 or not 1 <= x.shape[0] <= MAX_M or w.zero_point is not None or w.in_features % 2:
         return False
     _, _, layout = kernel_args(w)
     gs = layout["GS"]
@@ -171,30 +183,34 @@ def half_tables(table: torch.Tensor, mode: str) -> torch.Tensor:
 
 
 def prepare_x(x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-    """x (1, K) → (K/2,) int32 float16 pairs of x·2^e and (1,) float32 2^-e."""
-    k = x.shape[1]
-    x2 = torch.empty(k // 2, dtype=torch.int32, device=x.device)
-    inv = torch.empty(1, dtype=torch.float32, device=x.device)
-    _prepare_x_kernel[(1,)](x, x2, inv, k, k // 2, BLOCK=1024, num_warps=4)
+    """x (M, K) → (M, K/2) int32 float16 pairs of each row times its 2^e, and (M,) float32 2^-e."""
+    m, k = x.shape
+    x2 = torch.empty((m, k // 2), dtype=torch.int32, device=x.device)
+    inv = torch.empty(m, dtype=torch.float32, device=x.device)
+    _prepare_x_kernel[(m,)](x, x2, inv, k, k // 2, x.stride(0), BLOCK=1024, num_warps=4)
     return x2, inv
 
 
 def lut4_gemv_shared(x: torch.Tensor, w: Lut4Weight, mode: str = "byte", config: dict | None = None) -> torch.Tensor:
-    """y = x · Wᵀ for x (1, K), y (1, N) in x's dtype; see `supports` for the weights it takes.
+    """y = x · Wᵀ for x (M, K), M ≤ MAX_M, y (M, N) in x's dtype; see `supports` for the weights it takes.
 
     `config=None` autotunes (CUDA); a dict {BN, BK, num_warps, num_stages} fixes the launch.
     """
     if not supports(x, w):
-        raise ValueError("lut4_gemv_shared takes one row of x and grouped scales without zero points")
+        raise ValueError(f"lut4_gemv_shared takes 1 to {MAX_M} rows of x and grouped scales without zero points")
     if x.shape[1] != w.in_features:
-        raise ValueError(f"x must be (1, {w.in_features}), got {tuple(x.shape)}")
-    x = x.contiguous()
+        raise ValueError(f"x must be (M, {w.in_features}), got {tuple(x.shape)}")
+    if config is not None and config["BK"] < kernel_args(w)[2]["GS"]:
+        raise ValueError(f"config BK={config['BK']} must cover a whole group ({kernel_args(w)[2]['GS']})")
+    x = x if x.stride(1) == 1 else x.contiguous()
     x2, inv = prepare_x(x)
-    y = torch.empty((1, w.out_features), dtype=x.dtype, device=x.device)
+    m = x.shape[0]
+    y = torch.empty((m, w.out_features), dtype=x.dtype, device=x.device)
     pointers, sizes, layout = kernel_args(w)
     pointers[1] = half_tables(w.table, mode)
-    kw = dict(**sizes, GS=layout["GS"], DOUBLE_QUANT=layout["DOUBLE_QUANT"], NESTED_GS=layout["NESTED_GS"],
-              TABLE=256 if mode == "byte" else 16, PTX=x.is_cuda and os.environ.get("TRITON_INTERPRET") != "1")  # fmt: skip
+    kw = dict(M=m, **sizes, stride_ym=y.stride(0), GS=layout["GS"], DOUBLE_QUANT=layout["DOUBLE_QUANT"],
+              NESTED_GS=layout["NESTED_GS"], TABLE=256 if mode == "byte" else 16,
+              PTX=x.is_cuda and os.environ.get("TRITON_INTERPRET") != "1", BM=triton.next_power_of_2(m))  # fmt: skip
     if config is None:
         _gemv_shared_tuned[lambda meta: (triton.cdiv(w.out_features, meta["BN"]),)](x2, inv, y, *pointers, **kw)
     else:

@@ -29,9 +29,9 @@ from lowbit.kernels.lut4 import Lut4Weight, check_weight, linear_grad_input_refe
 # runs in bench/RESULTS.md (register table lookup): M = 1: 10–31 µs vs 27–104 µs; M = 4: 26–81 µs vs
 # 27–104 µs; M = 8: the GEMV's (M, N, K/2) accumulator spills and decode + cuBLAS wins.
 GEMV_MAX_M = 4
-# The GEMV at M = 1: "registers" (`lut4_gemv`, measured above) or "shared" (`lut4_gemv_shared`: half the
+# Which GEMV: "registers" (`lut4_gemv`, measured above) or "shared" (`lut4_gemv_shared`, M ≤ 4: half the
 # instructions per byte, compiled and checked on the CPU, not yet timed on a GPU). LOWBIT_GEMV=shared opts in.
-GEMV_M1 = os.environ.get("LOWBIT_GEMV", "registers")
+GEMV_KERNEL = os.environ.get("LOWBIT_GEMV", "registers")
 
 
 def _lut4(packed, table, scale, zero_point, nested_code, nested_scale, offset, n, k, group_size, flat) -> Lut4Weight:
@@ -67,7 +67,7 @@ def linear_cuda(x: Tensor, w: Lut4Weight, gemv_config: dict | None = None) -> Te
     x = x.contiguous()
     if x.shape[0] == 0:
         return x.new_empty((0, w.out_features))
-    if x.shape[0] == 1 and GEMV_M1 == "shared" and gemv_config is None:
+    if GEMV_KERNEL == "shared" and gemv_config is None:
         from lowbit.kernels.lut4_gemv_shared import lut4_gemv_shared, supports
 
         if supports(x, w):
