@@ -191,7 +191,9 @@ def check_correctness(device, smoke: bool) -> list[dict]:
                 checks["dX M=300"] = guarded(lambda: rel_err(lut4_gemm_grad_input(g, w, gemm_cfgs[0]), g.double() @ dense))
                 # The decoder is exact up to one rounding (an FMA in the double-quant scale): 1e-6 relative.
                 checks["dequant"] = guarded(lambda: rel_err(lut4_dequantize(w, torch.float32), dense))
-                bad = {c: e for c, e in checks.items() if not e <= (tol[dt] if c != "dequant" else 1e-6)}
+                # the shared-table GEMV computes in float16 pairs whatever x's dtype: bf16-level tolerance
+                limit = {c: 1e-6 if c == "dequant" else max(tol[dt], 4e-3) if "shared" in c else tol[dt] for c in checks}
+                bad = {c: e for c, e in checks.items() if not e <= limit[c]}
                 rows.append({"format": fmt.name, "block/group": fmt.block_size if fmt.is_codebook else fmt.group_size,
                              "dq": fmt.double_quant and fmt.is_codebook, "shape": (n, k), "dtype": str(dt),
                              "max_rel_err": max(e for c, e in checks.items() if c != "dequant"), "failed": bad})  # fmt: skip
