@@ -1,0 +1,98 @@
+"""Instructions per packed byte in the inner loop of the decode GEMVs, compiled for sm_90 without a GPU.
+
+Triton compiles each kernel for an H100 (its bundled ptxas) with the specialisations a real launch gets
+(every pointer 16-byte aligned, every size a multiple of 16), `nvdisasm` (also bundled) disassembles the
+cubin, and the longest loop — the walk along K — is counted: instructions per iteration divided by the
+packed bytes one thread handles per iteration. A GEMV that streams 4-bit weights is bound by instruction
+issue when this count is high (bench/RESULTS.md); it is a property of the code, not a timing.
+
+    python bench/sass_count.py            # a table: kernel, tile, instructions/iteration, per byte, top opcodes
+"""
+
+from __future__ import annotations
+
+import collections
+import os
+import re
+import subprocess
+import sys
+import tempfile
+from pathlib import Path
+
+assert os.environ.get("TRITON_INTERPRET", "0") != "1", "run without TRITON_INTERPRET"
+sys.path[:0] = [str(Path(__file__).resolve().parents[1] / "src"), str(Path(__file__).resolve().parents[1] / "tests")]
+
+import torch  # noqa: E402
+import triton  # noqa: E402
+from triton.backends.compiler import GPUTarget  # noqa: E402
+from triton.compiler import ASTSource  # noqa: E402
+
+from kernels.cuda_compile import LAYOUT, POINTERS  # noqa: E402
+from lowbit.kernels import lut4_gemv, lut4_gemv_shared  # noqa: E402
+from lowbit.kernels.lut4 import _device_table  # noqa: E402
+from lowbit.kernels.lut4_asm import fp16_bits, lookup_asm  # noqa: E402
+
+TARGET = GPUTarget("cuda", 90, 32)
+NVDISASM = Path(triton.__file__).parent / "backends" / "nvidia" / "bin" / "nvdisasm"
+
+
+def compile_aligned(kernel, types: list[str], constexprs: dict, aligned: list[str], warps: int, stages: int = 3):
+    """Compile with the divisibility-by-16 specialisation a launch with aligned pointers and sizes gets."""
+    names = kernel.arg_names
+    signature = dict(zip(names, types)) | {name: "constexpr" for name in constexprs}
+    attrs = {(names.index(name),): [["tt.divisibility", 16]] for name in aligned}
+    source = ASTSource(fn=kernel, signature=signature, attrs=attrs,
+                       constexprs={(names.index(n),): v for n, v in constexprs.items()})  # fmt: skip
+    return triton.compile(source, target=TARGET, options={"num_warps": warps, "num_stages": stages})
+
+
+def inner_loop(cubin: bytes) -> list[str]:
+    """The opcodes of the longest loop (a backward branch to a label) of a cubin's SASS."""
+    with tempfile.NamedTemporaryFile(suffix=".cubin") as f:
+        f.write(cubin)
+        f.flush()
+        sass = subprocess.run([str(NVDISASM), "-c", f.name], capture_output=True, text=True, check=True).stdout
+    lines = sass.splitlines()
+    labels = {m.group(1): i for i, line in enumerate(lines) if (m := re.match(r"^(\.L_x_\d+):", line))}
+    loops = [(labels[m.group(1)], i) for i, line in enumerate(lines)
+             if (m := re.search(r"BRA `\((\.L_x_\d+)\)", line)) and labels.get(m.group(1), i) < i]  # fmt: skip
+    start, end = max(loops, key=lambda span: span[1] - span[0])
+    body = [line for line in lines[start : end + 1] if re.match(r"\s*/\*[0-9a-f]+\*/", line)]
+    return [re.sub(r"^\s*/\*[0-9a-f]+\*/\s+(@!?U?P\w+\s+)?", "", line).split()[0] for line in body]
+
+
+def register_gemv(bn: int, bk: int, warps: int):
+    asm = lookup_asm(fp16_bits(_device_table("nf4", torch.device("cpu"))))
+    names = lut4_gemv._lut4_gemv_kernel.arg_names
+    return compile_aligned(lut4_gemv._lut4_gemv_kernel, ["*bf16", "*bf16", *POINTERS] + ["i32"] * 7,
+                           LAYOUT | dict(LUT_ASM=asm, BM=1, BN=bn, BK=bk), names[:9] + ["N", "K", "KB", "G",
+                           "stride_xm", "stride_ym"], warps)  # fmt: skip
+
+
+def shared_gemv(bn: int, bk: int, warps: int, table: int = 256, bm: int = 1):
+    layout = {k: v for k, v in LAYOUT.items() if k not in ("SCALES", "PAIRED", "HAS_ZP")}
+    names = lut4_gemv_shared._gemv_shared_kernel.arg_names
+    return compile_aligned(lut4_gemv_shared._gemv_shared_kernel,
+                           ["*i32", "*fp32", "*bf16", "*u8", "*i32", *POINTERS[2:]] + ["i32"] * 6,
+                           layout | dict(TABLE=table, PTX=True, BM=bm, BN=bn, BK=bk),
+                           names[:10] + ["N", "K", "KB", "G", "stride_ym"], warps)  # fmt: skip
+
+
+def main() -> None:
+    print("| kernel | tile (BM×BN×BK, warps) | instructions / iteration | per packed byte (× rows of x) | top opcodes |")
+    print("|---|---|---|---|---|")
+    cases = [("register table (lut4_gemv)", 1, 16, 256, 4, lambda: register_gemv(16, 256, 4)),
+             ("register table (lut4_gemv)", 1, 16, 512, 4, lambda: register_gemv(16, 512, 4)),
+             ("shared byte table (lut4_gemv_shared)", 1, 16, 256, 4, lambda: shared_gemv(16, 256, 4)),
+             ("shared byte table (lut4_gemv_shared)", 1, 16, 512, 4, lambda: shared_gemv(16, 512, 4)),
+             ("shared nibble table (lut4_gemv_shared)", 1, 16, 256, 4, lambda: shared_gemv(16, 256, 4, 16)),
+             ("shared byte table (lut4_gemv_shared)", 4, 16, 128, 4, lambda: shared_gemv(16, 128, 4, bm=4))]  # fmt: skip
+    for name, bm, bn, bk, warps, build in cases:
+        ops = inner_loop(build().asm["cubin"])
+        per_thread = bn * bk / 2 / (32 * warps)  # packed bytes a thread handles per iteration
+        top = ", ".join(f"{op} {n}" for op, n in collections.Counter(ops).most_common(6))
+        print(f"| {name} | {bm}×{bn}×{bk}, {warps} | {len(ops)} | {len(ops) / per_thread:.1f} | {top} |")
+
+
+if __name__ == "__main__":
+    main()
