@@ -23,9 +23,6 @@ import torch
 import triton
 import triton.language as tl
 
-SEARCH_STEPS = (128, 64, 32, 16, 8, 4, 2, 1)  # a binary search over 256 decision slots
-
-
 @dataclass(frozen=True)
 class CodeSearch:
     """A code map prepared for the kernel: its 255 decision boundaries padded to 256 with +inf, the code of
@@ -62,7 +59,7 @@ def _nearest(x, boundaries_ptr, codes_ptr):
 @triton.jit
 def _requantize(x, mask, code_ptr, absmax_ptr, offs, block, boundaries_ptr, codes_ptr):
     absmax = tl.max(tl.abs(x), axis=0)
-    inv = 1.0 / tl.maximum(absmax, 1e-38)  # the reciprocal, then a product, as the torch path does
+    inv = tl.div_rn(1.0, tl.maximum(absmax, 1e-38))  # the reciprocal, then a product, as the torch path does
     scaled = tl.minimum(tl.maximum(x * inv, -1.0), 1.0)
     tl.store(code_ptr + offs, _nearest(scaled, boundaries_ptr, codes_ptr).to(tl.uint8), mask=mask)
     tl.store(absmax_ptr + block, absmax)
@@ -76,7 +73,7 @@ def _adamw8bit_kernel(table_ptr, block_tensor_ptr, block_first_ptr, scalars_ptr,
     pid = tl.program_id(0)
     t = tl.load(block_tensor_ptr + pid)  # this program's tensor …
     block = pid - tl.load(block_first_ptr + t)  # … and block of it
-    row = table_ptr + t * 7  # FIELDS per row
+    row = table_ptr + t * 7  # parameter, gradient, m codes, v codes, m absmax, v absmax, size
     p_ptr = tl.load(row).to(tl.pointer_type(P_DTYPE), bitcast=True)
     g_ptr = tl.load(row + 1).to(tl.pointer_type(G_DTYPE), bitcast=True)
     m_code_ptr = tl.load(row + 2).to(tl.pointer_type(tl.uint8), bitcast=True)
@@ -106,7 +103,6 @@ def _adamw8bit_kernel(table_ptr, block_tensor_ptr, block_first_ptr, scalars_ptr,
     _requantize(v, mask, v_code_ptr, v_absmax_ptr, offs, block, v_bounds_ptr, v_codes_ptr)
 
 
-FIELDS = 7  # a table row: parameter, gradient, m codes, v codes, m absmax, v absmax, size
 TRITON_DTYPES = {torch.float32: tl.float32, torch.bfloat16: tl.bfloat16, torch.float16: tl.float16}
 _BLOCK_INDEX: dict[tuple, tuple[torch.Tensor, torch.Tensor]] = {}  # (sizes, block size, device) → tables
 
