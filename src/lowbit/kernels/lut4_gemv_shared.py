@@ -1,10 +1,10 @@
 """Decode GEMV (M ≤ 4) with the 4-bit table in shared memory and the products in packed half2 arithmetic.
 
-Why another GEMV: compiled for sm_90 (nvdisasm, tests/kernels/cuda_compile.py), the register-table GEMV
-(`lut4_gemv`) spends ~17 instructions per packed byte — 7 on the `prmt` table lookup, 2 converting the
+Why another GEMV: compiled for sm_90 and disassembled (`bench/sass_count.py`), the register-table GEMV
+(`lut4_gemv`) spends 16–17 instructions per packed byte — 7 on the `prmt` table lookup, 2 converting the
 looked-up float16 values to float32, 2 converting x from bfloat16, 3 multiply-adds and the scale —
 which is what holds it near 30–38 % of an H100's copy bandwidth: it is bound by instruction issue, not by
-memory. Here each packed byte costs about 7:
+memory. Here each packed byte costs 8–9:
 
 - its two nibbles are looked up at once, as one byte, in a 256-entry table of float16 pairs
   (table[high nibble], table[low nibble]) that `tl.gather` keeps in shared memory: one shared load;
