@@ -13,9 +13,13 @@ from lowbit.kernels.fuse import has_fused_loss, unfuse_loss
 from tests.tiny_models import tiny_llama, tiny_qwen2
 
 
-def _qlora(model):
+def _qlora_base(model):
     lowbit.quantize(model, lowbit.QuantConfig(format="nf4", block_size=64, double_quant=True))
-    return lowbit.peft.apply_lora(model, lowbit.peft.LoraConfig(r=4, alpha=8, init_lora_weights=False))
+    return model
+
+
+def _qlora(model):
+    return lowbit.peft.apply_lora(_qlora_base(model), lowbit.peft.LoraConfig(r=4, alpha=8, init_lora_weights=False))
 
 
 def _train(model, steps=10, seed=0):
@@ -107,3 +111,18 @@ def test_triton_backend_in_the_model():
         grads.append(torch.cat([p.grad.flatten() for p in model.parameters() if p.requires_grad]))
     assert abs(losses[0] - losses[1]) < 1e-5  # float32 in both
     assert ((grads[1] - grads[0]).norm() / grads[0].norm()).item() < 1e-5
+
+
+def test_lora_dropout_keeps_the_fused_path(monkeypatch):
+    """LoRA dropout (the CLI's default 0.05) no longer sends the layers back to the unfused LoraLinear.forward."""
+    from lowbit.peft.lora import LoraLinear
+
+    model = lowbit.peft.apply_lora(_qlora_base(tiny_llama()), lowbit.peft.LoraConfig(r=4, alpha=8, dropout=0.1))
+    fuse_for_training(model)
+
+    def unfused(*_):
+        raise AssertionError("a LoRA layer fell back to LoraLinear.forward")
+
+    monkeypatch.setattr(LoraLinear, "forward", unfused)
+    losses = _train(model, steps=3)
+    assert all(torch.isfinite(torch.tensor(losses)))

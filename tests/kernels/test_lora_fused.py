@@ -127,3 +127,68 @@ def test_swiglu_into_the_qlora_down_projection_matches_unfused_and_keeps_no_prod
             assert sorted(shapes) == sorted([(2, 5, 64), (2, 5, 64), (10, 4), (4, 64), (48, 4)])
     for got, want in zip(*reversed(results)):
         assert ((got - want).norm() / want.norm()).item() < 1e-6
+
+
+def _dropout_reference(layer, x, p, seed):
+    """y = base(x) + s·((x ⊙ keep / (1 - p))·Aᵀ)·Bᵀ with plain autograd, keep drawn from the same seed."""
+    from lowbit.kernels.lora_fused import dropout_scale
+
+    a, b = layer.lora_A["default"], layer.lora_B["default"]
+    x2 = x.reshape(-1, x.shape[-1])
+    keep = dropout_scale(x2.shape, p, seed, x.device, torch.float32)
+    base = x2 @ layer.base_layer.dequantize(torch.float32).t()
+    return (base + layer.scaling["default"] * ((x2 * keep) @ a.t()) @ b.t()).reshape(*x.shape[:-1], -1), keep
+
+
+def test_lora_dropout_is_fused_with_its_mask_drawn_again_in_backward():
+    """With dropout the fused layer still runs (no fallback), equals the formula with the mask drawn from its seed
+    in value and every gradient, and keeps only x and x·Aᵀ (the mask is drawn again, not saved)."""
+    from lowbit.kernels.lora_fused import dropout_seed
+
+    layer = _layer("dequant")
+    layer.lora_dropout["default"] = nn.Dropout(0.3)
+    fused = FusedLoraLinear.from_lora(copy.deepcopy(layer)).train()
+    assert fused.single_adapter() == "default" and fused.dropout_p("default") == 0.3
+    x, dy = torch.randn(2, 50, 64), torch.randn(2, 50, 48)
+    torch.manual_seed(9)
+    seed = dropout_seed(0.3)  # what the fused call will draw, from the same generator state
+    torch.manual_seed(9)
+    xf = x.clone().requires_grad_()
+    shapes = []
+    with torch.autograd.graph.saved_tensors_hooks(lambda t: shapes.append(tuple(t.shape)) or t, lambda t: t):
+        y = fused(xf)
+    y.backward(dy)
+    assert sorted(shapes) == sorted([(100, 64), (100, 4), (4, 64), (48, 4)])
+    ref = copy.deepcopy(layer)
+    xr = x.clone().requires_grad_()
+    y_ref, keep = _dropout_reference(ref, xr, 0.3, seed)
+    y_ref.backward(dy)
+    assert 0.6 < (keep > 0).float().mean().item() < 0.8  # ≈ 1 − p of the inputs reach the LoRA path
+    for got, want in ((y, y_ref), (xf.grad, xr.grad), (fused.lora_A["default"].grad, ref.lora_A["default"].grad),
+                      (fused.lora_B["default"].grad, ref.lora_B["default"].grad)):  # fmt: skip
+        assert ((got - want).norm() / want.norm()).item() < 1e-6
+    fused.eval()  # no dropout in eval mode: the plain layer's output
+    assert torch.allclose(fused(x), layer.eval()(x), atol=1e-6)
+
+
+def test_swiglu_down_projection_with_dropout_matches_the_formula():
+    from lowbit.kernels.lora_fused import dropout_seed, swiglu_qlora
+    from lowbit.kernels.swiglu import swiglu_reference
+
+    layer = _layer("dequant")
+    gate, up, dy = torch.randn(10, 64), torch.randn(10, 64), torch.randn(10, 48)
+    torch.manual_seed(4)
+    seed = dropout_seed(0.25)
+    torch.manual_seed(4)
+    g, u = gate.clone().requires_grad_(), up.clone().requires_grad_()
+    y = swiglu_qlora(g, u, layer.base_layer, layer.lora_A["default"], layer.lora_B["default"], 2.0, "torch", 0.25)
+    y.backward(dy)
+    got = (y.detach(), g.grad, u.grad, layer.lora_A["default"].grad.clone())
+    layer.zero_grad()
+    g2, u2 = gate.clone().requires_grad_(), up.clone().requires_grad_()
+    y_ref, _ = _dropout_reference(layer, swiglu_reference(g2, u2), 0.25, seed)
+    y_ref.backward(dy)
+    for a, b in zip(got, (y_ref.detach(), g2.grad, u2.grad, layer.lora_A["default"].grad)):
+        assert ((a - b).norm() / b.norm()).item() < 1e-6
+    with pytest.raises(ValueError, match="dropout"):
+        swiglu_qlora(g, u, layer.base_layer, layer.lora_A["default"], layer.lora_B["default"], 2.0, "torch", 1.0)

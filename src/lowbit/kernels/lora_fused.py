@@ -12,8 +12,12 @@ storage in the forward and again in the backward (never saved), through the base
 the format's dequantize + matmul otherwise (CPU). The LoRA product is added into the base output by one
 addmm (and s·(dY·B)·A into dX likewise), everything in the layer's compute dtype, with one cast of the
 result to x's dtype. `swiglu_qlora` is the same layer fed by silu(gate) ⊙ up (the MLP's down projection):
-it keeps gate and up instead of their product and recomputes the product in the backward. `FusedLoraLinear` uses it when a layer has exactly one active, unmerged adapter
-without dropout; any other state runs `LoraLinear.forward` unchanged.
+it keeps gate and up instead of their product and recomputes the product in the backward.
+
+LoRA dropout (peft's `lora_dropout`, on the LoRA path's input only) is drawn from a seed taken from torch's
+global generator, and drawn again from it in the backward instead of saving the mask: the same
+distribution as `nn.Dropout`, other random numbers. `FusedLoraLinear` runs these Functions when a layer
+has exactly one active, unmerged adapter; any other state runs `LoraLinear.forward` unchanged.
 """
 
 from __future__ import annotations
@@ -60,22 +64,40 @@ def base_grad_input(dy: torch.Tensor, base: QuantLinear, fused: bool) -> torch.T
     return dy @ base.dequantize(dy.dtype)
 
 
+def dropout_seed(p: float) -> int | None:
+    """A seed for one call's LoRA dropout mask (None: no dropout), from torch's global CPU generator."""
+    return int(torch.randint(0, 2**62, (1,))) if p > 0 else None
+
+
+def dropout_scale(shape: tuple, p: float, seed: int | None, device, dtype) -> torch.Tensor | None:
+    """keep / (1 - p) for the mask drawn from ``seed`` (keep with probability 1 - p), or None without dropout."""
+    if seed is None:
+        return None
+    gen = torch.Generator(device=device)
+    gen.manual_seed(seed)
+    keep = torch.rand(shape, generator=gen, device=device) >= p
+    return keep.to(dtype) * (1.0 / (1.0 - p))
+
+
 class _QLoraLinear(torch.autograd.Function):
     @staticmethod
-    def forward(ctx, x, lora_a, lora_b, bias, base: QuantLinear, scaling: float):
+    def forward(ctx, x, lora_a, lora_b, bias, base: QuantLinear, scaling: float, dropout: float):
         dtype = autocast_dtype(x.device, base.compute_dtype)
+        seed = dropout_seed(dropout)
         with torch.autocast(x.device.type, enabled=False):
-            y, x2, xa, fused = _QLoraLinear._forward(x, lora_a, lora_b, bias, base, scaling, dtype)
+            y, x2, xa, fused = _QLoraLinear._forward(x, lora_a, lora_b, bias, base, scaling, dtype, dropout, seed)
         ctx.save_for_backward(x2, xa, lora_a, lora_b, bias)
         ctx.base, ctx.scaling, ctx.fused, ctx.x_meta = base, scaling, fused, (x.shape, x.dtype)
+        ctx.dropout = (dropout, seed)
         return y.reshape(*x.shape[:-1], -1).to(x.dtype)
 
     @staticmethod
-    def _forward(x, lora_a, lora_b, bias, base, scaling, dtype):
+    def _forward(x, lora_a, lora_b, bias, base, scaling, dtype, dropout=0.0, seed=None):
         fused = select(base.kernel, base.fmt, x.device) == "fused"
         x2 = x.reshape(-1, x.shape[-1]).to(dtype)  # (M, K); a no-op when x is already in the compute dtype
         a, b = lora_a.to(dtype), lora_b.to(dtype)  # (r, K), (N, r): small
-        xa = x2 @ a.t()  # (M, r)
+        keep = dropout_scale(x2.shape, dropout, seed, x2.device, dtype)
+        xa = (x2 if keep is None else x2 * keep) @ a.t()  # (M, r)
         y = torch.addmm(base_matmul(x2, base, fused), xa, b.t(), alpha=scaling)  # (M, N)
         if bias is not None:
             y += bias.to(dtype)
@@ -88,19 +110,23 @@ class _QLoraLinear(torch.autograd.Function):
         x2, xa, lora_a, lora_b, bias = ctx.saved_tensors
         shape, x_dtype = ctx.x_meta
         dx, da, db, dbias = _backward(ctx, dy, x2, xa, lora_a, lora_b, bias, ctx.needs_input_grad[:4])
-        return None if dx is None else dx.reshape(shape).to(x_dtype), da, db, dbias, None, None
+        return None if dx is None else dx.reshape(shape).to(x_dtype), da, db, dbias, None, None, None
 
 
 def _backward(ctx, dy, x2, xa, lora_a, lora_b, bias, needs) -> tuple:
-    """(dX (M, K) in the compute dtype, dA, dB, dbias) of y = x·Wᵀ + s·(x·Aᵀ)·Bᵀ + b; ``needs`` says which."""
+    """(dX (M, K) in the compute dtype, dA, dB, dbias) of y = x·Wᵀ + s·(d(x)·Aᵀ)·Bᵀ + b, d the LoRA dropout
+    of ``ctx.dropout`` (its mask drawn again); ``needs`` says which."""
     s, dtype = ctx.scaling, x2.dtype
+    keep = dropout_scale(x2.shape, *ctx.dropout, x2.device, dtype)
     dy2 = dy.reshape(-1, dy.shape[-1]).to(dtype)  # (M, N)
     dyb = dy2 @ lora_b.to(dtype)  # (M, r)
     dx = da = db = dbias = None
-    if needs[0]:
+    if needs[0] and keep is None:
         dx = torch.addmm(base_grad_input(dy2, ctx.base, ctx.fused), dyb, lora_a.to(dtype), alpha=s)
+    elif needs[0]:
+        dx = base_grad_input(dy2, ctx.base, ctx.fused).add_((dyb @ lora_a.to(dtype)).mul_(keep), alpha=s)
     if needs[1]:
-        da = (dyb.t() @ x2).mul_(s).to(lora_a.dtype)  # (r, K)
+        da = (dyb.t() @ (x2 if keep is None else x2 * keep)).mul_(s).to(lora_a.dtype)  # (r, K)
     if needs[2]:
         db = (dy2.t() @ xa).mul_(s).to(lora_b.dtype)  # (N, r)
     if bias is not None and needs[3]:
@@ -114,16 +140,17 @@ class _SwiGLUQLora(torch.autograd.Function):
     keeping it."""
 
     @staticmethod
-    def forward(ctx, gate, up, lora_a, lora_b, bias, base: QuantLinear, scaling: float, backend: str):
+    def forward(ctx, gate, up, lora_a, lora_b, bias, base: QuantLinear, scaling: float, dropout: float, backend: str):
         check_pair(gate, up)
         gate, up = gate.contiguous(), up.contiguous()
         ctx.triton = use_triton(gate, backend)
         act = swiglu_values(gate, up, ctx.triton)
         dtype = autocast_dtype(act.device, base.compute_dtype)
+        seed = dropout_seed(dropout)
         with torch.autocast(act.device.type, enabled=False):
-            y, _, xa, fused = _QLoraLinear._forward(act, lora_a, lora_b, bias, base, scaling, dtype)
+            y, _, xa, fused = _QLoraLinear._forward(act, lora_a, lora_b, bias, base, scaling, dtype, dropout, seed)
         ctx.save_for_backward(gate, up, xa, lora_a, lora_b, bias)
-        ctx.base, ctx.scaling, ctx.fused, ctx.dtype = base, scaling, fused, dtype
+        ctx.base, ctx.scaling, ctx.fused, ctx.dtype, ctx.dropout = base, scaling, fused, dtype, (dropout, seed)
         return y.reshape(*act.shape[:-1], -1).to(act.dtype)
 
     @staticmethod
@@ -138,23 +165,30 @@ class _SwiGLUQLora(torch.autograd.Function):
         dgate = dup = None
         if dact is not None:
             dgate, dup = swiglu_grads(dact.reshape(gate.shape).to(gate.dtype).contiguous(), gate, up, ctx.triton)
-        return dgate, dup, da, db, dbias, None, None, None
+        return dgate, dup, da, db, dbias, None, None, None, None
 
 
 def swiglu_qlora(gate: torch.Tensor, up: torch.Tensor, base: QuantLinear, lora_a: torch.Tensor,
-                 lora_b: torch.Tensor, scaling: float, backend: str = "auto") -> torch.Tensor:  # fmt: skip
+                 lora_b: torch.Tensor, scaling: float, backend: str = "auto", dropout: float = 0.0) -> torch.Tensor:  # fmt: skip
     """qlora_linear(silu(gate) ⊙ up, …) without keeping the product for backward: gate, up (…, K) → (…, N)."""
     if gate.shape[-1] != base.in_features:
         raise ValueError(f"expected gate and up (…, {base.in_features}), got {tuple(gate.shape)}")
-    return _SwiGLUQLora.apply(gate, up, lora_a, lora_b, base.bias, base, scaling, backend)
+    return _SwiGLUQLora.apply(gate, up, lora_a, lora_b, base.bias, base, scaling, _check_p(dropout), backend)
 
 
 def qlora_linear(x: torch.Tensor, base: QuantLinear, lora_a: torch.Tensor, lora_b: torch.Tensor,
-                 scaling: float) -> torch.Tensor:  # fmt: skip
-    """base(x) + scaling·(x·Aᵀ)·Bᵀ for a QuantLinear base: x (…, K) → (…, N) in x's dtype."""
+                 scaling: float, dropout: float = 0.0) -> torch.Tensor:  # fmt: skip
+    """base(x) + scaling·(d(x)·Aᵀ)·Bᵀ for a QuantLinear base, d the LoRA dropout of probability ``dropout``:
+    x (…, K) → (…, N) in x's dtype."""
     if x.shape[-1] != base.in_features:
         raise ValueError(f"expected input (…, {base.in_features}), got {tuple(x.shape)}")
-    return _QLoraLinear.apply(x, lora_a, lora_b, base.bias, base, scaling)
+    return _QLoraLinear.apply(x, lora_a, lora_b, base.bias, base, scaling, _check_p(dropout))
+
+
+def _check_p(p: float) -> float:
+    if not 0.0 <= p < 1.0:
+        raise ValueError(f"dropout must be in [0, 1), got {p}")
+    return float(p)
 
 
 class FusedLoraLinear(LoraLinear):
@@ -178,13 +212,16 @@ class FusedLoraLinear(LoraLinear):
             return None
         if self.disabled or self.row_adapters is not None or self.merged_adapters or len(self.active_adapters) != 1:
             return None
-        name = self.active_adapters[0]
-        if not isinstance(self.lora_dropout[name], nn.Identity) and self.training:
-            return None
-        return name
+        return self.active_adapters[0]
+
+    def dropout_p(self, name: str) -> float:
+        """The LoRA dropout probability this call applies (0 in eval mode)."""
+        dropout = self.lora_dropout[name]
+        return dropout.p if isinstance(dropout, nn.Dropout) and self.training else 0.0
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         name = self.single_adapter()
         if name is None:
             return super().forward(x)
-        return qlora_linear(x, self.base_layer, self.lora_A[name], self.lora_B[name], self.scaling[name])
+        return qlora_linear(x, self.base_layer, self.lora_A[name], self.lora_B[name], self.scaling[name],
+                            self.dropout_p(name))  # fmt: skip

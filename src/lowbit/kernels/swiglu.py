@@ -101,4 +101,4 @@ class SwiGLUMLP(nn.Module):
         if adapter is None:
             return down(swiglu(gate, up, self.backend))
         return swiglu_qlora(gate, up, down.base_layer, down.lora_A[adapter], down.lora_B[adapter],
-                            down.scaling[adapter], self.backend)  # fmt: skip
+                            down.scaling[adapter], self.backend, down.dropout_p(adapter))  # fmt: skip
