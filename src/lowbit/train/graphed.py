@@ -9,7 +9,9 @@ bench/RESULTS.md). A replayed graph launches them all at once. What the replay n
 - an optimizer that can run inside a graph: torch's Adam or AdamW (switched to ``capturable=True`` here),
   with a constant learning rate (a scheduler's Python-side change never reaches the graph);
 - no host synchronisation inside the step (no ``.item()``, no branching on tensor values). lowbit's fused
-  kernels, chunked loss and 4-bit linears keep everything on the device.
+  kernels, chunked loss and 4-bit linears keep everything on the device;
+- no LoRA dropout: the fused QLoRA linear draws each call's mask from a generator seeded on the host,
+  which a replay would repeat.
 
 Capturing needs eager warm-up steps first (kernel autotuning, cuBLAS workspaces, the optimizer's state).
 Their effect is undone — the trainable parameters are restored and the optimizer state zeroed, which for
