@@ -66,6 +66,9 @@ def base_grad_input(dy: torch.Tensor, base: QuantLinear, fused: bool) -> torch.T
 
 def dropout_seed(p: float) -> int | None:
     """A seed for one call's LoRA dropout mask (None: no dropout), from torch's global CPU generator."""
+    if p > 0 and torch.cuda.is_available() and torch.cuda.is_current_stream_capturing():
+        raise RuntimeError("LoRA dropout cannot run inside a CUDA graph (every replay would repeat the captured "
+                           "mask): train the graphed step with dropout 0")  # fmt: skip
     return int(torch.randint(0, 2**62, (1,))) if p > 0 else None
 
 
