@@ -100,9 +100,9 @@ case ${1:-kernels} in
   optimizer)  # session 14: the fused 8-bit AdamW; the fused path's memory estimate; QLoRA steps with both
     part optimizer 90 python3 bench/optimizer_step.py --out "$RES"
     part memory 140 python3 bench/memory_check.py --out "$RES" --configs qlora-fused,qlora-fused-nockpt,qlora-fused-32@24
-    part qlora 110 python3 bench/qlora_step.py --out "$RES" --steps 6 --configs 8:2048:1 --no-profile \
-      --kinds peft+bnb,lowbit-fused@0,lowbit-fused@0+adam8bit
-    RES=$RES/32 part qlora32 220 python3 bench/qlora_step.py --out "$RES/32" --steps 4 --configs 32:2048:1 \
+    part qlora 150 python3 bench/qlora_step.py --out "$RES" --steps 6 --configs 8:2048:1 --no-profile \
+      --kinds peft+bnb,lowbit-fused@0,lowbit-fused@0+adam8bit,peft+bnb+dropout,lowbit-fused@0+dropout
+    RES=$RES/32 part qlora32 190 python3 bench/qlora_step.py --out "$RES/32" --steps 4 --configs 32:2048:1 \
       --no-profile --kinds peft+bnb,lowbit-fused@24,lowbit-fused@20
     ;;
 esac

@@ -51,13 +51,13 @@ def build_model(shape: dict, layers: int, device: str):
     return model
 
 
-def lowbit_qlora(model):
+def lowbit_qlora(model, dropout: float = 0.0):
     lowbit.quantize(model, lowbit.QuantConfig(format="nf4", block_size=64, double_quant=True))
-    model = lowbit.peft.apply_lora(model, lowbit.peft.LoraConfig(r=16, alpha=32, target_modules=TARGETS))
-    return model
+    config = lowbit.peft.LoraConfig(r=16, alpha=32, target_modules=TARGETS, dropout=dropout)
+    return lowbit.peft.apply_lora(model, config)
 
 
-def peft_lora(model, four_bit: bool):
+def peft_lora(model, four_bit: bool, dropout: float = 0.0):
     import peft
 
     if four_bit:
@@ -75,7 +75,7 @@ def peft_lora(model, four_bit: bool):
                     del child
         gc.collect()
         torch.cuda.empty_cache()
-    config = peft.LoraConfig(r=16, lora_alpha=32, lora_dropout=0.0, target_modules=TARGETS, task_type="CAUSAL_LM")
+    config = peft.LoraConfig(r=16, lora_alpha=32, lora_dropout=dropout, target_modules=TARGETS, task_type="CAUSAL_LM")
     return peft.get_peft_model(model, config)
 
 
@@ -127,13 +127,15 @@ def sync(device: str) -> None:
         torch.cuda.synchronize()
 
 
-FLAGS = ("graph", "offload", "adam8bit")
+FLAGS = ("graph", "offload", "adam8bit", "dropout")
+DROPOUT = 0.05  # +dropout: LoRA dropout as the QLoRA paper (and `lowbit finetune`'s default) use it
 
 
 def parse_kind(kind: str) -> tuple[str, int | None, set[str]]:
     """``name[@k][+flag…]``: @k checkpoints only the first k blocks (the rest keep their activations); +graph
     replays each training step as one CUDA graph; +offload keeps saved activations in pinned CPU memory;
-    +adam8bit uses lowbit's 8-bit AdamW. Returns (name, k or None, flags)."""
+    +adam8bit uses lowbit's 8-bit AdamW; +dropout gives the adapters LoRA dropout 0.05. Returns (name, k or
+    None, flags)."""
     parts, flags = kind.split("+"), set()
     while len(parts) > 1 and parts[-1] in FLAGS:  # "peft+bnb" is a name, not a flag
         flags.add(parts.pop())
@@ -142,12 +144,13 @@ def parse_kind(kind: str) -> tuple[str, int | None, set[str]]:
 
 
 def fresh(kind: str, shape: dict, layers: int, device: str):
-    name, checkpointed, _ = parse_kind(kind)
+    name, checkpointed, flags = parse_kind(kind)
+    dropout = DROPOUT if "dropout" in flags else 0.0
     model = build_model(shape, layers, device)
     if name in ("lowbit", "lowbit-fused"):
-        model = lowbit_qlora(model)
+        model = lowbit_qlora(model, dropout)
     else:
-        model = peft_lora(model, four_bit=name == "peft+bnb")
+        model = peft_lora(model, four_bit=name == "peft+bnb", dropout=dropout)
     enable_checkpointing(model, checkpointed)
     if name == "lowbit-fused":  # fused RMSNorm, SwiGLU, QLoRA linear and chunked cross-entropy (issue 8)
         log(f"  fused: {lowbit.kernels.fuse_for_training(model)}")
