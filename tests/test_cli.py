@@ -302,8 +302,10 @@ def test_finetune_trains_on_an_already_quantized_directory(tiny_dir, tmp_path, c
     q, run = tmp_path / "q", tmp_path / "run"
     assert main(["quantize", str(tiny_dir), "--format", "nf4", "--out", str(q)]) == 0
     args = ["finetune", str(q), "--data", str(DATA / "instruct" / "validation.jsonl"), "--steps", "1",
-            "--batch-size", "2", "--max-length", "256", "--r", "2", "--fused-kernels", "--out", str(run)]  # fmt: skip
+            "--batch-size", "2", "--max-length", "256", "--r", "2", "--fused-kernels", "--checkpoint-layers", "auto",
+            "--memory-budget", "1", "--out", str(run)]  # fmt: skip
     assert main(args) == 0
+    assert "checkpoint_layers='auto': recomputing 0 of 2 blocks" in capsys.readouterr().out  # 1 GiB holds them all
     adapter = load_file(run / "adapter" / "adapter_model.safetensors")
     assert len(adapter) == 2 * 14 and all(k.startswith("base_model.model.model.layers.") for k in adapter)
     summary = json.loads((run / "finetune.json").read_text())
