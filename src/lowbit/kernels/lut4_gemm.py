@@ -116,15 +116,31 @@ def _lut4_dequant_kernel(out_ptr, packed_ptr, table_ptr, scale_ptr, zp_ptr, ncod
                          N, K, KB, G,
                          GS: tl.constexpr, SCALES: tl.constexpr, PAIRED: tl.constexpr, HAS_ZP: tl.constexpr,
                          DOUBLE_QUANT: tl.constexpr, NESTED_GS: tl.constexpr, LUT_ASM: tl.constexpr,
-                         BN: tl.constexpr, BK: tl.constexpr):  # fmt: skip
+                         BN: tl.constexpr, BK: tl.constexpr, TILES: tl.constexpr = 1):  # fmt: skip
+    """TILES consecutive (BN, BK) tiles along K per program: with TILES > 1 the loop's loads are pipelined
+    (num_stages) instead of each program waiting on one tile's dependent scale loads."""
     rows = tl.program_id(0) * BN + tl.arange(0, BN)
-    k0 = tl.program_id(1) * BK
-    w = load_lut4_tile(packed_ptr, table_ptr, scale_ptr, zp_ptr, ncode_ptr, nscale_ptr, offset_ptr,
-                       rows, k0, N, K, KB, G, BN, BK, GS, SCALES, PAIRED, HAS_ZP, DOUBLE_QUANT, NESTED_GS,
-                       LUT_ASM)  # fmt: skip
-    cols = k0 + tl.arange(0, BK)
-    mask = (rows < N)[:, None] & (cols < K)[None, :]
-    tl.store(out_ptr + rows[:, None].to(tl.int64) * K + cols[None, :], w.to(out_ptr.dtype.element_ty), mask=mask)
+    for t in range(TILES):
+        k0 = (tl.program_id(1) * TILES + t) * BK
+        w = load_lut4_tile(packed_ptr, table_ptr, scale_ptr, zp_ptr, ncode_ptr, nscale_ptr, offset_ptr,
+                           rows, k0, N, K, KB, G, BN, BK, GS, SCALES, PAIRED, HAS_ZP, DOUBLE_QUANT, NESTED_GS,
+                           LUT_ASM)  # fmt: skip
+        cols = k0 + tl.arange(0, BK)
+        mask = (rows < N)[:, None] & (cols < K)[None, :]
+        tl.store(out_ptr + rows[:, None].to(tl.int64) * K + cols[None, :], w.to(out_ptr.dtype.element_ty), mask=mask)
+
+
+def _dequant_configs() -> list[triton.Config]:
+    """(BN, BK, TILES, warps, stages); the first is the untuned launch (one tile a program)."""
+    shapes = [(16, 256, 1, 4, 1), (16, 256, 4, 4, 3), (16, 256, 8, 4, 3), (32, 256, 4, 8, 3), (16, 512, 4, 8, 3),
+              (8, 256, 8, 4, 4), (32, 128, 8, 4, 3), (64, 128, 4, 8, 3)]  # fmt: skip
+    return [triton.Config({"BN": bn, "BK": bk, "TILES": t}, num_warps=w, num_stages=st) for bn, bk, t, w, st in shapes]
+
+
+_lut4_dequant_tuned = triton.autotune(
+    configs=_dequant_configs(), key=["N", "K", "PAIRED", "SCALES"],
+    do_bench=functools.partial(triton.testing.do_bench, warmup=5, rep=20),
+)(_lut4_dequant_kernel)
 
 
 def _config(bm, bn, bk, warps, stages, swap: bool | None = True) -> triton.Config:
@@ -204,13 +220,20 @@ def lut4_gemm_grad_input(grad_out: torch.Tensor, w: Lut4Weight, config: dict | N
     return dx
 
 
-def lut4_dequantize(
-    w: Lut4Weight, dtype: torch.dtype = torch.bfloat16, block: tuple[int, int] = (16, 256)
-) -> torch.Tensor:
-    """The dense (N, K) weight in `dtype`, decoded by the same tile reader as the matmuls."""
+def lut4_dequantize(w: Lut4Weight, dtype: torch.dtype = torch.bfloat16, block: tuple[int, int] | None = None,
+                    tiles: int = 1) -> torch.Tensor:  # fmt: skip
+    """The dense (N, K) weight in `dtype`, decoded by the same tile reader as the matmuls.
+
+    ``block=None`` autotunes the tile (and tiles per program) on CUDA, and launches (16, 256) tiles elsewhere;
+    ``block=(BN, BK)`` with ``tiles`` fixes the launch."""
     n, k = w.out_features, w.in_features
     out = torch.empty((n, k), dtype=dtype, device=w.packed.device)
     pointers, sizes, layout = kernel_args(w, dtype)
-    bn, bk = block
-    _lut4_dequant_kernel[(triton.cdiv(n, bn), triton.cdiv(k, bk))](out, *pointers, **sizes, **layout, BN=bn, BK=bk)
+    if block is None and w.packed.is_cuda:
+        grid = lambda meta: (triton.cdiv(n, meta["BN"]), triton.cdiv(k, meta["BK"] * meta["TILES"]))  # noqa: E731
+        _lut4_dequant_tuned[grid](out, *pointers, **sizes, **layout)
+        return out
+    bn, bk = block or (16, 256)
+    grid = (triton.cdiv(n, bn), triton.cdiv(k, bk * tiles))
+    _lut4_dequant_kernel[grid](out, *pointers, **sizes, **layout, BN=bn, BK=bk, TILES=tiles)
     return out
