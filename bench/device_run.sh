@@ -6,6 +6,7 @@
 #   bash bench/device_run.sh graphs       # generation tokens/s: transformers' generate vs lowbit's static cache + graph;
 #                                         # QLoRA step with fewer blocks checkpointed (lowbit-fused@k)
 #   bash bench/device_run.sh gemv2        # shared-table GEMV vs the register one; generation with fused ops / it
+#   bash bench/device_run.sh prefill2     # every kernel benchmark, the autotuned decode pass among them
 #   bash bench/device_run.sh optimizer    # fused 8-bit AdamW vs torch / bnb; fused memory estimate; QLoRA steps
 #   bash bench/device_run.sh longest      # memory estimator; fused vs unfused loss curves (carry smol_cfg too);
 #                                         # QLoRA step training peaks; the longest sequence each contender fits
@@ -96,6 +97,9 @@ case ${1:-kernels} in
   gemv2)  # session 14: the shared-table float16-pair GEMV (correctness, decode µs) and what it does to generation
     part kernels 240 python3 bench/gpu_kernels.py --out "$RES" --decode-only
     part generation 330 python3 bench/generation.py --out "$RES"
+    ;;
+  prefill2)  # session 14: the autotuned decode pass before cuBLAS (vs the one-tile launch) at M = 2048 / 8192
+    part kernels 400 python3 bench/gpu_kernels.py --out "$RES" --skip-correctness
     ;;
   optimizer)  # session 14: the fused 8-bit AdamW; the fused path's memory estimate; QLoRA steps with both
     part optimizer 90 python3 bench/optimizer_step.py --out "$RES"

@@ -361,7 +361,7 @@ def prefill_benchmark(device, ceil: dict, with_bnb: bool, smoke: bool) -> list[d
     import torch.nn.functional as F
 
     from lowbit.kernels import ops
-    from lowbit.kernels.lut4_gemm import lut4_gemm, lut4_gemm_grad_input
+    from lowbit.kernels.lut4_gemm import lut4_dequantize, lut4_gemm, lut4_gemm_grad_input
 
     if with_bnb:
         import bitsandbytes as bnb
@@ -387,7 +387,8 @@ def prefill_benchmark(device, ceil: dict, with_bnb: bool, smoke: bool) -> list[d
 
             fused_cfg = {"BM": 128, "BN": 128, "BK": 64, "num_warps": 8, "num_stages": 3} if not smoke else SMOKE_GEMM
             timed = {
-                "lowbit": op,  # the registered op: Triton decode of W + cuBLAS at this M
+                "lowbit": op,  # the registered op: Triton decode of W (autotuned launch) + cuBLAS at this M
+                "lowbit one-tile decode": lambda x=x: F.linear(x, lut4_dequantize(nxt(lw), x.dtype, (16, 256))),
                 "bf16 cuBLAS": lambda x=x: F.linear(x, nxt(dense)),
             }
             if with_bnb:
@@ -453,11 +454,12 @@ def print_tables(ceil, decode, prefill):
             f"{t['lowbit deq+cuBLAS']:7.1f} {t.get('bnb', nan):7.1f} "
             f"{t['bf16']:7.1f} {r['lowbit_GBps']:6.0f} {r['frac_copy_bw']:6.1%} {r['vs_bnb']:5.2f} {r['vs_bf16']:5.2f}")
     log("=== prefill (NF4+DQ, bf16), TFLOP/s (do_bench median); lowbit = the op (Triton decode + cuBLAS)")
-    log(f"{'shape':>11} {'M':>5} {'lowbit':>6} {'cuBLAS':>6} {'bnb':>6} {'xcuBLAS':>7} {'xbnb':>5} {'fusedS':>6} "
-        f"{'fusedN':>6} {'dX':>5} {'dXfus':>5} {'dXcB':>5}")  # fmt: skip
+    log(f"{'shape':>11} {'M':>5} {'lowbit':>6} {'1tile':>6} {'cuBLAS':>6} {'bnb':>6} {'xcuBLAS':>7} {'xbnb':>5} "
+        f"{'fusedS':>6} {'fusedN':>6} {'dX':>5} {'dXfus':>5} {'dXcB':>5}")  # fmt: skip
     for r in prefill:
         tf = r["TFLOPs"]
-        log(f"{r['shape']:>11} {r['M']:>5} {tf['lowbit']:6.0f} {tf['bf16 cuBLAS']:6.0f} {tf.get('bnb', nan):6.0f} "
+        log(f"{r['shape']:>11} {r['M']:>5} {tf['lowbit']:6.0f} {tf.get('lowbit one-tile decode', nan):6.0f} "
+            f"{tf['bf16 cuBLAS']:6.0f} {tf.get('bnb', nan):6.0f} "
             f"{r['vs_cublas']:7.2f} {r['vs_bnb']:5.2f} {tf.get('fused swap', nan):6.0f} "
             f"{tf.get('fused noswap', nan):6.0f} {tf.get('dX lowbit', nan):5.0f} {tf.get('dX fused', nan):5.0f} "
             f"{tf.get('dX bf16 cuBLAS', nan):5.0f}")  # fmt: skip
