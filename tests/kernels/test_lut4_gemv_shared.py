@@ -79,18 +79,3 @@ def test_what_it_does_not_take():
     with pytest.raises(ValueError, match="mode"):
         half_tables(torch.zeros(16), "word")
 
-
-def test_ops_use_it_at_one_row_when_asked(monkeypatch):
-    """`ops.linear_cuda` routes M ≤ 4 here under LOWBIT_GEMV=shared (ops.GEMV_KERNEL), and nothing else."""
-    from lowbit.kernels import lut4_gemv_shared as module
-    from lowbit.kernels import ops
-
-    calls = []
-    original = module.lut4_gemv_shared
-    monkeypatch.setattr(module, "lut4_gemv_shared", lambda x, w: calls.append(x.shape) or original(x, w, "byte", CONFIG))
-    monkeypatch.setattr(ops, "GEMV_KERNEL", "shared")
-    w, dense = make(FORMATS[0], (16, 128), 6)
-    x = torch.randn(2, 128)
-    assert rel_err(ops.linear_cuda(x, w), x.double() @ dense.t()) < 4e-3
-    ops.linear_cuda(torch.randn(5, 128), w)  # five rows: decode + matmul
-    assert calls == [(2, 128)]

@@ -20,8 +20,8 @@ Precision: float16 products and group sums carry ~2⁻¹¹ relative rounding, th
 bfloat16 inputs themselves (2⁻⁹); the tests bound it against float64.
 
 Status: correct on the CPU (Triton's interpreter, which runs the float16 pair arithmetic as float16
-numpy instead of PTX) and compiled for sm_90 in CI; its speed on an H100 is not measured yet, so
-`ops` uses it only when ``LOWBIT_GEMV=shared`` is set (bench/gpu_kernels.py times both).
+numpy instead of PTX) and compiled for sm_90 in CI; its speed on an H100 is not measured yet, so the
+ops do not choose it (call it directly; bench/gpu_kernels.py and bench/generation.py time it).
 """
 
 from __future__ import annotations

@@ -17,7 +17,6 @@ an H100 (bench/RESULTS.md), so the ops do not choose it; call it directly to use
 """
 
 # No `from __future__ import annotations`: torch.library reads the schema from real annotations.
-import os
 from typing import Optional
 
 import torch
@@ -29,9 +28,6 @@ from lowbit.kernels.lut4 import Lut4Weight, check_weight, linear_grad_input_refe
 # runs in bench/RESULTS.md (register table lookup): M = 1: 10–31 µs vs 27–104 µs; M = 4: 26–81 µs vs
 # 27–104 µs; M = 8: the GEMV's (M, N, K/2) accumulator spills and decode + cuBLAS wins.
 GEMV_MAX_M = 4
-# Which GEMV: "registers" (`lut4_gemv`, measured above) or "shared" (`lut4_gemv_shared`, M ≤ 4: half the
-# instructions per byte, compiled and checked on the CPU, not yet timed on a GPU). LOWBIT_GEMV=shared opts in.
-GEMV_KERNEL = os.environ.get("LOWBIT_GEMV", "registers")
 
 
 def _lut4(packed, table, scale, zero_point, nested_code, nested_scale, offset, n, k, group_size, flat) -> Lut4Weight:
@@ -67,11 +63,6 @@ def linear_cuda(x: Tensor, w: Lut4Weight, gemv_config: dict | None = None) -> Te
     x = x.contiguous()
     if x.shape[0] == 0:
         return x.new_empty((0, w.out_features))
-    if GEMV_KERNEL == "shared" and gemv_config is None:
-        from lowbit.kernels.lut4_gemv_shared import lut4_gemv_shared, supports
-
-        if supports(x, w):
-            return lut4_gemv_shared(x, w)
     if x.shape[0] <= GEMV_MAX_M:
         return lut4_gemv(x, w, gemv_config)
     return x @ lut4_dequantize(w, x.dtype).t()  # (M, K) @ (K, N); the dense W lives for this call only
