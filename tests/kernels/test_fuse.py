@@ -126,3 +126,18 @@ def test_lora_dropout_keeps_the_fused_path(monkeypatch):
     monkeypatch.setattr(LoraLinear, "forward", unfused)
     losses = _train(model, steps=3)
     assert all(torch.isfinite(torch.tensor(losses)))
+
+
+def test_models_that_transform_their_logits_keep_their_own_loss():
+    """Gemma 2 soft-caps its logits (tanh(z / 30)·30): the chunked loss over lm_head(h) would drop that, so
+    fuse_for_training leaves its loss alone, and the loss is the model's own."""
+    from transformers import Gemma2Config, Gemma2ForCausalLM
+
+    torch.manual_seed(0)
+    model = Gemma2ForCausalLM(Gemma2Config(hidden_size=64, intermediate_size=128, num_hidden_layers=2,
+                                           num_attention_heads=4, num_key_value_heads=2, head_dim=16,
+                                           vocab_size=300, final_logit_softcapping=2.0)).eval()  # fmt: skip
+    ids = torch.randint(0, 300, (1, 12))
+    want = model(input_ids=ids, labels=ids).loss
+    assert fuse_for_training(model)["loss"] == 0 and not has_fused_loss(model)
+    torch.testing.assert_close(model(input_ids=ids, labels=ids).loss, want)

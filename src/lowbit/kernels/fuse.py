@@ -69,10 +69,19 @@ def _chunked_loss_forward(self, input_ids=None, attention_mask=None, position_id
                                   **output_fields(CausalLMOutputWithPast, output_cache(out)))  # fmt: skip
 
 
+# causal LMs whose logits are exactly lm_head(final hidden states): Gemma 2 soft-caps them, Cohere and
+# Granite scale them, so their loss must come from their own forward
+PLAIN_HEAD_MODELS = ("llama", "mistral", "qwen2", "qwen3")
+
+
 def fuse_loss(model: nn.Module, chunk_size: int | None = None, backend: str = "auto") -> bool:
     """Compute this causal LM's loss with the chunked cross-entropy; False when the model does not fit
-    (no `.model` + plain `nn.Linear` `lm_head` without bias, e.g. a LoRA-wrapped head)."""
+    (a model type outside PLAIN_HEAD_MODELS, no `.model`, or not a plain bias-free `nn.Linear` `lm_head`,
+    e.g. a LoRA-wrapped head)."""
     head = getattr(model, "lm_head", None)
+    model_type = getattr(getattr(model, "config", None), "model_type", None)
+    if model_type not in PLAIN_HEAD_MODELS:
+        return False
     if not (hasattr(model, "model") and type(head) is nn.Linear and head.bias is None):
         return False
     model._lowbit_loss_chunk, model._lowbit_loss_backend = chunk_size, backend
