@@ -141,3 +141,31 @@ def test_models_that_transform_their_logits_keep_their_own_loss():
     want = model(input_ids=ids, labels=ids).loss
     assert fuse_for_training(model)["loss"] == 0 and not has_fused_loss(model)
     torch.testing.assert_close(model(input_ids=ids, labels=ids).loss, want)
+
+
+@pytest.mark.parametrize("method", ["prompt", "prefix"])
+def test_trainer_loss_with_prompt_methods_on_a_fused_model(method):
+    """Prompt tuning lengthens the input (virtual tokens): the trainer keeps its logits loss for it. Prefix
+    tuning does not: the chunked loss runs, with the prefix keys and values the hook passes in. Both equal the
+    unfused model's summed loss."""
+    from lowbit.peft import PrefixTuningConfig, PromptTuningConfig, apply_prefix_tuning, apply_prompt_tuning
+    from lowbit.train.trainer import batch_loss
+
+    ids = torch.randint(3, 300, (2, 10), generator=torch.Generator().manual_seed(1))
+    batch = {"input_ids": ids, "attention_mask": torch.ones_like(ids), "labels": ids}
+    losses = []
+    for fused in (False, True):
+        model = tiny_llama()
+        torch.manual_seed(2)
+        if method == "prompt":
+            apply_prompt_tuning(model, PromptTuningConfig(num_virtual_tokens=4))
+        else:
+            apply_prefix_tuning(model, PrefixTuningConfig(num_virtual_tokens=4))
+        if fused:
+            assert fuse_for_training(model)["loss"] == 1
+        calls = []
+        model.lm_head.register_forward_hook(lambda *_: calls.append(1))  # the logits path calls the head
+        losses.append(batch_loss(model, batch))
+        if fused:
+            assert bool(calls) == (method == "prompt")
+    torch.testing.assert_close(losses[1], losses[0], rtol=1e-5, atol=1e-5)

@@ -324,12 +324,15 @@ def batch_loss(model: nn.Module, batch: dict, teacher: nn.Module | None = None,
     """Summed cross-entropy (or distillation loss) of one batch; divide by `loss_items` for the mean.
 
     A causal LM whose loss `fuse_for_training` fused computes it inside its forward from the hidden states
-    (chunked cross-entropy, no (tokens, vocab) fp32 logits), unless a prompt method's hook lengthens its input.
+    (chunked cross-entropy, no (tokens, vocab) fp32 logits), unless prompt tuning's virtual tokens lengthen
+    its input.
     """
     from lowbit.kernels.fuse import has_fused_loss
+    from lowbit.peft.prompt_tuning import VIRTUAL_TOKENS_ATTR
 
     inner = getattr(model, "module", model)  # DDP wraps the model in .module
-    if teacher is None and batch["labels"].dim() == 2 and has_fused_loss(inner) and not inner._forward_pre_hooks:
+    lengthened = hasattr(inner, VIRTUAL_TOKENS_ATTR)
+    if teacher is None and batch["labels"].dim() == 2 and has_fused_loss(inner) and not lengthened:
         # num_items_in_batch=1: the sum over predicted tokens (ignore_index excluded), as below
         return model(**batch, use_cache=False, num_items_in_batch=1).loss
     logits, labels, inputs = logits_and_labels(model, batch)
