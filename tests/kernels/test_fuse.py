@@ -169,3 +169,19 @@ def test_trainer_loss_with_prompt_methods_on_a_fused_model(method):
         if fused:
             assert bool(calls) == (method == "prompt")
     torch.testing.assert_close(losses[1], losses[0], rtol=1e-5, atol=1e-5)
+
+
+def test_full_fine_tuning_gradients_match_unfused():
+    """Every parameter trains (norm weights, projections, the head through the chunked loss): the fused model's
+    loss and gradients equal the unfused model's."""
+    unfused = tiny_llama(tie=False).train()
+    fused = copy.deepcopy(unfused)
+    counts = fuse_for_training(fused, loss_chunk_size=5)
+    assert counts["rms_norm"] == 5 and counts["swiglu_mlp"] == 2 and counts["loss"] == 1
+    ids = torch.randint(0, 300, (2, 12), generator=torch.Generator().manual_seed(3))
+    for model in (unfused, fused):
+        model(input_ids=ids, labels=ids).loss.backward()
+    grads = {n: p.grad for n, p in unfused.named_parameters()}
+    for name, p in fused.named_parameters():
+        assert p.grad is not None, name
+        torch.testing.assert_close(p.grad, grads[name], rtol=1e-4, atol=1e-6, msg=name)
