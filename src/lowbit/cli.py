@@ -677,7 +677,7 @@ def _add_memory(sub) -> None:
     p.add_argument("--checkpoint-layers", type=int, default=None, metavar="N",
                    help="checkpoint only the first N blocks (implies --gradient-checkpointing)")
     p.add_argument("--fused-kernels", action="store_true",
-                   help="lowbit's fused training kernels and chunked loss (finetune --fused-kernels)")
+                   help="lowbit's fused training kernels and chunked loss (what finetune runs on a GPU)")
     p.add_argument("--budget", type=float, default=None, metavar="GIB",
                    help="plan: the fewest blocks to recompute for the training peak to fit this many GiB")
     p.add_argument("--params", type=float, help="just the rule of thumb for this many fp32 parameters")
