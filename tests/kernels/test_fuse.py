@@ -87,9 +87,13 @@ def test_trainer_fused_kernels_flag():
     cfg = dict(max_steps=3, batch_size=4, lr=1e-2, progress=False, plot=False)
     want = train(_qlora(tiny_llama()), examples, TrainConfig(**cfg), pad_token_id=tok.pad_token_id).losses
     model = _qlora(tiny_llama())
+    head_calls = []
+    model.lm_head.register_forward_hook(lambda *_: head_calls.append(1))
     got = train(model, examples, TrainConfig(fused_kernels=True, **cfg), pad_token_id=tok.pad_token_id).losses
     assert type(model.model.layers[0].mlp).__name__ == "SwiGLUMLP"
-    assert has_fused_loss(model)  # the trainer's loss came from the chunked cross-entropy, no logits
+    assert head_calls == []  # the trainer's loss came from the chunked cross-entropy: no logits were built
+    assert not has_fused_loss(model)  # and after training the model gives logits again
+    assert model(input_ids=torch.tensor([[5, 6, 7]]), labels=torch.tensor([[5, 6, 7]])).logits is not None
     assert max(abs(a - b) for a, b in zip(got, want)) < 1e-4  # the tolerance of test_ten_qlora_steps_match_unfused
     bf16 = TrainConfig(fused_kernels=True, precision="bf16", **cfg)
     losses = train(_qlora(tiny_llama()), examples, bf16, pad_token_id=tok.pad_token_id).losses

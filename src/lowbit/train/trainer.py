@@ -500,10 +500,14 @@ def train(model: nn.Module, train_examples: Sequence[dict], config: TrainConfig 
         if layers == "auto":
             layers = plan_checkpointing(model, cfg, max(len(e["input_ids"]) for e in train_examples))
         enable_gradient_checkpointing(model, layers)
+    loss_fused_here = False  # the chunked loss returns logits=None with labels: undone after training
     if uses_fused_kernels(model, cfg):
         from lowbit.kernels import fuse_for_training
+        from lowbit.kernels.fuse import has_fused_loss
 
+        was_fused = has_fused_loss(model)
         fuse_for_training(model)
+        loss_fused_here = has_fused_loss(model) and not was_fused
     if not any(p.requires_grad for p in model.parameters()):
         raise ValueError("the model has no trainable parameters: apply a PEFT method (lowbit.peft) first")
     rank, world = rank_and_world()
@@ -534,6 +538,10 @@ def train(model: nn.Module, train_examples: Sequence[dict], config: TrainConfig 
     finally:
         if log is not None:
             log.close()
+        if loss_fused_here:  # the fused modules compute what they replaced; the loss-only forward does not
+            from lowbit.kernels.fuse import unfuse_loss
+
+            unfuse_loss(model)
     module.eval()
     if out is not None and rank == 0 and cfg.plot:
         result.plot = plot_loss_curve(read_metrics(out), out / PLOT_NAME)
