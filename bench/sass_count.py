@@ -70,12 +70,12 @@ def register_gemv(bn: int, bk: int, warps: int):
 
 
 def shared_gemv(bn: int, bk: int, warps: int, table: int = 256, bm: int = 1):
-    layout = {k: v for k, v in LAYOUT.items() if k not in ("SCALES", "PAIRED", "HAS_ZP")}
+    layout = {k: v for k, v in LAYOUT.items() if k not in ("SCALES", "PAIRED")}
     names = lut4_gemv_shared._gemv_shared_kernel.arg_names
     return compile_aligned(lut4_gemv_shared._gemv_shared_kernel,
-                           ["*i32", "*fp32", "*bf16", "*u8", "*i32", *POINTERS[2:]] + ["i32"] * 6,
+                           ["*i32", "*fp32", "*fp32", "*bf16", "*u8", "*i32", *POINTERS[2:]] + ["i32"] * 6 + ["fp32"],
                            layout | dict(TABLE=table, PTX=True, BM=bm, BN=bn, BK=bk),
-                           names[:10] + ["N", "K", "KB", "G", "stride_ym"], warps)  # fmt: skip
+                           names[:11] + ["N", "K", "KB", "G", "stride_ym"], warps)  # fmt: skip
 
 
 def main() -> None:

@@ -18,7 +18,8 @@ from tests.kernels.test_triton_interpreted import rel_err  # noqa: E402
 CONFIG = {"BN": 8, "BK": 128, "num_warps": 4, "num_stages": 1}
 FORMATS = [WeightFormat("nf4", block_size=64, double_quant=True), WeightFormat("nf4", block_size=64),
            WeightFormat("fp4", block_size=64), WeightFormat("e2m1", block_size=32),
-           WeightFormat("int4", group_size=128, symmetric=True)]  # fmt: skip
+           WeightFormat("int4", group_size=128, symmetric=True), WeightFormat("int4", group_size=32, symmetric=False),
+           WeightFormat("int4", group_size=128, symmetric=False)]  # fmt: skip  (the last two: GPTQ-style zero points)
 
 
 def make(fmt, shape, seed):
@@ -28,7 +29,7 @@ def make(fmt, shape, seed):
 
 
 @pytest.mark.parametrize("mode", ["byte", "nibble"])
-@pytest.mark.parametrize("fmt", FORMATS, ids=lambda f: f"{f.name}-{f.block_size or f.group_size}")
+@pytest.mark.parametrize("fmt", FORMATS, ids=lambda f: f"{f.name}-{f.block_size or f.group_size}-{f.symmetric}")
 def test_matches_float64(fmt, mode):
     """N not a multiple of BN, K not a multiple of BK (a masked tail), 16-bit and 32-bit x, 1 and 3 rows."""
     w, dense = make(fmt, (44, 384), 3)
@@ -56,19 +57,26 @@ def test_large_and_tiny_activations_keep_their_precision():
 
 def test_prepared_x_and_tables():
     x = torch.tensor([[0.75, -3.0, 5.0, 1e-3]])
-    x2, inv = prepare_x(x)
+    x2, inv, _ = prepare_x(x)
     assert inv.item() == 8.0  # max |x| = 5 < 8: x is scaled by 1/8
     halves = x2.view(torch.float16).float().view(1, 4) * inv
     torch.testing.assert_close(halves, x, rtol=1e-3, atol=0)
+    x = torch.randn(2, 300)  # group sums for zero points: 3 groups of 128, the last one partial
+    x2, inv, sums = prepare_x(x, group_size=128)
+    scaled = x2.view(torch.float16).float().view(2, 300)
+    want = torch.stack([scaled[:, i : i + 128].sum(1) for i in (0, 128, 256)], 1)
+    torch.testing.assert_close(sums, want, rtol=1e-5, atol=1e-5)
     table = torch.linspace(-1, 1, 16)
     pairs = half_tables(table, "byte").view(torch.float16).view(256, 2).float()
     byte = 0x3C  # high nibble 3 (the even column), low nibble 12
     torch.testing.assert_close(pairs[byte], table[[3, 12]], rtol=1e-3, atol=0)
     assert half_tables(table, "nibble").shape == (16,)
+    centered = half_tables(torch.arange(16.0), "nibble", 7.5).view(torch.float16)[::2].float()  # int4 0…15
+    torch.testing.assert_close(centered, torch.arange(16.0) - 7.5)
 
 
 def test_what_it_does_not_take():
-    w, _ = make(WeightFormat("int4", group_size=32, symmetric=False), (8, 64), 5)  # zero points
+    w, _ = make(WeightFormat("int4", group_size=None), (8, 64), 5)  # one scale per row
     assert not supports(torch.zeros(1, 64), w)
     w, _ = make(FORMATS[0], (8, 64), 5)
     assert supports(torch.zeros(4, 64), w) and not supports(torch.zeros(5, 64), w)  # up to 4 rows of x

@@ -11,7 +11,8 @@ memory. Here each packed byte costs 8–9:
   ``mode="nibble"`` looks each nibble up in a 16-entry table instead (two loads, no bank conflicts);
 - x arrives as float16 pairs (x[2j], x[2j+1]) — one 32-bit word per packed byte — prepared once per call by
   `_prepare_x_kernel`, scaled by a power of two so that |x| < 1 (bfloat16 activations can exceed float16's
-  range; the power of two is undone exactly at the end);
+  range; the power of two is undone exactly at the end); with zero points (GPTQ-style int4 groups) it also
+  sums each group of x, since Σ(t - z)·x = Σ t·x - z·Σ x;
 - the pair of products is one `mul.rn.f16x2`, and a group's products are summed in float16 pairs (a
   group's GS values, |w·x| ≤ max|table| each, far from float16's range), then converted to float32 once per
   group, scaled and accumulated in float32.
@@ -70,8 +71,10 @@ def _add2_ptx(a, b):
 
 
 @triton.jit
-def _prepare_x_kernel(x_ptr, out_ptr, inv_ptr, K, KB, stride_xm, BLOCK: tl.constexpr):
-    """Row m of x → float16 pairs of x·2^e (|x·2^e| < 1) as int32 words, and 2^-e."""
+def _prepare_x_kernel(x_ptr, out_ptr, inv_ptr, sums_ptr, K, KB, G, stride_xm,
+                      GS: tl.constexpr, SUMS: tl.constexpr, BLOCK: tl.constexpr):  # fmt: skip
+    """Row m of x → float16 pairs of x·2^e (|x·2^e| < 1) as int32 words, and 2^-e; with SUMS, also the sum of
+    each group of GS (rounded, scaled) values, which zero points multiply."""
     m = tl.program_id(0)
     x_ptr += m.to(tl.int64) * stride_xm
     amax = tl.zeros((BLOCK,), dtype=tl.float32)
@@ -84,17 +87,24 @@ def _prepare_x_kernel(x_ptr, out_ptr, inv_ptr, K, KB, stride_xm, BLOCK: tl.const
     tl.store(inv_ptr + m, ((biased + 1) << 23).to(tl.float32, bitcast=True))  # 2^(biased - 126)
     for j0 in range(0, KB, BLOCK // 2):
         j = j0 + tl.arange(0, BLOCK // 2)
-        even = tl.load(x_ptr + 2 * j, mask=j < KB, other=0.0).to(tl.float32) * scale
-        odd = tl.load(x_ptr + 2 * j + 1, mask=j < KB, other=0.0).to(tl.float32) * scale
-        tl.store(out_ptr + m.to(tl.int64) * KB + j, _pack(even.to(tl.float16), odd.to(tl.float16)), mask=j < KB)
+        even = (tl.load(x_ptr + 2 * j, mask=j < KB, other=0.0).to(tl.float32) * scale).to(tl.float16)
+        odd = (tl.load(x_ptr + 2 * j + 1, mask=j < KB, other=0.0).to(tl.float32) * scale).to(tl.float16)
+        tl.store(out_ptr + m.to(tl.int64) * KB + j, _pack(even, odd), mask=j < KB)
+        if SUMS:  # (BLOCK is a multiple of GS, so a block holds whole groups)
+            pair = even.to(tl.float32) + odd.to(tl.float32)
+            g = j0 * 2 // GS + tl.arange(0, BLOCK // GS)
+            tl.store(sums_ptr + m.to(tl.int64) * G + g, tl.sum(tl.reshape(pair, (BLOCK // GS, GS // 2)), 1),
+                     mask=g < G)  # fmt: skip
 
 
 @triton.jit
-def _gemv_shared_kernel(x2_ptr, inv_ptr, y_ptr, packed_ptr, pairs_ptr, scale_ptr, zp_ptr, ncode_ptr, nscale_ptr,
-                        offset_ptr, M, N, K, KB, G, stride_ym,
-                        GS: tl.constexpr, DOUBLE_QUANT: tl.constexpr, NESTED_GS: tl.constexpr,
+def _gemv_shared_kernel(x2_ptr, inv_ptr, sums_ptr, y_ptr, packed_ptr, pairs_ptr, scale_ptr, zp_ptr, ncode_ptr,
+                        nscale_ptr, offset_ptr, M, N, K, KB, G, stride_ym, center,
+                        GS: tl.constexpr, HAS_ZP: tl.constexpr, DOUBLE_QUANT: tl.constexpr, NESTED_GS: tl.constexpr,
                         TABLE: tl.constexpr, PTX: tl.constexpr, BM: tl.constexpr, BN: tl.constexpr,
                         BK: tl.constexpr):  # fmt: skip
+    """With zero points a group's value is (table[c] - z)·s: the kernel's table holds table[c] - center (small
+    float16 values, so the dot product does not carry a large constant) and subtracts (z - center)·Σx."""
     rows = tl.program_id(0) * BN + tl.arange(0, BN)  # output features
     ms = tl.arange(0, BM)  # rows of x, all in this program: each packed byte is read and looked up once
     table = tl.load(pairs_ptr + tl.arange(0, TABLE))  # (TABLE,) int32: float16 pairs (byte) or values (nibble)
@@ -115,9 +125,15 @@ def _gemv_shared_kernel(x2_ptr, inv_ptr, y_ptr, packed_ptr, pairs_ptr, scale_ptr
         else:  # (the interpreter runs a custom reduction element by element: sum the float16 lanes instead)
             lo, hi = _unpack(p)
             lo, hi = tl.sum(lo, axis=3), tl.sum(hi, axis=3)
-        s, _ = load_pair_scales(scale_ptr, zp_ptr, ncode_ptr, nscale_ptr, offset_ptr, rows, k0, N, K, G, BK, GS,
-                                1, False, DOUBLE_QUANT, NESTED_GS)  # fmt: skip  (1: SCALES_GROUPED)
-        acc += (lo.to(tl.float32) + hi.to(tl.float32)) * s[None, :, :]
+        s, z = load_pair_scales(scale_ptr, zp_ptr, ncode_ptr, nscale_ptr, offset_ptr, rows, k0, N, K, G, BK, GS,
+                                1, HAS_ZP, DOUBLE_QUANT, NESTED_GS)  # fmt: skip  (1: SCALES_GROUPED)
+        dot = lo.to(tl.float32) + hi.to(tl.float32)  # (BM, BN, BK/GS)
+        if HAS_ZP:
+            g = k0 // GS + tl.arange(0, BK // GS)
+            sums = tl.load(sums_ptr + ms[:, None] * G + g[None, :], mask=(ms < M)[:, None] & (g < G)[None, :],
+                           other=0.0)  # (BM, BK/GS) fmt: skip
+            dot -= (z - center)[None, :, :] * sums[:, None, :]
+        acc += dot * s[None, :, :]
     y = tl.sum(acc, axis=2) * tl.load(inv_ptr + ms, mask=ms < M, other=1.0)[:, None]  # (BM, BN)
     mask = (ms < M)[:, None] & (rows < N)[None, :]
     tl.store(y_ptr + ms[:, None] * stride_ym + rows[None, :], y.to(y_ptr.dtype.element_ty), mask=mask)
@@ -146,28 +162,29 @@ MAX_M = 4  # rows of x at once
 
 
 def supports(x: torch.Tensor, w: Lut4Weight) -> bool:
-    """Up to MAX_M rows of x; grouped scales without zero points (NF4, FP4, E2M1, symmetric int4)."""
-    if x.dim() != 2 or not 1 <= x.shape[0] <= MAX_M or w.zero_point is not None or w.in_features % 2:
+    """Up to MAX_M rows of x; grouped scales (NF4, FP4, E2M1, int4 groups with or without zero points)."""
+    if x.dim() != 2 or not 1 <= x.shape[0] <= MAX_M or w.in_features % 2:
         return False
     _, _, layout = kernel_args(w)
     gs = layout["GS"]
     return layout["SCALES"] == SCALES_GROUPED and layout["PAIRED"] and 2 <= gs <= 1024
 
 
-_TABLES: dict[tuple[int, str], tuple[torch.Tensor, torch.Tensor]] = {}  # (table address, mode) → (table, kernel's)
+_TABLES: dict[tuple, tuple[torch.Tensor, torch.Tensor]] = {}  # (table address, mode, center) → (table, kernel's)
 
 
-def half_tables(table: torch.Tensor, mode: str) -> torch.Tensor:
-    """The kernel's table for a (16,) float32 format table: 256 float16 pairs (byte mode) or 16 float16 values."""
+def half_tables(table: torch.Tensor, mode: str, center: float = 0.0) -> torch.Tensor:
+    """The kernel's table for a (16,) float32 format table minus ``center``: 256 float16 pairs (byte mode) or
+    16 float16 values."""
     if mode not in MODES:
         raise ValueError(f"mode must be one of {MODES}, got {mode!r}")
-    key = (table.data_ptr(), mode)
+    key = (table.data_ptr(), mode, center)
     hit = _TABLES.get(key)
     if hit is not None:
         return hit[1]
     if table.is_cuda and torch.cuda.is_current_stream_capturing():
         raise RuntimeError("the shared-table GEMV builds its table outside a CUDA graph capture: call it once first")
-    half = table.detach().float().to(torch.float16)
+    half = (table.detach().float() - center).to(torch.float16)
     if not torch.isfinite(half).all():
         raise ValueError("the format's table does not fit float16")
     bits = half.view(torch.int16).to(torch.int32) & 0xFFFF  # (16,)
@@ -182,13 +199,20 @@ def half_tables(table: torch.Tensor, mode: str) -> torch.Tensor:
     return _TABLES[key][1]
 
 
-def prepare_x(x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-    """x (M, K) → (M, K/2) int32 float16 pairs of each row times its 2^e, and (M,) float32 2^-e."""
+PREPARE_BLOCK = 1024  # values of x per step of the preparation (a multiple of every supported group size)
+
+
+def prepare_x(x: torch.Tensor, group_size: int | None = None) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """x (M, K) → (M, K/2) int32 float16 pairs of each row times its 2^e, (M,) float32 2^-e, and with a
+    ``group_size`` the (M, ceil(K / group_size)) float32 sums of each group of those scaled values."""
     m, k = x.shape
     x2 = torch.empty((m, k // 2), dtype=torch.int32, device=x.device)
     inv = torch.empty(m, dtype=torch.float32, device=x.device)
-    _prepare_x_kernel[(m,)](x, x2, inv, k, k // 2, x.stride(0), BLOCK=1024, num_warps=4)
-    return x2, inv
+    groups = -(-k // group_size) if group_size else 1
+    sums = torch.empty((m, groups), dtype=torch.float32, device=x.device)
+    _prepare_x_kernel[(m,)](x, x2, inv, sums, k, k // 2, groups, x.stride(0), GS=group_size or 2,
+                            SUMS=group_size is not None, BLOCK=PREPARE_BLOCK, num_warps=4)  # fmt: skip
+    return x2, inv, sums
 
 
 def lut4_gemv_shared(x: torch.Tensor, w: Lut4Weight, mode: str = "byte", config: dict | None = None) -> torch.Tensor:
@@ -197,22 +221,38 @@ def lut4_gemv_shared(x: torch.Tensor, w: Lut4Weight, mode: str = "byte", config:
     `config=None` autotunes (CUDA); a dict {BN, BK, num_warps, num_stages} fixes the launch.
     """
     if not supports(x, w):
-        raise ValueError(f"lut4_gemv_shared takes 1 to {MAX_M} rows of x and grouped scales without zero points")
+        raise ValueError(f"lut4_gemv_shared takes 1 to {MAX_M} rows of x and a weight with grouped scales")
     if x.shape[1] != w.in_features:
         raise ValueError(f"x must be (M, {w.in_features}), got {tuple(x.shape)}")
     if config is not None and config["BK"] < kernel_args(w)[2]["GS"]:
         raise ValueError(f"config BK={config['BK']} must cover a whole group ({kernel_args(w)[2]['GS']})")
     x = x if x.stride(1) == 1 else x.contiguous()
-    x2, inv = prepare_x(x)
+    pointers, sizes, layout = kernel_args(w)
+    has_zp = layout["HAS_ZP"]
+    x2, inv, sums = prepare_x(x, layout["GS"] if has_zp else None)
     m = x.shape[0]
     y = torch.empty((m, w.out_features), dtype=x.dtype, device=x.device)
-    pointers, sizes, layout = kernel_args(w)
-    pointers[1] = half_tables(w.table, mode)
-    kw = dict(M=m, **sizes, stride_ym=y.stride(0), GS=layout["GS"], DOUBLE_QUANT=layout["DOUBLE_QUANT"],
-              NESTED_GS=layout["NESTED_GS"], TABLE=256 if mode == "byte" else 16,
+    center = _center(w.table) if has_zp else 0.0
+    pointers[1] = half_tables(w.table, mode, center)
+    kw = dict(M=m, **sizes, stride_ym=y.stride(0), center=center, GS=layout["GS"], HAS_ZP=has_zp,
+              DOUBLE_QUANT=layout["DOUBLE_QUANT"], NESTED_GS=layout["NESTED_GS"], TABLE=256 if mode == "byte" else 16,
               PTX=x.is_cuda and os.environ.get("TRITON_INTERPRET") != "1", BM=triton.next_power_of_2(m))  # fmt: skip
+    args = (x2, inv, sums, y, *pointers)
     if config is None:
-        _gemv_shared_tuned[lambda meta: (triton.cdiv(w.out_features, meta["BN"]),)](x2, inv, y, *pointers, **kw)
+        _gemv_shared_tuned[lambda meta: (triton.cdiv(w.out_features, meta["BN"]),)](*args, **kw)
     else:
-        _gemv_shared_kernel[(triton.cdiv(w.out_features, config["BN"]),)](x2, inv, y, *pointers, **kw, **config)
+        _gemv_shared_kernel[(triton.cdiv(w.out_features, config["BN"]),)](*args, **kw, **config)
     return y
+
+
+_CENTERS: dict[int, tuple[torch.Tensor, float]] = {}
+
+
+def _center(table: torch.Tensor) -> float:
+    """The middle of a table's range (7.5 for int4's 0…15), read once per table (a host sync)."""
+    hit = _CENTERS.get(table.data_ptr())
+    if hit is None:
+        if table.is_cuda and torch.cuda.is_current_stream_capturing():
+            raise RuntimeError("the shared-table GEMV reads its table outside a CUDA graph capture: call it once first")
+        hit = _CENTERS[table.data_ptr()] = (table, float(table.max() + table.min()) / 2)
+    return hit[1]
