@@ -66,9 +66,10 @@ def main() -> int:
                                                            BN=16, BK=128))  # fmt: skip
     cases["gemv shared, x to float16 pairs"] = (lut4_gemv_shared._prepare_x_kernel, ["*bf16", "*i32", "*fp32", "*fp32",
                                                                                     "i32", "i32", "i32", "i32"],
-                                                dict(GS=128, SUMS=True, BLOCK=1024))  # fmt: skip
+                                                dict(GS=128, SUMS=True, BLOCK=16384))  # fmt: skip
     for name, (kernel, types, constexprs) in cases.items():
-        compiled = compile_kernel(kernel, types, constexprs)
+        warps = 16 if constexprs.get("BLOCK", 0) > 8192 else 4  # (the preparation's launch for a 16k row)
+        compiled = compile_kernel(kernel, types, constexprs, warps)
         print(f"{name}: {len(compiled.asm['cubin'])} bytes of sm_90 code, {compiled.asm['ptx'].count('prmt.b32')} prmt")
     return 0
 

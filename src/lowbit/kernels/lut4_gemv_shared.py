@@ -199,7 +199,13 @@ def half_tables(table: torch.Tensor, mode: str, center: float = 0.0) -> torch.Te
     return _TABLES[key][1]
 
 
-PREPARE_BLOCK = 1024  # values of x per step of the preparation (a multiple of every supported group size)
+
+def _prepare_launch(k: int) -> tuple[int, int]:
+    """(values per step, warps) of the preparation: the whole row in one step up to 32k values, so that a row
+    costs two dependent loads (for the maximum, then for the conversion) instead of two per 1k values; a power
+    of two ≥ 1024, hence a multiple of every supported group size."""
+    block = min(max(triton.next_power_of_2(k), 1024), 32768)
+    return block, 4 if block <= 2048 else 8 if block <= 8192 else 16
 
 
 def prepare_x(x: torch.Tensor, group_size: int | None = None) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
@@ -210,8 +216,9 @@ def prepare_x(x: torch.Tensor, group_size: int | None = None) -> tuple[torch.Ten
     inv = torch.empty(m, dtype=torch.float32, device=x.device)
     groups = -(-k // group_size) if group_size else 1
     sums = torch.empty((m, groups), dtype=torch.float32, device=x.device)
+    block, warps = _prepare_launch(k)
     _prepare_x_kernel[(m,)](x, x2, inv, sums, k, k // 2, groups, x.stride(0), GS=group_size or 2,
-                            SUMS=group_size is not None, BLOCK=PREPARE_BLOCK, num_warps=4)  # fmt: skip
+                            SUMS=group_size is not None, BLOCK=block, num_warps=warps)  # fmt: skip
     return x2, inv, sums
 
 
