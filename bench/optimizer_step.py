@@ -45,9 +45,9 @@ def make_params(kind: str, seed: int = 0) -> list[torch.nn.Parameter]:
 def optimizers():
     yield "torch AdamW (foreach)", lambda ps: torch.optim.AdamW(ps, lr=1e-3)
     yield "torch AdamW (fused)", lambda ps: torch.optim.AdamW(ps, lr=1e-3, fused=True)
-    yield "lowbit AdamW8bit (fused kernel)", lambda ps: AdamW8bit(ps, lr=1e-3)
+    yield "lowbit AdamW8bit (fused kernel)", lambda ps: AdamW8bit(ps, lr=1e-3, backend="triton")
     yield "lowbit AdamW8bit (torch path)", lambda ps: AdamW8bit(ps, lr=1e-3, backend="torch")
-    yield "lowbit PagedAdamW8bit (states in CPU memory)", lambda ps: PagedAdamW8bit(ps, lr=1e-3)
+    yield "lowbit PagedAdamW8bit, fused (states in CPU memory)", lambda ps: PagedAdamW8bit(ps, lr=1e-3, backend="triton")
     yield "lowbit PagedAdamW (states in CPU memory)", lambda ps: PagedAdamW(ps, lr=1e-3)
     try:
         import bitsandbytes as bnb

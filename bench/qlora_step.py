@@ -96,7 +96,7 @@ def run_steps(model, batch: int, seq: int, steps: int, warmup: int, device: str,
     from lowbit.train.trainer import offloaded_activations
 
     params = [p for p in model.parameters() if p.requires_grad]
-    opt = AdamW8bit(params, lr=1e-4) if "adam8bit" in flags else torch.optim.AdamW(params, lr=1e-4)
+    opt = AdamW8bit(params, lr=1e-4, backend="triton") if "adam8bit" in flags else torch.optim.AdamW(params, lr=1e-4)
     graph = "graph" in flags
     gen = torch.Generator(device="cpu").manual_seed(1)
     vocab = model.config.vocab_size

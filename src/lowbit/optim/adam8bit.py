@@ -22,9 +22,10 @@ constants cost more than they save, and they are often sensitive biases or norms
 bitsandbytes ≥ 0.45 uses blocks of 256; pass `block_size=256` to reproduce its `AdamW8bit` (the
 tests do, on CPU).
 
-On CUDA the step of every 8-bit tensor is one Triton kernel (`lowbit.kernels.adam8bit`); elsewhere, and
-with ``backend="torch"``, the torch code below. Both keep the same state, so a state dict moves freely
-between them.
+With ``backend="triton"`` (or "auto" on CUDA) the step of all 8-bit tensors of a dtype is one Triton kernel
+launch (`lowbit.kernels.adam8bit`); with ``backend="torch"``, the default until that kernel has run on a GPU
+(it is checked on the CPU under Triton's interpreter and compiled for sm_90), the torch code below. Both keep
+the same state, so a state dict moves freely between them.
 """
 
 from __future__ import annotations
@@ -74,12 +75,12 @@ class AdamW8bit(torch.optim.Optimizer):
     min_8bit_size: tensors with fewer elements keep fp32 moments.
     paged: keep the states in (pinned) CPU memory between steps when the parameters live on a GPU
         (`lowbit.optim.paged`); on CPU it changes nothing.
-    backend: "auto" (the fused Triton step on CUDA), "torch" or "triton" (`kernels.dispatch.use_triton`).
+    backend: "torch" (default), "triton" or "auto" (the fused Triton step on CUDA; `kernels.dispatch.use_triton`).
     """
 
     def __init__(self, params, lr: float = 1e-3, betas: tuple[float, float] = (0.9, 0.999), eps: float = 1e-8,
                  weight_decay: float = 1e-2, block_size: int = 2048, min_8bit_size: int = 4096,
-                 paged: bool = False, backend: str = "auto") -> None:  # fmt: skip
+                 paged: bool = False, backend: str = "torch") -> None:  # fmt: skip
         from lowbit.kernels.dispatch import BACKENDS
 
         if backend not in BACKENDS:
