@@ -209,3 +209,25 @@ def test_lora_dropout_masks_survive_recomputation():
         model(input_ids=ids, labels=ids).loss.backward()
         grads.append(torch.cat([p.grad.flatten() for p in model.parameters() if p.requires_grad]))
     torch.testing.assert_close(grads[1], grads[0], rtol=1e-5, atol=1e-7)
+
+
+
+def test_trainer_says_what_it_fused(capsys):
+    """The trainer prints what fuse_for_training replaced, and warns when fused_kernels=True found nothing."""
+    from pathlib import Path
+
+    from transformers import GPT2Config, GPT2LMHeadModel
+
+    from lowbit.train import DataConfig, TrainConfig, build_examples, read_records, train
+    from tests.train.tiny_tokenizer import tiny_tokenizer
+
+    tok = tiny_tokenizer()
+    records = read_records(Path(__file__).resolve().parents[2] / "data" / "instruct" / "train.jsonl")[:8]
+    examples, _ = build_examples(records, tok, DataConfig(max_length=160))
+    cfg = TrainConfig(max_steps=1, batch_size=2, fused_kernels=True, plot=False)
+    train(_qlora(tiny_llama()), examples, cfg, pad_token_id=tok.pad_token_id)
+    assert "fused kernels: 5 rms_norm, 2 swiglu_mlp, 14 qlora_linear, 1 loss" in capsys.readouterr().out
+    torch.manual_seed(0)
+    gpt2 = GPT2LMHeadModel(GPT2Config(n_embd=32, n_layer=1, n_head=2, vocab_size=300, n_positions=256))
+    with pytest.warns(UserWarning, match="no module the fused kernels replace"):
+        train(gpt2, examples, cfg, pad_token_id=tok.pad_token_id)

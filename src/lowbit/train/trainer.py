@@ -506,8 +506,13 @@ def train(model: nn.Module, train_examples: Sequence[dict], config: TrainConfig 
         from lowbit.kernels.fuse import has_fused_loss
 
         was_fused = has_fused_loss(model)
-        fuse_for_training(model)
+        counts = fuse_for_training(model)
         loss_fused_here = has_fused_loss(model) and not was_fused
+        if cfg.progress and rank_and_world()[0] == 0:
+            print("fused kernels: " + ", ".join(f"{n} {what}" for what, n in counts.items()))
+        if cfg.fused_kernels and not any(counts.values()):
+            warnings.warn(f"fused_kernels=True but {type(model).__name__} has no module the fused kernels replace "
+                          "(they cover Llama / Qwen2 / Mistral layouts and QLoRA linears)", stacklevel=2)  # fmt: skip
     if not any(p.requires_grad for p in model.parameters()):
         raise ValueError("the model has no trainable parameters: apply a PEFT method (lowbit.peft) first")
     rank, world = rank_and_world()
