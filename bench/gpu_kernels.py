@@ -329,7 +329,7 @@ def decode_benchmark(device, ceil: dict, with_bnb: bool, smoke: bool) -> list[di
                 "lowbit deq+cuBLAS": (lambda i, x=x: F.linear(x, lut4_dequantize(lw[i], x.dtype)), n_rot),
                 "bf16": (lambda i, x=x: F.linear(x, dense[i]), len(dense)),
             }
-            if m <= 4:  # the shared-table, float16-pair GEMV (prepare x + GEMV, two launches), both tables
+            if lut4_gemv_shared.supports(x, lw[0]):  # the shared-table float16-pair GEMV (prepare x + GEMV)
                 cs = None if not smoke else {"BN": 8, "BK": 128, "num_warps": 4, "num_stages": 1}
                 for mode in lut4_gemv_shared.MODES:
                     contenders[f"shared {mode}"] = (lambda i, x=x, mode=mode: lut4_gemv_shared.lut4_gemv_shared(
@@ -341,7 +341,7 @@ def decode_benchmark(device, ceil: dict, with_bnb: bool, smoke: bool) -> list[di
                 t[name] = guarded(lambda: graph_time_us(fn, rot, device))
                 t_flush[name] = guarded(lambda: bench_us(rotating(fn, rot), device))
             best = getattr(_lut4_gemv_tuned, "best_config", None)
-            if m <= 4:
+            if "shared byte" in t:
                 best = f"{best}; shared {getattr(lut4_gemv_shared._gemv_shared_tuned, 'best_config', None)}"
             moved = nbytes4 + 2 * m * k + 2 * m * n
             row = {"shape": f"{n}x{k}", "M": m, "us": t, "us_do_bench_flushed": t_flush, "gemv_config": str(best),

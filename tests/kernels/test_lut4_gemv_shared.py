@@ -34,7 +34,7 @@ def test_matches_float64(fmt, mode):
     """N not a multiple of BN, K not a multiple of BK (a masked tail), 16-bit and 32-bit x, 1 and 3 rows."""
     w, dense = make(fmt, (44, 384), 3)
     assert supports(torch.zeros(1, 384), w)
-    for dtype, m in ((torch.float32, 1), (torch.bfloat16, 1), (torch.float16, 3)):  # M = 3: a padded row
+    for dtype, m in ((torch.float32, 1), (torch.bfloat16, 1), (torch.float16, 3), (torch.float32, 6)):  # padded rows
         x = torch.randn(m, 384).to(dtype)
         y = lut4_gemv_shared(x, w, mode, CONFIG)
         assert y.dtype == dtype and y.shape == (m, 44)
@@ -79,9 +79,9 @@ def test_what_it_does_not_take():
     w, _ = make(WeightFormat("int4", group_size=None), (8, 64), 5)  # one scale per row
     assert not supports(torch.zeros(1, 64), w)
     w, _ = make(FORMATS[0], (8, 64), 5)
-    assert supports(torch.zeros(4, 64), w) and not supports(torch.zeros(5, 64), w)  # up to 4 rows of x
-    with pytest.raises(ValueError, match="1 to 4 rows of x"):
-        lut4_gemv_shared(torch.zeros(5, 64), w)
+    assert supports(torch.zeros(8, 64), w) and not supports(torch.zeros(9, 64), w)  # up to 8 rows of x
+    with pytest.raises(ValueError, match="1 to 8 rows of x"):
+        lut4_gemv_shared(torch.zeros(9, 64), w)
     with pytest.raises(ValueError, match="cover a whole group"):
         lut4_gemv_shared(torch.zeros(1, 64), w, "byte", {"BN": 8, "BK": 32, "num_warps": 4, "num_stages": 1})
     with pytest.raises(ValueError, match="mode"):

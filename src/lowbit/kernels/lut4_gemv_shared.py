@@ -1,4 +1,4 @@
-"""Decode GEMV (M ≤ 4) with the 4-bit table in shared memory and the products in packed half2 arithmetic.
+"""Decode GEMV (M ≤ 8) with the 4-bit table in shared memory and the products in packed half2 arithmetic.
 
 Why another GEMV: compiled for sm_90 and disassembled (`bench/sass_count.py`), the register-table GEMV
 (`lut4_gemv`) spends 16–17 instructions per packed byte — 7 on the `prmt` table lookup, 2 converting the
@@ -158,7 +158,7 @@ _gemv_shared_tuned = triton.autotune(
 )(_gemv_shared_kernel)
 
 
-MAX_M = 4  # rows of x at once
+MAX_M = 8  # rows of x at once (decode batches; the products of all rows share each byte's lookup)
 
 
 def supports(x: torch.Tensor, w: Lut4Weight) -> bool:
