@@ -130,3 +130,18 @@ def test_the_cuda_forward_and_grad_input_pick_their_kernels_and_match_float64():
             assert rel_err(y, x.double() @ dense.t()) < 1e-5
     g = torch.randn(7, 48)
     assert rel_err(ops.linear_grad_input_cuda(g, w), g.double() @ dense) < 1e-5
+
+
+def test_the_cuda_forward_takes_the_shared_table_gemv_for_2_to_8_rows_of_16_bit_x():
+    from lowbit.kernels import ops
+    from lowbit.kernels.lut4_gemv_shared import lut4_gemv_shared
+
+    w, dense = make(WeightFormat("nf4", block_size=64, double_quant=True), (48, 128), 1)
+    for m in (1, 2, 5, 8, 9):
+        x = torch.randn(m, 128).to(torch.bfloat16)
+        y = ops.linear_cuda(x, w, GEMV)
+        assert y.dtype == torch.bfloat16 and rel_err(y, x.double() @ dense.t()) < 1e-2
+        # bit-identical to the shared kernel exactly where the ops route to it (its float16-pair rounding
+        # differs from the register GEMV's and cuBLAS's)
+        if m <= 8:
+            assert torch.equal(y, lut4_gemv_shared(x, w, config=GEMV)) == (m in ops.SHARED_GEMV_M), m

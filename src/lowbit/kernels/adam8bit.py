@@ -59,7 +59,10 @@ def _nearest(x, boundaries_ptr, codes_ptr):
 @triton.jit
 def _requantize(x, mask, code_ptr, absmax_ptr, offs, block, boundaries_ptr, codes_ptr):
     absmax = tl.max(tl.abs(x), axis=0)
-    inv = tl.div_rn(1.0, tl.maximum(absmax, 1e-38))  # the reciprocal, then a product, as the torch path does
+    # the reciprocal, then a product, as the torch path does; the floor is an explicit float32 (Triton 3.6
+    # types the literal 1e-38, subnormal in float32, as float64, which div_rn refuses)
+    floor = tl.full(absmax.shape, 1e-38, tl.float32)
+    inv = tl.div_rn(tl.full(absmax.shape, 1.0, tl.float32), tl.maximum(absmax, floor))
     scaled = tl.minimum(tl.maximum(x * inv, -1.0), 1.0)
     tl.store(code_ptr + offs, _nearest(scaled, boundaries_ptr, codes_ptr).to(tl.uint8), mask=mask)
     tl.store(absmax_ptr + block, absmax)

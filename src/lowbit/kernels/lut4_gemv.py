@@ -12,8 +12,9 @@ The table lookup decides the speed: from a table in memory each 4-bit value cost
 and an L1 load (Triton has no shared-memory table), ~300 instructions per 16 packed bytes a thread,
 which held the loop to ~20–25 % of copy bandwidth on an H100. On CUDA with 16-bit x the table lives in
 registers instead (`lut4_asm`: byte permutes, 3.5 instructions a value), 1.4–1.6× faster, on par with
-bitsandbytes' CUDA GEMV (bench/RESULTS.md). The ops use this kernel up to M = 4 (`ops.GEMV_MAX_M`):
-the accumulator grows with M and at M = 8 decode + cuBLAS is faster.
+bitsandbytes' CUDA GEMV (bench/RESULTS.md). The ops use this kernel at M = 1, and up to M = 4
+(`ops.GEMV_MAX_M`) where the shared-table GEMV does not apply (float32 x, per-row scales): the accumulator
+grows with M and at M = 8 decode + cuBLAS is faster.
 """
 
 from __future__ import annotations

@@ -10,8 +10,9 @@ shape, and on CUDA it runs the Triton kernels. `torch.library.opcheck` checks th
 - `lowbit::int8_scaled_mm(a, b, a_scale, b_scale, out_dtype)` → (a · bᵀ) ⊙ (a_scale ⊗ b_scale).
 
 The LUT4 weight travels as its tensors plus (out or in features, group_size, flat); see `lut4.py`.
-On CUDA the forward picks the kernel by M: the dequant-fused GEMV at decode sizes (M ≤ GEMV_MAX_M);
-above it, one Triton pass decodes W to the compute dtype and cuBLAS multiplies. The dequant-fused
+On CUDA the forward picks the kernel by M: at decode sizes a dequant-fused GEMV (`SHARED_GEMV_M` rows of
+16-bit x: the shared-table one, `lut4_gemv_shared`; otherwise up to GEMV_MAX_M rows the register-table one,
+`lut4_gemv`); above them, one Triton pass decodes W to the compute dtype and cuBLAS multiplies. The dequant-fused
 Triton GEMM (`lut4_gemm`, `lut4_gemm_grad_input`) is correct but measured far slower than that on
 an H100 (bench/RESULTS.md), so the ops do not choose it; call it directly to use it.
 """
@@ -28,6 +29,11 @@ from lowbit.kernels.lut4 import Lut4Weight, check_weight, linear_grad_input_refe
 # runs in bench/RESULTS.md (register table lookup): M = 1: 10–31 µs vs 27–104 µs; M = 4: 26–81 µs vs
 # 27–104 µs; M = 8: the GEMV's (M, N, K/2) accumulator spills and decode + cuBLAS wins.
 GEMV_MAX_M = 4
+# Rows of 16-bit x for which the shared-table GEMV (float16-pair products) runs instead. H100, bench/RESULTS.md
+# (session 15): M = 4: 18–54 µs vs the register GEMV's 26–81; M = 8: 25–77 µs vs decode + cuBLAS's 27–106;
+# M = 1: 11.4 / 25.4 / 30.7 µs vs 10.1 / 26.8 / 30.6, a draw, so M = 1 keeps the register GEMV. float32 x
+# keeps the exact float32 paths (the shared kernel rounds products to float16, ~2⁻¹¹ relative).
+SHARED_GEMV_M = range(2, 9)
 
 
 def _lut4(packed, table, scale, zero_point, nested_code, nested_scale, offset, n, k, group_size, flat) -> Lut4Weight:
@@ -57,13 +63,17 @@ def linear_cuda(x: Tensor, w: Lut4Weight, gemv_config: dict | None = None) -> Te
     """The CUDA forward on a checked weight. Callers already inside their own autograd Function (the fused
     QLoRA linear) call it directly: the custom op's dispatch costs ~100 µs of host time a call.
     ``gemv_config`` fixes the GEMV's launch instead of autotuning it (the Triton interpreter)."""
+    from lowbit.kernels import lut4_gemv_shared
     from lowbit.kernels.lut4_gemm import lut4_dequantize
     from lowbit.kernels.lut4_gemv import lut4_gemv
 
     x = x.contiguous()
-    if x.shape[0] == 0:
+    m = x.shape[0]
+    if m == 0:
         return x.new_empty((0, w.out_features))
-    if x.shape[0] <= GEMV_MAX_M:
+    if m in SHARED_GEMV_M and x.dtype != torch.float32 and lut4_gemv_shared.supports(x, w):
+        return lut4_gemv_shared.lut4_gemv_shared(x, w, config=gemv_config)
+    if m <= GEMV_MAX_M:
         return lut4_gemv(x, w, gemv_config)
     return x @ lut4_dequantize(w, x.dtype).t()  # (M, K) @ (K, N); the dense W lives for this call only
 
