@@ -8,6 +8,7 @@
 #   bash bench/device_run.sh gemv2        # shared-table GEMV vs the register one; generation with fused ops / it
 #   bash bench/device_run.sh prefill2     # every kernel benchmark, the autotuned decode pass among them
 #   bash bench/device_run.sh optimizer    # fused 8-bit AdamW vs torch / bnb; fused memory estimate; QLoRA steps
+#   bash bench/device_run.sh s15          # the 8-bit AdamW kernel again (Triton 3.6); QLoRA with it; prefill GEMM
 #   bash bench/device_run.sh longest      # memory estimator; fused vs unfused loss curves (carry smol_cfg too);
 #                                         # QLoRA step training peaks; the longest sequence each contender fits
 # from the repository root on the device, with bitsandbytes' wheel carried in .whl/ (see RESULTS.md).
@@ -108,6 +109,13 @@ case ${1:-kernels} in
       --kinds peft+bnb,lowbit-fused@0,lowbit-fused@0+adam8bit,peft+bnb+dropout,lowbit-fused@0+dropout
     RES=$RES/32 part qlora32 190 python3 bench/qlora_step.py --out "$RES/32" --steps 4 --configs 32:2048:1 \
       --no-profile --kinds peft+bnb,lowbit-fused@24,lowbit-fused@20
+    ;;
+  s15)  # session 15: the fused 8-bit AdamW (fixed for Triton 3.6); QLoRA with it; the prefill GEMM with the
+        # autotuned decode pass
+    part optimizer 90 python3 bench/optimizer_step.py --out "$RES"
+    part qlora 150 python3 bench/qlora_step.py --out "$RES" --steps 6 --configs 8:2048:1 --no-profile \
+      --kinds peft+bnb,lowbit-fused@0,lowbit-fused@0+adam8bit
+    part prefill 240 python3 bench/gpu_kernels.py --out "$RES" --skip-correctness --prefill-only
     ;;
 esac
 tar czf "$OUT/results-${1:-kernels}.tgz" -C "$RES" .

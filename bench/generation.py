@@ -115,26 +115,8 @@ def sync(device) -> None:
         torch.cuda.synchronize()
 
 
-def lowbit_generate_shared(model, prompt: torch.Tensor, new: int) -> tuple[dict, list[int]]:
-    """lowbit_generate with fused ops and, for this call only, the shared-table GEMV (`lut4_gemv_shared`, not
-    yet what the ops choose) wherever it takes the layer."""
-    from lowbit.kernels import lut4_gemv_shared, ops
-
-    registered = ops.linear_cuda
-
-    def linear_cuda(x, w, gemv_config=None):
-        return lut4_gemv_shared.lut4_gemv_shared(x, w) if lut4_gemv_shared.supports(x, w) else registered(x, w)
-
-    ops.linear_cuda = linear_cuda  # (the bench's experiment; lowbit itself switches nothing globally)
-    try:
-        return lowbit_generate(model, prompt, new, fused_ops=True)
-    finally:
-        ops.linear_cuda = registered
-
-
 WAYS = {"transformers generate": hf_generate, "lowbit static + CUDA graph": lowbit_generate,
-        "lowbit static + CUDA graph + fused ops": functools.partial(lowbit_generate, fused_ops=True),
-        "lowbit static + graph + fused ops + shared-table GEMV": lowbit_generate_shared}
+        "lowbit static + CUDA graph + fused ops": functools.partial(lowbit_generate, fused_ops=True)}
 
 
 def main() -> None:

@@ -472,6 +472,7 @@ def main(argv=None) -> int:
     p.add_argument("--skip-correctness", action="store_true", help="only the ceilings and the benchmarks")
     p.add_argument("--smoke", action="store_true", help="tiny shapes on the CPU (Triton interpreter)")
     p.add_argument("--decode-only", action="store_true", help="only the ceilings and benchmark 1 (decode)")
+    p.add_argument("--prefill-only", action="store_true", help="only the ceilings and benchmark 2 (prefill)")
     args = p.parse_args(argv)
     if args.smoke:
         os.environ.setdefault("TRITON_INTERPRET", "1")
@@ -498,11 +499,13 @@ def main(argv=None) -> int:
         results["correctness"] = check_correctness(device, args.smoke)
         if with_bnb:
             results["bnb_bytes"] = check_against_bitsandbytes(device)
-    results["decode"] = decode = decode_benchmark(device, ceil, with_bnb, args.smoke)
-    prefill = []
+    decode, prefill = [], []
+    if not args.prefill_only:
+        results["decode"] = decode = decode_benchmark(device, ceil, with_bnb, args.smoke)
     if not args.decode_only:
         results["prefill"] = prefill = prefill_benchmark(device, ceil, with_bnb, args.smoke)
-        results["int8"] = int8_benchmark(device, args.smoke)
+        if not args.prefill_only:
+            results["int8"] = int8_benchmark(device, args.smoke)
     print_tables(ceil, decode, prefill)
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)

@@ -114,8 +114,9 @@ def _add_decoding_options(p) -> None:
     g.add_argument("--static-cache", action=argparse.BooleanOptionalAction, default=None,
                    help="lowbit's preallocated KV cache and fixed-shape step, replayed as a CUDA graph on a GPU "
                         "(default: on for Llama/Mistral/Qwen-layout models on CUDA)")  # fmt: skip
-    g.add_argument("--fused-ops", action="store_true",
-                   help="with the static cache: lowbit's fused RMSNorm / rotary / SwiGLU kernels in each step")
+    g.add_argument("--fused-ops", action=argparse.BooleanOptionalAction, default=None,
+                   help="with the static cache: lowbit's fused RMSNorm / rotary / SwiGLU kernels in each step "
+                        "(default: on CUDA)")  # fmt: skip
 
 
 def _generate_config(args):

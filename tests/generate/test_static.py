@@ -161,3 +161,14 @@ def test_models_that_synchronise_with_the_host_are_not_captured():
     config = GenerateConfig(max_new_tokens=6, eos_token_id=())
     assert generate_ids(model, ids, config, attention_mask=mask, static_cache=True) == generate_ids(
         model, ids, config, attention_mask=mask, static_cache=False)  # fmt: skip
+
+
+def test_make_decoder_fuses_the_step_by_default_only_on_cuda():
+    from lowbit.generate.decode import make_decoder
+
+    model, (ids, mask) = tiny_llama(tie=False), padded_batch()
+    for fused_ops, expected in ((None, False), (True, True), (False, False)):  # None: on CUDA only; this is the CPU
+        config = GenerateConfig(max_new_tokens=3, static_cache=True, fused_ops=fused_ops)
+        assert make_decoder(model, ids, mask, config).fused_ops is expected
+    with pytest.raises(ValueError, match="fused_ops"):
+        GenerateConfig(fused_ops="yes")

@@ -81,13 +81,16 @@ class KVDecoder:
 
 def make_decoder(model, input_ids: torch.Tensor, attention_mask: torch.Tensor | None,
                  config: GenerateConfig) -> KVDecoder | StaticDecoder:  # fmt: skip
-    """The decoder ``config.static_cache`` asks for (None: the static one on CUDA where the model allows it)."""
+    """The decoder ``config.static_cache`` asks for (None: the static one on CUDA where the model allows it),
+    with ``config.fused_ops`` (None: on CUDA)."""
+    cuda = input_ids.device.type == "cuda"
     static = config.static_cache
     if static is None:
-        static = input_ids.device.type == "cuda" and supports_static(model)
+        static = cuda and supports_static(model)
     if static:  # the last step's token is returned, never fed: the cache needs one slot less than the total
+        fused = cuda if config.fused_ops is None else config.fused_ops
         return StaticDecoder(model, input_ids, input_ids.shape[1] + config.max_new_tokens, attention_mask,
-                             fused_ops=config.fused_ops)  # fmt: skip
+                             fused_ops=fused)  # fmt: skip
     return KVDecoder(model, input_ids, attention_mask)
 
 
