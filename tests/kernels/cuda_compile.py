@@ -16,7 +16,7 @@ import triton  # noqa: E402
 from triton.backends.compiler import GPUTarget  # noqa: E402
 from triton.compiler import ASTSource  # noqa: E402
 
-from lowbit.kernels import adam8bit, lut4_gemm, lut4_gemv, lut4_gemv_shared  # noqa: E402
+from lowbit.kernels import adam8bit, lut4_gemm, lut4_gemv, lut4_gemv_shared, train_triton  # noqa: E402
 from lowbit.kernels.lut4 import _device_table  # noqa: E402
 from lowbit.kernels.lut4_asm import fp16_bits, lookup_asm  # noqa: E402
 
@@ -67,6 +67,8 @@ def main() -> int:
     cases["gemv shared, x to float16 pairs"] = (lut4_gemv_shared._prepare_x_kernel, ["*bf16", "*i32", "*fp32", "*fp32",
                                                                                     "i32", "i32", "i32", "i32"],
                                                 dict(GS=128, SUMS=True, BLOCK=16384))  # fmt: skip
+    cases["LoRA dropout, bf16"] = (train_triton._dropout, ["*bf16", "*bf16", "i32", "fp32", "fp32", "i64"],
+                                   dict(BLOCK=1024))  # fmt: skip
     for name, (kernel, types, constexprs) in cases.items():
         warps = 16 if constexprs.get("BLOCK", 0) > 8192 else 4  # (the preparation's launch for a 16k row)
         compiled = compile_kernel(kernel, types, constexprs, warps)

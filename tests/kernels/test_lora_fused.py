@@ -129,13 +129,13 @@ def test_swiglu_into_the_qlora_down_projection_matches_unfused_and_keeps_no_prod
         assert ((got - want).norm() / want.norm()).item() < 1e-6
 
 
-def _dropout_reference(layer, x, p, seed):
+def _dropout_reference(layer, x, p, seed, backend="auto"):
     """y = base(x) + s·((x ⊙ keep / (1 - p))·Aᵀ)·Bᵀ with plain autograd, keep drawn from the same seed."""
-    from lowbit.kernels.lora_fused import dropout_scale
+    from lowbit.kernels.lora_fused import dropped
 
     a, b = layer.lora_A["default"], layer.lora_B["default"]
     x2 = x.reshape(-1, x.shape[-1])
-    keep = dropout_scale(x2.shape, p, seed, x.device, torch.float32)
+    keep = dropped(torch.ones(x2.shape), p, seed, backend)  # the mask (0 or 1 / (1 - p)) alone
     base = x2 @ layer.base_layer.dequantize(torch.float32).t()
     return (base + layer.scaling["default"] * ((x2 * keep) @ a.t()) @ b.t()).reshape(*x.shape[:-1], -1), keep
 
@@ -164,6 +164,7 @@ def test_lora_dropout_is_fused_with_its_mask_drawn_again_in_backward():
     y_ref, keep = _dropout_reference(ref, xr, 0.3, seed)
     y_ref.backward(dy)
     assert 0.6 < (keep > 0).float().mean().item() < 0.8  # ≈ 1 − p of the inputs reach the LoRA path
+    assert torch.equal(keep.unique(), torch.tensor([0.0, 1 / 0.7]))
     for got, want in ((y, y_ref), (xf.grad, xr.grad), (fused.lora_A["default"].grad, ref.lora_A["default"].grad),
                       (fused.lora_B["default"].grad, ref.lora_B["default"].grad)):  # fmt: skip
         assert ((got - want).norm() / want.norm()).item() < 1e-6
@@ -171,7 +172,11 @@ def test_lora_dropout_is_fused_with_its_mask_drawn_again_in_backward():
     assert torch.allclose(fused(x), layer.eval()(x), atol=1e-6)
 
 
-def test_swiglu_down_projection_with_dropout_matches_the_formula():
+@pytest.mark.parametrize("backend", ["torch", "triton"])
+def test_swiglu_down_projection_with_dropout_matches_the_formula(backend):
+    """Also with the Triton dropout kernel: its mask drawn again in backward is the forward's."""
+    if backend == "triton":
+        pytest.importorskip("triton")
     from lowbit.kernels.lora_fused import dropout_seed, swiglu_qlora
     from lowbit.kernels.swiglu import swiglu_reference
 
@@ -181,14 +186,40 @@ def test_swiglu_down_projection_with_dropout_matches_the_formula():
     seed = dropout_seed(0.25)
     torch.manual_seed(4)
     g, u = gate.clone().requires_grad_(), up.clone().requires_grad_()
-    y = swiglu_qlora(g, u, layer.base_layer, layer.lora_A["default"], layer.lora_B["default"], 2.0, "torch", 0.25)
+    y = swiglu_qlora(g, u, layer.base_layer, layer.lora_A["default"], layer.lora_B["default"], 2.0, backend, 0.25)
     y.backward(dy)
     got = (y.detach(), g.grad, u.grad, layer.lora_A["default"].grad.clone())
     layer.zero_grad()
     g2, u2 = gate.clone().requires_grad_(), up.clone().requires_grad_()
-    y_ref, _ = _dropout_reference(layer, swiglu_reference(g2, u2), 0.25, seed)
+    y_ref, keep = _dropout_reference(layer, swiglu_reference(g2, u2), 0.25, seed, backend)
+    assert 0 < (keep == 0).sum() < keep.numel() / 2
     y_ref.backward(dy)
     for a, b in zip(got, (y_ref.detach(), g2.grad, u2.grad, layer.lora_A["default"].grad)):
         assert ((a - b).norm() / b.norm()).item() < 1e-6
     with pytest.raises(ValueError, match="dropout"):
         swiglu_qlora(g, u, layer.base_layer, layer.lora_A["default"], layer.lora_B["default"], 2.0, "torch", 1.0)
+
+
+def test_the_dropout_kernel_draws_a_fair_repeatable_mask():
+    """train_triton.dropout (interpreted): the same seed gives the same mask, another seed another; kept values
+    are x / (1 - p); the kept share is 1 - p within 5 binomial standard deviations; neighbouring
+    elements are uncorrelated."""
+    pytest.importorskip("triton")
+    from lowbit.kernels.lora_fused import dropped
+
+    torch.manual_seed(0)
+    x = torch.randn(64, 1024) + 3.0  # no zeros of its own
+    p = 0.1
+    y = dropped(x, p, 123, "triton")
+    assert torch.equal(y, dropped(x, p, 123, "triton"))
+    other = dropped(x, p, 124, "triton")
+    kept = y != 0
+    assert not torch.equal(kept, other != 0)
+    assert torch.allclose(y[kept], x[kept] / (1 - p), rtol=1e-6, atol=0)
+    n = x.numel()
+    share = kept.float().mean().item()
+    assert abs(share - (1 - p)) < 5 * (p * (1 - p) / n) ** 0.5
+    k = kept.flatten().float() - (1 - p)
+    assert abs((k[1:] * k[:-1]).mean().item()) / (p * (1 - p)) < 0.03
+    yb = dropped(x.to(torch.bfloat16), p, 123, "triton")
+    assert torch.equal(yb != 0, kept)  # the mask depends on the seed and the position only, not the dtype

@@ -72,35 +72,41 @@ def dropout_seed(p: float) -> int | None:
     return int(torch.randint(0, 2**62, (1,))) if p > 0 else None
 
 
-def dropout_scale(shape: tuple, p: float, seed: int | None, device, dtype) -> torch.Tensor | None:
-    """keep / (1 - p) for the mask drawn from ``seed`` (keep with probability 1 - p), or None without dropout."""
+def dropped(t: torch.Tensor, p: float, seed: int | None, backend: str = "auto") -> torch.Tensor:
+    """t ⊙ keep / (1 - p), keep the mask drawn from ``seed`` for t's shape (probability 1 - p each), the same
+    mask on every call with the same seed, shape and device; t itself without dropout (``seed`` None).
+    With the Triton kernel (``backend`` as in `use_triton`) one pass of Philox numbers, nothing materialised
+    but the result; otherwise torch's generator (other numbers, the same distribution)."""
     if seed is None:
-        return None
-    gen = torch.Generator(device=device)
+        return t
+    t = t.contiguous()
+    if use_triton(t, backend):
+        from lowbit.kernels.train_triton import dropout
+
+        return dropout(t, p, seed)
+    gen = torch.Generator(device=t.device)
     gen.manual_seed(seed)
-    keep = torch.rand(shape, generator=gen, device=device) >= p
-    return keep.to(dtype) * (1.0 / (1.0 - p))
+    keep = torch.rand(t.shape, generator=gen, device=t.device) >= p
+    return t * keep.to(t.dtype) * (1.0 / (1.0 - p))
 
 
 class _QLoraLinear(torch.autograd.Function):
     @staticmethod
     def forward(ctx, x, lora_a, lora_b, bias, base: QuantLinear, scaling: float, dropout: float):
         dtype = autocast_dtype(x.device, base.compute_dtype)
-        seed = dropout_seed(dropout)
+        ctx.dropout = (dropout, dropout_seed(dropout), "auto")
         with torch.autocast(x.device.type, enabled=False):
-            y, x2, xa, fused = _QLoraLinear._forward(x, lora_a, lora_b, bias, base, scaling, dtype, dropout, seed)
+            y, x2, xa, fused = _QLoraLinear._forward(x, lora_a, lora_b, bias, base, scaling, dtype, ctx.dropout)
         ctx.save_for_backward(x2, xa, lora_a, lora_b, bias)
         ctx.base, ctx.scaling, ctx.fused, ctx.x_meta = base, scaling, fused, (x.shape, x.dtype)
-        ctx.dropout = (dropout, seed)
         return y.reshape(*x.shape[:-1], -1).to(x.dtype)
 
     @staticmethod
-    def _forward(x, lora_a, lora_b, bias, base, scaling, dtype, dropout=0.0, seed=None):
+    def _forward(x, lora_a, lora_b, bias, base, scaling, dtype, dropout=(0.0, None, "auto")):
         fused = select(base.kernel, base.fmt, x.device) == "fused"
         x2 = x.reshape(-1, x.shape[-1]).to(dtype)  # (M, K); a no-op when x is already in the compute dtype
         a, b = lora_a.to(dtype), lora_b.to(dtype)  # (r, K), (N, r): small
-        keep = dropout_scale(x2.shape, dropout, seed, x2.device, dtype)
-        xa = (x2 if keep is None else x2 * keep) @ a.t()  # (M, r)
+        xa = dropped(x2, *dropout) @ a.t()  # (M, r)
         y = torch.addmm(base_matmul(x2, base, fused), xa, b.t(), alpha=scaling)  # (M, N)
         if bias is not None:
             y += bias.to(dtype)
@@ -119,17 +125,16 @@ class _QLoraLinear(torch.autograd.Function):
 def _backward(ctx, dy, x2, xa, lora_a, lora_b, bias, needs) -> tuple:
     """(dX (M, K) in the compute dtype, dA, dB, dbias) of y = x·Wᵀ + s·(d(x)·Aᵀ)·Bᵀ + b, d the LoRA dropout
     of ``ctx.dropout`` (its mask drawn again); ``needs`` says which."""
-    s, dtype = ctx.scaling, x2.dtype
-    keep = dropout_scale(x2.shape, *ctx.dropout, x2.device, dtype)
+    s, dtype, (p, seed, backend) = ctx.scaling, x2.dtype, ctx.dropout
     dy2 = dy.reshape(-1, dy.shape[-1]).to(dtype)  # (M, N)
     dyb = dy2 @ lora_b.to(dtype)  # (M, r)
     dx = da = db = dbias = None
-    if needs[0] and keep is None:
+    if needs[0] and seed is None:
         dx = torch.addmm(base_grad_input(dy2, ctx.base, ctx.fused), dyb, lora_a.to(dtype), alpha=s)
-    elif needs[0]:
-        dx = base_grad_input(dy2, ctx.base, ctx.fused).add_((dyb @ lora_a.to(dtype)).mul_(keep), alpha=s)
+    elif needs[0]:  # the mask of x's dropout, drawn again for the same (M, K) shape
+        dx = base_grad_input(dy2, ctx.base, ctx.fused).add_(dropped(dyb @ lora_a.to(dtype), p, seed, backend), alpha=s)
     if needs[1]:
-        da = (dyb.t() @ (x2 if keep is None else x2 * keep)).mul_(s).to(lora_a.dtype)  # (r, K)
+        da = (dyb.t() @ dropped(x2, p, seed, backend)).mul_(s).to(lora_a.dtype)  # (r, K)
     if needs[2]:
         db = (dy2.t() @ xa).mul_(s).to(lora_b.dtype)  # (N, r)
     if bias is not None and needs[3]:
@@ -149,11 +154,11 @@ class _SwiGLUQLora(torch.autograd.Function):
         ctx.triton = use_triton(gate, backend)
         act = swiglu_values(gate, up, ctx.triton)
         dtype = autocast_dtype(act.device, base.compute_dtype)
-        seed = dropout_seed(dropout)
+        ctx.dropout = (dropout, dropout_seed(dropout), backend)
         with torch.autocast(act.device.type, enabled=False):
-            y, _, xa, fused = _QLoraLinear._forward(act, lora_a, lora_b, bias, base, scaling, dtype, dropout, seed)
+            y, _, xa, fused = _QLoraLinear._forward(act, lora_a, lora_b, bias, base, scaling, dtype, ctx.dropout)
         ctx.save_for_backward(gate, up, xa, lora_a, lora_b, bias)
-        ctx.base, ctx.scaling, ctx.fused, ctx.dtype, ctx.dropout = base, scaling, fused, dtype, (dropout, seed)
+        ctx.base, ctx.scaling, ctx.fused, ctx.dtype = base, scaling, fused, dtype
         return y.reshape(*act.shape[:-1], -1).to(act.dtype)
 
     @staticmethod

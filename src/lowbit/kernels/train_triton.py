@@ -1,4 +1,5 @@
-"""Triton kernels of the fused training ops: RMSNorm, SwiGLU, RoPE and the cross-entropy of a logits chunk.
+"""Triton kernels of the fused training ops: RMSNorm, SwiGLU, RoPE, the cross-entropy of a logits chunk and
+LoRA's dropout.
 
 All four are memory-bound elementwise / row-reduction passes: unfused, PyTorch runs each as several
 kernels (casts to float32, pow, mean, rsqrt, mul, cast back, …), each a full read and write of the
@@ -96,6 +97,27 @@ def _swiglu_bwd(dy_ptr, g_ptr, u_ptr, dg_ptr, du_ptr, n, BLOCK: tl.constexpr):
 
 
 SWIGLU_BLOCK = 1024
+
+
+@triton.jit
+def _dropout(x_ptr, y_ptr, n, p, scale, seed, BLOCK: tl.constexpr):
+    # element i is kept when the i-th Philox number of the seed is ≥ p: the same mask for the same seed
+    # and shape on every call, so the backward draws it again instead of saving it
+    offs = tl.program_id(0) * BLOCK + tl.arange(0, BLOCK)
+    mask = offs < n
+    x = tl.load(x_ptr + offs, mask=mask, other=0.0)
+    keep = tl.rand(seed, offs) >= p
+    tl.store(y_ptr + offs, tl.where(keep, x.to(tl.float32) * scale, 0.0).to(y_ptr.dtype.element_ty), mask=mask)
+
+
+def dropout(x: torch.Tensor, p: float, seed: int) -> torch.Tensor:
+    """x ⊙ keep / (1 - p) for a contiguous x, keep drawn from ``seed`` (one read and one write of x)."""
+    n = x.numel()
+    if n >= 2**31:
+        raise ValueError(f"dropout's kernel indexes with int32: {n} elements is too many")
+    y = torch.empty_like(x)
+    _dropout[(triton.cdiv(n, SWIGLU_BLOCK),)](x, y, n, p, 1.0 / (1.0 - p), seed, BLOCK=SWIGLU_BLOCK)
+    return y
 
 
 def swiglu_forward(gate: torch.Tensor, up: torch.Tensor) -> torch.Tensor:
