@@ -114,7 +114,7 @@ case ${1:-kernels} in
         # autotuned decode pass
     part optimizer 90 python3 bench/optimizer_step.py --out "$RES"
     part qlora 150 python3 bench/qlora_step.py --out "$RES" --steps 6 --configs 8:2048:1 --no-profile \
-      --kinds peft+bnb,lowbit-fused@0,lowbit-fused@0+adam8bit
+      --kinds peft+bnb,lowbit-fused@0,lowbit-fused@0+adam8bit,lowbit-fused@0+dropout
     part prefill 240 python3 bench/gpu_kernels.py --out "$RES" --skip-correctness --prefill-only
     ;;
 esac
