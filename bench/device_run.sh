@@ -8,7 +8,8 @@
 #   bash bench/device_run.sh gemv2        # shared-table GEMV vs the register one; generation with fused ops / it
 #   bash bench/device_run.sh prefill2     # every kernel benchmark, the autotuned decode pass among them
 #   bash bench/device_run.sh optimizer    # fused 8-bit AdamW vs torch / bnb; fused memory estimate; QLoRA steps
-#   bash bench/device_run.sh s15          # the 8-bit AdamW kernel again (Triton 3.6); QLoRA with it; prefill GEMM
+#   bash bench/device_run.sh s15          # the 8-bit AdamW kernel again (Triton 3.6); QLoRA with it and dropout
+#   bash bench/device_run.sh s15b         # decode GEMVs (loads a step ahead); prefill GEMM
 #   bash bench/device_run.sh longest      # memory estimator; fused vs unfused loss curves (carry smol_cfg too);
 #                                         # QLoRA step training peaks; the longest sequence each contender fits
 # from the repository root on the device, with bitsandbytes' wheel carried in .whl/ (see RESULTS.md).
@@ -115,7 +116,10 @@ case ${1:-kernels} in
     part optimizer 90 python3 bench/optimizer_step.py --out "$RES"
     part qlora 150 python3 bench/qlora_step.py --out "$RES" --steps 6 --configs 8:2048:1 --no-profile \
       --kinds peft+bnb,lowbit-fused@0,lowbit-fused@0+adam8bit,lowbit-fused@0+dropout
-    part prefill 240 python3 bench/gpu_kernels.py --out "$RES" --skip-correctness --prefill-only
+    ;;
+  s15b)  # session 15: the shared-table GEMV with its loads issued a step ahead; the prefill GEMM's decode pass
+    part decode 150 python3 bench/gpu_kernels.py --out "$RES" --decode-only
+    part prefill 240 python3 bench/gpu_kernels.py --out "$RES/prefill" --skip-correctness --prefill-only
     ;;
 esac
 tar czf "$OUT/results-${1:-kernels}.tgz" -C "$RES" .
