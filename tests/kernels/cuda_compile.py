@@ -59,11 +59,12 @@ def main() -> int:
     # x pairs, 2^-e, group sums, y, the weight's pointers; M, N, K, KB, G, stride_ym; the table's center
     types = ["*i32", "*fp32", "*fp32", "*bf16", "*u8", "*i32", *POINTERS[2:]] + ["i32"] * 6 + ["fp32"]
     for table in (256, 16):
-        cases[f"gemv shared table {table}"] = (lut4_gemv_shared._gemv_shared_kernel, types,
-                                               shared | dict(TABLE=table, PTX=True, BM=1, BN=16, BK=256))  # fmt: skip
+        cases[f"gemv shared table {table}" + (", loads a step ahead" if table == 256 else "")] = (lut4_gemv_shared._gemv_shared_kernel, types,
+                                               shared | dict(TABLE=table, PTX=True, BM=1, BN=16, BK=256,
+                                                             AHEAD=table == 256))  # fmt: skip
     cases["gemv shared M=4, zero points"] = (lut4_gemv_shared._gemv_shared_kernel, types,
                                              shared | dict(HAS_ZP=True, DOUBLE_QUANT=False, TABLE=256, PTX=True, BM=4,
-                                                           BN=16, BK=128))  # fmt: skip
+                                                           BN=16, BK=128, AHEAD=True))  # fmt: skip
     cases["gemv shared, x to float16 pairs"] = (lut4_gemv_shared._prepare_x_kernel, ["*bf16", "*i32", "*fp32", "*fp32",
                                                                                     "i32", "i32", "i32", "i32"],
                                                 dict(GS=128, SUMS=True, BLOCK=16384))  # fmt: skip

@@ -38,6 +38,7 @@ def test_matches_float64(fmt, mode):
         x = torch.randn(m, 384).to(dtype)
         y = lut4_gemv_shared(x, w, mode, CONFIG)
         assert y.dtype == dtype and y.shape == (m, 44)
+        assert torch.equal(lut4_gemv_shared(x, w, mode, CONFIG | {"AHEAD": True}), y)  # loads a step ahead
         # float16 products and group sums; a bfloat16 y also carries the interpreter's truncating cast
         assert rel_err(y, x.double() @ dense.t()) < (8e-3 if dtype == torch.bfloat16 else 4e-3)
 

@@ -37,7 +37,7 @@ import triton
 import triton.language as tl
 
 from lowbit.kernels.lut4 import Lut4Weight
-from lowbit.kernels.lut4_tile import SCALES_GROUPED, kernel_args, load_pair_bytes, load_pair_scales
+from lowbit.kernels.lut4_tile import SCALES_GROUPED, kernel_args, load_pair_bytes
 
 MODES = ("byte", "nibble")
 
@@ -100,26 +100,73 @@ def _prepare_x_kernel(x_ptr, out_ptr, inv_ptr, sums_ptr, K, KB, G, stride_xm,
 
 
 @triton.jit
+def _step_loads(x2_ptr, sums_ptr, packed_ptr, scale_ptr, zp_ptr, nscale_ptr, rows, ms, k0, M, N, K, KB, G,
+                GS: tl.constexpr, HAS_ZP: tl.constexpr, DOUBLE_QUANT: tl.constexpr, NESTED_GS: tl.constexpr,
+                BM: tl.constexpr, BN: tl.constexpr, BK: tl.constexpr):  # fmt: skip
+    """Every global load of one K step (zeros past K): the packed bytes (BN, BK/2), x's pairs (BM, BK/2), the
+    groups' scales (BN, BK/GS) — double-quant codes and their nested scales, else the scales themselves —
+    and with zero points the zero points (BN, BK/GS) and x's group sums (BM, BK/GS)."""
+    b = tl.reshape(load_pair_bytes(packed_ptr, rows, k0, N, KB, BN, BK).to(tl.int32), (BN * BK // 2,))
+    j = tl.max_contiguous(tl.multiple_of(k0 // 2 + tl.arange(0, BK // 2), BK // 2), BK // 2)
+    x2 = tl.load(x2_ptr + ms[:, None].to(tl.int64) * KB + j[None, :], mask=(ms < M)[:, None] & (j < KB)[None, :],
+                 other=0)  # (BM, BK/2) fmt: skip
+    g = k0 // GS + tl.arange(0, BK // GS)
+    ok = (rows < N)[:, None] & (g < G)[None, :]
+    idx = rows[:, None].to(tl.int64) * G + g[None, :]  # (BN, BK/GS)
+    nested = tl.zeros((BN, BK // GS), dtype=tl.float32)
+    if DOUBLE_QUANT:
+        raw = tl.load(scale_ptr + idx, mask=ok, other=0).to(tl.int32)
+        nested = tl.load(nscale_ptr + idx // NESTED_GS, mask=ok, other=0.0)
+    else:
+        raw = tl.load(scale_ptr + idx, mask=ok, other=0.0).to(tl.float32)
+    z = nested
+    sums = tl.zeros((BM, BK // GS), dtype=tl.float32)
+    if HAS_ZP:
+        z = tl.load(zp_ptr + idx, mask=ok, other=0).to(tl.float32)
+        sums = tl.load(sums_ptr + ms[:, None] * G + g[None, :], mask=(ms < M)[:, None] & (g < G)[None, :], other=0.0)
+    return b, x2, raw, nested, z, sums
+
+
+@triton.jit
 def _gemv_shared_kernel(x2_ptr, inv_ptr, sums_ptr, y_ptr, packed_ptr, pairs_ptr, scale_ptr, zp_ptr, ncode_ptr,
                         nscale_ptr, offset_ptr, M, N, K, KB, G, stride_ym, center,
                         GS: tl.constexpr, HAS_ZP: tl.constexpr, DOUBLE_QUANT: tl.constexpr, NESTED_GS: tl.constexpr,
                         TABLE: tl.constexpr, PTX: tl.constexpr, BM: tl.constexpr, BN: tl.constexpr,
-                        BK: tl.constexpr):  # fmt: skip
+                        BK: tl.constexpr, AHEAD: tl.constexpr):  # fmt: skip
     """With zero points a group's value is (table[c] - z)·s: the kernel's table holds table[c] - center (small
-    float16 values, so the dot product does not carry a large constant) and subtracts (z - center)·Σx."""
+    float16 values, so the dot product does not carry a large constant) and subtracts (z - center)·Σx.
+
+    With AHEAD the loads of step k + 1 are issued before step k computes (carried in registers): a step's
+    loads otherwise wait a whole memory latency each, which is what bounds a GEMV of so little arithmetic.
+    The double-quant code table (256 floats) is read once into the program, so a scale costs no dependent
+    global load."""
     rows = tl.program_id(0) * BN + tl.arange(0, BN)  # output features
     ms = tl.arange(0, BM)  # rows of x, all in this program: each packed byte is read and looked up once
     table = tl.load(pairs_ptr + tl.arange(0, TABLE))  # (TABLE,) int32: float16 pairs (byte) or values (nibble)
+    ncode = tl.zeros((256,), dtype=tl.float32)
+    offset = 0.0
+    if DOUBLE_QUANT:
+        ncode = tl.load(ncode_ptr + tl.arange(0, 256))
+        offset = tl.load(offset_ptr)
     acc = tl.zeros((BM, BN, BK // GS), dtype=tl.float32)
+    if AHEAD:
+        nb, nx2, nraw, nnested, nz, nsums = _step_loads(x2_ptr, sums_ptr, packed_ptr, scale_ptr, zp_ptr, nscale_ptr,
+                                                        rows, ms, 0, M, N, K, KB, G, GS, HAS_ZP, DOUBLE_QUANT,
+                                                        NESTED_GS, BM, BN, BK)  # fmt: skip
     for k0 in range(0, K, BK):
-        b = tl.reshape(load_pair_bytes(packed_ptr, rows, k0, N, KB, BN, BK).to(tl.int32), (BN * BK // 2,))
+        if AHEAD:
+            b, x2, raw, nested, z, sums = nb, nx2, nraw, nnested, nz, nsums
+            nb, nx2, nraw, nnested, nz, nsums = _step_loads(x2_ptr, sums_ptr, packed_ptr, scale_ptr, zp_ptr,
+                                                            nscale_ptr, rows, ms, k0 + BK, M, N, K, KB, G, GS, HAS_ZP,
+                                                            DOUBLE_QUANT, NESTED_GS, BM, BN, BK)  # fmt: skip
+        else:
+            b, x2, raw, nested, z, sums = _step_loads(x2_ptr, sums_ptr, packed_ptr, scale_ptr, zp_ptr, nscale_ptr,
+                                                      rows, ms, k0, M, N, K, KB, G, GS, HAS_ZP, DOUBLE_QUANT,
+                                                      NESTED_GS, BM, BN, BK)  # fmt: skip
         if TABLE == 256:
             w = tl.gather(table, b, 0)  # (table[high nibble], table[low nibble]): columns 2j, 2j + 1
         else:
             w = (tl.gather(table, b >> 4, 0) & 0xFFFF) | (tl.gather(table, b & 15, 0) << 16)
-        j = tl.max_contiguous(tl.multiple_of(k0 // 2 + tl.arange(0, BK // 2), BK // 2), BK // 2)
-        x2 = tl.load(x2_ptr + ms[:, None].to(tl.int64) * KB + j[None, :], mask=(ms < M)[:, None] & (j < KB)[None, :],
-                     other=0)  # (BM, BK/2) fmt: skip
         p = _mul2(tl.reshape(w, (1, BN, BK // 2)), x2[:, None, :], PTX)  # (BM, BN, BK/2)
         p = tl.reshape(p, (BM, BN, BK // GS, GS // 2))
         if PTX:  # a group's products summed as float16 pairs
@@ -127,13 +174,12 @@ def _gemv_shared_kernel(x2_ptr, inv_ptr, sums_ptr, y_ptr, packed_ptr, pairs_ptr,
         else:  # (the interpreter runs a custom reduction element by element: sum the float16 lanes instead)
             lo, hi = _unpack(p)
             lo, hi = tl.sum(lo, axis=3), tl.sum(hi, axis=3)
-        s, z = load_pair_scales(scale_ptr, zp_ptr, ncode_ptr, nscale_ptr, offset_ptr, rows, k0, N, K, G, BK, GS,
-                                1, HAS_ZP, DOUBLE_QUANT, NESTED_GS)  # fmt: skip  (1: SCALES_GROUPED)
+        if DOUBLE_QUANT:  # (QLoRA §3, DQ) the code's value × its block's nested scale + the offset
+            s = tl.reshape(tl.gather(ncode, tl.reshape(raw, (BN * BK // GS,)), 0), (BN, BK // GS)) * nested + offset
+        else:
+            s = raw
         dot = lo.to(tl.float32) + hi.to(tl.float32)  # (BM, BN, BK/GS)
         if HAS_ZP:
-            g = k0 // GS + tl.arange(0, BK // GS)
-            sums = tl.load(sums_ptr + ms[:, None] * G + g[None, :], mask=(ms < M)[:, None] & (g < G)[None, :],
-                           other=0.0)  # (BM, BK/GS) fmt: skip
             dot -= (z - center)[None, :, :] * sums[:, None, :]
         acc += dot * s[None, :, :]
     y = tl.sum(acc, axis=2) * tl.load(inv_ptr + ms, mask=ms < M, other=1.0)[:, None]  # (BM, BN)
@@ -144,7 +190,8 @@ def _gemv_shared_kernel(x2_ptr, inv_ptr, sums_ptr, y_ptr, packed_ptr, pairs_ptr,
 def _configs() -> list[triton.Config]:
     shapes = [(8, 512, 4, 3), (16, 256, 4, 3), (16, 512, 4, 3), (16, 512, 8, 3), (32, 256, 8, 3), (32, 128, 4, 3),
               (16, 256, 4, 4), (64, 128, 8, 3), (8, 1024, 8, 3)]  # fmt: skip
-    return [triton.Config({"BN": bn, "BK": bk}, num_warps=w, num_stages=s) for bn, bk, w, s in shapes]
+    return [triton.Config({"BN": bn, "BK": bk, "AHEAD": ahead}, num_warps=w, num_stages=s)
+            for bn, bk, w, s in shapes for ahead in (False, True)]
 
 
 def _prune(configs, named_args, **kwargs):
@@ -227,7 +274,7 @@ def prepare_x(x: torch.Tensor, group_size: int | None = None) -> tuple[torch.Ten
 def lut4_gemv_shared(x: torch.Tensor, w: Lut4Weight, mode: str = "byte", config: dict | None = None) -> torch.Tensor:
     """y = x · Wᵀ for x (M, K), M ≤ MAX_M, y (M, N) in x's dtype; see `supports` for the weights it takes.
 
-    `config=None` autotunes (CUDA); a dict {BN, BK, num_warps, num_stages} fixes the launch.
+    `config=None` autotunes (CUDA); a dict {BN, BK, num_warps, num_stages[, AHEAD]} fixes the launch.
     """
     if not supports(x, w):
         raise ValueError(f"lut4_gemv_shared takes 1 to {MAX_M} rows of x and a weight with grouped scales")
@@ -250,7 +297,7 @@ def lut4_gemv_shared(x: torch.Tensor, w: Lut4Weight, mode: str = "byte", config:
     if config is None:
         _gemv_shared_tuned[lambda meta: (triton.cdiv(w.out_features, meta["BN"]),)](*args, **kw)
     else:
-        _gemv_shared_kernel[(triton.cdiv(w.out_features, config["BN"]),)](*args, **kw, **config)
+        _gemv_shared_kernel[(triton.cdiv(w.out_features, config["BN"]),)](*args, **kw, **({"AHEAD": False} | config))
     return y
 
 
