@@ -11,12 +11,12 @@ round trip of an int32 (M, N) matrix through memory that `torch._int_mm` followe
 
 from __future__ import annotations
 
-import functools
 
 import torch
 import triton
 import triton.language as tl
 
+from lowbit.kernels.autotune import autotune
 from lowbit.kernels.ops import check_int8_operands
 
 
@@ -49,12 +49,9 @@ def _config(bm, bn, bk, warps, stages) -> triton.Config:
     return triton.Config({"BM": bm, "BN": bn, "BK": bk}, num_warps=warps, num_stages=stages)
 
 
-_int8_mm_tuned = triton.autotune(
-    configs=[_config(128, 128, 128, 8, 3), _config(128, 256, 128, 8, 3), _config(64, 128, 128, 4, 4),
-             _config(16, 64, 256, 4, 3), _config(32, 128, 128, 4, 3)],  # fmt: skip
-    key=["M_BUCKET", "N", "K"],
-    do_bench=functools.partial(triton.testing.do_bench, warmup=5, rep=20),
-)(_int8_mm_kernel)
+_int8_mm_tuned = autotune([_config(128, 128, 128, 8, 3), _config(128, 256, 128, 8, 3), _config(64, 128, 128, 4, 4),
+                           _config(16, 64, 256, 4, 3), _config(32, 128, 128, 4, 3)],
+                          ["M_BUCKET", "N", "K"])(_int8_mm_kernel)  # fmt: skip
 
 
 def int8_scaled_mm(a: torch.Tensor, b: torch.Tensor, a_scale: torch.Tensor, b_scale: torch.Tensor,

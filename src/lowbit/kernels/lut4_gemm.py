@@ -26,12 +26,12 @@ wgmma in another) is the way past it.
 
 from __future__ import annotations
 
-import functools
 
 import torch
 import triton
 import triton.language as tl
 
+from lowbit.kernels.autotune import autotune
 from lowbit.kernels.lut4 import Lut4Weight
 from lowbit.kernels.lut4_tile import kernel_args, load_lut4_tile
 
@@ -137,10 +137,7 @@ def _dequant_configs() -> list[triton.Config]:
     return [triton.Config({"BN": bn, "BK": bk, "TILES": t}, num_warps=w, num_stages=st) for bn, bk, t, w, st in shapes]
 
 
-_lut4_dequant_tuned = triton.autotune(
-    configs=_dequant_configs(), key=["N", "K", "PAIRED", "SCALES"],
-    do_bench=functools.partial(triton.testing.do_bench, warmup=5, rep=20),
-)(_lut4_dequant_kernel)
+_lut4_dequant_tuned = autotune(_dequant_configs(), ["N", "K", "PAIRED", "SCALES"])(_lut4_dequant_kernel)
 
 
 def _config(bm, bn, bk, warps, stages, swap: bool | None = True) -> triton.Config:
@@ -172,12 +169,11 @@ def _prune_by_m(configs, named_args, **kwargs):
 
 
 # M_BUCKET (M rounded up to a power of two) keys the tuning, so a model's many prompt lengths share it.
-_TUNING = dict(key=["N", "K", "M_BUCKET", "PAIRED", "SCALES", "LUT_ASM"], prune_configs_by={"early_config_prune": _prune_by_m},
-               do_bench=functools.partial(triton.testing.do_bench, warmup=5, rep=20))  # fmt: skip
+_TUNING = dict(key=["N", "K", "M_BUCKET", "PAIRED", "SCALES", "LUT_ASM"], prune_configs_by={"early_config_prune": _prune_by_m})
 
 
-_lut4_gemm_tuned = triton.autotune(configs=_FORWARD_CONFIGS, **_TUNING)(_lut4_gemm_kernel)
-_lut4_gemm_dx_tuned = triton.autotune(configs=_GRAD_INPUT_CONFIGS, **_TUNING)(_lut4_gemm_dx_kernel)
+_lut4_gemm_tuned = autotune(_FORWARD_CONFIGS, **_TUNING)(_lut4_gemm_kernel)
+_lut4_gemm_dx_tuned = autotune(_GRAD_INPUT_CONFIGS, **_TUNING)(_lut4_gemm_dx_kernel)
 
 
 def _launch(tuned, plain, grid_of, args, kw, config):

@@ -19,12 +19,12 @@ grows with M and at M = 8 decode + cuBLAS is faster.
 
 from __future__ import annotations
 
-import functools
 
 import torch
 import triton
 import triton.language as tl
 
+from lowbit.kernels.autotune import autotune
 from lowbit.kernels.lut4 import Lut4Weight
 from lowbit.kernels.lut4_tile import (
     kernel_args,
@@ -173,12 +173,8 @@ def _prune(configs, named_args, **kwargs):
     return keep or [min(configs, key=lambda c: (c.kwargs["BN"] * c.kwargs["BK"], c.num_warps))]
 
 
-_lut4_gemv_tuned = triton.autotune(
-    configs=_configs(),
-    key=["N", "K", "BM", "PAIRED", "SCALES", "LUT_ASM"],
-    prune_configs_by={"early_config_prune": _prune},
-    do_bench=functools.partial(triton.testing.do_bench, warmup=5, rep=20),
-)(_lut4_gemv_kernel)
+_lut4_gemv_tuned = autotune(_configs(), ["N", "K", "BM", "PAIRED", "SCALES", "LUT_ASM"],
+                            prune_configs_by={"early_config_prune": _prune})(_lut4_gemv_kernel)
 
 
 def lut4_gemv(x: torch.Tensor, w: Lut4Weight, config: dict | None = None) -> torch.Tensor:

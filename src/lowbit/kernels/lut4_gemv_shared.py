@@ -29,13 +29,13 @@ shared-memory loads, not issue, now bound it). The ops run it for 2–8 rows of 
 
 from __future__ import annotations
 
-import functools
 import os
 
 import torch
 import triton
 import triton.language as tl
 
+from lowbit.kernels.autotune import autotune
 from lowbit.kernels.lut4 import Lut4Weight
 from lowbit.kernels.lut4_tile import SCALES_GROUPED, kernel_args, load_pair_bytes
 
@@ -201,10 +201,8 @@ def _prune(configs, named_args, **kwargs):
     return keep or [c for c in configs if c.kwargs["BK"] >= gs][:1] or configs[:1]
 
 
-_gemv_shared_tuned = triton.autotune(
-    configs=_configs(), key=["N", "K", "BM", "TABLE"], prune_configs_by={"early_config_prune": _prune},
-    do_bench=functools.partial(triton.testing.do_bench, warmup=5, rep=20),
-)(_gemv_shared_kernel)
+_gemv_shared_tuned = autotune(_configs(), ["N", "K", "BM", "TABLE"],
+                              prune_configs_by={"early_config_prune": _prune})(_gemv_shared_kernel)
 
 
 MAX_M = 8  # rows of x at once (decode batches; the products of all rows share each byte's lookup)
