@@ -69,12 +69,12 @@ def register_gemv(bn: int, bk: int, warps: int):
                            "stride_xm", "stride_ym"], warps)  # fmt: skip
 
 
-def shared_gemv(bn: int, bk: int, warps: int, table: int = 256, bm: int = 1):
+def shared_gemv(bn: int, bk: int, warps: int, table: int = 256, bm: int = 1, ahead: bool = False):
     layout = {k: v for k, v in LAYOUT.items() if k not in ("SCALES", "PAIRED")}
     names = lut4_gemv_shared._gemv_shared_kernel.arg_names
     return compile_aligned(lut4_gemv_shared._gemv_shared_kernel,
                            ["*i32", "*fp32", "*fp32", "*bf16", "*u8", "*i32", *POINTERS[2:]] + ["i32"] * 6 + ["fp32"],
-                           layout | dict(TABLE=table, PTX=True, BM=bm, BN=bn, BK=bk),
+                           layout | dict(TABLE=table, PTX=True, BM=bm, BN=bn, BK=bk, AHEAD=ahead),
                            names[:11] + ["N", "K", "KB", "G", "stride_ym"], warps)  # fmt: skip
 
 
@@ -85,6 +85,7 @@ def main() -> None:
              ("register table (lut4_gemv)", 1, 16, 512, 4, lambda: register_gemv(16, 512, 4)),
              ("shared byte table (lut4_gemv_shared)", 1, 16, 256, 4, lambda: shared_gemv(16, 256, 4)),
              ("shared byte table (lut4_gemv_shared)", 1, 16, 512, 4, lambda: shared_gemv(16, 512, 4)),
+             ("shared byte table, loads a step ahead", 1, 16, 256, 4, lambda: shared_gemv(16, 256, 4, ahead=True)),
              ("shared nibble table (lut4_gemv_shared)", 1, 16, 256, 4, lambda: shared_gemv(16, 256, 4, 16)),
              ("shared byte table (lut4_gemv_shared)", 4, 16, 128, 4, lambda: shared_gemv(16, 128, 4, bm=4))]  # fmt: skip
     for name, bm, bn, bk, warps, build in cases:

@@ -137,16 +137,12 @@ def _gemv_shared_kernel(x2_ptr, inv_ptr, sums_ptr, y_ptr, packed_ptr, pairs_ptr,
     float16 values, so the dot product does not carry a large constant) and subtracts (z - center)·Σx.
 
     With AHEAD the loads of step k + 1 are issued before step k computes (carried in registers): a step's
-    loads otherwise wait a whole memory latency each, which is what bounds a GEMV of so little arithmetic.
-    The double-quant code table (256 floats) is read once into the program, so a scale costs no dependent
-    global load."""
+    loads otherwise wait a whole memory latency each, which is what bounds a GEMV of so little arithmetic."""
     rows = tl.program_id(0) * BN + tl.arange(0, BN)  # output features
     ms = tl.arange(0, BM)  # rows of x, all in this program: each packed byte is read and looked up once
     table = tl.load(pairs_ptr + tl.arange(0, TABLE))  # (TABLE,) int32: float16 pairs (byte) or values (nibble)
-    ncode = tl.zeros((256,), dtype=tl.float32)
     offset = 0.0
     if DOUBLE_QUANT:
-        ncode = tl.load(ncode_ptr + tl.arange(0, 256))
         offset = tl.load(offset_ptr)
     acc = tl.zeros((BM, BN, BK // GS), dtype=tl.float32)
     if AHEAD:
@@ -174,8 +170,10 @@ def _gemv_shared_kernel(x2_ptr, inv_ptr, sums_ptr, y_ptr, packed_ptr, pairs_ptr,
         else:  # (the interpreter runs a custom reduction element by element: sum the float16 lanes instead)
             lo, hi = _unpack(p)
             lo, hi = tl.sum(lo, axis=3), tl.sum(hi, axis=3)
-        if DOUBLE_QUANT:  # (QLoRA §3, DQ) the code's value × its block's nested scale + the offset
-            s = tl.reshape(tl.gather(ncode, tl.reshape(raw, (BN * BK // GS,)), 0), (BN, BK // GS)) * nested + offset
+        if DOUBLE_QUANT:  # (QLoRA §3, DQ) the code's value × its block's nested scale + the offset; with AHEAD
+            # the code arrived a step ago, so this dependent load is an L1 hit on the 1 KB code table (a
+            # tl.gather from registers would add 4 barriers a step)
+            s = tl.load(ncode_ptr + raw) * nested + offset
         else:
             s = raw
         dot = lo.to(tl.float32) + hi.to(tl.float32)  # (BM, BN, BK/GS)
