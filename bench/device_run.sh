@@ -124,6 +124,12 @@ case ${1:-kernels} in
       --kinds peft+bnb,lowbit-fused@0,lowbit-fused@0+adam8bit,lowbit-fused@0+dropout
     part prefill 170 python3 bench/gpu_kernels.py --out "$RES/prefill" --skip-correctness --prefill-only
     ;;
+  s15min)  # s15all without the prefill GEMM (device time ran short)
+    part decode 130 python3 bench/gpu_kernels.py --out "$RES" --decode-only
+    part optimizer 80 python3 bench/optimizer_step.py --out "$RES"
+    part qlora 150 python3 bench/qlora_step.py --out "$RES" --steps 6 --configs 8:2048:1 --no-profile \
+      --kinds peft+bnb,lowbit-fused@0,lowbit-fused@0+adam8bit,lowbit-fused@0+dropout
+    ;;
   s15b)  # session 15: the shared-table GEMV with its loads issued a step ahead; the prefill GEMM's decode pass
     part decode 150 python3 bench/gpu_kernels.py --out "$RES" --decode-only
     part prefill 240 python3 bench/gpu_kernels.py --out "$RES/prefill" --skip-correctness --prefill-only
