@@ -16,7 +16,7 @@ it keeps gate and up instead of their product and recomputes the product in the 
 
 LoRA dropout (peft's `lora_dropout`, on the LoRA path's input only) is drawn from a seed taken from torch's
 global generator, and drawn again from it in the backward instead of saving the mask: the same
-distribution as `nn.Dropout`, other random numbers. `FusedLoraLinear` runs these Functions when a layer
+distribution as `nn.Dropout`, other random numbers (on CUDA one Triton pass of Philox numbers). `FusedLoraLinear` runs these Functions when a layer
 has exactly one active, unmerged adapter; any other state runs `LoraLinear.forward` unchanged.
 """
 
@@ -132,7 +132,8 @@ def _backward(ctx, dy, x2, xa, lora_a, lora_b, bias, needs) -> tuple:
     if needs[0] and seed is None:
         dx = torch.addmm(base_grad_input(dy2, ctx.base, ctx.fused), dyb, lora_a.to(dtype), alpha=s)
     elif needs[0]:  # the mask of x's dropout, drawn again for the same (M, K) shape
-        dx = base_grad_input(dy2, ctx.base, ctx.fused).add_(dropped(dyb @ lora_a.to(dtype), p, seed, backend), alpha=s)
+        lora_dx = dropped(dyb @ lora_a.to(dtype), p, seed, backend)
+        dx = base_grad_input(dy2, ctx.base, ctx.fused).add_(lora_dx, alpha=s)
     if needs[1]:
         da = (dyb.t() @ dropped(x2, p, seed, backend)).mul_(s).to(lora_a.dtype)  # (r, K)
     if needs[2]:
