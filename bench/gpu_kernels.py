@@ -183,6 +183,9 @@ def check_correctness(device, smoke: bool) -> list[dict]:
                         for mode in lut4_gemv_shared.MODES:
                             checks[f"gemv shared {mode} M={m}"] = guarded(lambda: rel_err(
                                 lut4_gemv_shared.lut4_gemv_shared(x, w, mode, shared_cfg), x.double() @ dense.t()))
+                        checks[f"gemv shared, loads ahead, M={m}"] = guarded(lambda: rel_err(
+                            lut4_gemv_shared.lut4_gemv_shared(x, w, "byte", shared_cfg | {"AHEAD": True}),
+                            x.double() @ dense.t()))  # fmt: skip
                 for ci, cfg in enumerate(gemm_cfgs[::2] if fi == 0 else gemm_cfgs[:1]):
                     for m in (1, 64, 300):
                         x = torch.randn(m, k, device=device).to(dt)
