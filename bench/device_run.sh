@@ -136,6 +136,10 @@ case ${1:-kernels} in
     part qlora 120 python3 bench/qlora_step.py --out "$RES" --steps 4 --configs 8:2048:1 --no-profile \
       --kinds lowbit-fused@0,lowbit-fused@0+dropout,lowbit-fused@0+adam8bit
     ;;
+  s15tiny)  # what 300 s of device time allows: decode (with correctness), 8-bit AdamW
+    part decode 115 python3 bench/gpu_kernels.py --out "$RES" --decode-only
+    part optimizer 70 python3 bench/optimizer_step.py --out "$RES"
+    ;;
   s15b)  # session 15: the shared-table GEMV with its loads issued a step ahead; the prefill GEMM's decode pass
     part decode 150 python3 bench/gpu_kernels.py --out "$RES" --decode-only
     part prefill 240 python3 bench/gpu_kernels.py --out "$RES/prefill" --skip-correctness --prefill-only
