@@ -23,8 +23,10 @@ bfloat16 inputs themselves (2⁻⁹); the tests bound it against float64.
 Checked on the CPU (Triton's interpreter, which runs the float16 pair arithmetic as float16 numpy instead
 of PTX) and compiled for sm_90 in CI. Measured on an H100 (bench/RESULTS.md, session 15) it is 1.45–1.56× the
 register GEMV at M = 4 and 1.1–1.4× decode + cuBLAS at M = 8, and level with the register GEMV at M = 1
-(25.4 µs on 14336×4096, 38 % of copy bandwidth: not the 2× its instruction count promised, so the table's
-shared-memory loads, not issue, now bound it). The ops run it for 2–8 rows of 16-bit x (`ops.SHARED_GEMV_M`).
+(25.4 µs on 14336×4096, 38 % of copy bandwidth: not the 2× its instruction count promised). At M = 1 both
+GEMVs take ~1 µs per K step, whatever the step's work: each step waits a memory latency for its loads and
+then for the double-quant code's value. ``AHEAD`` (autotuned both ways; not yet timed) issues the next
+step's loads before this step computes. The ops run it for 2–8 rows of 16-bit x (`ops.SHARED_GEMV_M`).
 """
 
 from __future__ import annotations
