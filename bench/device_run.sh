@@ -8,8 +8,8 @@
 #   bash bench/device_run.sh gemv2        # shared-table GEMV vs the register one; generation with fused ops / it
 #   bash bench/device_run.sh prefill2     # every kernel benchmark, the autotuned decode pass among them
 #   bash bench/device_run.sh optimizer    # fused 8-bit AdamW vs torch / bnb; fused memory estimate; QLoRA steps
-#   bash bench/device_run.sh s15          # the 8-bit AdamW kernel again (Triton 3.6); QLoRA with it and dropout
-#   bash bench/device_run.sh s15b         # decode GEMVs (loads a step ahead); prefill GEMM
+#   bash bench/device_run.sh s15a         # decode GEMVs (loads a step ahead); the 8-bit AdamW kernel (Triton 3.6)
+#   bash bench/device_run.sh s15b         # QLoRA with the dropout kernel and the 8-bit AdamW; prefill GEMM
 #   bash bench/device_run.sh longest      # memory estimator; fused vs unfused loss curves (carry smol_cfg too);
 #                                         # QLoRA step training peaks; the longest sequence each contender fits
 # from the repository root on the device, with bitsandbytes' wheel carried in .whl/ (see RESULTS.md).
@@ -111,37 +111,15 @@ case ${1:-kernels} in
     RES=$RES/32 part qlora32 190 python3 bench/qlora_step.py --out "$RES/32" --steps 4 --configs 32:2048:1 \
       --no-profile --kinds peft+bnb,lowbit-fused@24,lowbit-fused@20
     ;;
-  s15)  # session 15: the fused 8-bit AdamW (fixed for Triton 3.6); QLoRA with it; the prefill GEMM with the
-        # autotuned decode pass
-    part optimizer 90 python3 bench/optimizer_step.py --out "$RES"
-    part qlora 150 python3 bench/qlora_step.py --out "$RES" --steps 6 --configs 8:2048:1 --no-profile \
-      --kinds peft+bnb,lowbit-fused@0,lowbit-fused@0+adam8bit,lowbit-fused@0+dropout
-    ;;
-  s15all)  # s15b's decode, then s15, then s15b's prefill: one call, in order of value
-    part decode 150 python3 bench/gpu_kernels.py --out "$RES" --decode-only
-    part optimizer 90 python3 bench/optimizer_step.py --out "$RES"
-    part qlora 150 python3 bench/qlora_step.py --out "$RES" --steps 6 --configs 8:2048:1 --no-profile \
-      --kinds peft+bnb,lowbit-fused@0,lowbit-fused@0+adam8bit,lowbit-fused@0+dropout
-    part prefill 170 python3 bench/gpu_kernels.py --out "$RES/prefill" --skip-correctness --prefill-only
-    ;;
-  s15min)  # s15all without the prefill GEMM (device time ran short)
+  s15a)  # session 15's untimed work, part 1 (~3 min): the GEMVs with loads a step ahead (checked on the GPU
+         # first), the fused 8-bit AdamW (Triton 3.6 fix) against torch and bnb
     part decode 130 python3 bench/gpu_kernels.py --out "$RES" --decode-only
     part optimizer 80 python3 bench/optimizer_step.py --out "$RES"
+    ;;
+  s15b)  # part 2 (~7 min): QLoRA steps with the dropout kernel and the 8-bit AdamW; the prefill GEMM with the
+         # autotuned decode pass
     part qlora 150 python3 bench/qlora_step.py --out "$RES" --steps 6 --configs 8:2048:1 --no-profile \
-      --kinds peft+bnb,lowbit-fused@0,lowbit-fused@0+adam8bit,lowbit-fused@0+dropout
-    ;;
-  s15last)  # the last of session 15's device time: decode (with correctness), 8-bit AdamW, dropout
-    part decode 120 python3 bench/gpu_kernels.py --out "$RES" --decode-only
-    part optimizer 75 python3 bench/optimizer_step.py --out "$RES"
-    part qlora 120 python3 bench/qlora_step.py --out "$RES" --steps 4 --configs 8:2048:1 --no-profile \
-      --kinds lowbit-fused@0,lowbit-fused@0+dropout,lowbit-fused@0+adam8bit
-    ;;
-  s15tiny)  # what 300 s of device time allows: decode (with correctness), 8-bit AdamW
-    part decode 115 python3 bench/gpu_kernels.py --out "$RES" --decode-only
-    part optimizer 70 python3 bench/optimizer_step.py --out "$RES"
-    ;;
-  s15b)  # session 15: the shared-table GEMV with its loads issued a step ahead; the prefill GEMM's decode pass
-    part decode 150 python3 bench/gpu_kernels.py --out "$RES" --decode-only
+      --kinds peft+bnb,lowbit-fused@0,lowbit-fused@0+adam8bit,peft+bnb+dropout,lowbit-fused@0+dropout
     part prefill 240 python3 bench/gpu_kernels.py --out "$RES/prefill" --skip-correctness --prefill-only
     ;;
 esac
