@@ -107,8 +107,9 @@ def _step_loads(x2_ptr, sums_ptr, packed_ptr, scale_ptr, zp_ptr, nscale_ptr, row
                 BM: tl.constexpr, BN: tl.constexpr, BK: tl.constexpr):  # fmt: skip
     """Every global load of one K step (zeros past K): the packed bytes (BN, BK/2), x's pairs (BM, BK/2), the
     groups' scales (BN, BK/GS) — double-quant codes and their nested scales, else the scales themselves —
-    and with zero points the zero points (BN, BK/GS) and x's group sums (BM, BK/GS)."""
-    b = tl.reshape(load_pair_bytes(packed_ptr, rows, k0, N, KB, BN, BK).to(tl.int32), (BN * BK // 2,))
+    and with zero points the zero points (BN, BK/GS) and x's group sums (BM, BK/GS). As loaded, unconverted:
+    an instruction that reads a loaded value waits for it, so conversions belong where the values are used."""
+    b = load_pair_bytes(packed_ptr, rows, k0, N, KB, BN, BK)
     j = tl.max_contiguous(tl.multiple_of(k0 // 2 + tl.arange(0, BK // 2), BK // 2), BK // 2)
     x2 = tl.load(x2_ptr + ms[:, None].to(tl.int64) * KB + j[None, :], mask=(ms < M)[:, None] & (j < KB)[None, :],
                  other=0)  # (BM, BK/2) fmt: skip
@@ -117,14 +118,14 @@ def _step_loads(x2_ptr, sums_ptr, packed_ptr, scale_ptr, zp_ptr, nscale_ptr, row
     idx = rows[:, None].to(tl.int64) * G + g[None, :]  # (BN, BK/GS)
     nested = tl.zeros((BN, BK // GS), dtype=tl.float32)
     if DOUBLE_QUANT:
-        raw = tl.load(scale_ptr + idx, mask=ok, other=0).to(tl.int32)
+        raw = tl.load(scale_ptr + idx, mask=ok, other=0)
         nested = tl.load(nscale_ptr + idx // NESTED_GS, mask=ok, other=0.0)
     else:
-        raw = tl.load(scale_ptr + idx, mask=ok, other=0.0).to(tl.float32)
+        raw = tl.load(scale_ptr + idx, mask=ok, other=0.0)
     z = nested
     sums = tl.zeros((BM, BK // GS), dtype=tl.float32)
     if HAS_ZP:
-        z = tl.load(zp_ptr + idx, mask=ok, other=0).to(tl.float32)
+        z = tl.load(zp_ptr + idx, mask=ok, other=0)
         sums = tl.load(sums_ptr + ms[:, None] * G + g[None, :], mask=(ms < M)[:, None] & (g < G)[None, :], other=0.0)
     return b, x2, raw, nested, z, sums
 
@@ -161,6 +162,7 @@ def _gemv_shared_kernel(x2_ptr, inv_ptr, sums_ptr, y_ptr, packed_ptr, pairs_ptr,
             b, x2, raw, nested, z, sums = _step_loads(x2_ptr, sums_ptr, packed_ptr, scale_ptr, zp_ptr, nscale_ptr,
                                                       rows, ms, k0, M, N, K, KB, G, GS, HAS_ZP, DOUBLE_QUANT,
                                                       NESTED_GS, BM, BN, BK)  # fmt: skip
+        b = tl.reshape(b.to(tl.int32), (BN * BK // 2,))
         if TABLE == 256:
             w = tl.gather(table, b, 0)  # (table[high nibble], table[low nibble]): columns 2j, 2j + 1
         else:
@@ -175,12 +177,12 @@ def _gemv_shared_kernel(x2_ptr, inv_ptr, sums_ptr, y_ptr, packed_ptr, pairs_ptr,
         if DOUBLE_QUANT:  # (QLoRA §3, DQ) the code's value × its block's nested scale + the offset; with AHEAD
             # the code arrived a step ago, so this dependent load is an L1 hit on the 1 KB code table (a
             # tl.gather from registers would add 4 barriers a step)
-            s = tl.load(ncode_ptr + raw) * nested + offset
+            s = tl.load(ncode_ptr + raw.to(tl.int32)) * nested + offset
         else:
-            s = raw
+            s = raw.to(tl.float32)
         dot = lo.to(tl.float32) + hi.to(tl.float32)  # (BM, BN, BK/GS)
         if HAS_ZP:
-            dot -= (z - center)[None, :, :] * sums[:, None, :]
+            dot -= (z.to(tl.float32) - center)[None, :, :] * sums[:, None, :]
         acc += dot * s[None, :, :]
     y = tl.sum(acc, axis=2) * tl.load(inv_ptr + ms, mask=ms < M, other=1.0)[:, None]  # (BM, BN)
     mask = (ms < M)[:, None] & (rows < N)[None, :]
