@@ -6,7 +6,8 @@ cubin, and the longest loop — the walk along K — is counted: instructions pe
 packed bytes one thread handles per iteration. A GEMV that streams 4-bit weights is bound by instruction
 issue when this count is high (bench/RESULTS.md); it is a property of the code, not a timing.
 
-    python bench/sass_count.py            # a table: kernel, tile, instructions/iteration, per byte, top opcodes
+    python bench/sass_count.py            # a table: kernel, tile, instructions/iteration, per byte, load → use
+                                          # distances, top opcodes
 """
 
 from __future__ import annotations
@@ -46,8 +47,8 @@ def compile_aligned(kernel, types: list[str], constexprs: dict, aligned: list[st
     return triton.compile(source, target=TARGET, options={"num_warps": warps, "num_stages": stages})
 
 
-def inner_loop(cubin: bytes) -> list[str]:
-    """The opcodes of the longest loop (a backward branch to a label) of a cubin's SASS."""
+def loop_body(cubin: bytes) -> list[str]:
+    """The instructions (predicate stripped) of the longest loop (a backward branch to a label) of a cubin's SASS."""
     with tempfile.NamedTemporaryFile(suffix=".cubin") as f:
         f.write(cubin)
         f.flush()
@@ -58,7 +59,27 @@ def inner_loop(cubin: bytes) -> list[str]:
              if (m := re.search(r"BRA `\((\.L_x_\d+)\)", line)) and labels.get(m.group(1), i) < i]  # fmt: skip
     start, end = max(loops, key=lambda span: span[1] - span[0])
     body = [line for line in lines[start : end + 1] if re.match(r"\s*/\*[0-9a-f]+\*/", line)]
-    return [re.sub(r"^\s*/\*[0-9a-f]+\*/\s+(@!?U?P\w+\s+)?", "", line).split()[0] for line in body]
+    return [re.sub(r"^\s*/\*[0-9a-f]+\*/\s+(@!?U?P\w+\s+)?", "", line).strip() for line in body]
+
+
+def inner_loop(cubin: bytes) -> list[str]:
+    """The opcodes of the longest loop."""
+    return [ins.split()[0] for ins in loop_body(cubin)]
+
+
+def load_distances(cubin: bytes) -> list[int]:
+    """For each global load in the loop, the instructions issued before the first one that reads its result
+    (around the back edge): how much work can hide that load's latency before the warp waits for it."""
+    body = loop_body(cubin)
+    out = []
+    for i, ins in enumerate(body):
+        m = re.match(r"LDG\S*\s+(R\d+)", ins)
+        if m:
+            reads = re.compile(rf"\b{m.group(1)}\b")
+            sources = [ins.split(" ", 1)[-1].split(",", 1)[-1] for ins in body]  # operands after the destination
+            later = [d for d in range(1, len(body)) if reads.search(sources[(i + d) % len(body)])]
+            out.append(later[0] if later else len(body))
+    return out
 
 
 def register_gemv(bn: int, bk: int, warps: int):
@@ -79,8 +100,9 @@ def shared_gemv(bn: int, bk: int, warps: int, table: int = 256, bm: int = 1, ahe
 
 
 def main() -> None:
-    print("| kernel | tile (BM×BN×BK, warps) | instructions / iteration | per packed byte (× rows of x) | top opcodes |")
-    print("|---|---|---|---|---|")
+    print("| kernel | tile (BM×BN×BK, warps) | instructions / iteration | per packed byte (× rows of x) | "
+          "load → first use (instructions) | top opcodes |")
+    print("|---|---|---|---|---|---|")
     cases = [("register table (lut4_gemv)", 1, 16, 256, 4, lambda: register_gemv(16, 256, 4)),
              ("register table (lut4_gemv)", 1, 16, 512, 4, lambda: register_gemv(16, 512, 4)),
              ("shared byte table (lut4_gemv_shared)", 1, 16, 256, 4, lambda: shared_gemv(16, 256, 4)),
@@ -89,10 +111,12 @@ def main() -> None:
              ("shared nibble table (lut4_gemv_shared)", 1, 16, 256, 4, lambda: shared_gemv(16, 256, 4, 16)),
              ("shared byte table (lut4_gemv_shared)", 4, 16, 128, 4, lambda: shared_gemv(16, 128, 4, bm=4))]  # fmt: skip
     for name, bm, bn, bk, warps, build in cases:
-        ops = inner_loop(build().asm["cubin"])
+        cubin = build().asm["cubin"]
+        ops = inner_loop(cubin)
         per_thread = bn * bk / 2 / (32 * warps)  # packed bytes a thread handles per iteration
         top = ", ".join(f"{op} {n}" for op, n in collections.Counter(ops).most_common(6))
-        print(f"| {name} | {bm}×{bn}×{bk}, {warps} | {len(ops)} | {len(ops) / per_thread:.1f} | {top} |")
+        distances = ", ".join(map(str, load_distances(cubin)))
+        print(f"| {name} | {bm}×{bn}×{bk}, {warps} | {len(ops)} | {len(ops) / per_thread:.1f} | {distances} | {top} |")
 
 
 if __name__ == "__main__":
