@@ -39,7 +39,14 @@ import triton.language as tl
 
 from lowbit.kernels.autotune import autotune
 from lowbit.kernels.lut4 import Lut4Weight
-from lowbit.kernels.lut4_tile import SCALES_GROUPED, kernel_args, load_pair_bytes
+from lowbit.kernels.lut4_tile import (
+    SCALES_GROUPED,
+    finish_scales,
+    kernel_args,
+    load_pair_bytes,
+    load_scale_parts,
+    pair_scale_index,
+)
 
 MODES = ("byte", "nibble")
 
@@ -113,19 +120,13 @@ def _step_loads(x2_ptr, sums_ptr, packed_ptr, scale_ptr, zp_ptr, nscale_ptr, row
     j = tl.max_contiguous(tl.multiple_of(k0 // 2 + tl.arange(0, BK // 2), BK // 2), BK // 2)
     x2 = tl.load(x2_ptr + ms[:, None].to(tl.int64) * KB + j[None, :], mask=(ms < M)[:, None] & (j < KB)[None, :],
                  other=0)  # (BM, BK/2) fmt: skip
-    g = k0 // GS + tl.arange(0, BK // GS)
-    ok = (rows < N)[:, None] & (g < G)[None, :]
-    idx = rows[:, None].to(tl.int64) * G + g[None, :]  # (BN, BK/GS)
-    nested = tl.zeros((BN, BK // GS), dtype=tl.float32)
-    if DOUBLE_QUANT:
-        raw = tl.load(scale_ptr + idx, mask=ok, other=0)
-        nested = tl.load(nscale_ptr + idx // NESTED_GS, mask=ok, other=0.0)
-    else:
-        raw = tl.load(scale_ptr + idx, mask=ok, other=0.0)
+    idx, ok = pair_scale_index(rows, k0, N, K, G, BK, GS, 1)  # (BN, BK/GS); 1: SCALES_GROUPED
+    raw, nested = load_scale_parts(scale_ptr, nscale_ptr, idx, ok, DOUBLE_QUANT, NESTED_GS)
     z = nested
     sums = tl.zeros((BM, BK // GS), dtype=tl.float32)
     if HAS_ZP:
         z = tl.load(zp_ptr + idx, mask=ok, other=0)
+        g = k0 // GS + tl.arange(0, BK // GS)
         sums = tl.load(sums_ptr + ms[:, None] * G + g[None, :], mask=(ms < M)[:, None] & (g < G)[None, :], other=0.0)
     return b, x2, raw, nested, z, sums
 
@@ -144,9 +145,6 @@ def _gemv_shared_kernel(x2_ptr, inv_ptr, sums_ptr, y_ptr, packed_ptr, pairs_ptr,
     rows = tl.program_id(0) * BN + tl.arange(0, BN)  # output features
     ms = tl.arange(0, BM)  # rows of x, all in this program: each packed byte is read and looked up once
     table = tl.load(pairs_ptr + tl.arange(0, TABLE))  # (TABLE,) int32: float16 pairs (byte) or values (nibble)
-    offset = 0.0
-    if DOUBLE_QUANT:
-        offset = tl.load(offset_ptr)
     acc = tl.zeros((BM, BN, BK // GS), dtype=tl.float32)
     if AHEAD:
         nb, nx2, nraw, nnested, nz, nsums = _step_loads(x2_ptr, sums_ptr, packed_ptr, scale_ptr, zp_ptr, nscale_ptr,
@@ -174,12 +172,9 @@ def _gemv_shared_kernel(x2_ptr, inv_ptr, sums_ptr, y_ptr, packed_ptr, pairs_ptr,
         else:  # (the interpreter runs a custom reduction element by element: sum the float16 lanes instead)
             lo, hi = _unpack(p)
             lo, hi = tl.sum(lo, axis=3), tl.sum(hi, axis=3)
-        if DOUBLE_QUANT:  # (QLoRA §3, DQ) the code's value × its block's nested scale + the offset; with AHEAD
-            # the code arrived a step ago, so this dependent load is an L1 hit on the 1 KB code table (a
-            # tl.gather from registers would add 4 barriers a step)
-            s = tl.load(ncode_ptr + raw.to(tl.int32)) * nested + offset
-        else:
-            s = raw.to(tl.float32)
+        # with AHEAD the double-quant code arrived a step ago, so the lookup of its value is an L1 hit on the
+        # 1 KB code table (a tl.gather of it from registers would add 4 barriers a step)
+        s = finish_scales(raw, nested, ncode_ptr, offset_ptr, DOUBLE_QUANT)
         dot = lo.to(tl.float32) + hi.to(tl.float32)  # (BM, BN, BK/GS)
         if HAS_ZP:
             dot -= (z.to(tl.float32) - center)[None, :, :] * sums[:, None, :]

@@ -29,14 +29,34 @@ SCALES_FLAT, SCALES_GROUPED, SCALES_ROW = 0, 1, 2
 
 
 @triton.jit
+def load_scale_parts(scale_ptr, nested_scale_ptr, idx, mask, DOUBLE_QUANT: tl.constexpr, NESTED_GS: tl.constexpr):
+    """The global loads behind `load_scales`, as loaded (no conversion, so nothing waits for them yet):
+    (codes, nested scales) with double quantization, else (scales, scales)."""
+    if DOUBLE_QUANT:
+        raw = tl.load(scale_ptr + idx, mask=mask, other=0)
+        nested = tl.load(nested_scale_ptr + idx // NESTED_GS, mask=mask, other=0.0)
+    else:
+        raw = tl.load(scale_ptr + idx, mask=mask, other=0.0)
+        nested = raw
+    return raw, nested
+
+
+@triton.jit
+def finish_scales(raw, nested, nested_code_ptr, offset_ptr, DOUBLE_QUANT: tl.constexpr):
+    """`load_scale_parts`' values → float32 scales, undoing double quantization (QLoRA §3, DQ)."""
+    if DOUBLE_QUANT:
+        s = tl.load(nested_code_ptr + raw.to(tl.int32)) * nested + tl.load(offset_ptr)
+    else:
+        s = raw.to(tl.float32)
+    return s
+
+
+@triton.jit
 def load_scales(scale_ptr, nested_code_ptr, nested_scale_ptr, offset_ptr, idx, mask,
                 DOUBLE_QUANT: tl.constexpr, NESTED_GS: tl.constexpr):  # fmt: skip
-    """float32 scales at group indices `idx`, undoing double quantization (QLoRA §3, DQ)."""
-    if DOUBLE_QUANT:
-        code = tl.load(scale_ptr + idx, mask=mask, other=0).to(tl.int32)
-        nested = tl.load(nested_scale_ptr + idx // NESTED_GS, mask=mask, other=0.0)
-        return tl.load(nested_code_ptr + code) * nested + tl.load(offset_ptr)
-    return tl.load(scale_ptr + idx, mask=mask, other=0.0).to(tl.float32)
+    """float32 scales at group indices `idx`."""
+    raw, nested = load_scale_parts(scale_ptr, nested_scale_ptr, idx, mask, DOUBLE_QUANT, NESTED_GS)
+    return finish_scales(raw, nested, nested_code_ptr, offset_ptr, DOUBLE_QUANT)
 
 
 @triton.jit
@@ -77,36 +97,34 @@ def load_pair_values(packed_ptr, table_ptr, rows, k0, N, KB, BN: tl.constexpr, B
 
 
 @triton.jit
-def _load_row_scales(scale_ptr, zp_ptr, ncode_ptr, nscale_ptr, offset_ptr, idx, ok,
-                     HAS_ZP: tl.constexpr, DOUBLE_QUANT: tl.constexpr, NESTED_GS: tl.constexpr):  # fmt: skip
-    s = load_scales(scale_ptr, ncode_ptr, nscale_ptr, offset_ptr, idx, ok, DOUBLE_QUANT, NESTED_GS)
-    z = s  # unused without zero points
-    if HAS_ZP:
-        z = tl.load(zp_ptr + idx, mask=ok, other=0).to(tl.float32)
-    return s, z
+def pair_scale_index(rows, k0, N, K, G, BK: tl.constexpr, GS: tl.constexpr, SCALES: tl.constexpr):
+    """(index, mask) of a paired tile's scales: (BN,) when one per tile row, else (BN, BK/GS).
+
+    (Each branch tests one constexpr: Triton compiles `A or B` of constexprs as a run-time branch.)
+    """
+    row_ok = rows < N
+    if SCALES == 2:  # one scale per row
+        idx, ok = rows.to(tl.int64), row_ok
+    elif GS > BK:  # GS a multiple of BK: the tile lies inside one group of each row
+        idx, ok = rows.to(tl.int64) * G + k0 // GS, row_ok
+    else:  # groups of GS along the row, G per row, BK / GS of them in the tile
+        g = tl.arange(0, BK // GS)
+        ok = row_ok[:, None] & ((k0 + g * GS) < K)[None, :]
+        idx = rows[:, None].to(tl.int64) * G + (k0 // GS + g)[None, :]  # (BN, BK/GS)
+    return idx, ok
 
 
 @triton.jit
 def load_pair_scales(scale_ptr, zp_ptr, ncode_ptr, nscale_ptr, offset_ptr, rows, k0, N, K, G,
                      BK: tl.constexpr, GS: tl.constexpr, SCALES: tl.constexpr, HAS_ZP: tl.constexpr,
                      DOUBLE_QUANT: tl.constexpr, NESTED_GS: tl.constexpr):  # fmt: skip
-    """Scales (and zero points) of a paired tile: (BN,) when one per tile row, else (BN, BK/GS).
-
-    (Each branch tests one constexpr: Triton compiles `A or B` of constexprs as a run-time branch.)
-    """
-    row_ok = rows < N
-    if SCALES == 2:  # one scale per row
-        return _load_row_scales(scale_ptr, zp_ptr, ncode_ptr, nscale_ptr, offset_ptr, rows.to(tl.int64), row_ok,
-                                HAS_ZP, DOUBLE_QUANT, NESTED_GS)  # fmt: skip
-    elif GS > BK:  # GS a multiple of BK: the tile lies inside one group of each row
-        return _load_row_scales(scale_ptr, zp_ptr, ncode_ptr, nscale_ptr, offset_ptr,
-                                rows.to(tl.int64) * G + k0 // GS, row_ok, HAS_ZP, DOUBLE_QUANT, NESTED_GS)  # fmt: skip
-    else:  # groups of GS along the row, G per row, BK / GS of them in the tile
-        g = tl.arange(0, BK // GS)
-        ok = row_ok[:, None] & ((k0 + g * GS) < K)[None, :]
-        idx = rows[:, None].to(tl.int64) * G + (k0 // GS + g)[None, :]  # (BN, BK/GS)
-        return _load_row_scales(scale_ptr, zp_ptr, ncode_ptr, nscale_ptr, offset_ptr, idx, ok,
-                                HAS_ZP, DOUBLE_QUANT, NESTED_GS)  # fmt: skip
+    """Scales (and zero points) of a paired tile, shaped as `pair_scale_index`."""
+    idx, ok = pair_scale_index(rows, k0, N, K, G, BK, GS, SCALES)
+    s = load_scales(scale_ptr, ncode_ptr, nscale_ptr, offset_ptr, idx, ok, DOUBLE_QUANT, NESTED_GS)
+    z = s  # unused without zero points
+    if HAS_ZP:
+        z = tl.load(zp_ptr + idx, mask=ok, other=0).to(tl.float32)
+    return s, z
 
 
 @triton.jit
