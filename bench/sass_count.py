@@ -82,11 +82,11 @@ def load_distances(cubin: bytes) -> list[int]:
     return out
 
 
-def register_gemv(bn: int, bk: int, warps: int):
+def register_gemv(bn: int, bk: int, warps: int, ahead: bool = False):
     asm = lookup_asm(fp16_bits(_device_table("nf4", torch.device("cpu"))))
     names = lut4_gemv._lut4_gemv_kernel.arg_names
     return compile_aligned(lut4_gemv._lut4_gemv_kernel, ["*bf16", "*bf16", *POINTERS] + ["i32"] * 7,
-                           LAYOUT | dict(LUT_ASM=asm, BM=1, BN=bn, BK=bk), names[:9] + ["N", "K", "KB", "G",
+                           LAYOUT | dict(LUT_ASM=asm, BM=1, BN=bn, BK=bk, AHEAD=ahead), names[:9] + ["N", "K", "KB", "G",
                            "stride_xm", "stride_ym"], warps)  # fmt: skip
 
 
@@ -105,6 +105,7 @@ def main() -> None:
     print("|---|---|---|---|---|---|")
     cases = [("register table (lut4_gemv)", 1, 16, 256, 4, lambda: register_gemv(16, 256, 4)),
              ("register table (lut4_gemv)", 1, 16, 512, 4, lambda: register_gemv(16, 512, 4)),
+             ("register table, loads a step ahead", 1, 16, 256, 4, lambda: register_gemv(16, 256, 4, True)),
              ("shared byte table (lut4_gemv_shared)", 1, 16, 256, 4, lambda: shared_gemv(16, 256, 4)),
              ("shared byte table (lut4_gemv_shared)", 1, 16, 512, 4, lambda: shared_gemv(16, 512, 4)),
              ("shared byte table, loads a step ahead", 1, 16, 256, 4, lambda: shared_gemv(16, 256, 4, ahead=True)),

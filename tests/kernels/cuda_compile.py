@@ -36,11 +36,14 @@ def main() -> int:
     asm = lookup_asm(fp16_bits(_device_table("nf4", torch.device("cpu"))))
     cases = {
         "gemv bf16, register table": (lut4_gemv._lut4_gemv_kernel, ["*bf16", "*bf16", *POINTERS] + ["i32"] * 7,
-                                      LAYOUT | dict(LUT_ASM=asm, BM=1, BN=8, BK=512)),
+                                      LAYOUT | dict(LUT_ASM=asm, BM=1, BN=8, BK=512, AHEAD=False)),
+        "gemv bf16, register table, loads a step ahead": (
+            lut4_gemv._lut4_gemv_kernel, ["*bf16", "*bf16", *POINTERS] + ["i32"] * 7,
+            LAYOUT | dict(LUT_ASM=asm, BM=1, BN=8, BK=512, AHEAD=True)),
         "gemv fp32, memory table": (lut4_gemv._lut4_gemv_kernel, ["*fp32", "*fp32", *POINTERS] + ["i32"] * 7,
-                                    LAYOUT | dict(LUT_ASM="", BM=1, BN=8, BK=512)),
+                                    LAYOUT | dict(LUT_ASM="", BM=1, BN=8, BK=512, AHEAD=False)),
         "gemv bf16 M=4": (lut4_gemv._lut4_gemv_kernel, ["*bf16", "*bf16", *POINTERS] + ["i32"] * 7,
-                          LAYOUT | dict(LUT_ASM=asm, BM=4, BN=8, BK=256)),
+                          LAYOUT | dict(LUT_ASM=asm, BM=4, BN=8, BK=256, AHEAD=False)),
         "dequantize to bf16": (lut4_gemm._lut4_dequant_kernel, ["*bf16", *POINTERS] + ["i32"] * 4,
                                LAYOUT | dict(LUT_ASM=asm, BN=16, BK=256, TILES=1)),
         "dequantize to bf16, 4 tiles a program": (lut4_gemm._lut4_dequant_kernel, ["*bf16", *POINTERS] + ["i32"] * 4,

@@ -14,7 +14,9 @@ which held the loop to ~20–25 % of copy bandwidth on an H100. On CUDA with 16-
 registers instead (`lut4_asm`: byte permutes, 3.5 instructions a value), 1.4–1.6× faster, on par with
 bitsandbytes' CUDA GEMV (bench/RESULTS.md). The ops use this kernel at M = 1, and up to M = 4
 (`ops.GEMV_MAX_M`) where the shared-table GEMV does not apply (float32 x, per-row scales): the accumulator
-grows with M and at M = 8 decode + cuBLAS is faster.
+grows with M and at M = 8 decode + cuBLAS is faster. At M = 1 its time on an H100 grows with the number of K
+steps (~1 µs each), not with its instructions: each step waits for its loads. ``AHEAD`` configs (one row of
+x; autotuned alongside the others, not yet timed) issue step k + 1's loads before step k computes.
 """
 
 from __future__ import annotations
@@ -27,11 +29,16 @@ import triton.language as tl
 from lowbit.kernels.autotune import autotune
 from lowbit.kernels.lut4 import Lut4Weight
 from lowbit.kernels.lut4_tile import (
+    decode_pair_values,
+    finish_scales,
     kernel_args,
     load_lut4_pairs,
     load_lut4_tile,
+    load_pair_bytes,
     load_pair_scales,
     load_pair_values,
+    load_scale_parts,
+    pair_scale_index,
     scale_pairs,
 )
 
@@ -39,11 +46,12 @@ MAX_M = 8  # rows of x the kernel takes at once (its accumulator grows with M)
 
 
 @triton.jit
-def _load_x_pairs(x_ptr, ms, kb0, M, KB, stride_xm, BM: tl.constexpr, BK: tl.constexpr):
-    """x[:, k0 + 2j] and x[:, k0 + 2j + 1] in float32: (BM, BK/2) each, or (BK/2,) each when BM == 1.
+def _load_x_raw(x_ptr, ms, kb0, M, KB, stride_xm, BM: tl.constexpr, BK: tl.constexpr):
+    """x[:, k0 + 2j] and x[:, k0 + 2j + 1] as loaded: (BM, BK/2) each, or (BK/2,) each when BM == 1.
 
-    16-bit x is read as 32-bit words, one per pair of columns, indexed like the packed bytes, and
-    widened to float32 with bit operations (little-endian: column 2j is the low half). At BM == 1
+    16-bit x is read as 32-bit words, one per pair of columns, indexed like the packed bytes (both
+    returned values are those words), and `_widen_x` widens them to float32 with bit operations
+    (little-endian: column 2j is the low half). At BM == 1
     the vectors are 1-D, so the compiler moves these (not the much larger weight tile) into the
     weight's register layout.
     """
@@ -67,14 +75,27 @@ def _load_x_pairs(x_ptr, ms, kb0, M, KB, stride_xm, BM: tl.constexpr, BK: tl.con
         words_ptr = x_ptr.to(tl.pointer_type(tl.int32), bitcast=True) + offs
         if BM > 1:
             words_ptr += ms[:, None] * stride_words
-        words = tl.load(words_ptr, mask=mask, other=0)
-        if x_ptr.dtype.element_ty == tl.bfloat16:  # bf16 is the top half of a float32
-            even = (words << 16).to(tl.float32, bitcast=True)
-            odd = (words & -65536).to(tl.float32, bitcast=True)
-        else:
-            even = (words & 0xFFFF).to(tl.int16).to(tl.float16, bitcast=True).to(tl.float32)
-            odd = (words >> 16).to(tl.int16).to(tl.float16, bitcast=True).to(tl.float32)
+        even = tl.load(words_ptr, mask=mask, other=0)
+        odd = even
     return even, odd
+
+
+@triton.jit
+def _widen_x(even, odd, X_DTYPE: tl.constexpr):
+    """`_load_x_raw`'s values → x's even and odd columns in float32."""
+    if X_DTYPE == tl.float32:
+        return even, odd
+    elif X_DTYPE == tl.bfloat16:  # bf16 is the top half of a float32
+        return (even << 16).to(tl.float32, bitcast=True), (even & -65536).to(tl.float32, bitcast=True)
+    else:
+        return (even & 0xFFFF).to(tl.int16).to(tl.float16, bitcast=True).to(tl.float32), \
+            (even >> 16).to(tl.int16).to(tl.float16, bitcast=True).to(tl.float32)
+
+
+@triton.jit
+def _load_x_pairs(x_ptr, ms, kb0, M, KB, stride_xm, BM: tl.constexpr, BK: tl.constexpr):
+    even, odd = _load_x_raw(x_ptr, ms, kb0, M, KB, stride_xm, BM, BK)
+    return _widen_x(even, odd, x_ptr.dtype.element_ty)
 
 
 @triton.jit
@@ -114,6 +135,40 @@ def _gemv_paired(x_ptr, packed_ptr, table_ptr, scale_ptr, zp_ptr, ncode_ptr, nsc
 
 
 @triton.jit
+def _pairs_step_loads(x_ptr, packed_ptr, scale_ptr, nscale_ptr, rows, ms, k0, M, N, K, KB, G, stride_xm,
+                      GS: tl.constexpr, SCALES: tl.constexpr, DOUBLE_QUANT: tl.constexpr, NESTED_GS: tl.constexpr,
+                      BN: tl.constexpr, BK: tl.constexpr):  # fmt: skip
+    """Every global load of one K step of `_gemv_pairs_ahead`, as loaded (zeros past K)."""
+    b = load_pair_bytes(packed_ptr, rows, k0, N, KB, BN, BK)
+    xe, xo = _load_x_raw(x_ptr, ms, k0 // 2, M, KB, stride_xm, 1, BK)
+    idx, ok = pair_scale_index(rows, k0, N, K, G, BK, GS, SCALES)
+    raw, nested = load_scale_parts(scale_ptr, nscale_ptr, idx, ok, DOUBLE_QUANT, NESTED_GS)
+    return b, xe, xo, raw, nested
+
+
+@triton.jit
+def _gemv_pairs_ahead(x_ptr, packed_ptr, table_ptr, scale_ptr, ncode_ptr, nscale_ptr, offset_ptr,
+                      rows, ms, M, N, K, KB, G, stride_xm,
+                      GS: tl.constexpr, SCALES: tl.constexpr, DOUBLE_QUANT: tl.constexpr, NESTED_GS: tl.constexpr,
+                      LUT_ASM: tl.constexpr, BN: tl.constexpr, BK: tl.constexpr):  # fmt: skip
+    """`_gemv_paired` at one row of x without zero points, with step k + 1's loads issued before step k
+    computes: carried in registers unconverted, so that no instruction waits for them until the next step."""
+    acc = tl.zeros((BN, BK // 2), dtype=tl.float32)
+    nb, nxe, nxo, nraw, nnested = _pairs_step_loads(x_ptr, packed_ptr, scale_ptr, nscale_ptr, rows, ms, 0, M, N, K,
+                                                    KB, G, stride_xm, GS, SCALES, DOUBLE_QUANT, NESTED_GS, BN, BK)  # fmt: skip
+    for k0 in range(0, K, BK):
+        b, xe, xo, raw, nested = nb, nxe, nxo, nraw, nnested
+        nb, nxe, nxo, nraw, nnested = _pairs_step_loads(x_ptr, packed_ptr, scale_ptr, nscale_ptr, rows, ms, k0 + BK,
+                                                        M, N, K, KB, G, stride_xm, GS, SCALES, DOUBLE_QUANT, NESTED_GS,
+                                                        BN, BK)  # fmt: skip
+        hi, lo = decode_pair_values(b, table_ptr, LUT_ASM)  # (BN, BK/2) each
+        xe, xo = _widen_x(xe, xo, x_ptr.dtype.element_ty)
+        s = finish_scales(raw, nested, ncode_ptr, offset_ptr, DOUBLE_QUANT)
+        acc += scale_pairs(hi * xe[None, :] + lo * xo[None, :], s, s, BN, BK, GS, SCALES, False)
+    return tl.sum(acc, axis=1)[None, :]  # (1, BN)
+
+
+@triton.jit
 def _gemv_generic(x_ptr, packed_ptr, table_ptr, scale_ptr, zp_ptr, ncode_ptr, nscale_ptr, offset_ptr,
                   rows, ms, M, N, K, KB, G, stride_xm,
                   GS: tl.constexpr, SCALES: tl.constexpr, HAS_ZP: tl.constexpr, DOUBLE_QUANT: tl.constexpr,
@@ -136,12 +191,16 @@ def _lut4_gemv_kernel(x_ptr, y_ptr, packed_ptr, table_ptr, scale_ptr, zp_ptr, nc
                       M, N, K, KB, G, stride_xm, stride_ym,
                       GS: tl.constexpr, SCALES: tl.constexpr, PAIRED: tl.constexpr, HAS_ZP: tl.constexpr,
                       DOUBLE_QUANT: tl.constexpr, NESTED_GS: tl.constexpr, LUT_ASM: tl.constexpr,
-                      BM: tl.constexpr, BN: tl.constexpr, BK: tl.constexpr):  # fmt: skip
+                      BM: tl.constexpr, BN: tl.constexpr, BK: tl.constexpr, AHEAD: tl.constexpr):  # fmt: skip
+    """AHEAD (one row of x, paired, no zero points; `_prune` keeps it to those): `_gemv_pairs_ahead`."""
     rows = tl.program_id(0) * BN + tl.arange(0, BN)  # (BN,) output features of this program
     ms = tl.arange(0, BM)  # (BM,) rows of x
     args = (x_ptr, packed_ptr, table_ptr, scale_ptr, zp_ptr, ncode_ptr, nscale_ptr, offset_ptr,
             rows, ms, M, N, K, KB, G, stride_xm)  # fmt: skip
-    if PAIRED:
+    if AHEAD:
+        y = _gemv_pairs_ahead(x_ptr, packed_ptr, table_ptr, scale_ptr, ncode_ptr, nscale_ptr, offset_ptr, rows, ms,
+                              M, N, K, KB, G, stride_xm, GS, SCALES, DOUBLE_QUANT, NESTED_GS, LUT_ASM, BN, BK)  # fmt: skip
+    elif PAIRED:
         y = _gemv_paired(*args, GS, SCALES, HAS_ZP, DOUBLE_QUANT, NESTED_GS, LUT_ASM, BM, BN, BK)
     else:
         y = _gemv_generic(*args, GS, SCALES, HAS_ZP, DOUBLE_QUANT, NESTED_GS, BM, BN, BK)
@@ -157,20 +216,31 @@ def _configs() -> list[triton.Config]:
               # more bytes in flight per SM, for the register-table path (no longer instruction-bound)
               (16, 128, 4, 5), (16, 256, 4, 4), (32, 128, 4, 4), (32, 256, 8, 3), (16, 512, 8, 4),
               (8, 1024, 8, 4), (64, 128, 8, 3)]
-    return [triton.Config({"BN": bn, "BK": bk}, num_warps=w, num_stages=s) for bn, bk, w, s in shapes]  # fmt: skip
+    configs = [triton.Config({"BN": bn, "BK": bk, "AHEAD": False}, num_warps=w, num_stages=s) for bn, bk, w, s in shapes]
+    # loads a step ahead (one row of x): the tiles that won at M = 1 on an H100, and their neighbours
+    ahead = [(8, 512, 4), (8, 256, 4), (16, 128, 4), (16, 256, 4), (4, 1024, 4), (32, 128, 4), (16, 512, 8)]
+    return configs + [triton.Config({"BN": bn, "BK": bk, "AHEAD": True}, num_warps=w, num_stages=1)
+                      for bn, bk, w in ahead]  # fmt: skip
 
 
 def _prune(configs, named_args, **kwargs):
-    """Keep the accumulator in registers (≤ 64 floats a thread) and ≥ 8 packed bytes a thread per step."""
-    bm = named_args.get("BM", kwargs.get("BM", 1))
+    """Keep the accumulator in registers (≤ 64 floats a thread) and ≥ 8 packed bytes a thread per step; loads a
+    step ahead only where `_gemv_pairs_ahead` applies (one row of x, paired, no zero points)."""
+
+    def arg(name, default):
+        return named_args.get(name, kwargs.get(name, default))
+
+    bm = arg("BM", 1)
+    ahead_ok = bm == 1 and arg("PAIRED", False) and not arg("HAS_ZP", False)
 
     def fits(c):
         threads = 32 * c.num_warps
         tile = c.kwargs["BN"] * c.kwargs["BK"]
-        return bm * tile <= 64 * threads and tile // 2 >= 8 * threads
+        return bm * tile <= 64 * threads and tile // 2 >= 8 * threads and (ahead_ok or not c.kwargs["AHEAD"])
 
     keep = [c for c in configs if fits(c)]
-    return keep or [min(configs, key=lambda c: (c.kwargs["BN"] * c.kwargs["BK"], c.num_warps))]
+    plain = [c for c in configs if not c.kwargs["AHEAD"]]
+    return keep or [min(plain, key=lambda c: (c.kwargs["BN"] * c.kwargs["BK"], c.num_warps))]
 
 
 _lut4_gemv_tuned = autotune(_configs(), ["N", "K", "BM", "PAIRED", "SCALES", "LUT_ASM"],
@@ -180,7 +250,7 @@ _lut4_gemv_tuned = autotune(_configs(), ["N", "K", "BM", "PAIRED", "SCALES", "LU
 def lut4_gemv(x: torch.Tensor, w: Lut4Weight, config: dict | None = None) -> torch.Tensor:
     """y = x · Wᵀ for x (M, K) with M ≤ 8, y (M, N) in x's dtype.
 
-    `config=None` autotunes (CUDA); a dict {BN, BK, num_warps, num_stages} fixes the launch (tests,
+    `config=None` autotunes (CUDA); a dict {BN, BK, num_warps, num_stages[, AHEAD]} fixes the launch (tests,
     the Triton interpreter).
     """
     m, k = x.shape
@@ -195,9 +265,11 @@ def lut4_gemv(x: torch.Tensor, w: Lut4Weight, config: dict | None = None) -> tor
     bm = max(1, triton.next_power_of_2(m))
     args = (x, y, *pointers)
     kw = dict(M=m, stride_xm=x.stride(0), stride_ym=y.stride(0), BM=bm, **sizes, **layout)
+    if config is not None and config.get("AHEAD") and not (m == 1 and layout["PAIRED"] and not layout["HAS_ZP"]):
+        raise ValueError("AHEAD takes one row of x and a paired weight without zero points")
     if config is None:
         grid = lambda meta: (triton.cdiv(w.out_features, meta["BN"]),)  # noqa: E731
         _lut4_gemv_tuned[grid](*args, **kw)
     else:
-        _lut4_gemv_kernel[(triton.cdiv(w.out_features, config["BN"]),)](*args, **kw, **config)
+        _lut4_gemv_kernel[(triton.cdiv(w.out_features, config["BN"]),)](*args, **kw, **({"AHEAD": False} | config))
     return y
