@@ -149,6 +149,7 @@ def check_correctness(device, smoke: bool) -> list[dict]:
     from lowbit.kernels.lut4_gemm import lut4_dequantize, lut4_gemm, lut4_gemm_grad_input
     from lowbit.kernels import lut4_gemv_shared
     from lowbit.kernels.lut4_gemv import lut4_gemv
+    from lowbit.kernels.lut4_tile import kernel_args
 
     formats = [WeightFormat("nf4", 64, True), WeightFormat("nf4", 64, False), WeightFormat("fp4", 64, True),
                WeightFormat("nf4", 256, True), WeightFormat("int4", group_size=128, symmetric=True),
@@ -179,6 +180,10 @@ def check_correctness(device, smoke: bool) -> list[dict]:
                 for m in (1, 3):
                     x = torch.randn(m, k, device=device).to(dt)
                     checks[f"gemv M={m}"] = guarded(lambda: rel_err(lut4_gemv(x, w, gemv_cfg), x.double() @ dense.t()))
+                    layout = kernel_args(w)[2]
+                    if m == 1 and layout["PAIRED"] and not layout["HAS_ZP"]:  # loads a step ahead
+                        checks["gemv, loads ahead, M=1"] = guarded(lambda: rel_err(
+                            lut4_gemv(x, w, gemv_cfg | {"AHEAD": True}), x.double() @ dense.t()))  # fmt: skip
                     if lut4_gemv_shared.supports(x, w):  # the shared-table, float16-pair GEMV (M ≤ 4)
                         for mode in lut4_gemv_shared.MODES:
                             checks[f"gemv shared {mode} M={m}"] = guarded(lambda: rel_err(
