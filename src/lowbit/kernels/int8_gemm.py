@@ -11,7 +11,6 @@ round trip of an int32 (M, N) matrix through memory that `torch._int_mm` followe
 
 from __future__ import annotations
 
-
 import torch
 import triton
 import triton.language as tl

@@ -26,7 +26,6 @@ wgmma in another) is the way past it.
 
 from __future__ import annotations
 
-
 import torch
 import triton
 import triton.language as tl

@@ -21,7 +21,6 @@ x; autotuned alongside the others, not yet timed) issue step k + 1's loads befor
 
 from __future__ import annotations
 
-
 import torch
 import triton
 import triton.language as tl
@@ -84,12 +83,13 @@ def _load_x_raw(x_ptr, ms, kb0, M, KB, stride_xm, BM: tl.constexpr, BK: tl.const
 def _widen_x(even, odd, X_DTYPE: tl.constexpr):
     """`_load_x_raw`'s values → x's even and odd columns in float32."""
     if X_DTYPE == tl.float32:
-        return even, odd
+        lo, hi = even, odd
     elif X_DTYPE == tl.bfloat16:  # bf16 is the top half of a float32
-        return (even << 16).to(tl.float32, bitcast=True), (even & -65536).to(tl.float32, bitcast=True)
+        lo, hi = (even << 16).to(tl.float32, bitcast=True), (even & -65536).to(tl.float32, bitcast=True)
     else:
-        return (even & 0xFFFF).to(tl.int16).to(tl.float16, bitcast=True).to(tl.float32), \
-            (even >> 16).to(tl.int16).to(tl.float16, bitcast=True).to(tl.float32)
+        lo = (even & 0xFFFF).to(tl.int16).to(tl.float16, bitcast=True).to(tl.float32)
+        hi = (even >> 16).to(tl.int16).to(tl.float16, bitcast=True).to(tl.float32)
+    return lo, hi
 
 
 @triton.jit
