@@ -135,6 +135,31 @@ def test_fused_activation_estimate_is_near_what_autograd_saves(checkpointing):
     assert 0.85 < expected / measured < 1.15
 
 
+def test_fused_frozen_norms_add_no_saved_tensor():
+    """Each fused norm keeps its output, which the projections after it keep anyway: against the same model
+    with a zero in every norm weight (which makes the norms keep their inputs), autograd saves exactly one
+    (tokens × hidden) bf16 tensor less per norm before a block's projections: 3 in 2 blocks (the first block's
+    first norm has a constant input, so it keeps nothing either way; the final norm's output is not kept by
+    the chunked loss, which keeps the gradient it computes in forward)."""
+    from lowbit.kernels import fuse_for_training
+
+    config = dict(hidden_size=64, intermediate_size=224, num_hidden_layers=2, num_attention_heads=4,
+                  num_key_value_heads=1, vocab_size=128)  # fmt: skip
+    torch.manual_seed(0)
+    model = LlamaForCausalLM(LlamaConfig(**config)).to(torch.bfloat16)
+    lowbit.quantize(model, lowbit.QuantConfig(format="nf4"))
+    model = lowbit.peft.apply_lora(model, lowbit.peft.LoraConfig(r=8, target_modules="all-linear"))
+    assert fuse_for_training(model)["rms_norm"] == 5
+    model.train()
+    batch = torch.randint(0, 128, (2, 32))
+    shared = saved_activation_bytes(model, batch, loss_in_model=True)
+    with torch.no_grad():
+        for name, p in model.named_parameters():
+            if "norm" in name:
+                p[0] = 0
+    assert saved_activation_bytes(model, batch, loss_in_model=True) - shared == 3 * 2 * 32 * 64 * 2
+
+
 def test_checkpointing_some_blocks_by_hand():
     """k of L blocks recomputed: k block inputs + (L − k) blocks' activations + one block recomputed in backward."""
     base = dict(method="lora", lora_r=8, seq_len=64, batch=2, gradient_checkpointing=True)

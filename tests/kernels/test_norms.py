@@ -74,3 +74,59 @@ def test_rms_norm_bf16_rounds_like_transformers(backend):
     xf = x.clone().requires_grad_()
     rms_norm(xf, w, 1e-6, backend).backward(dy)
     assert ((xf.grad.float() - xr.grad.float()).norm() / xr.grad.float().norm()).item() < 1e-2
+
+
+def _saved_storages(fn, *args) -> set[int]:
+    """Addresses of the storages autograd keeps for backward while `fn(*args)` runs."""
+    kept = set()
+
+    def pack(t):
+        kept.add(t.untyped_storage().data_ptr())
+        return t
+
+    with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
+        out = fn(*args)
+    return kept, out
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+@pytest.mark.parametrize("dtype", [torch.float64, torch.bfloat16])
+def test_rms_norm_backward_from_its_output(backend, dtype):
+    """save_output=True recovers x̂ = y / w: the gradient of x is LlamaRMSNorm's, and x itself is not kept."""
+    torch.manual_seed(2)
+    x = torch.randn(6, 40, dtype=dtype) * 2
+    w = (1 + 0.5 * torch.randn(40)).to(dtype)  # both signs, |w| from ~0 to ~2.5
+    dy = torch.randn(6, 40, dtype=dtype)
+    xr = x.clone().requires_grad_()
+    _llama_norm(w, 1e-5)(xr).backward(dy)
+    xo = x.clone().requires_grad_()
+    kept, y = _saved_storages(lambda: rms_norm(xo, w, 1e-5, backend, save_output=True))
+    assert y.untyped_storage().data_ptr() in kept and x.untyped_storage().data_ptr() not in kept
+    y.backward(dy)
+    # float64: LlamaRMSNorm's float32 statistic sets the agreement; bf16: y's rounding enters x̂ (2⁻⁹)
+    assert _rel(xo.grad, xr.grad) < (1e-6 if dtype == torch.float64 else 1e-2)
+    xi = x.clone().requires_grad_()
+    rms_norm(xi, w, 1e-5, backend).backward(dy)
+    if dtype == torch.float64:  # against the path that keeps x, to rounding (the Triton kernel: float32)
+        assert _rel(xo.grad, xi.grad) < (1e-13 if backend == "torch" else 1e-6)
+
+
+def test_fused_norm_keeps_its_output_only_for_a_frozen_weight_without_zeros():
+    torch.manual_seed(3)
+    x = torch.randn(4, 32, dtype=torch.bfloat16, requires_grad=True)
+    norm = FusedRMSNorm(torch.nn.Parameter(torch.rand(32).to(torch.bfloat16) + 0.5, requires_grad=False), 1e-6)
+
+    def keeps_output():
+        kept, y = _saved_storages(norm, x)
+        assert (y.untyped_storage().data_ptr() in kept) != (x.untyped_storage().data_ptr() in kept)
+        return y.untyped_storage().data_ptr() in kept
+
+    assert keeps_output()
+    with torch.no_grad():  # in place: the weight's version moves, so the check runs again
+        norm.weight[5] = 0
+    assert not keeps_output()
+    with torch.no_grad():
+        norm.weight[5] = 1
+    assert keeps_output()
+    norm.weight.requires_grad_(True)  # a training weight changes each step: keep x, exact
+    assert not keeps_output()

@@ -24,7 +24,8 @@ both against `torch.cuda.max_memory_allocated` on an H100).
   is kept, plus one layer's activations while it is recomputed.
 - with `fused_kernels` (`lowbit.kernels.fuse_for_training`): the fused RMSNorm, SwiGLU and QLoRA linear
   keep 2·i + 7·h + 2·k values per layer and token (SwiGLU keeps gate and up; with QLoRA the down projection
-  recomputes their product instead of keeping it, otherwise add i), and the chunked cross-entropy keeps
+  recomputes their product instead of keeping it, otherwise add i; with frozen norms, LoRA and QLoRA,
+  5·h: each norm keeps its output, which the projections after it keep anyway, instead of its input), and the chunked cross-entropy keeps
   2·h (the final hidden states and their gradient, computed in the forward) instead of V; its transient is
   one chunk of logits (`kernels.cross_entropy.default_chunk_size` rows × V).
 - loss transient: at the start of backward three fp32 (tokens × V) tensors live at once (the saved
@@ -180,7 +181,9 @@ def activation_bytes(config, cfg: MemoryConfig, n_lora_per_layer: int, checkpoin
     tokens = cfg.batch * cfg.seq_len
     act = DTYPE_BYTES[cfg.precision]
     if cfg.fused_kernels:
-        values = 7 * h + 2 * kv + (2 if cfg.method == "qlora" else 3) * inter
+        # a frozen norm (LoRA, QLoRA) keeps its output, which the projections after it keep anyway
+        norms_frozen = cfg.method in ("lora", "qlora")
+        values = (5 if norms_frozen else 7) * h + 2 * kv + (2 if cfg.method == "qlora" else 3) * inter
         logits = 2 * h * tokens * act  # the chunked loss: the final hidden states and their gradient
     else:
         values = 6 * h + 2 * kv + 4 * inter

@@ -36,17 +36,21 @@ def _rms_norm_fwd(x_ptr, w_ptr, y_ptr, rstd_ptr, stride_x, stride_y, n_cols, eps
 
 
 @triton.jit
-def _rms_norm_bwd(dy_ptr, x_ptr, w_ptr, rstd_ptr, dx_ptr, stride_dy, stride_x, stride_dx, n_cols,
-                  BLOCK: tl.constexpr):  # fmt: skip
-    # y = w ⊙ x·r with r = (mean(x²) + eps)^-½  ⇒  dx = r·(g − x̂·mean(g ⊙ x̂)),  g = dy ⊙ w, x̂ = x·r
+def _rms_norm_bwd(dy_ptr, saved_ptr, w_ptr, rstd_ptr, dx_ptr, stride_dy, stride_saved, stride_dx, n_cols,
+                  FROM_OUTPUT: tl.constexpr, BLOCK: tl.constexpr):  # fmt: skip
+    # y = w ⊙ x·r with r = (mean(x²) + eps)^-½  ⇒  dx = r·(g − x̂·mean(g ⊙ x̂)),  g = dy ⊙ w,
+    # x̂ = x·r from the saved x, or y / w from the saved output y (FROM_OUTPUT)
     row = tl.program_id(0)
     cols = tl.arange(0, BLOCK)
     mask = cols < n_cols
     dy = tl.load(dy_ptr + row * stride_dy + cols, mask=mask, other=0.0).to(tl.float32)
-    x = tl.load(x_ptr + row * stride_x + cols, mask=mask, other=0.0).to(tl.float32)
-    w = tl.load(w_ptr + cols, mask=mask, other=0.0).to(tl.float32)
+    saved = tl.load(saved_ptr + row * stride_saved + cols, mask=mask, other=0.0).to(tl.float32)
+    w = tl.load(w_ptr + cols, mask=mask, other=1.0).to(tl.float32)
     rstd = tl.load(rstd_ptr + row)
-    xh = x * rstd
+    if FROM_OUTPUT:
+        xh = saved / w
+    else:
+        xh = saved * rstd
     g = dy * w
     dx = rstd * (g - xh * (tl.sum(g * xh, axis=0) / n_cols))
     tl.store(dx_ptr + row * stride_dx + cols, dx.to(dx_ptr.dtype.element_ty), mask=mask)
@@ -63,12 +67,14 @@ def rms_norm_forward(x: torch.Tensor, weight: torch.Tensor, eps: float, out_dtyp
     return y, rstd
 
 
-def rms_norm_backward(dy: torch.Tensor, x: torch.Tensor, weight: torch.Tensor, rstd: torch.Tensor) -> torch.Tensor:
-    m, d = x.shape
-    dx = torch.empty_like(x)
+def rms_norm_backward(dy: torch.Tensor, saved: torch.Tensor, weight: torch.Tensor, rstd: torch.Tensor,
+                      from_output: bool = False) -> torch.Tensor:  # fmt: skip
+    """dx (M, D) in x's dtype from the saved x, or from the saved output y (`from_output`, same dtype)."""
+    m, d = saved.shape
+    dx = torch.empty_like(saved)
     block = triton.next_power_of_2(d)
-    _rms_norm_bwd[(m,)](dy, x, weight, rstd, dx, dy.stride(0), x.stride(0), dx.stride(0), d, BLOCK=block,
-                        num_warps=min(max(block // 256, 1), 16))  # fmt: skip
+    _rms_norm_bwd[(m,)](dy, saved, weight, rstd, dx, dy.stride(0), saved.stride(0), dx.stride(0), d,
+                        FROM_OUTPUT=from_output, BLOCK=block, num_warps=min(max(block // 256, 1), 16))
     return dx
 
 
