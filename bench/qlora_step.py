@@ -90,10 +90,10 @@ def enable_checkpointing(model, layers: int | None = None):
 
 def run_steps(model, batch: int, seq: int, steps: int, warmup: int, device: str,
               flags: set[str] = frozenset()) -> dict:  # fmt: skip
-    """flags (see parse_kind): graph, offload, adam8bit."""
+    """flags (see parse_kind): graph, offload, adam8bit (embcpu and dropout act in `fresh`)."""
     from lowbit.optim import AdamW8bit
     from lowbit.train.graphed import GraphedStep
-    from lowbit.train.trainer import offloaded_activations
+    from lowbit.train.offload import offloaded_activations
 
     params = [p for p in model.parameters() if p.requires_grad]
     opt = AdamW8bit(params, lr=1e-4, backend="triton") if "adam8bit" in flags else torch.optim.AdamW(params, lr=1e-4)
@@ -127,15 +127,15 @@ def sync(device: str) -> None:
         torch.cuda.synchronize()
 
 
-FLAGS = ("graph", "offload", "adam8bit", "dropout")
+FLAGS = ("graph", "offload", "adam8bit", "dropout", "embcpu")
 DROPOUT = 0.05  # +dropout: LoRA dropout as the QLoRA paper (and `lowbit finetune`'s default) use it
 
 
 def parse_kind(kind: str) -> tuple[str, int | None, set[str]]:
     """``name[@k][+flag…]``: @k checkpoints only the first k blocks (the rest keep their activations); +graph
     replays each training step as one CUDA graph; +offload keeps saved activations in pinned CPU memory;
-    +adam8bit uses lowbit's 8-bit AdamW; +dropout gives the adapters LoRA dropout 0.05. Returns (name, k or
-    None, flags)."""
+    +adam8bit uses lowbit's 8-bit AdamW; +dropout gives the adapters LoRA dropout 0.05; +embcpu keeps the input
+    embedding table in CPU memory (not with +graph). Returns (name, k or None, flags)."""
     parts, flags = kind.split("+"), set()
     while len(parts) > 1 and parts[-1] in FLAGS:  # "peft+bnb" is a name, not a flag
         flags.add(parts.pop())
@@ -154,6 +154,10 @@ def fresh(kind: str, shape: dict, layers: int, device: str):
     enable_checkpointing(model, checkpointed)
     if name == "lowbit-fused":  # fused RMSNorm, SwiGLU, QLoRA linear and chunked cross-entropy (issue 8)
         log(f"  fused: {lowbit.kernels.fuse_for_training(model)}")
+    if "embcpu" in flags:  # the frozen input embedding table in CPU memory (lowbit.train.offload)
+        from lowbit.train.offload import offload_embeddings
+
+        offload_embeddings(model)
     model.train()
     return model
 

@@ -533,8 +533,8 @@ def _finetune(args) -> None:
                         precision=args.precision,
                         gradient_checkpointing=args.gradient_checkpointing or args.checkpoint_layers is not None,
                         checkpoint_layers=args.checkpoint_layers, memory_budget_gib=args.memory_budget,
-                        offload_activations=args.offload_activations, fused_kernels=args.fused_kernels,
-                        eval_every=args.eval_every, eval_batches=args.eval_batches,
+                        offload_activations=args.offload_activations, offload_embeddings=args.offload_embeddings,
+                        fused_kernels=args.fused_kernels, eval_every=args.eval_every, eval_batches=args.eval_batches,
                         early_stopping_patience=args.early_stopping, save_every=args.save_every, seed=args.seed,
                         strategy=args.strategy)  # fmt: skip
     cfg = FinetuneConfig(model=args.model, data=args.data, eval_data=args.eval_data, data_config=data,
@@ -602,6 +602,9 @@ def _add_finetune(sub) -> None:
                         "on the CPU)")
     p.add_argument("--offload-activations", action="store_true",
                    help="keep activations saved for backward in pinned CPU memory (GPU): longer sequences fit")
+    p.add_argument("--offload-embeddings", action="store_true",
+                   help="keep the frozen input embedding table in CPU memory, looking up each batch's rows there "
+                        "(1 GiB less GPU memory for Llama-3-8B; not for a tied or trained table)")
     p.add_argument("--fused-kernels", action=argparse.BooleanOptionalAction, default=None,
                    help="fused RMSNorm / SwiGLU / QLoRA-linear ops and chunked loss (Llama, Qwen2, Mistral; "
                         "lowbit.kernels); default: on for a CUDA device")
@@ -638,7 +641,8 @@ def _memory(args) -> None:
     cfg = MemoryConfig(method=args.method, seq_len=args.seq_len, batch=args.batch, optimizer=args.optimizer,
                        precision=args.precision, lora_r=args.r,
                        gradient_checkpointing=args.gradient_checkpointing or args.checkpoint_layers is not None,
-                       checkpoint_layers=args.checkpoint_layers, fused_kernels=args.fused_kernels)  # fmt: skip
+                       checkpoint_layers=args.checkpoint_layers, fused_kernels=args.fused_kernels,
+                       offload_embeddings=args.offload_embeddings)  # fmt: skip
     config = load_config(args.model)
     if args.budget is None:
         print(estimate_memory(config, cfg).to_markdown())
@@ -679,6 +683,8 @@ def _add_memory(sub) -> None:
                    help="checkpoint only the first N blocks (implies --gradient-checkpointing)")
     p.add_argument("--fused-kernels", action="store_true",
                    help="lowbit's fused training kernels and chunked loss (what finetune runs on a GPU)")
+    p.add_argument("--offload-embeddings", action="store_true",
+                   help="the input embedding table in CPU memory (finetune --offload-embeddings)")
     p.add_argument("--budget", type=float, default=None, metavar="GIB",
                    help="plan: the fewest blocks to recompute for the training peak to fit this many GiB")
     p.add_argument("--params", type=float, help="just the rule of thumb for this many fp32 parameters")

@@ -160,6 +160,18 @@ def test_fused_frozen_norms_add_no_saved_tensor():
     assert saved_activation_bytes(model, batch, loss_in_model=True) - shared == 3 * 2 * 32 * 64 * 2
 
 
+def test_offloaded_embeddings_leave_the_weights():
+    config = LlamaConfig(hidden_size=64, intermediate_size=160, num_hidden_layers=2, num_attention_heads=4,
+                         vocab_size=300, tie_word_embeddings=False)  # fmt: skip
+    base = dict(method="qlora", precision="bf16", seq_len=64)
+    kept = estimate_memory(config, MemoryConfig(**base))
+    offloaded = estimate_memory(config, MemoryConfig(**base, offload_embeddings=True))
+    assert kept.weights - offloaded.weights == 300 * 64 * 2
+    assert kept.training_total - offloaded.training_total == 300 * 64 * 2
+    with pytest.raises(ValueError, match="tied"):
+        estimate_memory(tiny_llama(), MemoryConfig(**base, offload_embeddings=True))
+
+
 def test_checkpointing_some_blocks_by_hand():
     """k of L blocks recomputed: k block inputs + (L − k) blocks' activations + one block recomputed in backward."""
     base = dict(method="lora", lora_r=8, seq_len=64, batch=2, gradient_checkpointing=True)

@@ -11,7 +11,8 @@ both against `torch.cuda.max_memory_allocated` on an H100).
 
 - weights: every parameter in the model's dtype (`precision`); with QLoRA the linear layers (all but the
   output head) are NF4: half a byte per weight plus the block constants (double-quantized: 1 byte per
-  block of 64 and 4 bytes per 256 blocks), plus fp32 LoRA matrices r·(in + out) per adapted layer.
+  block of 64 and 4 bytes per 256 blocks), plus fp32 LoRA matrices r·(in + out) per adapted layer;
+  without the input embedding table when it is offloaded to the CPU (`offload_embeddings`).
 - gradients: one value per trainable parameter, in the parameter's dtype.
 - optimizer states: AdamW keeps two moments in the parameter's dtype (torch's AdamW: 8 B/param for
   fp32, 4 for bf16 weights); 8-bit blockwise AdamW 2 B/param plus two fp32 scales per block of 2048
@@ -70,6 +71,7 @@ class MemoryConfig:
     gradient_checkpointing: bool = False
     checkpoint_layers: int | None = None  # with checkpointing: only the first N blocks (None: all)
     fused_kernels: bool = False  # lowbit.kernels.fuse_for_training (fused norms, SwiGLU, QLoRA linear, loss)
+    offload_embeddings: bool = False  # the input embedding table in CPU memory (untied, not full training)
     quant_block_size: int = 64
     double_quant: bool = True
     optimizer_block_size: int = 2048
@@ -216,6 +218,10 @@ def estimate_memory(model_or_config, cfg: MemoryConfig | None = None) -> MemoryE
             weights += codes - wbytes * i * o
             constants += consts
     grads = sum(trainable) * (wbytes if cfg.method == "full" else 4)
+    if cfg.offload_embeddings:
+        if cfg.method == "full" or getattr(config, "tie_word_embeddings", False):
+            raise ValueError("offload_embeddings is for a frozen input embedding that is not tied to the head")
+        weights -= model.get_input_embeddings().weight.numel() * wbytes
     n_lora = 0 if cfg.method == "full" else len(linears) // config.num_hidden_layers
     act_plain = activation_bytes(config, cfg, n_lora, checkpointing=False)
     act_ckpt = activation_bytes(config, cfg, n_lora, checkpointing=True)

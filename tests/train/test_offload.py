@@ -1,0 +1,54 @@
+"""offload_embeddings: the frozen input embedding table in CPU memory (what it changes, what it refuses)."""
+
+import pytest
+import torch
+
+import lowbit
+from lowbit.train import TrainConfig, train
+from lowbit.train.offload import embeddings_offloaded, offload_embeddings, restore_embeddings
+from tests.tiny_models import tiny_llama
+from tests.train.test_trainer import FAST, sft, tok  # noqa: F401  (fixtures)
+
+
+def _lora(tie=False):
+    model = tiny_llama(tie=tie)
+    lowbit.quantize(model, lowbit.QuantConfig(format="nf4", block_size=64))
+    return lowbit.peft.apply_lora(model, lowbit.peft.LoraConfig(r=4, alpha=8, init_lora_weights=False))
+
+
+def test_offloaded_embedding_gives_the_same_logits_and_survives_to():
+    model = _lora()
+    ids = torch.randint(0, 300, (2, 12))
+    want = model(input_ids=ids).logits
+    embedding = offload_embeddings(model)
+    assert embeddings_offloaded(model) and offload_embeddings(model) is embedding  # idempotent
+    assert torch.equal(model(input_ids=ids).logits, want)
+    model.to(torch.float64)  # every other parameter converts; the table stays as and where it is
+    assert embedding.weight.dtype == torch.float32 and model.lm_head.weight.dtype == torch.float64
+    model.to(torch.float32)
+    key = "model.embed_tokens.weight"
+    assert key in model.state_dict()  # same module, same parameter, same key
+    restore_embeddings(model)
+    assert not embeddings_offloaded(model) and not embedding._forward_hooks and not embedding._forward_pre_hooks
+    model.to(torch.float64)  # back to a plain module: `.to` reaches the table again
+    assert embedding.weight.dtype == torch.float64
+
+
+def test_offload_refuses_a_trained_or_tied_table():
+    model = _lora()
+    model.get_input_embeddings().weight.requires_grad_(True)
+    with pytest.raises(ValueError, match="trains"):
+        offload_embeddings(model)
+    with pytest.raises(ValueError, match="tied"):
+        offload_embeddings(_lora(tie=True))
+    with pytest.raises(ValueError, match="no input embedding"):
+        offload_embeddings(torch.nn.Linear(2, 2))
+
+
+def test_training_with_offloaded_embeddings_is_unchanged(sft, tok):  # noqa: F811
+    cfg = dict(max_steps=3, lr=1e-2, **FAST)
+    plain = train(_lora(), sft, TrainConfig(**cfg), pad_token_id=tok.pad_token_id)
+    model = _lora()
+    offload = train(model, sft, TrainConfig(**cfg, offload_embeddings=True), pad_token_id=tok.pad_token_id)
+    assert offload.losses == plain.losses
+    assert not embeddings_offloaded(model)  # put back when training ends
