@@ -10,6 +10,8 @@
 #   bash bench/device_run.sh optimizer    # fused 8-bit AdamW vs torch / bnb; fused memory estimate; QLoRA steps
 #   bash bench/device_run.sh s15a         # decode GEMVs (loads a step ahead); the 8-bit AdamW kernel (Triton 3.6)
 #   bash bench/device_run.sh s15b         # QLoRA with the dropout kernel and the 8-bit AdamW; prefill GEMM
+#   bash bench/device_run.sh s16a         # s15a + 8-block QLoRA steps (8-bit AdamW, dropout kernel)
+#   bash bench/device_run.sh s16b         # 32-block QLoRA in peft+bnb's memory (norm outputs, CPU embeddings); prefill
 #   bash bench/device_run.sh longest      # memory estimator; fused vs unfused loss curves (carry smol_cfg too);
 #                                         # QLoRA step training peaks; the longest sequence each contender fits
 # from the repository root on the device, with bitsandbytes' wheel carried in .whl/ (see RESULTS.md).
@@ -121,6 +123,18 @@ case ${1:-kernels} in
     part qlora 150 python3 bench/qlora_step.py --out "$RES" --steps 6 --configs 8:2048:1 --no-profile \
       --kinds peft+bnb,lowbit-fused@0,lowbit-fused@0+adam8bit,peft+bnb+dropout,lowbit-fused@0+dropout
     part prefill 240 python3 bench/gpu_kernels.py --out "$RES/prefill" --skip-correctness --prefill-only
+    ;;
+  s16a)  # session 16, part 1 (~6 min): s15a, then 8-block QLoRA steps with the 8-bit AdamW and the dropout kernel
+    part decode 130 python3 bench/gpu_kernels.py --out "$RES" --decode-only
+    part optimizer 80 python3 bench/optimizer_step.py --out "$RES"
+    part qlora 150 python3 bench/qlora_step.py --out "$RES" --steps 6 --configs 8:2048:1 --no-profile \
+      --kinds peft+bnb,lowbit-fused@0,lowbit-fused@0+adam8bit,lowbit-fused@0+dropout
+    ;;
+  s16b)  # part 2 (~7 min): 32 blocks with the norms keeping their outputs, the 8-bit AdamW and the embedding
+         # table on the CPU (fewer blocks recomputed in peft+bnb's memory); the prefill GEMM
+    RES=$RES/32 part qlora32 230 python3 bench/qlora_step.py --out "$RES/32" --steps 4 --configs 32:2048:1 \
+      --no-profile --kinds peft+bnb,lowbit-fused@24,lowbit-fused@16+adam8bit+embcpu,lowbit-fused@12+adam8bit+embcpu
+    part prefill 200 python3 bench/gpu_kernels.py --out "$RES/prefill" --skip-correctness --prefill-only
     ;;
 esac
 tar czf "$OUT/results-${1:-kernels}.tgz" -C "$RES" .
