@@ -304,3 +304,20 @@ def test_non_tensor_and_bad_arguments_rejected():
         quantize_4bit(torch.randn(4, 64), quant_type="int4")
     with pytest.raises(ValueError, match="block_size"):
         quantize_blockwise(torch.randn(64), dynamic_map_bnb().float(), 0)
+
+
+@pytest.mark.parametrize("double_quant", [False, True])
+def test_dequantize_into_a_buffer_is_bit_identical(double_quant):
+    torch.manual_seed(4)
+    w = torch.randn(48, 128)
+    packed, state = quantize_4bit(w, "nf4", 64, double_quant=double_quant)
+    want = dequantize_4bit(packed, state)
+    out = torch.full((48 * 128 + 10,), float("nan"))  # larger than needed: the head is used
+    got = dequantize_4bit(packed, state, out=out)
+    assert torch.equal(got, want) and got.data_ptr() == out.data_ptr()
+    assert torch.equal(dequantize_4bit(packed, state, torch.bfloat16, out=out), want.to(torch.bfloat16))
+    for bad in (torch.empty(48 * 128 - 1), torch.empty(48 * 128, dtype=torch.float64), torch.empty(2, 48 * 128).t()):
+        with pytest.raises(ValueError, match="out must be"):
+            dequantize_4bit(packed, state, out=bad)
+    odd_packed, odd_state = quantize_4bit(torch.randn(5, 13), "nf4", 64)  # blocks do not tile it: no buffer
+    assert torch.equal(dequantize_4bit(odd_packed, odd_state, out=out), dequantize_4bit(odd_packed, odd_state))

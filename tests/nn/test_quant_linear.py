@@ -136,3 +136,21 @@ def test_storage_as_parameters_changes_nothing_but_the_kind(tmp_path):
     assert torch.equal(model(input_ids=x).logits, y)
     lowbit.save_quantized(model, tmp_path)
     assert torch.equal(lowbit.load_quantized(tmp_path)(input_ids=x).logits, y)  # loads back into buffers
+
+
+def test_cpu_matmuls_decode_into_a_shared_buffer_without_aliasing():
+    """The CPU forward / backward decode 4-bit weights into one reused buffer: interleaved layers of different
+    shapes still give x · dequantize(W)ᵀ exactly, and what `dequantize()` returned earlier is left alone."""
+    torch.manual_seed(5)
+    layers = [QuantLinear.from_linear(torch.nn.Linear(k, n), WeightFormat("nf4", block_size=64))
+              for n, k in ((96, 64), (32, 128), (96, 64))]  # fmt: skip
+    dense = [layer.dequantize() for layer in layers]
+    kept = [d.clone() for d in dense]
+    x = [torch.randn(3, layer.in_features, requires_grad=True) for layer in layers]
+    outs = [layer(xi) for layer, xi in zip(layers, x)]
+    for layer, xi, y, d in zip(layers, x, outs, dense):
+        assert torch.equal(y, xi @ d.t() + layer.bias)
+    sum(y.square().sum() for y in outs).backward()
+    for layer, xi, y, d in zip(layers, x, outs, dense):
+        assert torch.allclose(xi.grad, (2 * y) @ d, rtol=1e-6, atol=1e-6)
+    assert all(torch.equal(d, k) for d, k in zip(dense, kept))

@@ -90,10 +90,12 @@ class WeightFormat:
             tensors["zero_point"] = q.zero_point
         return tensors
 
-    def decode(self, tensors: dict[str, torch.Tensor], shape: tuple[int, int], dtype: torch.dtype) -> torch.Tensor:
-        """Dense (out, in) weight in `dtype` from the storage tensors."""
+    def decode(self, tensors: dict[str, torch.Tensor], shape: tuple[int, int], dtype: torch.dtype,
+               scratch: torch.Tensor | None = None) -> torch.Tensor:  # fmt: skip
+        """Dense (out, in) weight in `dtype` from the storage tensors. ``scratch``: a float32 buffer the 4-bit
+        codebook formats may decode into (`dequantize_4bit`'s ``out``; the result may then be a view of it)."""
         if self.is_codebook:
-            return dequantize_4bit(tensors["weight"], self.quant_state(tensors, shape), dtype)
+            return dequantize_4bit(tensors["weight"], self.quant_state(tensors, shape), dtype, out=scratch)
         if self.name in INT_BITS:
             bits = INT_BITS[self.name]
             qmin, _ = int_range(bits, self.symmetric)
