@@ -135,7 +135,7 @@ def parse_kind(kind: str) -> tuple[str, int | None, set[str]]:
     """``name[@k][+flag…]``: @k checkpoints only the first k blocks (the rest keep their activations); +graph
     replays each training step as one CUDA graph; +offload keeps saved activations in pinned CPU memory;
     +adam8bit uses lowbit's 8-bit AdamW; +dropout gives the adapters LoRA dropout 0.05; +embcpu keeps the input
-    embedding table in CPU memory (not with +graph). Returns (name, k or None, flags)."""
+    embedding table in CPU memory. Returns (name, k or None, flags)."""
     parts, flags = kind.split("+"), set()
     while len(parts) > 1 and parts[-1] in FLAGS:  # "peft+bnb" is a name, not a flag
         flags.add(parts.pop())

@@ -7,6 +7,7 @@ import torch
 
 import lowbit
 from lowbit.train.graphed import GraphedStep
+from lowbit.train.offload import offload_embeddings
 from tests.tiny_models import tiny_llama
 
 
@@ -25,13 +26,18 @@ def trainable(model):
     return {n: p.detach().clone() for n, p in model.named_parameters() if p.requires_grad}
 
 
-def test_steps_equal_a_plain_loop_after_the_undone_warm_up():
+@pytest.mark.parametrize("offload", [False, True])
+def test_steps_equal_a_plain_loop_after_the_undone_warm_up(offload):
+    """With the embedding table offloaded, the step holds the looked-up rows instead of the ids."""
     model = qlora_model()
     reference = copy.deepcopy(model)
+    if offload:
+        offload_embeddings(model)
     opt = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=1e-2)
     ref_opt = torch.optim.AdamW([p for p in reference.parameters() if p.requires_grad], lr=1e-2)
     data = batches(4)
     step = GraphedStep(model, opt, data[0], warmup=3)
+    assert ("inputs_embeds" in step.static) == offload and ("input_ids" in step.static) != offload
     assert all(torch.equal(a, b) for a, b in zip(trainable(model).values(), trainable(reference).values()))
     for batch in data:
         loss = step(batch).item()

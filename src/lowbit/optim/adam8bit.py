@@ -22,10 +22,11 @@ constants cost more than they save, and they are often sensitive biases or norms
 bitsandbytes ≥ 0.45 uses blocks of 256; pass `block_size=256` to reproduce its `AdamW8bit` (the
 tests do, on CPU).
 
-With ``backend="triton"`` (or "auto" on CUDA) the step of all 8-bit tensors of a dtype is one Triton kernel
-launch (`lowbit.kernels.adam8bit`); with ``backend="torch"``, the default until that kernel has run on a GPU
-(it is checked on the CPU under Triton's interpreter and compiled for sm_90), the torch code below. Both keep
-the same state, so a state dict moves freely between them.
+With ``backend="auto"`` (default) on CUDA, or "triton", the step of all 8-bit tensors of a dtype is one
+Triton kernel launch (`lowbit.kernels.adam8bit`); on the CPU, or with ``backend="torch"``, the torch code
+below. Both keep the same state, so a state dict moves freely between them. On an H100 (bench/RESULTS.md)
+the kernel steps Llama-3-8B's 448 LoRA tensors (8 blocks) in 4.2 ms, against 348 ms for the torch code,
+7.2 ms for torch's foreach AdamW and 23.8 ms for bitsandbytes' AdamW8bit.
 """
 
 from __future__ import annotations
@@ -75,12 +76,13 @@ class AdamW8bit(torch.optim.Optimizer):
     min_8bit_size: tensors with fewer elements keep fp32 moments.
     paged: keep the states in (pinned) CPU memory between steps when the parameters live on a GPU
         (`lowbit.optim.paged`); on CPU it changes nothing.
-    backend: "torch" (default), "triton" or "auto" (the fused Triton step on CUDA; `kernels.dispatch.use_triton`).
+    backend: "auto" (default: the fused Triton step on CUDA, torch elsewhere; `kernels.dispatch.use_triton`),
+        "triton" or "torch".
     """
 
     def __init__(self, params, lr: float = 1e-3, betas: tuple[float, float] = (0.9, 0.999), eps: float = 1e-8,
                  weight_decay: float = 1e-2, block_size: int = 2048, min_8bit_size: int = 4096,
-                 paged: bool = False, backend: str = "torch") -> None:  # fmt: skip
+                 paged: bool = False, backend: str = "auto") -> None:  # fmt: skip
         from lowbit.kernels.dispatch import BACKENDS
 
         if backend not in BACKENDS:

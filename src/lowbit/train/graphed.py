@@ -11,7 +11,9 @@ bench/RESULTS.md). A replayed graph launches them all at once. What the replay n
 - no host synchronisation inside the step (no ``.item()``, no branching on tensor values). lowbit's fused
   kernels, chunked loss and 4-bit linears keep everything on the device;
 - no LoRA dropout: the fused QLoRA linear draws each call's mask from a generator seeded on the host,
-  which a replay would repeat.
+  which a replay would repeat;
+- an input embedding offloaded to the CPU (`lowbit.train.offload`) looks its rows up outside the graph:
+  the step then holds static ``inputs_embeds`` in place of ``input_ids``, filled before each replay.
 
 Capturing needs eager warm-up steps first (kernel autotuning, cuBLAS workspaces, the optimizer's state).
 Their effect is undone — the trainable parameters are restored and the optimizer state zeroed, which for
@@ -26,6 +28,8 @@ from typing import Callable
 
 import torch
 from torch import nn
+
+from lowbit.train.offload import embeddings_offloaded
 
 GRAPH_OPTIMIZERS = (torch.optim.Adam, torch.optim.AdamW)
 
@@ -50,7 +54,9 @@ class GraphedStep:
         if not example or not all(torch.is_tensor(v) for v in example.values()):
             raise ValueError("example must be a non-empty dict of tensors (input_ids, labels, …)")
         self.model, self.optimizer, self.loss_fn = model, optimizer, loss_fn
-        self.static = {k: v.clone() for k, v in example.items()}
+        self.keys = example.keys()
+        self.embedding = model.get_input_embeddings() if embeddings_offloaded(model) else None
+        self.static = {k: v.clone() for k, v in self._inputs(example).items()}
         self.cuda = next(iter(example.values())).device.type == "cuda"
         if self.cuda:
             for group in optimizer.param_groups:
@@ -90,10 +96,19 @@ class GraphedStep:
         self.optimizer.zero_grad(set_to_none=True)
         return self._step()
 
+    def _inputs(self, batch: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+        """What the step reads: the batch, with an offloaded embedding's rows in place of the token ids."""
+        if self.embedding is None or "input_ids" not in batch:
+            return batch
+        with torch.no_grad():
+            rows = self.embedding(batch["input_ids"])  # looked up on the CPU, copied to the ids' device
+        return {("inputs_embeds" if k == "input_ids" else k): (rows if k == "input_ids" else v)
+                for k, v in batch.items()}  # fmt: skip
+
     def __call__(self, batch: dict[str, torch.Tensor]) -> torch.Tensor:
-        if batch.keys() != self.static.keys():
-            raise ValueError(f"the batch has keys {sorted(batch)}, the captured step {sorted(self.static)}")
-        for key, value in batch.items():
+        if batch.keys() != self.keys:
+            raise ValueError(f"the batch has keys {sorted(batch)}, the captured step {sorted(self.keys)}")
+        for key, value in self._inputs(batch).items():
             held = self.static[key]
             if value.shape != held.shape or value.dtype != held.dtype:
                 raise ValueError(f"{key}: the captured step takes {tuple(held.shape)} {held.dtype}, got "
