@@ -112,7 +112,7 @@ class FusedRMSNorm(nn.Module):
         """Keep y rather than x when w is frozen (as in (Q)LoRA) and has no zeros, so that y / w recovers x̂.
         The check runs again only when w changes: one host synchronisation then, none in a training step,
         nor under CUDA-graph capture. A training w keeps x (exact, and w changes every step)."""
-        if self.weight.requires_grad:
+        if self.weight.requires_grad or type(self.weight.data) is not torch.Tensor:  # e.g. an FSDP shard (DTensor)
             return False
         key = (self.weight._version, self.weight.data_ptr())
         if key != self._checked:
