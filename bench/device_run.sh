@@ -12,6 +12,8 @@
 #   bash bench/device_run.sh s15b         # QLoRA with the dropout kernel and the 8-bit AdamW; prefill GEMM
 #   bash bench/device_run.sh s16a         # s15a + 8-block QLoRA steps (8-bit AdamW, dropout kernel)
 #   bash bench/device_run.sh s16b         # 32-block QLoRA in peft+bnb's memory (norm outputs, CPU embeddings); prefill
+#   bash bench/device_run.sh s16d         # 32-block QLoRA: graph-replayed steps with CPU embeddings vs eager @12
+#   bash bench/device_run.sh s17a         # host time of a step (cProfile); then s16d
 #   bash bench/device_run.sh longest      # memory estimator; fused vs unfused loss curves (carry smol_cfg too);
 #                                         # QLoRA step training peaks; the longest sequence each contender fits
 # from the repository root on the device, with bitsandbytes' wheel carried in .whl/ (see RESULTS.md).
@@ -137,6 +139,11 @@ case ${1:-kernels} in
     part prefill 200 python3 bench/gpu_kernels.py --out "$RES/prefill" --skip-correctness --prefill-only
     ;;
   s16d)  # 32 blocks, graph-replayed steps with the embedding table on the CPU (the eager step is host-bound)
+    RES=$RES/32 part qlora32 250 python3 bench/qlora_step.py --out "$RES/32" --steps 4 --configs 32:2048:1 \
+      --no-profile --kinds peft+bnb,lowbit-fused@14+graph+embcpu,lowbit-fused@12+adam8bit+embcpu,lowbit-fused@16+graph+embcpu
+    ;;
+  s17a)  # session 17, part 1 (~6 min): host time of a step on a near-idle GPU (cProfile), then s16d
+    part host 90 python3 bench/host_overhead.py --out "$RES" --profile
     RES=$RES/32 part qlora32 250 python3 bench/qlora_step.py --out "$RES/32" --steps 4 --configs 32:2048:1 \
       --no-profile --kinds peft+bnb,lowbit-fused@14+graph+embcpu,lowbit-fused@12+adam8bit+embcpu,lowbit-fused@16+graph+embcpu
     ;;

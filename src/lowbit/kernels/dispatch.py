@@ -14,6 +14,7 @@ attribute, and `select` says what it resolves to.
 from __future__ import annotations
 
 import importlib.util
+from functools import cache
 
 import torch
 
@@ -24,6 +25,7 @@ from lowbit.kernels.lut4 import lut4_weight, supports
 KERNEL_CHOICES = ("auto", "dequant", "fused")
 
 
+@cache  # find_spec walks sys.path (~36 µs), and the fused ops ask on every call
 def triton_available() -> bool:
     return importlib.util.find_spec("triton") is not None
 
