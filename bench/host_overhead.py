@@ -74,6 +74,76 @@ def host_ms(kind: str, layers: int, seq: int, steps: int, device: str, profile_o
     return result
 
 
+def enqueue_us(fn, calls: int = 200) -> float:
+    """Host µs per call of ``fn``: the time to enqueue ``calls`` calls (the GPU catches up afterwards)."""
+    for _ in range(5):
+        fn()
+    sync("cuda")
+    start = time.perf_counter()
+    for _ in range(calls):
+        fn()
+    seconds = time.perf_counter() - start
+    sync("cuda")
+    return 1e6 * seconds / calls
+
+
+def pieces() -> dict:
+    """Host µs of the pieces an eager fused QLoRA step is made of (CUDA only)."""
+    import triton
+
+    import lowbit
+    from lowbit.kernels import lut4_gemm
+    from lowbit.kernels.lora_fused import qlora_linear, swiglu_qlora
+    from lowbit.kernels.lut4 import lut4_weight
+    from lowbit.kernels.lut4_tile import kernel_args
+    from lowbit.kernels.norms import rms_norm
+
+    torch.manual_seed(0)
+    lin = torch.nn.Linear(1024, 1024, bias=False, device="cuda", dtype=torch.bfloat16)
+    base = lowbit.nn.QuantLinear.from_linear(lin, lowbit.formats.WeightFormat(name="nf4", block_size=64, double_quant=True))
+    w = lut4_weight(base.fmt, base.storage(), (base.out_features, base.in_features))
+    a = torch.randn(16, 1024, device="cuda", requires_grad=True)
+    b = torch.zeros(1024, 16, device="cuda", requires_grad=True)
+    x = torch.randn(64, 1024, device="cuda", dtype=torch.bfloat16, requires_grad=True)
+    norm_w = torch.ones(1024, device="cuda", dtype=torch.bfloat16)
+    lut4_gemm.lut4_dequantize(w)  # tune
+    best = lut4_gemm._lut4_dequant_tuned.best_config
+    pointers, sizes, layout = kernel_args(w, torch.bfloat16)
+    out = torch.empty(1024, 1024, device="cuda", dtype=torch.bfloat16)
+    grid = (triton.cdiv(1024, best.kwargs["BN"]), triton.cdiv(1024, best.kwargs["BK"] * best.kwargs["TILES"]))
+
+    def direct():
+        lut4_gemm._lut4_dequant_kernel[grid](out, *pointers, **sizes, **layout, **best.all_kwargs())
+
+    def fwd_bwd():
+        qlora_linear(x, base, a, b, 2.0).sum().backward()
+
+    def swiglu_fwd_bwd():
+        swiglu_qlora(x, x, base, a, b, 2.0).sum().backward()
+
+    def norm_fwd_bwd():
+        rms_norm(x, norm_w).sum().backward()
+
+    y, b16 = torch.empty(64, 1024, device="cuda", dtype=torch.bfloat16), b.detach().bfloat16()
+    table = {
+        "empty (64, 1024)": lambda: torch.empty(64, 1024, device="cuda", dtype=torch.bfloat16),
+        "fp32 → bf16 cast (16, 1024)": lambda: a.detach().to(torch.bfloat16),
+        "addmm (64, 16)·(16, 1024)": lambda: torch.addmm(y, x.detach()[:, :16], b16.t(), alpha=2.0),
+        "kernel_args": lambda: kernel_args(w, torch.bfloat16),
+        "lut4_dequantize (autotuned wrapper)": lambda: lut4_gemm.lut4_dequantize(w),
+        "dequant kernel launched directly": direct,
+        "qlora_linear forward (no grad)": lambda: qlora_linear(x.detach(), base, a.detach(), b.detach(), 2.0),
+        "qlora_linear forward + backward": fwd_bwd,
+        "swiglu_qlora forward + backward": swiglu_fwd_bwd,
+        "rms_norm forward + backward": norm_fwd_bwd,
+    }
+    result = {}
+    for name, fn in table.items():
+        result[name] = round(enqueue_us(fn), 1)
+        print(f"  {name:40s} {result[name]:8.1f} µs", flush=True)
+    return result
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--out", type=Path, help="write host_overhead.json (and profiles) here")
@@ -86,7 +156,7 @@ def main() -> None:
     args = parser.parse_args()
     if args.out:
         args.out.mkdir(parents=True, exist_ok=True)
-    results = {}
+    results = {"pieces_us": pieces()} if args.device == "cuda" else {}
     for kind in args.kinds.split(","):
         name = parse_kind(kind)[0]
         out = args.out / f"host_profile_{kind.replace('+', '_')}.txt" if args.profile and args.out and name != "peft+bnb" else None
@@ -98,7 +168,7 @@ def main() -> None:
     ref = results.get("peft+bnb", {}).get("step_ms")
     if ref:
         for kind, r in results.items():
-            if "step_ms" in r:
+            if "step_ms" in r and kind != "pieces_us":
                 print(f"{kind:32s} {r['step_ms']:8.2f} ms/step  {r['step_ms'] / ref:5.2f}× peft+bnb's host time")
     if args.out:
         (args.out / "host_overhead.json").write_text(json.dumps({"layers": args.layers, "seq": args.seq, **results}, indent=1))
