@@ -200,8 +200,8 @@ def profile_lowbit(shape, layers, batch, seq, device, out: Path | None, kind: st
     activities = [ProfilerActivity.CPU] + ([ProfilerActivity.CUDA] if device.startswith("cuda") else [])
     with profile(activities=activities) as prof:
         run_steps(model, batch, seq, 2, 0, device, flags)
-    key = "cuda_time_total" if device.startswith("cuda") else "cpu_time_total"
-    table = prof.key_averages().table(sort_by=key, row_limit=30, max_name_column_width=60)
+    key = "self_cuda_time_total" if device.startswith("cuda") else "self_cpu_time_total"
+    table = prof.key_averages().table(sort_by=key, row_limit=50, max_name_column_width=60)
     log(table)
     if out is not None:
         name = "qlora_profile" + ("" if kind == "lowbit" else "_" + kind.replace("@", "_ckpt").replace("+", "_"))
