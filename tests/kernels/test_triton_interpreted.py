@@ -141,6 +141,18 @@ def test_the_cuda_forward_and_grad_input_pick_their_kernels_and_match_float64():
     assert rel_err(ops.linear_grad_input_cuda(g, w), g.double() @ dense) < 1e-5
 
 
+def test_the_cuda_forward_and_grad_input_add_a_scaled_term_on_every_path():
+    """beta·add rides in the matmul (the fused QLoRA linear's LoRA term): GEMV rows and decode + matmul rows."""
+    from lowbit.kernels import ops
+
+    w, dense = make(WeightFormat("nf4", block_size=64, double_quant=True), (48, 128), 2)
+    for m in (1, ops.GEMV_MAX_M + 1):
+        x, add = torch.randn(m, 128), torch.randn(m, 48)
+        assert rel_err(ops.linear_cuda(x, w, GEMV, add=add, beta=0.5), x.double() @ dense.t() + 0.5 * add.double()) < 1e-5
+    g, add = torch.randn(7, 48), torch.randn(7, 128)
+    assert rel_err(ops.linear_grad_input_cuda(g, w, add=add, beta=2.0), g.double() @ dense + 2.0 * add.double()) < 1e-5
+
+
 def test_the_cuda_forward_takes_the_shared_table_gemv_for_2_to_8_rows_of_16_bit_x():
     from lowbit.kernels import ops
     from lowbit.kernels.lut4_gemv_shared import lut4_gemv_shared
@@ -154,3 +166,28 @@ def test_the_cuda_forward_takes_the_shared_table_gemv_for_2_to_8_rows_of_16_bit_
         # differs from the register GEMV's and cuBLAS's)
         if m <= 8:
             assert torch.equal(y, lut4_gemv_shared(x, w, config=GEMV)) == (m in ops.SHARED_GEMV_M), m
+
+
+def test_launch_tuned_reuses_the_chosen_config_per_tuning_key():
+    """After the first launch per key the kernel runs directly with the config the autotuner chose; another key
+    (here another N) goes through the autotuner again and gets its own choice."""
+    import triton.language as tl
+
+    from lowbit.kernels import autotune as tuning
+
+    @triton.jit
+    def fill(out_ptr, N, VALUE: tl.constexpr, BLOCK: tl.constexpr):
+        offs = tl.program_id(0) * BLOCK + tl.arange(0, BLOCK)
+        tl.store(out_ptr + offs, VALUE + BLOCK, mask=offs < N)
+
+    def keep_one(configs, named_args, **kwargs):  # one config per N: the autotuner need not time anything
+        return [c for c in configs if c.kwargs["BLOCK"] == (16 if kwargs["N"] < 50 else 32)]
+
+    configs = [triton.Config({"BLOCK": 16}), triton.Config({"BLOCK": 32})]
+    tuned = tuning.autotune(configs, ["N"], prune_configs_by={"early_config_prune": keep_one})(fill)
+    for n, block in ((40, 16), (40, 16), (70, 32), (70, 32)):
+        out = torch.zeros(n)
+        tuning.launch_tuned(tuned, lambda meta: (triton.cdiv(n, meta["BLOCK"]),), out, N=n, VALUE=1.0)
+        assert torch.equal(out, torch.full((n,), 1.0 + block)), (n, out)
+    chosen = {k[1]: c.kwargs["BLOCK"] for k, c in tuning._CHOSEN.items() if k[0] == id(tuned)}
+    assert chosen == {40: 16, 70: 32}

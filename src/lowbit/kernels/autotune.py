@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import functools
 
+import torch
 import triton
 
 
@@ -14,3 +15,20 @@ def autotune(configs: list[triton.Config], key: list[str], **kwargs):
     each of a model's linear shapes before its first token."""
     return triton.autotune(configs=configs, key=key, cache_results=True,
                            do_bench=functools.partial(triton.testing.do_bench, warmup=5, rep=20), **kwargs)  # fmt: skip
+
+
+_CHOSEN: dict[tuple, triton.Config] = {}
+
+
+def launch_tuned(tuned, grid, *args, **kwargs) -> None:
+    """``tuned[grid](*args, **kwargs)`` the first time per tuning key, then the kernel itself with the config the
+    autotuner chose: its own dispatch costs ~30 µs of host time a launch (H100 host, bench/host_overhead.py),
+    which an eager QLoRA step pays three times per linear layer. The tuning key arguments must come as keywords.
+    """
+    key = (id(tuned), *(kwargs[k] for k in tuned.keys), *(a.dtype for a in args if isinstance(a, torch.Tensor)))
+    config = _CHOSEN.get(key)
+    if config is None:
+        tuned[grid](*args, **kwargs)
+        _CHOSEN[key] = tuned.best_config
+    else:
+        tuned.fn[grid](*args, **kwargs, **config.all_kwargs())

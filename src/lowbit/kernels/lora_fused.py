@@ -9,9 +9,9 @@ compute dtype (and of y back), the base op, two matmuls, a scale, an add, each s
 the Function saves only x (in the compute dtype) and x·Aᵀ (tokens × r); W is decoded from its 4-bit
 storage in the forward and again in the backward (never saved), through the base's own kernel choice:
 `lowbit::lut4_linear` / `lut4_linear_grad_input` when `QuantLinear.kernel` resolves to "fused" (CUDA),
-the format's dequantize + matmul otherwise (CPU). The LoRA product is added into the base output by one
-addmm (and s·(dY·B)·A into dX likewise), everything in the layer's compute dtype, with one cast of the
-result to x's dtype. `swiglu_qlora` is the same layer fed by silu(gate) ⊙ up (the MLP's down projection):
+the format's dequantize + matmul otherwise (CPU). The LoRA product (x·Aᵀ)·Bᵀ is computed first and the
+base matmul adds it in its epilogue (cuBLAS's β·C, read while the tensor cores work; s·(dY·B)·A into dX
+likewise), everything in the layer's compute dtype, with one cast of the result to x's dtype. `swiglu_qlora` is the same layer fed by silu(gate) ⊙ up (the MLP's down projection):
 it keeps gate and up instead of their product and recomputes the product in the backward.
 
 LoRA dropout (peft's `lora_dropout`, on the LoRA path's input only) is drawn from a seed taken from torch's
@@ -44,24 +44,28 @@ def _direct(x: torch.Tensor) -> bool:
     return x.is_cuda and not torch.compiler.is_compiling()
 
 
-def base_matmul(x: torch.Tensor, base: QuantLinear, fused: bool) -> torch.Tensor:
-    """x (M, K) · Wᵀ → (M, N) in x's dtype, W decoded for this call only."""
+def base_matmul(x: torch.Tensor, base: QuantLinear, fused: bool, add: torch.Tensor | None = None,
+                beta: float = 1.0) -> torch.Tensor:  # fmt: skip
+    """x (M, K) · Wᵀ (+ beta·add (M, N)) → (M, N) in x's dtype, W decoded for this call only."""
     if fused:
         tensors, w = _lut4_args(base)
         if _direct(x):
-            return ops.linear_cuda(x, w)
-        return ops.lut4_linear(x, *tensors, w.out_features, w.group_size, w.flat)
-    return x @ base.dequantize(x.dtype).t()
+            return ops.linear_cuda(x, w, add=add, beta=beta)
+        y = ops.lut4_linear(x, *tensors, w.out_features, w.group_size, w.flat)
+        return y if add is None else y.add_(add, alpha=beta)
+    return ops.mm_add(x, base.dequantize(x.dtype).t(), add, beta)
 
 
-def base_grad_input(dy: torch.Tensor, base: QuantLinear, fused: bool) -> torch.Tensor:
-    """dY (M, N) · W → (M, K), W decoded again rather than saved."""
+def base_grad_input(dy: torch.Tensor, base: QuantLinear, fused: bool, add: torch.Tensor | None = None,
+                    beta: float = 1.0) -> torch.Tensor:  # fmt: skip
+    """dY (M, N) · W (+ beta·add (M, K)) → (M, K), W decoded again rather than saved."""
     if fused:
         tensors, w = _lut4_args(base)
         if _direct(dy):
-            return ops.linear_grad_input_cuda(dy, w)
-        return ops.lut4_linear_grad_input(dy, *tensors, w.in_features, w.group_size, w.flat)
-    return dy @ base.dequantize(dy.dtype)
+            return ops.linear_grad_input_cuda(dy, w, add=add, beta=beta)
+        dx = ops.lut4_linear_grad_input(dy, *tensors, w.in_features, w.group_size, w.flat)
+        return dx if add is None else dx.add_(add, alpha=beta)
+    return ops.mm_add(dy, base.dequantize(dy.dtype), add, beta)
 
 
 def dropout_seed(p: float) -> int | None:
@@ -107,7 +111,8 @@ class _QLoraLinear(torch.autograd.Function):
         x2 = x.reshape(-1, x.shape[-1]).to(dtype)  # (M, K); a no-op when x is already in the compute dtype
         a, b = lora_a.to(dtype), lora_b.to(dtype)  # (r, K), (N, r): small
         xa = dropped(x2, *dropout) @ a.t()  # (M, r)
-        y = torch.addmm(base_matmul(x2, base, fused), xa, b.t(), alpha=scaling)  # (M, N)
+        # The LoRA product first, then the base matmul adds it in its epilogue: one pass over (M, N) fewer
+        y = base_matmul(x2, base, fused, add=xa @ b.t(), beta=scaling)  # (M, N)
         if bias is not None:
             y += bias.to(dtype)
         return y, x2, xa, fused
@@ -129,11 +134,9 @@ def _backward(ctx, dy, x2, xa, lora_a, lora_b, bias, needs) -> tuple:
     dy2 = dy.reshape(-1, dy.shape[-1]).to(dtype)  # (M, N)
     dyb = dy2 @ lora_b.to(dtype)  # (M, r)
     dx = da = db = dbias = None
-    if needs[0] and seed is None:
-        dx = torch.addmm(base_grad_input(dy2, ctx.base, ctx.fused), dyb, lora_a.to(dtype), alpha=s)
-    elif needs[0]:  # the mask of x's dropout, drawn again for the same (M, K) shape
-        lora_dx = dropped(dyb @ lora_a.to(dtype), p, seed, backend)
-        dx = base_grad_input(dy2, ctx.base, ctx.fused).add_(lora_dx, alpha=s)
+    if needs[0]:  # the LoRA part (through x's dropout mask, drawn again) enters the base matmul's epilogue
+        lora_dx = dropped(dyb @ lora_a.to(dtype), p, seed, backend)  # (M, K)
+        dx = base_grad_input(dy2, ctx.base, ctx.fused, add=lora_dx, beta=s)
     if needs[1]:
         da = (dyb.t() @ dropped(x2, p, seed, backend)).mul_(s).to(lora_a.dtype)  # (r, K)
     if needs[2]:

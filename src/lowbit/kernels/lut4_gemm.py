@@ -30,7 +30,7 @@ import torch
 import triton
 import triton.language as tl
 
-from lowbit.kernels.autotune import autotune
+from lowbit.kernels.autotune import autotune, launch_tuned
 from lowbit.kernels.lut4 import Lut4Weight
 from lowbit.kernels.lut4_tile import kernel_args, load_lut4_tile
 
@@ -226,7 +226,7 @@ def lut4_dequantize(w: Lut4Weight, dtype: torch.dtype = torch.bfloat16, block: t
     pointers, sizes, layout = kernel_args(w, dtype)
     if block is None and w.packed.is_cuda:
         grid = lambda meta: (triton.cdiv(n, meta["BN"]), triton.cdiv(k, meta["BK"] * meta["TILES"]))  # noqa: E731
-        _lut4_dequant_tuned[grid](out, *pointers, **sizes, **layout)
+        launch_tuned(_lut4_dequant_tuned, grid, out, *pointers, **sizes, **layout)
         return out
     bn, bk = block or (16, 256)
     grid = (triton.cdiv(n, bn), triton.cdiv(k, bk * tiles))

@@ -25,7 +25,7 @@ import torch
 import triton
 import triton.language as tl
 
-from lowbit.kernels.autotune import autotune
+from lowbit.kernels.autotune import autotune, launch_tuned
 from lowbit.kernels.lut4 import Lut4Weight
 from lowbit.kernels.lut4_tile import (
     decode_pair_values,
@@ -269,7 +269,7 @@ def lut4_gemv(x: torch.Tensor, w: Lut4Weight, config: dict | None = None) -> tor
         raise ValueError("AHEAD takes one row of x and a paired weight without zero points")
     if config is None:
         grid = lambda meta: (triton.cdiv(w.out_features, meta["BN"]),)  # noqa: E731
-        _lut4_gemv_tuned[grid](*args, **kw)
+        launch_tuned(_lut4_gemv_tuned, grid, *args, **kw)
     else:
         _lut4_gemv_kernel[(triton.cdiv(w.out_features, config["BN"]),)](*args, **kw, **({"AHEAD": False} | config))
     return y

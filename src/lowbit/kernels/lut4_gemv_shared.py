@@ -37,7 +37,7 @@ import torch
 import triton
 import triton.language as tl
 
-from lowbit.kernels.autotune import autotune
+from lowbit.kernels.autotune import autotune, launch_tuned
 from lowbit.kernels.lut4 import Lut4Weight
 from lowbit.kernels.lut4_tile import (
     SCALES_GROUPED,
@@ -290,7 +290,7 @@ def lut4_gemv_shared(x: torch.Tensor, w: Lut4Weight, mode: str = "byte", config:
               PTX=x.is_cuda and os.environ.get("TRITON_INTERPRET") != "1", BM=triton.next_power_of_2(m))  # fmt: skip
     args = (x2, inv, sums, y, *pointers)
     if config is None:
-        _gemv_shared_tuned[lambda meta: (triton.cdiv(w.out_features, meta["BN"]),)](*args, **kw)
+        launch_tuned(_gemv_shared_tuned, lambda meta: (triton.cdiv(w.out_features, meta["BN"]),), *args, **kw)
     else:
         _gemv_shared_kernel[(triton.cdiv(w.out_features, config["BN"]),)](*args, **kw, **({"AHEAD": False} | config))
     return y

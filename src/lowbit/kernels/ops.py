@@ -59,10 +59,13 @@ def _(x, packed, table, scale, zero_point, nested_code, nested_scale, offset, ou
     return x.new_empty((x.shape[0], out_features))
 
 
-def linear_cuda(x: Tensor, w: Lut4Weight, gemv_config: dict | None = None) -> Tensor:
-    """The CUDA forward on a checked weight. Callers already inside their own autograd Function (the fused
-    QLoRA linear) call it directly: the custom op's dispatch costs ~100 µs of host time a call.
-    ``gemv_config`` fixes the GEMV's launch instead of autotuning it (the Triton interpreter)."""
+def linear_cuda(x: Tensor, w: Lut4Weight, gemv_config: dict | None = None, add: Tensor | None = None,
+                beta: float = 1.0) -> Tensor:  # fmt: skip
+    """The CUDA forward on a checked weight, plus ``beta·add`` (M, N) when given. Callers already inside their
+    own autograd Function (the fused QLoRA linear) call it directly: the custom op's dispatch costs ~100 µs of
+    host time a call. Above the GEMV sizes ``add`` enters cuBLAS's epilogue (read while the tensor cores work)
+    instead of costing a pass of its own. ``gemv_config`` fixes the GEMV's launch instead of autotuning it (the
+    Triton interpreter)."""
     from lowbit.kernels import lut4_gemv_shared
     from lowbit.kernels.lut4_gemm import lut4_dequantize
     from lowbit.kernels.lut4_gemv import lut4_gemv
@@ -70,18 +73,26 @@ def linear_cuda(x: Tensor, w: Lut4Weight, gemv_config: dict | None = None) -> Te
     x = x.contiguous()
     m = x.shape[0]
     if m == 0:
-        return x.new_empty((0, w.out_features))
-    if m in SHARED_GEMV_M and x.dtype != torch.float32 and lut4_gemv_shared.supports(x, w):
-        return lut4_gemv_shared.lut4_gemv_shared(x, w, config=gemv_config)
-    if m <= GEMV_MAX_M:
-        return lut4_gemv(x, w, gemv_config)
-    return x @ lut4_dequantize(w, x.dtype).t()  # (M, K) @ (K, N); the dense W lives for this call only
+        y = x.new_empty((0, w.out_features))
+    elif m in SHARED_GEMV_M and x.dtype != torch.float32 and lut4_gemv_shared.supports(x, w):
+        y = lut4_gemv_shared.lut4_gemv_shared(x, w, config=gemv_config)
+    elif m <= GEMV_MAX_M:
+        y = lut4_gemv(x, w, gemv_config)
+    else:  # (M, K) @ (K, N); the dense W lives for this call only
+        return mm_add(x, lut4_dequantize(w, x.dtype).t(), add, beta)
+    return y if add is None else y.add_(add, alpha=beta)
 
 
-def linear_grad_input_cuda(grad_out: Tensor, w: Lut4Weight) -> Tensor:
+def linear_grad_input_cuda(grad_out: Tensor, w: Lut4Weight, add: Tensor | None = None, beta: float = 1.0) -> Tensor:
+    """dY · W (+ beta·add), (M, N) → (M, K), W decoded again rather than saved."""
     from lowbit.kernels.lut4_gemm import lut4_dequantize
 
-    return grad_out @ lut4_dequantize(w, grad_out.dtype)  # (M, N) @ (N, K), W decoded again, not saved
+    return mm_add(grad_out, lut4_dequantize(w, grad_out.dtype), add, beta)
+
+
+def mm_add(a: Tensor, b: Tensor, add: Tensor | None = None, beta: float = 1.0) -> Tensor:
+    """a · b, plus beta·add when given (one addmm: the add rides in the matmul's epilogue)."""
+    return a @ b if add is None else torch.addmm(add, a, b, beta=beta)
 
 
 @lut4_linear.register_kernel("cuda")
