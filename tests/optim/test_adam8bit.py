@@ -247,3 +247,49 @@ def test_fused_step_updates_many_tensors_in_one_launch():
         torch.testing.assert_close(a.detach().float(), b.detach().float(), rtol=rtol, atol=1e-7 if rtol < 1e-3 else 4e-3)
         assert opt_f.state[a]["step"] == opt_t.state[b]["step"]
     assert opt_f.state[fused[1]]["step"] == 3
+
+
+@pytest.mark.parametrize("backend", ["torch", "triton"])
+def test_capturable_steps_match_host_steps(backend):
+    """capturable=True keeps device step counters and computes the bias corrections from them (what a CUDA
+    graph replays): the same updates as host counters, for 8-bit and fp32-moment tensors and a tensor that
+    skips steps; its state then continues in an optimizer with host counters."""
+    if backend == "triton":
+        pytest.importorskip("triton")
+    torch.manual_seed(8)
+    shapes = [(64, 70), (3000,), (50,)]
+    p0 = [torch.randn(s) for s in shapes]
+    grads = [[torch.randn(s) for s in shapes] for _ in range(6)]
+
+    def train(capturable, steps):
+        params = [torch.nn.Parameter(p.clone()) for p in p0]
+        opt = AdamW8bit(params, lr=1e-2, weight_decay=0.05, block_size=512, min_8bit_size=1000, backend=backend,
+                        capturable=capturable)  # fmt: skip
+        for step, gs in enumerate(grads[:steps]):
+            for i, (p, g) in enumerate(zip(params, gs)):
+                p.grad = None if (i == 1 and step % 2) else g
+            opt.step()
+        return params, opt
+
+    host, _ = train(False, 6)
+    device, opt = train(True, 6)
+    for a, b in zip(host, device):
+        torch.testing.assert_close(b.detach(), a.detach(), rtol=1e-6, atol=1e-7)
+    assert [opt.state[p]["step"].item() for p in device] == [6.0, 3.0, 6.0]
+    assert all(torch.is_tensor(opt.state[p]["step"]) for p in device)
+    # halfway: the device counters go on as host counters
+    params, opt = train(True, 3)
+    opt2 = AdamW8bit(params, lr=1e-2, weight_decay=0.05, block_size=512, min_8bit_size=1000, backend=backend)
+    opt2.load_state_dict(copy.deepcopy(opt.state_dict()))
+    for step, gs in enumerate(grads[3:], start=3):
+        for i, (p, g) in enumerate(zip(params, gs)):
+            p.grad = None if (i == 1 and step % 2) else g
+        opt2.step()
+    assert [opt2.state[p]["step"] for p in params] == [6, 3, 6]
+    for a, b in zip(host, params):
+        torch.testing.assert_close(b.detach(), a.detach(), rtol=1e-6, atol=1e-7)
+
+
+def test_a_paged_optimizer_cannot_be_captured():
+    with pytest.raises(ValueError, match="paged"):
+        AdamW8bit([torch.nn.Parameter(torch.zeros(3))], paged=True, capturable=True)

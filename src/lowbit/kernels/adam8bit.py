@@ -110,6 +110,24 @@ TRITON_DTYPES = {torch.float32: tl.float32, torch.bfloat16: tl.bfloat16, torch.f
 _BLOCK_INDEX: dict[tuple, tuple[torch.Tensor, torch.Tensor]] = {}  # (sizes, block size, device) → tables
 
 
+_TABLES: dict[tuple, torch.Tensor] = {}  # (rows, device) → the rows on the device
+
+
+def _address_table(rows: tuple, device: torch.device) -> torch.Tensor:
+    """The (tensors, 7) int64 address table on the device, cached: a captured step must find it built (a copy
+    from the host cannot be captured), so its tensors must keep the addresses they had when it was built."""
+    key = (rows, device)
+    if key not in _TABLES:
+        if device.type == "cuda" and torch.cuda.is_current_stream_capturing():
+            raise RuntimeError("the 8-bit AdamW step was captured with parameters or gradients at addresses no "
+                               "warm-up step used: zero gradients in place (zero_grad(set_to_none=False)) so "
+                               "that they keep their addresses between steps")  # fmt: skip
+        if len(_TABLES) > 8:
+            _TABLES.clear()
+        _TABLES[key] = torch.tensor(rows, dtype=torch.int64).to(device, non_blocking=True)
+    return _TABLES[key]
+
+
 def _block_index(sizes: tuple[int, ...], block_size: int, device: torch.device) -> tuple[torch.Tensor, torch.Tensor]:
     """(tensor of each program, first program of each tensor) for tensors of these sizes, cached."""
     key = (sizes, block_size, device)
@@ -127,7 +145,8 @@ def adamw8bit_step(params: list[torch.Tensor], grads: list[torch.Tensor], states
                    unsigned: CodeSearch, *, lr: float, beta1: float, beta2: float, eps: float, weight_decay: float,
                    block_size: int) -> None:  # fmt: skip
     """One AdamW step of every parameter in place (one dtype, one device, contiguous), and of its moments in
-    its state (AdamW8bit's codes and absmax, and ``step``: the step number after this update, ≥ 1)."""
+    its state (AdamW8bit's codes and absmax, and ``step``: the step number after this update, ≥ 1: a number,
+    or a device tensor, whose bias corrections are then computed on the device, as a CUDA graph needs)."""
     if not params:
         return
     dtype, grad_dtype, device = params[0].dtype, grads[0].dtype, params[0].device
@@ -137,11 +156,15 @@ def adamw8bit_step(params: list[torch.Tensor], grads: list[torch.Tensor], states
         if (p.dtype, g.dtype, p.device) != (dtype, grad_dtype, device):
             raise ValueError("adamw8bit_step takes parameters (and gradients) of one dtype on one device")
     keys = ("exp_avg_codes", "exp_avg_sq_codes", "exp_avg_absmax", "exp_avg_sq_absmax")
-    rows = [[p.data_ptr(), g.data_ptr(), *(s[k].data_ptr() for k in keys), p.numel()]
-            for p, g, s in zip(params, grads, states)]  # fmt: skip
-    scalars = [x for s in states for x in (lr / (1.0 - beta1 ** s["step"]), (1.0 - beta2 ** s["step"]) ** 0.5)]
-    table = torch.tensor(rows, dtype=torch.int64).to(device, non_blocking=True)
-    scalars = torch.tensor(scalars, dtype=torch.float32).to(device, non_blocking=True)
+    rows = tuple((p.data_ptr(), g.data_ptr(), *(s[k].data_ptr() for k in keys), p.numel())
+                 for p, g, s in zip(params, grads, states))  # fmt: skip
+    table = _address_table(rows, device)
+    if torch.is_tensor(states[0]["step"]):
+        t = torch.stack([s["step"] for s in states]).double()
+        scalars = torch.stack([lr / (1.0 - beta1**t), (1.0 - beta2**t).sqrt()], 1).float().reshape(-1)
+    else:
+        scalars = [x for s in states for x in (lr / (1.0 - beta1 ** s["step"]), (1.0 - beta2 ** s["step"]) ** 0.5)]
+        scalars = torch.tensor(scalars, dtype=torch.float32).to(device, non_blocking=True)
     tensor_of, first = _block_index(tuple(p.numel() for p in params), block_size, device)
     _adamw8bit_kernel[(tensor_of.numel(),)](
         table, tensor_of, first, scalars, signed.values, signed.boundaries, signed.codes, unsigned.values,

@@ -78,11 +78,15 @@ class AdamW8bit(torch.optim.Optimizer):
         (`lowbit.optim.paged`); on CPU it changes nothing.
     backend: "auto" (default: the fused Triton step on CUDA, torch elsewhere; `kernels.dispatch.use_triton`),
         "triton" or "torch".
+    capturable: as torch's AdamW: each tensor's step count is a device tensor and nothing in `step` reads a
+        device value on the host, so the step can be captured in a CUDA graph (`lowbit.train.GraphedStep` sets
+        it). The fused kernel then finds the tensors through an address table built before the capture: the
+        parameters and gradients must keep their addresses (gradients zeroed in place, not set to None).
     """
 
     def __init__(self, params, lr: float = 1e-3, betas: tuple[float, float] = (0.9, 0.999), eps: float = 1e-8,
                  weight_decay: float = 1e-2, block_size: int = 2048, min_8bit_size: int = 4096,
-                 paged: bool = False, backend: str = "auto") -> None:  # fmt: skip
+                 paged: bool = False, backend: str = "auto", capturable: bool = False) -> None:  # fmt: skip
         from lowbit.kernels.dispatch import BACKENDS
 
         if backend not in BACKENDS:
@@ -99,8 +103,10 @@ class AdamW8bit(torch.optim.Optimizer):
             raise ValueError(f"block_size must be an integer ≥ 2, got {block_size!r}")
         if min_8bit_size < 0:
             raise ValueError(f"min_8bit_size must be ≥ 0, got {min_8bit_size}")
+        if paged and capturable:
+            raise ValueError("a paged optimizer moves its states between steps, which a captured step cannot")
         defaults = dict(lr=lr, betas=tuple(betas), eps=eps, weight_decay=weight_decay, block_size=block_size,
-                        min_8bit_size=min_8bit_size, paged=paged)  # fmt: skip
+                        min_8bit_size=min_8bit_size, paged=paged, capturable=capturable)  # fmt: skip
         super().__init__(params, defaults)
         self.backend = backend
         self._maps: dict[torch.device, tuple[torch.Tensor, torch.Tensor]] = {}
@@ -128,7 +134,7 @@ class AdamW8bit(torch.optim.Optimizer):
 
     def _init_state(self, p: torch.Tensor, group: dict) -> dict:
         state = self.state[p]
-        state["step"] = 0
+        state["step"] = 0 if not group.get("capturable") else torch.zeros((), dtype=torch.float32, device=p.device)
         if p.numel() >= group["min_8bit_size"]:
             n_blocks = math.ceil(p.numel() / group["block_size"])
             for codes, absmax in zip(QUANTIZED_KEYS, ABSMAX_KEYS):
@@ -166,34 +172,47 @@ class AdamW8bit(torch.optim.Optimizer):
         for group in self.param_groups:
             beta1, beta2 = group["betas"]
             lr, eps, wd, block = group["lr"], group["eps"], group["weight_decay"], group["block_size"]
+            params = [p for p in group["params"] if p.grad is not None]
+            if any(p.grad.is_sparse for p in params):
+                raise RuntimeError("AdamW8bit does not support sparse gradients")
+            states = [self._advance(p, group) for p in params]
+            if group.get("capturable") and states:  # every counter + 1 in one launch
+                torch._foreach_add_([s["step"] for s in states], 1.0)
             fused: dict[tuple, list[torch.Tensor]] = {}
-            for p in group["params"]:
-                if p.grad is None:
-                    continue
-                if p.grad.is_sparse:
-                    raise RuntimeError("AdamW8bit does not support sparse gradients")
-                state = self.state[p] if self.state[p] else self._init_state(p, group)
-                fetch_state(state, p.device, group["paged"])
-                state["step"] += 1
-                t = state["step"]
+            for p, state in zip(params, states):
                 if self._fused(p, state):  # updated below, with the group's other tensors of its dtype
                     fused.setdefault((p.dtype, p.grad.dtype, p.device), []).append(p)
                     if group["paged"]:  # one tensor's states on the device at a time
                         self._fused_step(fused.popitem()[1], group)
                     continue
+                t = state["step"]  # a number, or a device tensor (capturable): the same arithmetic for both
+                t = t.double() if torch.is_tensor(t) else t
+                step_size, bias2_sqrt = lr / (1.0 - beta1**t), (1.0 - beta2**t) ** 0.5
                 g = p.grad.reshape(-1).float()  # (numel,)
                 m, v = self._read_moments(state, block)
                 m.mul_(beta1).add_(g, alpha=1.0 - beta1)
                 v.mul_(beta2).addcmul_(g, g, value=1.0 - beta2)
-                denom = (v.sqrt() / math.sqrt(1.0 - beta2**t)).add_(eps)
-                theta = p.reshape(-1).float()
-                theta.mul_(1.0 - lr * wd).addcdiv_(m, denom, value=-lr / (1.0 - beta1**t))
+                denom = (v.sqrt() / bias2_sqrt).add_(eps)
+                theta = p.reshape(-1).float().mul_(1.0 - lr * wd).sub_(m / denom * step_size)
                 p.copy_(theta.view_as(p))
                 self._write_moments(state, m, v, block)
                 offload_state(state, group["paged"])
-            for params in fused.values():
-                self._fused_step(params, group)
+            for fused_params in fused.values():
+                self._fused_step(fused_params, group)
         return loss
+
+    def _advance(self, p: torch.Tensor, group: dict) -> dict:
+        """p's state, created on its first step and fetched to p's device; a host step count moves on here, a
+        device one (capturable) with the group's others in one launch."""
+        state = self.state[p] if self.state[p] else self._init_state(p, group)
+        fetch_state(state, p.device, group["paged"])
+        if group.get("capturable") and not torch.is_tensor(state["step"]):  # a state from an uncaptured run
+            state["step"] = torch.tensor(float(state["step"]), dtype=torch.float32, device=p.device)
+        elif not group.get("capturable") and torch.is_tensor(state["step"]):
+            state["step"] = int(state["step"])
+        if not group.get("capturable"):
+            state["step"] += 1
+        return state
 
     def _fused_step(self, params: list[torch.Tensor], group: dict) -> None:
         """The update of these parameters (one dtype, one device) in one kernel launch."""
@@ -209,12 +228,14 @@ class AdamW8bit(torch.optim.Optimizer):
 
     def load_state_dict(self, state_dict: dict) -> None:
         super().load_state_dict(state_dict)
-        # torch casts floating-point state to each parameter's dtype on load; the scales and fp32 moments
-        # must stay float32 whatever the parameter dtype (bf16 LoRA weights, …).
+        # torch casts every state tensor to its parameter's floating dtype on load: the codes must go back to
+        # uint8 (the fused kernel reads bytes), the scales and fp32 moments to float32 whatever the parameter
+        # dtype (bf16 LoRA weights, …).
         for state in self.state.values():
-            for key in ABSMAX_KEYS + ("exp_avg", "exp_avg_sq"):
-                if key in state:
-                    state[key] = state[key].float()
+            for keys, dtype in ((QUANTIZED_KEYS, torch.uint8), (ABSMAX_KEYS + ("exp_avg", "exp_avg_sq"), torch.float32)):
+                for key in keys:
+                    if key in state:
+                        state[key] = state[key].to(dtype)
 
 
 class PagedAdamW8bit(AdamW8bit):
