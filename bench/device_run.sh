@@ -14,7 +14,8 @@
 #   bash bench/device_run.sh s16b         # 32-block QLoRA in peft+bnb's memory (norm outputs, CPU embeddings); prefill
 #   bash bench/device_run.sh s16d         # 32-block QLoRA: graph-replayed steps with CPU embeddings vs eager @12
 #   bash bench/device_run.sh s17a         # host time of a step (cProfile); then s16d
-#   bash bench/device_run.sh s17b         # host pieces; 8-block profile by source line; 32 blocks eager and graphed
+#   bash bench/device_run.sh s17b         # host pieces; 8-block profile; 32 blocks eager and graphed
+#   bash bench/device_run.sh s17c         # graphed steps with the 8-bit AdamW; 8-block profile by input shapes
 #   bash bench/device_run.sh longest      # memory estimator; fused vs unfused loss curves (carry smol_cfg too);
 #                                         # QLoRA step training peaks; the longest sequence each contender fits
 # from the repository root on the device, with bitsandbytes' wheel carried in .whl/ (see RESULTS.md).
@@ -151,10 +152,17 @@ case ${1:-kernels} in
   s17b)  # part 2 (~5 min): host pieces again (autotuner bypassed, LoRA term in the epilogue); an 8-block profile by
          # source line; 32 blocks eager and graphed
     part host 90 python3 bench/host_overhead.py --out "$RES"
-    part qlora8 150 python3 bench/qlora_step.py --out "$RES" --steps 6 --configs 8:2048:1 --profile-stacks \
+    part qlora8 150 python3 bench/qlora_step.py --out "$RES" --steps 6 --configs 8:2048:1 --profile-shapes \
       --kinds peft+bnb,lowbit-fused@3+embcpu
     RES=$RES/32 part qlora32 250 python3 bench/qlora_step.py --out "$RES/32" --steps 4 --configs 32:2048:1 \
       --no-profile --kinds peft+bnb,lowbit-fused@14+graph+embcpu,lowbit-fused@12+adam8bit+embcpu,lowbit-fused@16+graph+embcpu
+    ;;
+  s17c)  # part 3 (~5 min): graphed steps with the capturable 8-bit AdamW; eager CPU embeddings without the
+         # gradient's trip to the CPU; an 8-block profile by input shapes
+    part qlora8 150 python3 bench/qlora_step.py --out "$RES" --steps 6 --configs 8:2048:1 --profile-shapes \
+      --kinds peft+bnb,lowbit-fused@3+embcpu
+    RES=$RES/32 part qlora32 300 python3 bench/qlora_step.py --out "$RES/32" --steps 4 --configs 32:2048:1 \
+      --no-profile --kinds peft+bnb,lowbit-fused@14+graph+embcpu+adam8bit,lowbit-fused@12+graph+embcpu+adam8bit,lowbit-fused@12+adam8bit+embcpu,lowbit-fused@16+graph+embcpu+adam8bit
     ;;
 esac
 tar czf "$OUT/results-${1:-kernels}.tgz" -C "$RES" .

@@ -96,7 +96,7 @@ def run_steps(model, batch: int, seq: int, steps: int, warmup: int, device: str,
     from lowbit.train.offload import offloaded_activations
 
     params = [p for p in model.parameters() if p.requires_grad]
-    opt = AdamW8bit(params, lr=1e-4, backend="triton") if "adam8bit" in flags else torch.optim.AdamW(params, lr=1e-4)
+    opt = AdamW8bit(params, lr=1e-4) if "adam8bit" in flags else torch.optim.AdamW(params, lr=1e-4)
     graph = "graph" in flags
     gen = torch.Generator(device="cpu").manual_seed(1)
     vocab = model.config.vocab_size
@@ -192,22 +192,22 @@ def measure(kind: str, shape: dict, layers: int, batch: int, seq: int, steps: in
 
 
 def profile_lowbit(shape, layers, batch, seq, device, out: Path | None, kind: str = "lowbit",
-                   stacks: bool = False) -> None:  # fmt: skip
-    """A torch-profiler table of two steps by self time (on CUDA: kernel time); ``stacks`` adds a second table
-    grouped by the Python source lines that launched the work (where in lowbit or transformers the time goes)."""
+                   shapes: bool = False) -> None:  # fmt: skip
+    """A torch-profiler table of two steps by self time (on CUDA: kernel time); ``shapes`` adds a second table
+    of the operators split by their input shapes (which matmul of a block the time goes to)."""
     from torch.profiler import ProfilerActivity, profile
 
     model = fresh(kind, shape, layers, device)
     flags = parse_kind(kind)[2]
     run_steps(model, batch, seq, 1, 2, device, flags)  # warm up (Triton autotune, allocator)
     activities = [ProfilerActivity.CPU] + ([ProfilerActivity.CUDA] if device.startswith("cuda") else [])
-    with profile(activities=activities, with_stack=stacks) as prof:
+    with profile(activities=activities, record_shapes=shapes) as prof:
         run_steps(model, batch, seq, 2, 0, device, flags)
     key = "self_cuda_time_total" if device.startswith("cuda") else "self_cpu_time_total"
     table = prof.key_averages().table(sort_by=key, row_limit=50, max_name_column_width=60)
-    if stacks:
-        table += "\n\n" + prof.key_averages(group_by_stack_n=5).table(
-            sort_by=key, row_limit=60, max_name_column_width=40, max_src_column_width=90)
+    if shapes:
+        table += "\n\n" + prof.key_averages(group_by_input_shape=True).table(
+            sort_by=key, row_limit=60, max_name_column_width=40, max_shapes_column_width=80)
     log(table)
     if out is not None:
         name = "qlora_profile" + ("" if kind == "lowbit" else "_" + kind.replace("@", "_ckpt").replace("+", "_"))
@@ -281,7 +281,7 @@ def main() -> None:
     parser.add_argument("--kinds", default="lowbit,lowbit-fused,peft+bnb,bf16-lora",
                         help="contenders, comma-separated (lowbit-fused: lowbit.kernels.fuse_for_training)")
     parser.add_argument("--no-profile", action="store_true", help="skip the torch-profiler table")
-    parser.add_argument("--profile-stacks", action="store_true", help="also group the profile by Python source lines")
+    parser.add_argument("--profile-shapes", action="store_true", help="also split the profile by input shapes")
     parser.add_argument("--max-seq", action="store_true", help="search the longest sequence (32 layers, batch 1)")
     parser.add_argument("--seq-lengths", default="", help="with --max-seq: try these lengths (comma-separated) "
                         "in order instead of predicting from two probes")  # fmt: skip
@@ -337,7 +337,7 @@ def main() -> None:
     if not args.no_profile and configs:
         layers, seq, batch = configs[0]
         for kind in [k for k in kinds if k.startswith("lowbit")]:
-            profile_lowbit(shape, layers, batch, seq, device, args.out, kind, args.profile_stacks)
+            profile_lowbit(shape, layers, batch, seq, device, args.out, kind, args.profile_shapes)
     if args.max_seq and not args.tiny:
         longest = {}
         for kind in kinds:  # in the order given: a cheap peer first, in case the run is cut short

@@ -26,15 +26,18 @@ def trainable(model):
     return {n: p.detach().clone() for n, p in model.named_parameters() if p.requires_grad}
 
 
-@pytest.mark.parametrize("offload", [False, True])
-def test_steps_equal_a_plain_loop_after_the_undone_warm_up(offload):
-    """With the embedding table offloaded, the step holds the looked-up rows instead of the ids."""
+@pytest.mark.parametrize("offload, optimizer", [(False, "adamw"), (True, "adamw"), (False, "adamw8bit")])
+def test_steps_equal_a_plain_loop_after_the_undone_warm_up(offload, optimizer):
+    """With the embedding table offloaded, the step holds the looked-up rows instead of the ids; the 8-bit
+    AdamW's state (host step counters off the GPU) is undone too."""
     model = qlora_model()
     reference = copy.deepcopy(model)
     if offload:
         offload_embeddings(model)
-    opt = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=1e-2)
-    ref_opt = torch.optim.AdamW([p for p in reference.parameters() if p.requires_grad], lr=1e-2)
+    make = (lambda ps: torch.optim.AdamW(ps, lr=1e-2)) if optimizer == "adamw" else (
+        lambda ps: lowbit.optim.AdamW8bit(ps, lr=1e-2, min_8bit_size=0, block_size=64))  # fmt: skip
+    opt = make([p for p in model.parameters() if p.requires_grad])
+    ref_opt = make([p for p in reference.parameters() if p.requires_grad])
     data = batches(4)
     step = GraphedStep(model, opt, data[0], warmup=3)
     assert ("inputs_embeds" in step.static) == offload and ("input_ids" in step.static) != offload
@@ -56,6 +59,8 @@ def test_bad_batches_and_optimizers_get_clear_errors():
     data = batches(1)[0]
     with pytest.raises(TypeError, match="Adam or AdamW"):
         GraphedStep(model, torch.optim.SGD(params, lr=0.1), data)
+    with pytest.raises(ValueError, match="paged"):
+        GraphedStep(model, lowbit.optim.AdamW8bit(params, paged=True), data)
     step = GraphedStep(model, torch.optim.AdamW(params, lr=1e-3), data, warmup=1)
     with pytest.raises(ValueError, match="pad or pack"):
         step({"input_ids": data["input_ids"][:, :8], "labels": data["labels"][:, :8]})

@@ -34,6 +34,29 @@ def test_offloaded_embedding_gives_the_same_logits_and_survives_to():
     assert embedding.weight.dtype == torch.float64
 
 
+@pytest.mark.parametrize("hook_first", [True, False])
+def test_rows_that_must_require_grad_stop_their_gradient_on_the_device(hook_first):
+    """transformers' enable_input_require_grads (for checkpointing) makes the looked-up rows require grad: they
+    come out as a leaf, so backward never copies their gradient back to the CPU table, and the adapters'
+    gradients are those of the model on one device."""
+    model, reference = _lora(), _lora()
+    reference.load_state_dict(model.state_dict())
+    if hook_first:
+        model.enable_input_require_grads()
+    embedding = offload_embeddings(model)
+    if not hook_first:
+        model.enable_input_require_grads()
+    ids = torch.randint(0, 300, (2, 12))
+    rows = embedding(ids)
+    assert rows.requires_grad and rows.grad_fn is None
+    model(input_ids=ids).logits.square().mean().backward()
+    reference(input_ids=ids).logits.square().mean().backward()
+    assert embedding.weight.grad is None
+    for (name, p), q in zip(model.named_parameters(), reference.parameters()):
+        if p.requires_grad:
+            torch.testing.assert_close(p.grad, q.grad, msg=name)
+
+
 def test_offload_refuses_a_trained_or_tied_table():
     model = _lora()
     model.get_input_embeddings().weight.requires_grad_(True)

@@ -6,8 +6,12 @@ bench/RESULTS.md). A replayed graph launches them all at once. What the replay n
 
 - fixed shapes: every batch has the example batch's shapes and dtypes (packed sequences, a fixed batch
   size); its tensors are copied into the step's static inputs;
-- an optimizer that can run inside a graph: torch's Adam or AdamW (switched to ``capturable=True`` here),
-  with a constant learning rate (a scheduler's Python-side change never reaches the graph);
+- an optimizer that can run inside a graph: torch's Adam or AdamW, or lowbit's `AdamW8bit` (switched to
+  ``capturable=True`` here), with a constant learning rate (a scheduler's Python-side change never reaches
+  the graph);
+- gradients that stay where the captured kernels write them: they are zeroed in place each step (not set
+  to None), so the warm-up allocates them once and every replay accumulates into the same tensors (which
+  is also what lets the 8-bit AdamW's address table be built before the capture);
 - no host synchronisation inside the step (no ``.item()``, no branching on tensor values). lowbit's fused
   kernels, chunked loss and 4-bit linears keep everything on the device;
 - no LoRA dropout: the fused QLoRA linear draws each call's mask from a generator seeded on the host,
@@ -31,7 +35,10 @@ from torch import nn
 
 from lowbit.train.offload import embeddings_offloaded
 
-GRAPH_OPTIMIZERS = (torch.optim.Adam, torch.optim.AdamW)
+def graph_optimizers() -> tuple[type, ...]:
+    from lowbit.optim import AdamW8bit
+
+    return torch.optim.Adam, torch.optim.AdamW, AdamW8bit
 
 
 def model_loss(model: nn.Module, batch: dict[str, torch.Tensor]) -> torch.Tensor:
@@ -48,9 +55,11 @@ class GraphedStep:
 
     def __init__(self, model: nn.Module, optimizer: torch.optim.Optimizer, example: dict[str, torch.Tensor],
                  loss_fn: Callable[[nn.Module, dict], torch.Tensor] = model_loss, warmup: int = 2) -> None:  # fmt: skip
-        if type(optimizer) not in GRAPH_OPTIMIZERS:
-            raise TypeError(f"a graphed step takes torch's Adam or AdamW (whose zeroed state is a fresh one), "
-                            f"got {type(optimizer).__name__}")  # fmt: skip
+        if type(optimizer) not in graph_optimizers():
+            raise TypeError(f"a graphed step takes torch's Adam or AdamW or lowbit's AdamW8bit (whose zeroed state "
+                            f"is a fresh one), got {type(optimizer).__name__}")  # fmt: skip
+        if any(group.get("paged") for group in optimizer.param_groups):
+            raise ValueError("a paged optimizer moves its states between steps, which a captured step cannot")
         if not example or not all(torch.is_tensor(v) for v in example.values()):
             raise ValueError("example must be a non-empty dict of tensors (input_ids, labels, …)")
         self.model, self.optimizer, self.loss_fn = model, optimizer, loss_fn
@@ -68,33 +77,31 @@ class GraphedStep:
             stream.wait_stream(torch.cuda.current_stream())
         with torch.cuda.stream(stream) if stream is not None else contextlib.nullcontext():
             for _ in range(warmup):
-                self._eager_step()
+                self._step()
         if stream is not None:
             torch.cuda.current_stream().wait_stream(stream)
         with torch.no_grad():  # undo the warm-up: the first call is the first real step
             for p, value in zip(params, start):
                 p.copy_(value)
             for state in optimizer.state.values():
-                for value in state.values():
+                for key, value in state.items():
                     if torch.is_tensor(value):
                         value.zero_()
+                    elif key == "step":  # AdamW8bit's host counter (off the GPU)
+                        state[key] = 0
         self.graph: torch.cuda.CUDAGraph | None = None
         self.loss: torch.Tensor | None = None
         if self.cuda:
-            optimizer.zero_grad(set_to_none=True)  # the captured backward allocates the gradients in its pool
             self.graph = torch.cuda.CUDAGraph()
             with torch.cuda.graph(self.graph):
                 self.loss = self._step()
 
     def _step(self) -> torch.Tensor:
+        self.optimizer.zero_grad(set_to_none=False)  # in place: the gradients keep their addresses
         loss = self.loss_fn(self.model, self.static)
         loss.backward()
         self.optimizer.step()
         return loss.detach()
-
-    def _eager_step(self) -> torch.Tensor:
-        self.optimizer.zero_grad(set_to_none=True)
-        return self._step()
 
     def _inputs(self, batch: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
         """What the step reads: the batch, with an offloaded embedding's rows in place of the token ids."""
@@ -115,6 +122,6 @@ class GraphedStep:
                                  f"{tuple(value.shape)} {value.dtype} (pad or pack batches to one shape)")  # fmt: skip
             held.copy_(value)
         if self.graph is None:
-            return self._eager_step()
+            return self._step()
         self.graph.replay()
         return self.loss

@@ -46,10 +46,13 @@ def _lookup_on_cpu(module: nn.Module, args: tuple):
 
 
 def _rows_to_target(module: nn.Module, args: tuple, rows: torch.Tensor) -> torch.Tensor:
+    """The rows on the ids' device, as a leaf: a hook that makes them require grad (transformers'
+    `enable_input_require_grads`, for checkpointing) must not send their gradient back to the CPU, a
+    synchronous device-to-host copy of (tokens × hidden) every step for a table that does not train."""
     target = module._lowbit_target
-    if target.type == "cuda":  # pinned rows copy asynchronously
-        return rows.pin_memory().to(target, non_blocking=True)
-    return rows.to(target)
+    # pinned rows copy asynchronously
+    moved = rows.detach().pin_memory().to(target, non_blocking=True) if target.type == "cuda" else rows.detach().to(target)
+    return moved.requires_grad_(rows.requires_grad)
 
 
 def _stay(self, fn, recurse=True):  # replaces the instance's `_apply`: `model.to(...)` passes it by
