@@ -43,10 +43,41 @@ def test_fuse_replaces_norms_mlps_lora_and_loss():
     keys = model.state_dict().keys()
     counts = fuse_for_training(model)
     # 2 layers × (input + post-attention norm) + the final norm; 2 MLPs; 2 × 7 LoRA-wrapped QuantLinears
-    assert counts == {"rms_norm": 5, "swiglu_mlp": 2, "qlora_linear": 14, "loss": 1}
+    assert counts == {"rms_norm": 5, "swiglu_mlp": 2, "qlora_linear": 14, "rope": 2, "loss": 1}
     assert model.state_dict().keys() == keys  # the same parameters under the same names
     qwen = _qlora(tiny_qwen2())
-    assert fuse_for_training(qwen) == {"rms_norm": 5, "swiglu_mlp": 2, "qlora_linear": 14, "loss": 1}
+    assert fuse_for_training(qwen) == {"rms_norm": 5, "swiglu_mlp": 2, "qlora_linear": 14, "rope": 2, "loss": 1}
+    assert fuse_for_training(qwen)["rope"] == 0  # already routed
+
+
+def test_rope_runs_the_fused_op_without_patching_transformers(monkeypatch):
+    """Training calls go through rope.apply_rope (same logits and gradients as transformers' RoPE); the
+    modeling module keeps its own function; a call with a KV cache (generation) runs the class's forward."""
+    from transformers.models.llama import modeling_llama
+
+    from lowbit.kernels import rope
+
+    original = modeling_llama.apply_rotary_pos_emb
+    unfused = tiny_llama()
+    fused = copy.deepcopy(unfused)
+    fuse_for_training(fused, norms=False, mlp=False, lora=False, loss=False)
+    assert modeling_llama.apply_rotary_pos_emb is original
+    calls = []
+    rotate = rope._rotate
+    monkeypatch.setattr(rope, "_rotate", lambda *a: calls.append(a[-1]) or rotate(*a))
+    ids = torch.randint(0, 300, (2, 10), generator=torch.Generator().manual_seed(0))
+    outs = []
+    for model in (unfused, fused):
+        logits = model(input_ids=ids, use_cache=False).logits
+        logits.square().mean().backward()
+        outs.append((logits, torch.cat([p.grad.flatten() for p in model.parameters()])))
+    assert calls.count(False) == 2 * 2 and calls.count(True) == 2 * 2  # q and k, forward and backward, 2 layers
+    torch.testing.assert_close(outs[1][0], outs[0][0], rtol=1e-5, atol=1e-6)
+    torch.testing.assert_close(outs[1][1], outs[0][1], rtol=1e-4, atol=1e-7)
+    calls.clear()
+    with torch.no_grad():
+        generated = [m.generate(ids[:1, :4], max_new_tokens=5, do_sample=False) for m in (unfused, fused)]
+    assert calls == [] and torch.equal(generated[0], generated[1])
 
 
 def test_ten_qlora_steps_match_unfused():
@@ -226,7 +257,7 @@ def test_trainer_says_what_it_fused(capsys):
     examples, _ = build_examples(records, tok, DataConfig(max_length=160))
     cfg = TrainConfig(max_steps=1, batch_size=2, fused_kernels=True, plot=False)
     train(_qlora(tiny_llama()), examples, cfg, pad_token_id=tok.pad_token_id)
-    assert "fused kernels: 5 rms_norm, 2 swiglu_mlp, 14 qlora_linear, 1 loss" in capsys.readouterr().out
+    assert "fused kernels: 5 rms_norm, 2 swiglu_mlp, 14 qlora_linear, 2 rope, 1 loss" in capsys.readouterr().out
     torch.manual_seed(0)
     gpt2 = GPT2LMHeadModel(GPT2Config(n_embd=32, n_layer=1, n_head=2, vocab_size=300, n_positions=256))
     with pytest.warns(UserWarning, match="no module the fused kernels replace"):

@@ -6,17 +6,23 @@ PEFT files stay the same):
 - every `LlamaRMSNorm` / `Qwen2RMSNorm` / `MistralRMSNorm` → `norms.FusedRMSNorm` (same weight);
 - every `LlamaMLP` / `Qwen2MLP` / `MistralMLP` with hidden_act "silu" → `swiglu.SwiGLUMLP` (same projections);
 - every `LoraLinear` over a `QuantLinear` → `lora_fused.FusedLoraLinear` (same adapters);
+- every `LlamaAttention` / `Qwen2Attention` / `MistralAttention` runs its RoPE through `rope.apply_rope`:
+  transformers calls `apply_rotary_pos_emb` as a module global, so the instance gets its class's own
+  forward (the same code object) bound to a copy of those globals in which that name is the fused op.
+  transformers itself is not patched; a call with a KV cache runs the class's forward unchanged;
 - the loss: when called with `labels`, the model computes the shifted causal-LM loss with
   `cross_entropy.causal_lm_loss` from the last hidden states and `lm_head.weight`, and returns
   `logits=None` — the (tokens, vocab) logits are never built. Without labels it runs as before.
 
 The last item sets `forward` on this model instance (not its class): transformers computes the loss inside
 `XForCausalLM.forward` from full logits, so there is no module to swap for it. `unfuse_loss(model)` removes
-it. RoPE is not routed (transformers calls `apply_rotary_pos_emb` as a module global; see `rope.py`).
+it.
 """
 
 from __future__ import annotations
 
+import functools
+import inspect
 import types
 
 from torch import nn
@@ -25,12 +31,16 @@ from lowbit.hf_compat import output_cache, output_fields
 from lowbit.kernels.cross_entropy import causal_lm_loss
 from lowbit.kernels.lora_fused import FusedLoraLinear
 from lowbit.kernels.norms import FusedRMSNorm
+from lowbit.kernels.rope import apply_rope
 from lowbit.kernels.swiglu import SwiGLUMLP
 from lowbit.nn.quant_linear import QuantLinear
 from lowbit.peft.lora import LoraLinear
 
 RMS_NORMS = ("LlamaRMSNorm", "Qwen2RMSNorm", "MistralRMSNorm")  # x·rsqrt(mean x² + ε)·w; not Gemma's (1 + w)
 SWIGLU_MLPS = ("LlamaMLP", "Qwen2MLP", "MistralMLP")
+ROPE_ATTENTIONS = ("LlamaAttention", "Qwen2Attention", "MistralAttention")  # full-width rotary, (B, H, T, D)
+ROPE_NAME = "apply_rotary_pos_emb"
+CACHE_ARGS = ("cache", "past_key_values", "past_key_value")
 
 
 def _is_silu(mlp: nn.Module) -> bool:
@@ -46,6 +56,28 @@ def _replacement(module: nn.Module, backend: str, norms: bool, mlp: bool, lora: 
     if lora and type(module) is LoraLinear and isinstance(module.base_layer, QuantLinear):
         return FusedLoraLinear.from_lora(module)
     return None
+
+
+def route_rope(attention: nn.Module, backend: str = "auto") -> bool:
+    """Run this attention module's RoPE through the fused `apply_rope` (see the module docstring); False when
+    its forward does not call `apply_rotary_pos_emb` or is already routed."""
+    if "forward" in attention.__dict__:
+        return False
+    original = type(attention).forward
+    code = inspect.unwrap(original)  # past decorators (transformers' kwarg renaming), which a cache call keeps
+    if ROPE_NAME not in code.__code__.co_names:
+        return False
+    scope = {**code.__globals__, ROPE_NAME: functools.partial(apply_rope, backend=backend)}
+    routed = types.FunctionType(code.__code__, scope, code.__name__, code.__defaults__, code.__closure__)
+    routed.__kwdefaults__ = code.__kwdefaults__
+
+    def forward(self, *args, **kwargs):
+        if len(args) > 3 or any(kwargs.get(name) is not None for name in CACHE_ARGS):
+            return original(self, *args, **kwargs)  # generation: the class's forward, untouched
+        return routed(self, *args, **kwargs)
+
+    attention.forward = types.MethodType(forward, attention)
+    return True
 
 
 def _chunked_loss_forward(self, input_ids=None, attention_mask=None, position_ids=None, inputs_embeds=None,
@@ -100,7 +132,7 @@ def unfuse_loss(model: nn.Module) -> None:
 
 
 def fuse_for_training(model: nn.Module, *, norms: bool = True, mlp: bool = True, lora: bool = True,
-                      loss: bool = True, backend: str = "auto",
+                      rope: bool = True, loss: bool = True, backend: str = "auto",
                       loss_chunk_size: int | None = None) -> dict:  # fmt: skip
     """Swap the fused training ops into `model` in place; returns {what: how many} it replaced.
 
@@ -108,7 +140,7 @@ def fuse_for_training(model: nn.Module, *, norms: bool = True, mlp: bool = True,
     (see `dispatch.use_triton`). Call it after quantizing and `apply_lora`, before building the optimizer
     or not — the parameters are the same objects.
     """
-    counts = {"rms_norm": 0, "swiglu_mlp": 0, "qlora_linear": 0, "loss": 0}
+    counts = {"rms_norm": 0, "swiglu_mlp": 0, "qlora_linear": 0, "rope": 0, "loss": 0}
     names = {FusedRMSNorm: "rms_norm", SwiGLUMLP: "swiglu_mlp", FusedLoraLinear: "qlora_linear"}
 
     def visit(parent: nn.Module) -> None:  # depth-first, into the replacements (a SwiGLUMLP's LoRA projections)
@@ -120,6 +152,8 @@ def fuse_for_training(model: nn.Module, *, norms: bool = True, mlp: bool = True,
             visit(new if new is not None else child)
 
     visit(model)
+    if rope:
+        counts["rope"] = sum(route_rope(m, backend) for m in model.modules() if type(m).__name__ in ROPE_ATTENTIONS)
     if loss:
         counts["loss"] = int(fuse_loss(model, loss_chunk_size, backend))
     return counts
