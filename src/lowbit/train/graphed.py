@@ -9,9 +9,6 @@ bench/RESULTS.md). A replayed graph launches them all at once. What the replay n
 - an optimizer that can run inside a graph: torch's Adam or AdamW, or lowbit's `AdamW8bit` (switched to
   ``capturable=True`` here), with a constant learning rate (a scheduler's Python-side change never reaches
   the graph);
-- gradients that stay where the captured kernels write them: they are zeroed in place each step (not set
-  to None), so the warm-up allocates them once and every replay accumulates into the same tensors (which
-  is also what lets the 8-bit AdamW's address table be built before the capture);
 - no host synchronisation inside the step (no ``.item()``, no branching on tensor values). lowbit's fused
   kernels, chunked loss and 4-bit linears keep everything on the device;
 - no LoRA dropout: the fused QLoRA linear draws each call's mask from a generator seeded on the host,
@@ -77,7 +74,7 @@ class GraphedStep:
             stream.wait_stream(torch.cuda.current_stream())
         with torch.cuda.stream(stream) if stream is not None else contextlib.nullcontext():
             for _ in range(warmup):
-                self._step()
+                self._eager_step()
         if stream is not None:
             torch.cuda.current_stream().wait_stream(stream)
         with torch.no_grad():  # undo the warm-up: the first call is the first real step
@@ -92,16 +89,20 @@ class GraphedStep:
         self.graph: torch.cuda.CUDAGraph | None = None
         self.loss: torch.Tensor | None = None
         if self.cuda:
+            optimizer.zero_grad(set_to_none=True)  # the captured backward allocates the gradients in its pool
             self.graph = torch.cuda.CUDAGraph()
             with torch.cuda.graph(self.graph):
                 self.loss = self._step()
 
     def _step(self) -> torch.Tensor:
-        self.optimizer.zero_grad(set_to_none=False)  # in place: the gradients keep their addresses
         loss = self.loss_fn(self.model, self.static)
         loss.backward()
         self.optimizer.step()
         return loss.detach()
+
+    def _eager_step(self) -> torch.Tensor:
+        self.optimizer.zero_grad(set_to_none=True)
+        return self._step()
 
     def _inputs(self, batch: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
         """What the step reads: the batch, with an offloaded embedding's rows in place of the token ids."""
@@ -122,6 +123,6 @@ class GraphedStep:
                                  f"{tuple(value.shape)} {value.dtype} (pad or pack batches to one shape)")  # fmt: skip
             held.copy_(value)
         if self.graph is None:
-            return self._step()
+            return self._eager_step()
         self.graph.replay()
         return self.loss
