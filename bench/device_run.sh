@@ -16,6 +16,7 @@
 #   bash bench/device_run.sh s17a         # host time of a step (cProfile); then s16d
 #   bash bench/device_run.sh s17b         # host pieces; 8-block profile; 32 blocks eager and graphed
 #   bash bench/device_run.sh s17c         # graphed steps with the 8-bit AdamW; 8-block profile by input shapes
+#   bash bench/device_run.sh s17d         # 32 blocks, one process per contender; which graph variants capture
 #   bash bench/device_run.sh longest      # memory estimator; fused vs unfused loss curves (carry smol_cfg too);
 #                                         # QLoRA step training peaks; the longest sequence each contender fits
 # from the repository root on the device, with bitsandbytes' wheel carried in .whl/ (see RESULTS.md).
@@ -163,6 +164,16 @@ case ${1:-kernels} in
       --kinds peft+bnb,lowbit-fused@3+embcpu
     RES=$RES/32 part qlora32 300 python3 bench/qlora_step.py --out "$RES/32" --steps 4 --configs 32:2048:1 \
       --no-profile --kinds peft+bnb,lowbit-fused@14+graph+embcpu+adam8bit,lowbit-fused@12+graph+embcpu+adam8bit,lowbit-fused@12+adam8bit+embcpu,lowbit-fused@16+graph+embcpu+adam8bit
+    ;;
+  s17d)  # part 4 (~6 min): 32 blocks, each contender in its own process (a failed capture spoils the CUDA
+         # context); then which graph variants capture (bench/graph_check.py)
+    part peft 120 python3 bench/qlora_step.py --out "$RES/32/peft" --steps 4 --configs 32:2048:1 --no-profile \
+      --kinds peft+bnb
+    for kind in lowbit-fused@14+graph+embcpu+adam8bit lowbit-fused@14+graph+embcpu lowbit-fused@12+adam8bit+embcpu; do
+      part "q32_$kind" 120 python3 bench/qlora_step.py --out "$RES/32/$kind" --steps 4 --configs 32:2048:1 \
+        --no-profile --kinds "$kind"
+    done
+    part check 200 python3 bench/graph_check.py
     ;;
 esac
 tar czf "$OUT/results-${1:-kernels}.tgz" -C "$RES" .

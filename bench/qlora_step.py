@@ -127,7 +127,7 @@ def sync(device: str) -> None:
         torch.cuda.synchronize()
 
 
-FLAGS = ("graph", "offload", "adam8bit", "dropout", "embcpu")
+FLAGS = ("graph", "offload", "adam8bit", "dropout", "embcpu", "norope")
 DROPOUT = 0.05  # +dropout: LoRA dropout as the QLoRA paper (and `lowbit finetune`'s default) use it
 
 
@@ -135,7 +135,8 @@ def parse_kind(kind: str) -> tuple[str, int | None, set[str]]:
     """``name[@k][+flag…]``: @k checkpoints only the first k blocks (the rest keep their activations); +graph
     replays each training step as one CUDA graph; +offload keeps saved activations in pinned CPU memory;
     +adam8bit uses lowbit's 8-bit AdamW; +dropout gives the adapters LoRA dropout 0.05; +embcpu keeps the input
-    embedding table in CPU memory. Returns (name, k or None, flags)."""
+    embedding table in CPU memory; +norope leaves transformers' RoPE in place of the fused one.
+    Returns (name, k or None, flags)."""
     parts, flags = kind.split("+"), set()
     while len(parts) > 1 and parts[-1] in FLAGS:  # "peft+bnb" is a name, not a flag
         flags.add(parts.pop())
@@ -153,7 +154,7 @@ def fresh(kind: str, shape: dict, layers: int, device: str):
         model = peft_lora(model, four_bit=name == "peft+bnb", dropout=dropout)
     enable_checkpointing(model, checkpointed)
     if name == "lowbit-fused":  # fused RMSNorm, SwiGLU, QLoRA linear and chunked cross-entropy (issue 8)
-        log(f"  fused: {lowbit.kernels.fuse_for_training(model)}")
+        log(f"  fused: {lowbit.kernels.fuse_for_training(model, rope='norope' not in flags)}")
     if "embcpu" in flags:  # the frozen input embedding table in CPU memory (lowbit.train.offload)
         from lowbit.train.offload import offload_embeddings
 

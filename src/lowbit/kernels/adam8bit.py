@@ -110,39 +110,23 @@ TRITON_DTYPES = {torch.float32: tl.float32, torch.bfloat16: tl.bfloat16, torch.f
 _BLOCK_INDEX: dict[tuple, tuple[torch.Tensor, torch.Tensor]] = {}  # (sizes, block size, device) → tables
 
 
-_TABLES: dict[tuple, torch.Tensor] = {}  # (rows, device) → the rows on the device, for eager steps
-_CAPTURED: dict[tuple, tuple[torch.Tensor, torch.Tensor]] = {}  # … and for captured ones, with their pinned source
-_SPARE: dict[tuple, torch.Tensor] = {}  # (tensors, device) → a pinned buffer set aside for the next capture
+_TABLES: dict[tuple, torch.Tensor] = {}  # (rows, device) → the rows on the device
 
 
 def _address_table(rows: tuple, device: torch.device) -> torch.Tensor:
-    """The (tensors, 7) int64 address table on the device.
-
-    Eager steps copy it from the host (cached: the same tensors give the same rows). A captured step cannot
-    copy from pageable memory, and its gradients sit at addresses only the capture knows, so there the rows
-    go into a pinned buffer set aside by an earlier eager step, and the graph copies it to the device on
-    every replay; the buffer and the table are kept for the life of the process, as a graph's inputs must be.
-    """
+    """The (tensors, 7) int64 address table on the device, cached (the same tensors give the same rows). A
+    captured step must find it built, since a copy from pageable host memory cannot be captured: its
+    tensors, gradients included, must keep the addresses an eager step gave them (`GraphedStep` zeroes the
+    gradients in place for this optimizer)."""
     key = (rows, device)
-    if key in _TABLES:
-        return _TABLES[key]
-    if key in _CAPTURED:
-        return _CAPTURED[key][0]
-    if device.type == "cuda" and torch.cuda.is_current_stream_capturing():
-        spare = _SPARE.pop((len(rows), device), None)
-        if spare is None:
-            raise RuntimeError("capturing an 8-bit AdamW step needs one eager step of the same tensors first "
-                               "(a warm-up, as lowbit.train.GraphedStep runs)")  # fmt: skip
-        spare.copy_(torch.tensor(rows, dtype=torch.int64))  # now, on the host; the graph replays the copy below
-        table = torch.empty(spare.shape, dtype=torch.int64, device=device)
-        table.copy_(spare, non_blocking=True)
-        _CAPTURED[key] = (table, spare)
-        return table
-    if device.type == "cuda" and (len(rows), device) not in _SPARE:
-        _SPARE[(len(rows), device)] = torch.empty((len(rows), len(rows[0])), dtype=torch.int64, pin_memory=True)
-    if len(_TABLES) > 8:
-        _TABLES.clear()
-    _TABLES[key] = torch.tensor(rows, dtype=torch.int64).to(device, non_blocking=True)
+    if key not in _TABLES:
+        if device.type == "cuda" and torch.cuda.is_current_stream_capturing():
+            raise RuntimeError("the 8-bit AdamW step was captured with parameters or gradients at addresses no "
+                               "eager step used: warm up first, and zero gradients in place "
+                               "(zero_grad(set_to_none=False)) so that they keep their addresses")  # fmt: skip
+        if len(_TABLES) > 8:
+            _TABLES.clear()
+        _TABLES[key] = torch.tensor(rows, dtype=torch.int64).to(device, non_blocking=True)
     return _TABLES[key]
 
 
