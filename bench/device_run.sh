@@ -167,10 +167,10 @@ case ${1:-kernels} in
     ;;
   s17d)  # part 4 (~6 min): 32 blocks, each contender in its own process (a failed capture spoils the CUDA
          # context); then which graph variants capture (bench/graph_check.py)
-    part peft 120 python3 bench/qlora_step.py --out "$RES/32/peft" --steps 4 --configs 32:2048:1 --no-profile \
+    part peft 90 python3 bench/qlora_step.py --out "$RES/32/peft" --steps 4 --configs 32:2048:1 --no-profile \
       --kinds peft+bnb
     for kind in lowbit-fused@14+graph+embcpu+adam8bit lowbit-fused@14+graph+embcpu lowbit-fused@12+adam8bit+embcpu; do
-      part "q32_$kind" 120 python3 bench/qlora_step.py --out "$RES/32/$kind" --steps 4 --configs 32:2048:1 \
+      part "q32_$kind" 90 python3 bench/qlora_step.py --out "$RES/32/$kind" --steps 4 --configs 32:2048:1 \
         --no-profile --kinds "$kind"
     done
     part check 200 python3 bench/graph_check.py

@@ -68,7 +68,9 @@ class GraphedStep:
         self.keep_gradients = type(optimizer) not in (torch.optim.Adam, torch.optim.AdamW)  # see the docstring
         self.keys = example.keys()
         self.embedding = model.get_input_embeddings() if embeddings_offloaded(model) else None
-        self.static = {k: v.clone() for k, v in self._inputs(example).items()}
+        # Detached: a static input that required grad would send its gradient, inside the capture, to a tensor
+        # made outside it (on another stream), which invalidates the capture.
+        self.static = {k: v.detach().clone() for k, v in self._inputs(example).items()}
         self.cuda = next(iter(example.values())).device.type == "cuda"
         if self.cuda:
             for group in optimizer.param_groups:

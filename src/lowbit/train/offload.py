@@ -52,7 +52,7 @@ def _rows_to_target(module: nn.Module, args: tuple, rows: torch.Tensor) -> torch
     target = module._lowbit_target
     # pinned rows copy asynchronously
     moved = rows.detach().pin_memory().to(target, non_blocking=True) if target.type == "cuda" else rows.detach().to(target)
-    return moved.requires_grad_(rows.requires_grad)
+    return moved.requires_grad_(rows.requires_grad and torch.is_grad_enabled())
 
 
 def _stay(self, fn, recurse=True):  # replaces the instance's `_apply`: `model.to(...)` passes it by
