@@ -189,5 +189,5 @@ def test_launch_tuned_reuses_the_chosen_config_per_tuning_key():
         out = torch.zeros(n)
         tuning.launch_tuned(tuned, lambda meta: (triton.cdiv(n, meta["BLOCK"]),), out, N=n, VALUE=1.0)
         assert torch.equal(out, torch.full((n,), 1.0 + block)), (n, out)
-    chosen = {k[1]: c.kwargs["BLOCK"] for k, c in tuning._CHOSEN.items() if k[0] == id(tuned)}
-    assert chosen == {40: 16, 70: 32}
+    chosen = {k[1]: (launch["BLOCK"], grid) for k, (launch, grid) in tuning._CHOSEN.items() if k[0] == id(tuned)}
+    assert chosen == {40: (16, (3,)), 70: (32, (3,))}  # the config and its grid, kept per key

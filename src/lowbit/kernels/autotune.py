@@ -17,18 +17,22 @@ def autotune(configs: list[triton.Config], key: list[str], **kwargs):
                            do_bench=functools.partial(triton.testing.do_bench, warmup=5, rep=20), **kwargs)  # fmt: skip
 
 
-_CHOSEN: dict[tuple, triton.Config] = {}
+_CHOSEN: dict[tuple, tuple[dict, tuple | None]] = {}  # tuning key → (the config's launch kwargs, its grid)
 
 
 def launch_tuned(tuned, grid, *args, **kwargs) -> None:
     """``tuned[grid](*args, **kwargs)`` the first time per tuning key, then the kernel itself with the config the
     autotuner chose: its own dispatch costs ~30 µs of host time a launch (H100 host, bench/host_overhead.py),
-    which an eager QLoRA step pays three times per linear layer. The tuning key arguments must come as keywords.
+    which an eager QLoRA step pays three times per linear layer. The tuning key arguments must come as keywords,
+    and a callable ``grid`` may depend only on them and on the config's meta-parameters: it is evaluated once
+    per key.
     """
     key = (id(tuned), *(kwargs[k] for k in tuned.keys), *(a.dtype for a in args if isinstance(a, torch.Tensor)))
-    config = _CHOSEN.get(key)
-    if config is None:
+    chosen = _CHOSEN.get(key)
+    if chosen is None:
         tuned[grid](*args, **kwargs)
-        _CHOSEN[key] = tuned.best_config
-    else:
-        tuned.fn[grid](*args, **kwargs, **config.all_kwargs())
+        config = tuned.best_config
+        _CHOSEN[key] = (config.all_kwargs(), grid(config.kwargs) if callable(grid) else None)
+        return
+    launch, fixed_grid = chosen
+    tuned.fn[fixed_grid or grid](*args, **kwargs, **launch)
