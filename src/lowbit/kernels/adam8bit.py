@@ -110,6 +110,12 @@ TRITON_DTYPES = {torch.float32: tl.float32, torch.bfloat16: tl.bfloat16, torch.f
 _BLOCK_INDEX: dict[tuple, tuple[torch.Tensor, torch.Tensor]] = {}  # (sizes, block size, device) → tables
 
 
+def _to_device(t: torch.Tensor, device: torch.device) -> torch.Tensor:
+    """A small host tensor on the device without waiting for the GPU: a copy from pageable memory would block
+    the host until every queued kernel (the whole backward) has run; one from pinned memory does not."""
+    return t.pin_memory().to(device, non_blocking=True) if device.type == "cuda" else t.to(device)
+
+
 _TABLES: dict[tuple, torch.Tensor] = {}  # (rows, device) → the rows on the device
 
 
@@ -126,7 +132,7 @@ def _address_table(rows: tuple, device: torch.device) -> torch.Tensor:
                                "(zero_grad(set_to_none=False)) so that they keep their addresses")  # fmt: skip
         if len(_TABLES) > 8:
             _TABLES.clear()
-        _TABLES[key] = torch.tensor(rows, dtype=torch.int64).to(device, non_blocking=True)
+        _TABLES[key] = _to_device(torch.tensor(rows, dtype=torch.int64), device)
     return _TABLES[key]
 
 
@@ -166,7 +172,7 @@ def adamw8bit_step(params: list[torch.Tensor], grads: list[torch.Tensor], states
         scalars = torch.stack([lr / (1.0 - beta1**t), (1.0 - beta2**t).sqrt()], 1).float().reshape(-1)
     else:
         scalars = [x for s in states for x in (lr / (1.0 - beta1 ** s["step"]), (1.0 - beta2 ** s["step"]) ** 0.5)]
-        scalars = torch.tensor(scalars, dtype=torch.float32).to(device, non_blocking=True)
+        scalars = _to_device(torch.tensor(scalars, dtype=torch.float32), device)
     tensor_of, first = _block_index(tuple(p.numel() for p in params), block_size, device)
     _adamw8bit_kernel[(tensor_of.numel(),)](
         table, tensor_of, first, scalars, signed.values, signed.boundaries, signed.codes, unsigned.values,
