@@ -35,12 +35,10 @@ from typing import Callable
 import torch
 from torch import nn
 
+from lowbit.optim import AdamW8bit
 from lowbit.train.offload import embeddings_offloaded
 
-def graph_optimizers() -> tuple[type, ...]:
-    from lowbit.optim import AdamW8bit
-
-    return torch.optim.Adam, torch.optim.AdamW, AdamW8bit
+GRAPH_OPTIMIZERS = (torch.optim.Adam, torch.optim.AdamW, AdamW8bit)
 
 
 def model_loss(model: nn.Module, batch: dict[str, torch.Tensor]) -> torch.Tensor:
@@ -57,7 +55,7 @@ class GraphedStep:
 
     def __init__(self, model: nn.Module, optimizer: torch.optim.Optimizer, example: dict[str, torch.Tensor],
                  loss_fn: Callable[[nn.Module, dict], torch.Tensor] = model_loss, warmup: int = 2) -> None:  # fmt: skip
-        if type(optimizer) not in graph_optimizers():
+        if type(optimizer) not in GRAPH_OPTIMIZERS:
             raise TypeError(f"a graphed step takes torch's Adam or AdamW or lowbit's AdamW8bit (whose zeroed state "
                             f"is a fresh one), got {type(optimizer).__name__}")  # fmt: skip
         if any(group.get("paged") for group in optimizer.param_groups):
