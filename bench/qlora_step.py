@@ -24,6 +24,7 @@ import torch
 sys.path[:0] = [str(Path(__file__).resolve().parents[1] / "src")]
 
 import lowbit  # noqa: E402
+from lowbit.train.graphed import GraphedStep  # noqa: E402
 
 LLAMA3_8B = dict(vocab_size=128256, hidden_size=4096, intermediate_size=14336, num_attention_heads=32,
                  num_key_value_heads=8, rope_theta=500000.0, max_position_embeddings=131072)  # fmt: skip
@@ -92,7 +93,6 @@ def run_steps(model, batch: int, seq: int, steps: int, warmup: int, device: str,
               flags: set[str] = frozenset()) -> dict:  # fmt: skip
     """flags (see parse_kind): graph, offload, adam8bit (embcpu and dropout act in `fresh`)."""
     from lowbit.optim import AdamW8bit
-    from lowbit.train.graphed import GraphedStep
     from lowbit.train.offload import offloaded_activations
 
     params = [p for p in model.parameters() if p.requires_grad]
@@ -101,7 +101,7 @@ def run_steps(model, batch: int, seq: int, steps: int, warmup: int, device: str,
     gen = torch.Generator(device="cpu").manual_seed(1)
     vocab = model.config.vocab_size
     ids = torch.randint(0, vocab, (steps + warmup, batch, seq), generator=gen).to(device)
-    graphed = GraphedStep(model, opt, {"input_ids": ids[0], "labels": ids[0]}) if graph else None
+    graphed = MeasuredGraphedStep(model, opt, {"input_ids": ids[0], "labels": ids[0]}) if graph else None
     losses, start = [], None
     for i in range(steps + warmup):
         if i == warmup:
@@ -118,8 +118,28 @@ def run_steps(model, batch: int, seq: int, steps: int, warmup: int, device: str,
         losses.append(loss.detach())
     sync(device)
     seconds = time.perf_counter() - start
-    return {"tokens_per_s": batch * seq * steps / seconds, "step_ms": 1e3 * seconds / steps,
-            "losses": [round(x.item(), 4) for x in losses], "trainable": sum(p.numel() for p in params)}  # fmt: skip
+    result = {"tokens_per_s": batch * seq * steps / seconds, "step_ms": 1e3 * seconds / steps,
+              "losses": [round(x.item(), 4) for x in losses], "trainable": sum(p.numel() for p in params)}  # fmt: skip
+    if graphed is not None and device.startswith("cuda"):  # is the graph's peak the eager step's, or more?
+        result.update(warmup_peak_gib=graphed.warmup_peak / 2**30, after_capture_gib=graphed.after_capture / 2**30)
+    return result
+
+
+class MeasuredGraphedStep(GraphedStep):
+    """GraphedStep noting the peak after its eager warm-up and what stays allocated after the capture."""
+
+    warmup_peak = after_capture = 0
+
+    def __init__(self, *args, **kwargs):
+        super().__init__(*args, **kwargs)
+        if torch.cuda.is_available():
+            self.after_capture = torch.cuda.memory_allocated()
+
+    def _eager_step(self):
+        loss = super()._eager_step()
+        if torch.cuda.is_available():
+            self.warmup_peak = torch.cuda.max_memory_allocated()
+        return loss
 
 
 def sync(device: str) -> None:
