@@ -323,7 +323,9 @@ def main() -> None:
             r = row[kind]
             log(f"{layers} layers seq {seq} batch {batch} {kind}: " + ("OOM" if r["oom"] else
                 f"{r['tokens_per_s']:.0f} tok/s, {r['step_ms']:.1f} ms/step, peak {r['peak_gib']:.2f} GiB, "
-                f"weights {r['weights_gib']:.2f} GiB, losses {r['losses'][:3]}…"))  # fmt: skip
+                f"weights {r['weights_gib']:.2f} GiB, losses {r['losses'][:3]}…"
+                + (f", warm-up peak {r['warmup_peak_gib']:.2f} GiB, kept after capture {r['after_capture_gib']:.2f} GiB"
+                   if "warmup_peak_gib" in r else "")))  # fmt: skip
         results.append(row)
     log("\n| layers | seq | batch | lowbit tok/s | peft+bnb tok/s | bf16-LoRA tok/s | × peft+bnb | lowbit GiB | "
         "peft+bnb GiB | bf16-LoRA GiB |\n|---|---|---|---|---|---|---|---|---|---|")  # fmt: skip
