@@ -92,6 +92,7 @@ class GraphedStep:
                         value.zero_()
                     elif key == "step":  # AdamW8bit's host counter (off the GPU)
                         state[key] = 0
+        del start  # not through the capture: it would add the trainable parameters' size to the step's peak
         self.graph: torch.cuda.CUDAGraph | None = None
         self.loss: torch.Tensor | None = None
         if self.cuda:
