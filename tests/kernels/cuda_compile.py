@@ -73,6 +73,9 @@ def main() -> int:
                                                 dict(GS=128, SUMS=True, BLOCK=16384))  # fmt: skip
     cases["LoRA dropout, bf16"] = (train_triton._dropout, ["*bf16", "*bf16", "i32", "fp32", "fp32", "i64"],
                                    dict(BLOCK=1024))  # fmt: skip
+    # q, k, cos, sin, yq, yk; T, HQ, HK, half; 4 strides each of q, yq, k, yk; 3 of cos/sin
+    cases["RoPE of q and k, bf16"] = (train_triton._rope, ["*bf16"] * 6 + ["i32"] * 4 + ["i64"] * 19,
+                                      dict(BACKWARD=True, BHQ=32, BHK=8, BD=64))  # fmt: skip
     for name, (kernel, types, constexprs) in cases.items():
         warps = 16 if constexprs.get("BLOCK", 0) > 8192 else 4  # (the preparation's launch for a 16k row)
         compiled = compile_kernel(kernel, types, constexprs, warps)

@@ -9,9 +9,9 @@ reading x once; the map is linear in x, so the backward is the same pass with it
 cos and sin (B or 1, T, D) are treated as constants (transformers computes them from positions under
 no_grad), so no gradient flows to them.
 
-transformers' attention modules call `apply_rotary_pos_emb` as a module-level function, so
-`fuse_for_training` does not route them here (that would mean patching transformers' module globals);
-use `apply_rope` from a custom attention forward.
+`fuse_for_training` routes transformers' Llama / Qwen2 / Mistral attention here without patching
+transformers (`fuse.route_rope`); a custom attention forward can call `apply_rope` directly. q and k go
+through one kernel launch, forward and backward: an eager step pays host time per launch.
 """
 
 from __future__ import annotations
@@ -37,12 +37,14 @@ def rope_grad_reference(dy: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) 
     return dy * cos[:, None] + torch.cat((v2, -v1), dim=-1)
 
 
-def _rotate(x, cos, sin, triton: bool, backward: bool) -> torch.Tensor:
+def _rotate(q, k, cos, sin, triton: bool, backward: bool):
+    """(q, k) rotated, or their gradients rotated back; k may be None."""
     if triton:
         from lowbit.kernels import train_triton
 
-        return train_triton.rope(x, cos, sin, backward)
-    return rope_grad_reference(x, cos, sin) if backward else rope_reference(x, cos, sin)
+        return train_triton.rope(q, k, cos, sin, backward)
+    rotate = rope_grad_reference if backward else rope_reference
+    return rotate(q, cos, sin), None if k is None else rotate(k, cos, sin)
 
 
 class _RoPE(torch.autograd.Function):
@@ -50,14 +52,18 @@ class _RoPE(torch.autograd.Function):
     def forward(ctx, q, k, cos, sin, backend: str):
         ctx.triton = use_triton(q, backend)
         ctx.save_for_backward(cos, sin)
-        return _rotate(q, cos, sin, ctx.triton, False), _rotate(k, cos, sin, ctx.triton, False)
+        return _rotate(q, k, cos, sin, ctx.triton, False)
 
     @staticmethod
     def backward(ctx, dq, dk):
         cos, sin = ctx.saved_tensors
-        dq = None if dq is None or not ctx.needs_input_grad[0] else _rotate(dq, cos, sin, ctx.triton, True)
-        dk = None if dk is None or not ctx.needs_input_grad[1] else _rotate(dk, cos, sin, ctx.triton, True)
-        return dq, dk, None, None, None
+        dq = dq if ctx.needs_input_grad[0] else None
+        dk = dk if ctx.needs_input_grad[1] else None
+        if dq is None and dk is None:
+            return None, None, None, None, None
+        if dq is None:  # the pass needs its first tensor
+            return None, _rotate(dk, None, cos, sin, ctx.triton, True)[0], None, None, None
+        return *_rotate(dq, dk, cos, sin, ctx.triton, True), None, None, None
 
 
 def apply_rope(q: torch.Tensor, k: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, unsqueeze_dim: int = 1,
