@@ -91,7 +91,8 @@ def enable_checkpointing(model, layers: int | None = None):
 
 def run_steps(model, batch: int, seq: int, steps: int, warmup: int, device: str,
               flags: set[str] = frozenset()) -> dict:  # fmt: skip
-    """flags (see parse_kind): graph, offload, adam8bit (embcpu and dropout act in `fresh`)."""
+    """flags (see parse_kind): graph, offload, adam8bit, embcpu (token ids stay on the CPU; the table is
+    offloaded in `fresh`), dropout (acts in `fresh`)."""
     from lowbit.optim import AdamW8bit
     from lowbit.train.offload import offloaded_activations
 
@@ -100,18 +101,19 @@ def run_steps(model, batch: int, seq: int, steps: int, warmup: int, device: str,
     graph = "graph" in flags
     gen = torch.Generator(device="cpu").manual_seed(1)
     vocab = model.config.vocab_size
-    ids = torch.randint(0, vocab, (steps + warmup, batch, seq), generator=gen).to(device)
-    graphed = MeasuredGraphedStep(model, opt, {"input_ids": ids[0], "labels": ids[0]}) if graph else None
+    labels = torch.randint(0, vocab, (steps + warmup, batch, seq), generator=gen)
+    ids, labels = (labels if "embcpu" in flags else labels.to(device)), labels.to(device)  # CPU table: CPU ids
+    graphed = MeasuredGraphedStep(model, opt, {"input_ids": ids[0], "labels": labels[0]}) if graph else None
     losses, start = [], None
     for i in range(steps + warmup):
         if i == warmup:
             sync(device)
             start = time.perf_counter()
         if graphed is not None:
-            losses.append(graphed({"input_ids": ids[i], "labels": ids[i]}).clone())
+            losses.append(graphed({"input_ids": ids[i], "labels": labels[i]}).clone())
             continue
         with offloaded_activations("offload" in flags, torch.device(device)):
-            loss = model(input_ids=ids[i], labels=ids[i]).loss
+            loss = model(input_ids=ids[i], labels=labels[i]).loss
         loss.backward()
         opt.step()
         opt.zero_grad(set_to_none=True)

@@ -34,6 +34,20 @@ def test_offloaded_embedding_gives_the_same_logits_and_survives_to():
     assert embedding.weight.dtype == torch.float64
 
 
+def test_rows_of_cpu_ids_go_to_the_models_device():
+    """Ids given on the CPU are looked up without a round trip; their rows go where `model.to` last sent the
+    model (here the meta device stands in for a GPU), and a dtype-only `.to` does not move that target."""
+    model = _lora()
+    embedding = offload_embeddings(model)
+    ids = torch.randint(0, 300, (2, 5))
+    assert embedding(ids).device.type == "cpu"
+    model.to("meta")
+    model.to(torch.float64)
+    rows = embedding(ids)
+    assert rows.device.type == "meta" and rows.shape == (2, 5, model.config.hidden_size)
+    assert embedding.weight.device.type == "cpu"
+
+
 @pytest.mark.parametrize("hook_first", [True, False])
 def test_rows_that_must_require_grad_stop_their_gradient_on_the_device(hook_first):
     """transformers' enable_input_require_grads (for checkpointing) makes the looked-up rows require grad: they

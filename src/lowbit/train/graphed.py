@@ -19,7 +19,8 @@ bench/RESULTS.md). A replayed graph launches them all at once. What the replay n
 - no LoRA dropout: the fused QLoRA linear draws each call's mask from a generator seeded on the host,
   which a replay would repeat;
 - an input embedding offloaded to the CPU (`lowbit.train.offload`) looks its rows up outside the graph:
-  the step then holds static ``inputs_embeds`` in place of ``input_ids``, filled before each replay.
+  the step then holds static ``inputs_embeds`` in place of ``input_ids``, filled before each replay. Give
+  such a step its token ids on the CPU: ids on the GPU make the host wait for the previous replay to read them.
 
 Capturing needs eager warm-up steps first (kernel autotuning, cuBLAS workspaces, the optimizer's state).
 Their effect is undone — the trainable parameters are restored and the optimizer state zeroed, which for
@@ -69,7 +70,7 @@ class GraphedStep:
         # Detached: a static input that required grad would send its gradient, inside the capture, to a tensor
         # made outside it (on another stream), which invalidates the capture.
         self.static = {k: v.detach().clone() for k, v in self._inputs(example).items()}
-        self.cuda = next(iter(example.values())).device.type == "cuda"
+        self.cuda = any(v.device.type == "cuda" for v in self.static.values())
         if self.cuda:
             for group in optimizer.param_groups:
                 group["capturable"] = True

@@ -9,7 +9,9 @@
   export).
 
 The embedding keeps its module, its parameter and so its state-dict key; only where the weight lives and
-where its lookups run change. While offloaded, `model.to(...)` leaves the table where it is.
+where its lookups run change. While offloaded, `model.to(...)` leaves the table where it is. Token ids on
+the GPU cost a wait: the host needs their values, so it waits for the work queued before them. Ids given on
+the CPU (the trainer and `GraphedStep` keep them there) do not; their rows go to the model's device.
 """
 
 from __future__ import annotations
@@ -20,7 +22,7 @@ import types
 import torch
 from torch import nn
 
-_STATE = "_lowbit_offloaded"  # attribute on an offloaded embedding: its hook handles and its home device
+_STATE = "_lowbit_offloaded"  # attribute on an offloaded embedding: its hook handles
 
 
 def offloaded_activations(enabled: bool, device: torch.device):
@@ -40,8 +42,10 @@ def _input_embedding(model: nn.Module) -> nn.Module:
 
 
 def _lookup_on_cpu(module: nn.Module, args: tuple):
+    """Token ids already on the CPU send their rows to the model's device without waiting for the GPU; ids on
+    a GPU must first come back, which waits for all the work queued before (a trainer keeps them on the CPU)."""
     ids = args[0]
-    module._lowbit_target = ids.device
+    module._lowbit_target = module._lowbit_home if ids.device.type == "cpu" else ids.device
     return (ids.cpu(),) + tuple(args[1:])
 
 
@@ -55,7 +59,13 @@ def _rows_to_target(module: nn.Module, args: tuple, rows: torch.Tensor) -> torch
     return moved.requires_grad_(rows.requires_grad and torch.is_grad_enabled())
 
 
-def _stay(self, fn, recurse=True):  # replaces the instance's `_apply`: `model.to(...)` passes it by
+def _stay(self, fn, recurse=True):
+    """Replaces the instance's `_apply`: `model.to(...)` leaves the table where it is and only notes the
+    model's new device, where the rows of ids given on the CPU go."""
+    probe = torch.empty(0, device=self._lowbit_home)
+    moved = fn(probe)
+    if isinstance(moved, torch.Tensor) and moved.device != probe.device:
+        self._lowbit_home = moved.device
     return self
 
 
@@ -75,11 +85,11 @@ def offload_embeddings(model: nn.Module) -> nn.Module:
     if head is not None and getattr(head, "weight", None) is weight:
         raise ValueError("the input embedding is tied to the output head, which needs the table on the GPU for "
                          "its matmul: nothing to gain by offloading it")  # fmt: skip
-    home = weight.device
+    embedding._lowbit_home = weight.device
     weight.data = weight.data.to("cpu")
     handles = (embedding.register_forward_pre_hook(_lookup_on_cpu),
                embedding.register_forward_hook(_rows_to_target))  # fmt: skip
-    setattr(embedding, _STATE, (handles, home))
+    setattr(embedding, _STATE, handles)
     embedding._apply = types.MethodType(_stay, embedding)
     return embedding
 
@@ -87,16 +97,15 @@ def offload_embeddings(model: nn.Module) -> nn.Module:
 def restore_embeddings(model: nn.Module) -> None:
     """Undo `offload_embeddings`: the table goes back to the device it came from, lookups run there."""
     embedding = _input_embedding(model)
-    state = getattr(embedding, _STATE, None)
-    if state is None:
+    handles = getattr(embedding, _STATE, None)
+    if handles is None:
         return
-    handles, home = state
     for handle in handles:
         handle.remove()
     del embedding._apply
     delattr(embedding, _STATE)
     embedding.__dict__.pop("_lowbit_target", None)
-    embedding.weight.data = embedding.weight.data.to(home)
+    embedding.weight.data = embedding.weight.data.to(embedding.__dict__.pop("_lowbit_home"))
 
 
 def embeddings_offloaded(model: nn.Module) -> bool:

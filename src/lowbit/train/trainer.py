@@ -364,8 +364,10 @@ def train_step(module: nn.Module, micro_batches: list[dict], n_items: int, optim
     params = [p for g in optimizer.param_groups for p in g["params"]]
     optimizer.zero_grad(set_to_none=True)
     total = torch.zeros((), dtype=torch.float64, device=device)
+    # an offloaded table looks token ids up on the CPU: moving them to the GPU would make it wait to read them back
+    on_cpu = {"input_ids"} if teacher is None and embeddings_offloaded(getattr(module, "module", module)) else set()
     for i, batch in enumerate(micro_batches):
-        batch = {k: v.to(device) for k, v in batch.items()}
+        batch = {k: v if k in on_cpu else v.to(device) for k, v in batch.items()}
         last = i == len(micro_batches) - 1
         sync = module.no_sync() if hasattr(module, "no_sync") and not last else contextlib.nullcontext()
         with sync:
