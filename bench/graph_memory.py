@@ -1,5 +1,5 @@
 """Where a graph-replayed QLoRA step's extra memory comes from: the live tensors at the peak of each eager
-warm-up step against those at the peak of the captured step, grouped by the line that allocated them.
+warm-up step against those at the peak of the captured step, grouped by the line that allocated them (--stacks) or by size.
 
     python3 bench/graph_memory.py --kind lowbit-fused@14+graph+embcpu+adam8bit --layers 32   # on a GPU
 
@@ -53,7 +53,8 @@ def peaks(trace: list[dict]) -> list[dict]:
             if i in stop_at:
                 by_site = collections.Counter()
                 for size, alloc in live.values():
-                    by_site[site(alloc.get("frames", []))] += size
+                    frames = alloc.get("frames")
+                    by_site[site(frames) if frames else f"blocks of {size / 2**20:.2f} MiB"] += size
                 seen[i] = (by_site, sum(live[a][0] for a in requested if a in live))
         yield -1, seen, total
 
@@ -77,6 +78,7 @@ def main() -> None:
     parser.add_argument("--layers", type=int, default=32)
     parser.add_argument("--seq", type=int, default=2048)
     parser.add_argument("--top", type=int, default=25)
+    parser.add_argument("--stacks", action="store_true", help="record Python stacks (group by allocating line)")
     args = parser.parse_args()
     model = qlora_step.fresh(args.kind, qlora_step.LLAMA3_8B, args.layers, "cuda")
     flags = qlora_step.parse_kind(args.kind)[2]
@@ -93,7 +95,10 @@ def main() -> None:
 
     GraphedStep._step = marked
     torch.cuda.reset_peak_memory_stats()
-    torch.cuda.memory._record_memory_history(max_entries=3_000_000, stacks="python")
+    # Python stacks break autograd's backward thread in torch 2.11 (SystemError in a recomputed checkpoint):
+    # with --stacks off, live tensors are grouped by size, which names most of them (hidden × tokens, …)
+    torch.cuda.memory._record_memory_history(max_entries=3_000_000, context="all" if args.stacks else None,
+                                             stacks="python")  # fmt: skip
     GraphedStep(model, opt, {"input_ids": ids, "labels": ids})
     snapshot = torch.cuda.memory._snapshot()
     torch.cuda.memory._record_memory_history(enabled=None)
