@@ -78,6 +78,7 @@ def main() -> None:
     parser.add_argument("--layers", type=int, default=32)
     parser.add_argument("--seq", type=int, default=2048)
     parser.add_argument("--top", type=int, default=25)
+    parser.add_argument("--sdpa", default="", help="attention backends allowed, e.g. cudnn_attention,flash_attention")
     parser.add_argument("--stacks", action="store_true", help="record Python stacks (group by allocating line)")
     args = parser.parse_args()
     model = qlora_step.fresh(args.kind, qlora_step.LLAMA3_8B, args.layers, "cuda")
@@ -99,7 +100,11 @@ def main() -> None:
     # with --stacks off, live tensors are grouped by size, which names most of them (hidden × tokens, …)
     torch.cuda.memory._record_memory_history(max_entries=3_000_000, context="all" if args.stacks else None,
                                              stacks="python")  # fmt: skip
-    GraphedStep(model, opt, {"input_ids": ids, "labels": ids})
+    from torch.nn.attention import SDPBackend, sdpa_kernel
+
+    backends = [getattr(SDPBackend, b.upper()) for b in args.sdpa.split(",")] if args.sdpa else list(SDPBackend)
+    with sdpa_kernel(backends):
+        GraphedStep(model, opt, {"input_ids": ids, "labels": ids})
     snapshot = torch.cuda.memory._snapshot()
     torch.cuda.memory._record_memory_history(enabled=None)
     print(f"max_memory_allocated {torch.cuda.max_memory_allocated() / 2**30:.3f} GiB")
