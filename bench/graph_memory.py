@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import argparse
 import collections
+import contextlib
 import sys
 from pathlib import Path
 
@@ -102,8 +103,8 @@ def main() -> None:
                                              stacks="python")  # fmt: skip
     from torch.nn.attention import SDPBackend, sdpa_kernel
 
-    backends = [getattr(SDPBackend, b.upper()) for b in args.sdpa.split(",")] if args.sdpa else list(SDPBackend)
-    with sdpa_kernel(backends):
+    backends = [getattr(SDPBackend, b.upper()) for b in args.sdpa.split(",")] if args.sdpa else []
+    with sdpa_kernel(backends) if backends else contextlib.nullcontext():
         GraphedStep(model, opt, {"input_ids": ids, "labels": ids})
     snapshot = torch.cuda.memory._snapshot()
     torch.cuda.memory._record_memory_history(enabled=None)
