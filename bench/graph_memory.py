@@ -1,10 +1,11 @@
 """Where a graph-replayed QLoRA step's extra memory comes from: the live tensors at the peak of each eager
-warm-up step against those at the peak of the captured step, grouped by the line that allocated them (--stacks) or by size.
+warm-up step against those at the peak of the captured step, grouped by the line that allocated them (--stacks) or by size,
+and which phase (forward, backward, optimizer) each peak falls in.
 
     python3 bench/graph_memory.py --kind lowbit-fused@14+graph+embcpu+adam8bit --layers 32   # on a GPU
 
 torch's allocator history (`torch.cuda.memory._record_memory_history`) gives every alloc and free with its
-Python stack; a marker allocation of a distinctive size starts each step's segment of the trace.
+Python stack; marker allocations of distinctive sizes start each step's phases in the trace.
 """
 
 from __future__ import annotations
@@ -20,9 +21,10 @@ import torch
 sys.path[:0] = [str(Path(__file__).resolve().parent)]
 
 import qlora_step  # noqa: E402
-from lowbit.train.graphed import GraphedStep  # noqa: E402
+from lowbit.train.graphed import GraphedStep, model_loss  # noqa: E402
 
 MARK = 777 * 512  # bytes of the marker allocation (a size nothing else in the step asks for)
+PHASES = {MARK: "forward", MARK + 512: "backward", MARK + 1024: "optimizer"}  # the marker that starts each
 
 
 def site(frames: list[dict]) -> str:
@@ -63,10 +65,13 @@ def peaks(trace: list[dict]) -> list[dict]:
     for i, event, total in replay(set()):
         if i < 0:
             break
-        if event["action"] == "alloc" and event["size"] == MARK:
-            segments.append({"peak": -1, "at": i})
+        phase = PHASES.get(event["size"]) if event["action"] == "alloc" else None
+        if phase == "forward":
+            segments.append({"peak": -1, "at": i, "phase": phase, "in": phase, "start": total - MARK})
+        elif phase is not None and segments:
+            segments[-1].update({"in": phase, f"{phase} start": total - event["size"]})
         elif segments and total > segments[-1]["peak"]:
-            segments[-1].update(peak=total, at=i)
+            segments[-1].update(peak=total, at=i, phase=segments[-1]["in"])
     *_, (_, seen, _) = replay({s["at"] for s in segments})
     for s in segments:
         s["by_site"], s["deferred"] = seen[s["at"]]
@@ -89,13 +94,18 @@ def main() -> None:
     params = [p for p in model.parameters() if p.requires_grad]
     opt = AdamW8bit(params, lr=1e-4) if "adam8bit" in flags else torch.optim.AdamW(params, lr=1e-4)
     ids = torch.randint(0, model.config.vocab_size, (1, args.seq), device="cuda")
-    step = GraphedStep._step
 
-    def marked(self):
-        torch.empty(MARK, dtype=torch.uint8, device="cuda")  # freed at once: only its alloc event matters
-        return step(self)
+    def mark(size: int) -> None:
+        torch.empty(size, dtype=torch.uint8, device="cuda")  # freed at once: only its alloc event matters
 
-    GraphedStep._step = marked
+    def marked_loss(model, batch):
+        mark(MARK)
+        loss = model_loss(model, batch)
+        mark(MARK + 512)
+        return loss
+
+    step = opt.step
+    opt.step = lambda: (mark(MARK + 1024), step())[1]
     torch.cuda.reset_peak_memory_stats()
     # Python stacks break autograd's backward thread in torch 2.11 (SystemError in a recomputed checkpoint):
     # with --stacks off, live tensors are grouped by size, which names most of them (hidden × tokens, …)
@@ -105,7 +115,7 @@ def main() -> None:
 
     backends = [getattr(SDPBackend, b.upper()) for b in args.sdpa.split(",")] if args.sdpa else []
     with sdpa_kernel(backends) if backends else contextlib.nullcontext():
-        GraphedStep(model, opt, {"input_ids": ids, "labels": ids})
+        GraphedStep(model, opt, {"input_ids": ids, "labels": ids}, loss_fn=marked_loss)
     snapshot = torch.cuda.memory._snapshot()
     torch.cuda.memory._record_memory_history(enabled=None)
     print(f"max_memory_allocated {torch.cuda.max_memory_allocated() / 2**30:.3f} GiB")
@@ -113,7 +123,9 @@ def main() -> None:
     segments = peaks(trace)
     names = [f"warm-up {i + 1}" for i in range(len(segments) - 1)] + ["capture"]
     for name, s in zip(names, segments):
-        print(f"{name}: peak {s['peak'] / 2**30:.3f} GiB, of it deferred frees {s['deferred'] / 2**30:.3f} GiB")
+        print(f"{name}: peak {s['peak'] / 2**30:.3f} GiB in {s['phase']} (GiB at the start "
+              f"{s['start'] / 2**30:.3f}, of backward {s.get('backward start', 0) / 2**30:.3f}, of the optimizer "
+              f"{s.get('optimizer start', 0) / 2**30:.3f}), of it deferred frees {s['deferred'] / 2**30:.3f} GiB")
     eager, captured = segments[-2]["by_site"], segments[-1]["by_site"]
     print(f"\nlive at the captured step's peak minus at the last warm-up step's peak, by site (MiB), top {args.top}:")
     diff = {k: captured.get(k, 0) - eager.get(k, 0) for k in set(captured) | set(eager)}
