@@ -69,3 +69,56 @@ def test_bad_batches_and_optimizers_get_clear_errors():
         step({"input_ids": data["input_ids"][:, :8], "labels": data["labels"][:, :8]})
     with pytest.raises(ValueError, match="keys"):
         step({"input_ids": data["input_ids"]})
+
+
+def test_capture_leaves_the_causal_mask_to_sdpa(monkeypatch):
+    """Under a CUDA graph capture, in training (no KV cache), transformers builds a (T × T) mask: SDPA then
+    repeats K and V to every head and runs its slower masked kernel. Inside `causal_sdpa` the causal mask of
+    whole sequences stays None, the logits unchanged, and a padding mask still goes to transformers' own."""
+    import transformers.integrations.sdpa_attention as sdpa
+
+    from lowbit.train.graphed import causal_sdpa
+
+    model = tiny_llama()
+    assert model.config._attn_implementation == "sdpa"
+    masks = []
+    forward = sdpa.sdpa_attention_forward
+    monkeypatch.setattr(sdpa, "sdpa_attention_forward",
+                        lambda module, q, k, v, mask, **kw: masks.append(mask) or forward(module, q, k, v, mask, **kw))  # fmt: skip
+    from transformers.modeling_utils import ALL_ATTENTION_FUNCTIONS
+
+    monkeypatch.setitem(ALL_ATTENTION_FUNCTIONS._global_mapping, "sdpa", sdpa.sdpa_attention_forward)
+    ids = torch.randint(0, 300, (2, 12), generator=torch.Generator().manual_seed(0))
+    padding = torch.ones_like(ids)
+    padding[0, :3] = 0
+    with torch.no_grad():
+        want, want_padded = model(input_ids=ids, use_cache=False).logits, model(input_ids=ids, attention_mask=padding, use_cache=False).logits
+        monkeypatch.setattr(torch.cuda, "is_current_stream_capturing", lambda: True)
+        masks.clear()
+        model(input_ids=ids, use_cache=False)
+        assert masks[0] is not None and masks[0].shape[-2:] == (12, 12)  # what transformers does under capture
+        masks.clear()
+        with causal_sdpa(model):
+            got = model(input_ids=ids, use_cache=False).logits
+            assert masks and all(m is None for m in masks)
+            masks.clear()
+            got_padded = model(input_ids=ids, attention_mask=padding, use_cache=False).logits
+            assert masks[0] is not None and not masks[0][0, 0, 5, :3].any()  # padding still masked
+    assert model.config._attn_implementation == "sdpa"  # put back
+    torch.testing.assert_close(got, want)
+    torch.testing.assert_close(got_padded, want_padded)
+
+
+@pytest.mark.parametrize("positions", [False, True])
+def test_the_step_leaves_the_mask_to_sdpa_only_for_unpacked_batches(monkeypatch, positions):
+    """Position ids may describe packed sequences, whose mask transformers must build."""
+    from lowbit.train import graphed
+
+    calls = []
+    mask = graphed.causal_sdpa_mask
+    monkeypatch.setattr(graphed, "causal_sdpa_mask", lambda *a, **kw: calls.append(1) or mask(*a, **kw))
+    model = qlora_model()
+    example = batches(1)[0] | ({"position_ids": torch.arange(16).expand(2, 16)} if positions else {})
+    GraphedStep(model, torch.optim.AdamW([p for p in model.parameters() if p.requires_grad]), example, warmup=1)
+    assert bool(calls) != positions
+    assert model.config._attn_implementation == "sdpa"

@@ -16,6 +16,14 @@ bench/RESULTS.md). A replayed graph launches them all at once. What the replay n
   backward on: 4 bytes per trainable parameter more at the peak, against the 6 its 8-bit states save);
 - no host synchronisation inside the step (no ``.item()``, no branching on tensor values). lowbit's fused
   kernels, chunked loss and 4-bit linears keep everything on the device;
+- attention without a materialised mask: under capture transformers will not leave a causal mask to SDPA's
+  ``is_causal`` (it refuses while "tracing", a CUDA graph capture included), so it builds a (T × T) mask,
+  and with a mask SDPA runs the memory-efficient kernel on K and V repeated to every query head: 0.47 GiB
+  more at the 32-block 8B step's peak, a slower kernel. (It builds one because it cannot check, under
+  capture, that the positions it made up hold no packed sequences.) For batches without position ids or an
+  attention mask, the step warms up and captures with the model's SDPA attention under its own name, whose
+  mask function leaves the causal mask to ``is_causal`` (no padding, no cache, no sliding window) and defers
+  to transformers' otherwise;
 - no LoRA dropout: the fused QLoRA linear draws each call's mask from a generator seeded on the host,
   which a replay would repeat;
 - an input embedding offloaded to the CPU (`lowbit.train.offload`) looks its rows up outside the graph:
@@ -40,6 +48,41 @@ from lowbit.optim import AdamW8bit
 from lowbit.train.offload import embeddings_offloaded
 
 GRAPH_OPTIMIZERS = (torch.optim.Adam, torch.optim.AdamW, AdamW8bit)
+CAUSAL_SDPA = "lowbit_causal_sdpa"  # transformers' SDPA attention, with the mask function below
+
+
+def causal_sdpa_mask(batch_size: int, q_length: int, kv_length: int, q_offset=0, kv_offset=0, mask_function=None,
+                     attention_mask=None, local_size=None, **kwargs):  # fmt: skip
+    """transformers' `sdpa_mask`, except that without a padding mask, a KV cache or a sliding window the mask is None
+    (left to SDPA's ``is_causal``), also while a CUDA graph is being captured. Only for batches without position
+    ids: transformers composes a packed-sequence mask from them that it cannot check under capture."""
+    from transformers.masking_utils import causal_mask_function, sdpa_mask
+
+    if attention_mask is None and local_size is None and q_length == kv_length:
+        return None
+    return sdpa_mask(batch_size, q_length, kv_length, q_offset, kv_offset, mask_function or causal_mask_function,
+                     attention_mask, local_size, **kwargs)  # fmt: skip
+
+
+@contextlib.contextmanager
+def causal_sdpa(model: nn.Module):
+    """While active, a model on transformers' SDPA attention runs it as `CAUSAL_SDPA` (see the module docstring):
+    for batches of whole, unpacked sequences only (no position ids, no attention mask)."""
+    config = getattr(model, "config", None)
+    if getattr(config, "_attn_implementation", None) != "sdpa":
+        yield
+        return
+    from transformers.integrations.sdpa_attention import sdpa_attention_forward
+    from transformers.masking_utils import ALL_MASK_ATTENTION_FUNCTIONS
+    from transformers.modeling_utils import ALL_ATTENTION_FUNCTIONS
+
+    ALL_ATTENTION_FUNCTIONS.register(CAUSAL_SDPA, sdpa_attention_forward)
+    ALL_MASK_ATTENTION_FUNCTIONS.register(CAUSAL_SDPA, causal_sdpa_mask)
+    config._attn_implementation = CAUSAL_SDPA
+    try:
+        yield
+    finally:
+        config._attn_implementation = "sdpa"
 
 
 def model_loss(model: nn.Module, batch: dict[str, torch.Tensor]) -> torch.Tensor:
@@ -74,6 +117,12 @@ class GraphedStep:
         if self.cuda:
             for group in optimizer.param_groups:
                 group["capturable"] = True
+        unpacked = not {"attention_mask", "position_ids"} & example.keys()
+        with causal_sdpa(model) if unpacked else contextlib.nullcontext():
+            self._warm_up_and_capture(warmup)
+
+    def _warm_up_and_capture(self, warmup: int) -> None:
+        optimizer = self.optimizer
         params = [p for group in optimizer.param_groups for p in group["params"]]
         start = [p.detach().clone() for p in params]
         stream = torch.cuda.Stream() if self.cuda else None
