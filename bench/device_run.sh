@@ -19,6 +19,7 @@
 #   bash bench/device_run.sh s17d         # 32 blocks, one process per contender; which graph variants capture
 #   bash bench/device_run.sh s18a         # bisect s17d's eager slowdown; graphs with CPU embeddings, 8-bit AdamW
 #   bash bench/device_run.sh s18b         # the graph's extra memory by site; eager RoPE/CPU ids; graphs again
+#   bash bench/device_run.sh s18c         # graphs with the causal mask left to SDPA: memory, then @10–@14
 #   bash bench/device_run.sh longest      # memory estimator; fused vs unfused loss curves (carry smol_cfg too);
 #                                         # QLoRA step training peaks; the longest sequence each contender fits
 # from the repository root on the device, with bitsandbytes' wheel carried in .whl/ (see RESULTS.md).
@@ -194,6 +195,16 @@ case ${1:-kernels} in
       --kinds peft+bnb
     for kind in lowbit-fused@12+adam8bit+embcpu lowbit-fused@12+adam8bit+embcpu+norope \
                 lowbit-fused@14+graph+embcpu+adam8bit lowbit-fused@12+graph+embcpu+adam8bit; do
+      part "q32_${kind//[@+]/_}" 90 python3 bench/qlora_step.py --out "$RES/32/$kind" --steps 4 --configs 32:2048:1 \
+        --no-profile --kinds "$kind"
+    done
+    ;;
+  s18c)  # the graph step with attention left to SDPA's is_causal: its extra memory gone? then @10–@14
+    part graph_memory 120 python3 bench/graph_memory.py --kind lowbit-fused@14+graph+embcpu+adam8bit --layers 32 --top 8
+    part peft 90 python3 bench/qlora_step.py --out "$RES/32/peft" --steps 4 --configs 32:2048:1 --no-profile \
+      --kinds peft+bnb
+    for kind in lowbit-fused@14+graph+embcpu+adam8bit lowbit-fused@12+graph+embcpu+adam8bit \
+                lowbit-fused@10+graph+embcpu+adam8bit lowbit-fused@12+graph+embcpu; do
       part "q32_${kind//[@+]/_}" 90 python3 bench/qlora_step.py --out "$RES/32/$kind" --steps 4 --configs 32:2048:1 \
         --no-profile --kinds "$kind"
     done

@@ -51,17 +51,17 @@ GRAPH_OPTIMIZERS = (torch.optim.Adam, torch.optim.AdamW, AdamW8bit)
 CAUSAL_SDPA = "lowbit_causal_sdpa"  # transformers' SDPA attention, with the mask function below
 
 
-def causal_sdpa_mask(batch_size: int, q_length: int, kv_length: int, q_offset=0, kv_offset=0, mask_function=None,
-                     attention_mask=None, local_size=None, **kwargs):  # fmt: skip
+def causal_sdpa_mask(**kwargs):
     """transformers' `sdpa_mask`, except that without a padding mask, a KV cache or a sliding window the mask is None
     (left to SDPA's ``is_causal``), also while a CUDA graph is being captured. Only for batches without position
     ids: transformers composes a packed-sequence mask from them that it cannot check under capture."""
-    from transformers.masking_utils import causal_mask_function, sdpa_mask
+    from transformers.masking_utils import sdpa_mask
 
-    if attention_mask is None and local_size is None and q_length == kv_length:
+    # transformers passes keywords; before 5.0 the query length came as cache_position
+    q_length = kwargs["q_length"] if "q_length" in kwargs else kwargs["cache_position"].shape[0]
+    if kwargs.get("attention_mask") is None and kwargs.get("local_size") is None and q_length == kwargs["kv_length"]:
         return None
-    return sdpa_mask(batch_size, q_length, kv_length, q_offset, kv_offset, mask_function or causal_mask_function,
-                     attention_mask, local_size, **kwargs)  # fmt: skip
+    return sdpa_mask(**kwargs)
 
 
 @contextlib.contextmanager
