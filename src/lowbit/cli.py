@@ -534,7 +534,8 @@ def _finetune(args) -> None:
                         gradient_checkpointing=args.gradient_checkpointing or args.checkpoint_layers is not None,
                         checkpoint_layers=args.checkpoint_layers, memory_budget_gib=args.memory_budget,
                         offload_activations=args.offload_activations, offload_embeddings=args.offload_embeddings,
-                        fused_kernels=args.fused_kernels, eval_every=args.eval_every, eval_batches=args.eval_batches,
+                        cuda_graphs=args.cuda_graphs, fused_kernels=args.fused_kernels, eval_every=args.eval_every,
+                        eval_batches=args.eval_batches,
                         early_stopping_patience=args.early_stopping, save_every=args.save_every, seed=args.seed,
                         strategy=args.strategy)  # fmt: skip
     cfg = FinetuneConfig(model=args.model, data=args.data, eval_data=args.eval_data, data_config=data,
@@ -608,6 +609,10 @@ def _add_finetune(sub) -> None:
     p.add_argument("--fused-kernels", action=argparse.BooleanOptionalAction, default=None,
                    help="fused RMSNorm / SwiGLU / QLoRA-linear ops and chunked loss (Llama, Qwen2, Mistral; "
                         "lowbit.kernels); default: on for a CUDA device")
+    p.add_argument("--cuda-graphs", action="store_true",
+                   help="replay each micro-batch's forward and backward as a CUDA graph (one per padded width): "
+                        "a quantized 8B model's eager step waits on Python's kernel launches. Needs --dropout 0; "
+                        "not with fp16, --offload-activations or several processes")
     p.add_argument("--eval-every", type=int, default=0, help="evaluate every N steps (0: only before and after)")
     p.add_argument("--eval-batches", type=int, default=None, help="at most this many eval batches")
     p.add_argument("--early-stopping", type=int, default=None, help="stop after N evaluations without improvement")

@@ -122,3 +122,24 @@ def test_the_step_leaves_the_mask_to_sdpa_only_for_unpacked_batches(monkeypatch,
     GraphedStep(model, torch.optim.AdamW([p for p in model.parameters() if p.requires_grad]), example, warmup=1)
     assert bool(calls) != positions
     assert model.config._attn_implementation == "sdpa"
+
+
+def test_graphed_backward_accumulates_scaled_gradients_like_backward():
+    """Two micro-batches through GraphedBackward (eager here) add scale·∇loss into the existing gradients, the
+    offloaded embedding's rows standing in for the ids, exactly as a plain backward of each."""
+    from lowbit.train.graphed import GraphedBackward
+
+    model, reference = qlora_model(), None
+    reference = copy.deepcopy(model)
+    offload_embeddings(model)
+    sum_loss = lambda m, b: m(**b).loss * b["labels"].numel()  # noqa: E731
+    graphed = GraphedBackward(model, sum_loss)
+    data = batches(2)
+    losses = [graphed(batch, 0.5).item() for batch in data]
+    for batch, loss in zip(data, losses):
+        ref = sum_loss(reference, batch)
+        (ref * 0.5).backward()
+        assert loss == pytest.approx(ref.item(), rel=1e-6)
+    for (name, p), q in zip(model.named_parameters(), reference.parameters()):
+        if p.requires_grad:
+            torch.testing.assert_close(p.grad, q.grad, msg=name)

@@ -306,3 +306,42 @@ def test_checkpoint_layers_auto_follows_the_memory_budget(sft, tok):
                                                            **FAST), pad_token_id=0)  # fmt: skip
     with pytest.raises(ValueError, match="goes with checkpoint_layers='auto'"):
         TrainConfig(gradient_checkpointing=True, memory_budget_gib=10)
+
+
+def test_cuda_graphs_train_like_the_plain_loop(sft, tok):
+    """With cuda_graphs (eager on the CPU): batches padded to widths of 64, micro-batches accumulating into
+    gradients kept between steps, masks of unpadded batches dropped — same losses and weights as without.
+    (The graphs themselves are checked on a GPU: bench/graph_check.py.)"""
+    runs = []
+    for graphs in (False, True):
+        model = lora_llama(quantized=True)
+        cfg = TrainConfig(max_steps=3, batch_size=2, grad_accum=2, lr=1e-2, cuda_graphs=graphs, **FAST)
+        if graphs:
+            with pytest.warns(UserWarning, match="not on a CUDA device"):
+                result = train(model, sft, cfg, pad_token_id=tok.pad_token_id)
+            assert all(p.grad is not None for p in model.parameters() if p.requires_grad)  # kept in place
+        else:
+            result = train(model, sft, cfg, pad_token_id=tok.pad_token_id)
+        runs.append((result.losses, trainable(model)))
+    assert runs[1][0] == pytest.approx(runs[0][0], rel=1e-5)
+    # The wider padding reassociates float32 sums (~1e-7); Adam turns that into up to ~1e-5 on near-zero gradient
+    # entries after 3 steps of lr 1e-2. A lost scale or accumulation would move weights by ~lr.
+    for name, value in runs[0][1].items():
+        torch.testing.assert_close(runs[1][1][name], value, rtol=0, atol=3e-5, msg=name)
+
+
+def test_cuda_graphs_refuse_what_a_graph_cannot_replay(sft, tok):
+    with pytest.raises(ValueError, match="fp16"):
+        TrainConfig(cuda_graphs=True, precision="fp16")
+    with pytest.raises(ValueError, match="offload_activations"):
+        TrainConfig(cuda_graphs=True, offload_activations=True)
+    with pytest.raises(ValueError, match="without a teacher"):
+        train(lora_llama(), sft[:4], TrainConfig(max_steps=1, cuda_graphs=True, **FAST), pad_token_id=tok.pad_token_id,
+              teacher=tiny_llama(1))  # fmt: skip
+
+
+def test_collate_pads_widths_to_a_multiple(sft, tok):
+    batch = collate(sft[:3], tok.pad_token_id, multiple=64)
+    longest = max(len(e["input_ids"]) for e in sft[:3])
+    assert batch["input_ids"].shape[1] == -(-longest // 64) * 64
+    assert (batch["labels"][:, longest:] == -100).all() and not batch["attention_mask"][:, longest:].any()

@@ -323,10 +323,11 @@ def pack_examples(examples: Sequence[dict], max_length: int) -> list[dict]:
 
 
 # ----------------------------------------------------------------------------------------------- batches
-def collate(examples: Sequence[dict], pad_token_id: int) -> dict[str, torch.Tensor]:
+def collate(examples: Sequence[dict], pad_token_id: int, multiple: int = 1) -> dict[str, torch.Tensor]:
     """Right-pad a list of examples into tensors: input_ids (B, T), attention_mask (B, T), labels (B, T)
-    or (B,) for classification; packed examples get position_ids (B, T) and no attention mask."""
-    width = max(len(e["input_ids"]) for e in examples)
+    or (B,) for classification; packed examples get position_ids (B, T) and no attention mask. T is the
+    longest example rounded up to a multiple of ``multiple``."""
+    width = -(-max(len(e["input_ids"]) for e in examples) // multiple) * multiple
     ids = torch.full((len(examples), width), pad_token_id, dtype=torch.long)
     mask = torch.zeros((len(examples), width), dtype=torch.long)
     for i, e in enumerate(examples):

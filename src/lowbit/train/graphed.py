@@ -89,6 +89,17 @@ def model_loss(model: nn.Module, batch: dict[str, torch.Tensor]) -> torch.Tensor
     return model(**batch).loss
 
 
+def step_inputs(embedding: nn.Module | None, batch: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+    """What a captured step reads: the batch, with an offloaded embedding's rows in place of the token ids (the
+    lookup runs on the CPU, outside the graph)."""
+    if embedding is None or "input_ids" not in batch:
+        return batch
+    with torch.no_grad():
+        rows = embedding(batch["input_ids"])  # looked up on the CPU, copied to the model's device
+    return {("inputs_embeds" if k == "input_ids" else k): (rows if k == "input_ids" else v)
+            for k, v in batch.items()}  # fmt: skip
+
+
 class GraphedStep:
     """``step(batch) -> loss``: one optimizer step of ``model`` on ``batch``, replayed as a CUDA graph on a GPU.
 
@@ -112,7 +123,7 @@ class GraphedStep:
         self.embedding = model.get_input_embeddings() if embeddings_offloaded(model) else None
         # Detached: a static input that required grad would send its gradient, inside the capture, to a tensor
         # made outside it (on another stream), which invalidates the capture.
-        self.static = {k: v.detach().clone() for k, v in self._inputs(example).items()}
+        self.static = {k: v.detach().clone() for k, v in step_inputs(self.embedding, example).items()}
         self.cuda = any(v.device.type == "cuda" for v in self.static.values())
         if self.cuda:
             for group in optimizer.param_groups:
@@ -163,19 +174,10 @@ class GraphedStep:
         self.optimizer.zero_grad(set_to_none=not self.keep_gradients)
         return self._step()
 
-    def _inputs(self, batch: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
-        """What the step reads: the batch, with an offloaded embedding's rows in place of the token ids."""
-        if self.embedding is None or "input_ids" not in batch:
-            return batch
-        with torch.no_grad():
-            rows = self.embedding(batch["input_ids"])  # looked up on the CPU, copied to the ids' device
-        return {("inputs_embeds" if k == "input_ids" else k): (rows if k == "input_ids" else v)
-                for k, v in batch.items()}  # fmt: skip
-
     def __call__(self, batch: dict[str, torch.Tensor]) -> torch.Tensor:
         if batch.keys() != self.keys:
             raise ValueError(f"the batch has keys {sorted(batch)}, the captured step {sorted(self.keys)}")
-        for key, value in self._inputs(batch).items():
+        for key, value in step_inputs(self.embedding, batch).items():
             held = self.static[key]
             if value.shape != held.shape or value.dtype != held.dtype:
                 raise ValueError(f"{key}: the captured step takes {tuple(held.shape)} {held.dtype}, got "
@@ -185,3 +187,75 @@ class GraphedStep:
             return self._eager_step()
         self.graph.replay()
         return self.loss
+
+
+class GraphedBackward:
+    """``graphed(batch, scale) -> loss``: ``(loss · scale).backward()`` of one micro-batch, replayed as a CUDA graph.
+
+    For a trainer that keeps its optimizer step, gradient clipping and finiteness checks eager — the step's host
+    synchronisation then costs the gap of one graph launch — while the forward and backward, thousands of
+    kernel launches, run as one graph. ``loss_fn(model, batch)`` returns the micro-batch's loss (a sum, say);
+    ``scale`` multiplies it before backward (1 / the global batch's token count). The returned loss is a static
+    output: read it before the next call.
+
+    - One graph per batch signature (keys, shapes, dtypes), all in one memory pool: pad batches to a few
+      widths. A new signature is warmed up (forward and `torch.autograd.grad`, which leaves ``.grad`` alone)
+      and captured, on the first batch that has it.
+    - Gradients accumulate in place into ``.grad`` tensors that must exist before the first call and must
+      never be replaced: zero them with ``zero_grad(set_to_none=False)``.
+    - Batches without an attention mask or position ids run their attention through `causal_sdpa`.
+    - ``autocast``: a factory of the autocast context to run the forward in (``cache_enabled=False``).
+    - No LoRA dropout in the fused QLoRA linear (its mask would repeat); torch's own dropout is graph-safe.
+    - On the CPU it runs eagerly, so CI tests its bookkeeping.
+    """
+
+    def __init__(self, model: nn.Module, loss_fn: Callable[[nn.Module, dict], torch.Tensor],
+                 autocast: Callable[[], contextlib.AbstractContextManager] = contextlib.nullcontext,
+                 warmup: int = 1) -> None:  # fmt: skip
+        self.model, self.loss_fn, self.autocast, self.warmup = model, loss_fn, autocast, warmup
+        inner = getattr(model, "module", model)
+        self.embedding = inner.get_input_embeddings() if embeddings_offloaded(inner) else None
+        self.params = [p for p in model.parameters() if p.requires_grad]
+        self.graphs: dict[tuple, tuple] = {}  # signature → (graph, static inputs, static scale, static loss)
+        self.pool = None
+
+    def __call__(self, batch: dict[str, torch.Tensor], scale: float) -> torch.Tensor:
+        inputs = step_inputs(self.embedding, batch)
+        if not any(v.is_cuda for v in inputs.values()):
+            with self.autocast():
+                loss = self.loss_fn(self.model, inputs)
+            (loss * scale).backward()
+            return loss.detach()
+        if any(p.grad is None for p in self.params):
+            raise RuntimeError("a graphed backward accumulates into existing .grad tensors: allocate them before the "
+                               "first call and zero them with zero_grad(set_to_none=False)")  # fmt: skip
+        signature = tuple((k, tuple(v.shape), v.dtype) for k, v in inputs.items())
+        graph, static, static_scale, loss = self.graphs.get(signature) or self._capture(signature, inputs)
+        for key, value in inputs.items():
+            static[key].copy_(value)
+        static_scale.fill_(scale)
+        graph.replay()
+        return loss
+
+    def _capture(self, signature: tuple, inputs: dict[str, torch.Tensor]) -> tuple:
+        static = {k: v.detach().clone() for k, v in inputs.items()}  # detached: see GraphedStep
+        scale = torch.ones((), dtype=torch.float32, device=next(iter(static.values())).device)
+        unpacked = not {"attention_mask", "position_ids"} & static.keys()
+        with causal_sdpa(self.model) if unpacked else contextlib.nullcontext():
+            stream = torch.cuda.Stream()
+            stream.wait_stream(torch.cuda.current_stream())
+            with torch.cuda.stream(stream):
+                for _ in range(self.warmup):  # autotuning, cuBLAS workspaces, the allocator: outside the capture
+                    with self.autocast():
+                        warm = self.loss_fn(self.model, static) * scale
+                    torch.autograd.grad(warm, self.params, allow_unused=True)
+                    del warm
+            torch.cuda.current_stream().wait_stream(stream)
+            graph = torch.cuda.CUDAGraph()
+            with torch.cuda.graph(graph, pool=self.pool):
+                with self.autocast():
+                    loss = self.loss_fn(self.model, static)
+                (loss * scale).backward()
+        self.pool = self.pool or graph.pool()
+        self.graphs[signature] = entry = (graph, static, scale, loss.detach())
+        return entry

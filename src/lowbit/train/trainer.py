@@ -47,10 +47,12 @@ from lowbit.train.data import IGNORE_INDEX, collate
 from lowbit.train.distill import DistillConfig, distillation_loss
 from lowbit.train.distributed import STRATEGIES, all_reduce_sum, loss_scale, rank_and_world, wrap_model
 from lowbit.train.metrics import PLOT_NAME, MetricsLog, memory_mb, plot_loss_curve, read_metrics
+from lowbit.train.graphed import GraphedBackward
 from lowbit.train.offload import embeddings_offloaded, offload_embeddings, offloaded_activations, restore_embeddings
 from lowbit.train.schedule import SCHEDULES, make_scheduler
 
 CONFIG_VERSION = 1
+GRAPH_WIDTH_MULTIPLE = 64  # cuda_graphs pads batch widths to a multiple of this: one graph per width
 OPTIMIZERS = ("adamw", "adamw8bit", "paged_adamw", "paged_adamw8bit", "sgd")
 PRECISIONS = {"fp32": None, "bf16": torch.bfloat16, "fp16": torch.float16}
 
@@ -79,6 +81,11 @@ class TrainConfig:
     offload_embeddings: keep the frozen input embedding table in CPU memory, looking up each batch's rows
         there (offload.py): 1 GiB less on the GPU for Llama-3-8B, for a 16 MiB copy per 2,048 tokens. Not
         for a trained or tied table, nor with several processes; put back when training ends.
+    cuda_graphs: replay each micro-batch's forward and backward as a CUDA graph (graphed.GraphedBackward), one
+        per padded batch shape (widths padded to a multiple of 64): an eager step of a quantized 8B model is
+        bound by the host's kernel launches (bench/RESULTS.md). The optimizer step, clipping and the skip of
+        non-finite steps stay eager. One process; not with fp16, distillation, offloaded activations or
+        fused LoRA dropout; the gradients stay allocated between steps. On the CPU it runs eagerly.
     fused_kernels: swap in lowbit.kernels' fused RMSNorm, SwiGLU MLP, QLoRA linear and chunked cross-entropy
         (Llama / Qwen2 / Mistral; other modules stay as they are). Distillation and prompt tuning keep the
         logits-based loss. None (default): on when the model is on a CUDA device, where they measured 2×
@@ -114,6 +121,7 @@ class TrainConfig:
     fused_kernels: bool | None = None
     offload_activations: bool = False
     offload_embeddings: bool = False
+    cuda_graphs: bool = False
     progress: bool = True
     plot: bool = True
     version: int = CONFIG_VERSION
@@ -149,6 +157,9 @@ class TrainConfig:
                              "checkpoint_layers='auto'")  # fmt: skip
         if self.fused_kernels not in (None, True, False):
             raise ValueError(f"fused_kernels must be None (auto), True or False, got {self.fused_kernels!r}")
+        if self.cuda_graphs and (self.precision == "fp16" or self.offload_activations):
+            raise ValueError("cuda_graphs does not take precision='fp16' (its loss scale changes on the host) nor "
+                             "offload_activations (copies to the CPU in the middle of backward)")  # fmt: skip
         if self.early_stopping_patience is not None and self.early_stopping_patience < 1:
             raise ValueError(f"early_stopping_patience must be ≥ 1 or None, got {self.early_stopping_patience}")
         object.__setattr__(self, "betas", tuple(self.betas))
@@ -351,23 +362,31 @@ def batch_loss(model: nn.Module, batch: dict, teacher: nn.Module | None = None,
     return distillation_loss(logits, t_logits, labels, distill or DistillConfig(), reduction="sum")
 
 
-def _autocast(device: torch.device, precision: str):
+def _autocast(device: torch.device, precision: str, cache: bool = True):
+    """``cache=False`` for a CUDA graph: autocast's cache of cast weights would outlive the capture."""
     dtype = PRECISIONS[precision]
-    return torch.autocast(device.type, dtype=dtype) if dtype is not None else contextlib.nullcontext()
+    return torch.autocast(device.type, dtype=dtype, cache_enabled=cache) if dtype is not None else contextlib.nullcontext()
 
 
 def train_step(module: nn.Module, micro_batches: list[dict], n_items: int, optimizer, cfg: TrainConfig,
-               scaler=None, teacher=None, distill=None) -> tuple[float, float | None]:  # fmt: skip
-    """Forward/backward over the micro-batches, clip, update. Returns (loss, grad_norm); grad_norm is
-    None when the step was skipped because the loss or the gradients were not finite."""
+               scaler=None, teacher=None, distill=None, graphed=None) -> tuple[float, float | None]:  # fmt: skip
+    """Forward/backward over the micro-batches (``graphed``: a GraphedBackward replays them), clip, update.
+    Returns (loss, grad_norm); grad_norm is None when the step was skipped because the loss or the gradients
+    were not finite."""
     device = _device(module)
     params = [p for g in optimizer.param_groups for p in g["params"]]
-    optimizer.zero_grad(set_to_none=True)
+    keep_grads = graphed is not None  # its graphs write into the .grad tensors they were captured with
+    optimizer.zero_grad(set_to_none=not keep_grads)
     total = torch.zeros((), dtype=torch.float64, device=device)
     # an offloaded table looks token ids up on the CPU: moving them to the GPU would make it wait to read them back
     on_cpu = {"input_ids"} if teacher is None and embeddings_offloaded(getattr(module, "module", module)) else set()
     for i, batch in enumerate(micro_batches):
+        if graphed is not None and "attention_mask" in batch and bool(batch["attention_mask"].all()):
+            batch = {k: v for k, v in batch.items() if k != "attention_mask"}  # then SDPA's causal kernel runs
         batch = {k: v if k in on_cpu else v.to(device) for k, v in batch.items()}
+        if graphed is not None:
+            total += graphed(batch, loss_scale() / n_items).double()
+            continue
         last = i == len(micro_batches) - 1
         sync = module.no_sync() if hasattr(module, "no_sync") and not last else contextlib.nullcontext()
         with sync:
@@ -378,13 +397,13 @@ def train_step(module: nn.Module, micro_batches: list[dict], n_items: int, optim
         total += loss_sum.detach().double()
     loss = float(all_reduce_sum(total)) / n_items
     if not math.isfinite(loss):
-        optimizer.zero_grad(set_to_none=True)
+        optimizer.zero_grad(set_to_none=not keep_grads)
         return loss, None
     if scaler is not None:
         scaler.unscale_(optimizer)
     norm = torch.nn.utils.clip_grad_norm_(params, cfg.max_grad_norm or float("inf"))
     if not torch.isfinite(norm):
-        optimizer.zero_grad(set_to_none=True)
+        optimizer.zero_grad(set_to_none=not keep_grads)
         if scaler is not None:
             scaler.update()  # lets fp16 lower its scale after an overflow
         return loss, None
@@ -432,7 +451,8 @@ def _micro_batches(sampler: EpochSampler, examples: Sequence[dict], cfg: TrainCo
     indices = sampler.take(b * cfg.grad_accum * world)
     slices = [indices[(a * world + rank) * b : (a * world + rank + 1) * b] for a in range(cfg.grad_accum)]
     tokens = sum(len(examples[i]["input_ids"]) for i in indices)  # every process sees the whole list
-    return [collate([examples[i] for i in s], pad) for s in slices], tokens
+    multiple = GRAPH_WIDTH_MULTIPLE if cfg.cuda_graphs else 1  # few shapes, few graphs to capture
+    return [collate([examples[i] for i in s], pad, multiple) for s in slices], tokens
 
 
 def _initial_state() -> dict:
@@ -531,6 +551,7 @@ def train(model: nn.Module, train_examples: Sequence[dict], config: TrainConfig 
     seed_everything(cfg.seed)
     module = wrap_model(model, cfg.strategy)
     optimizer = build_optimizer([p for p in module.parameters() if p.requires_grad], cfg)
+    graphed = _graphed_backward(module, cfg, teacher) if cfg.cuda_graphs else None
     scheduler = make_scheduler(optimizer, cfg.max_steps, cfg.warmup_steps, cfg.schedule, cfg.min_lr_ratio)
     scaler = torch.amp.GradScaler(_device(model).type) if cfg.precision == "fp16" else None
     state, resume_from = _initial_state(), _resume_path(resume, out)
@@ -545,7 +566,7 @@ def train(model: nn.Module, train_examples: Sequence[dict], config: TrainConfig 
     module.train()
     try:
         result = _loop(module, model, train_examples, eval_examples, cfg, pad, state, optimizer, scheduler,
-                       scaler, log, out, teacher, distill)  # fmt: skip
+                       scaler, log, out, teacher, distill, graphed)  # fmt: skip
     finally:
         if log is not None:
             log.close()
@@ -561,8 +582,23 @@ def train(model: nn.Module, train_examples: Sequence[dict], config: TrainConfig 
     return result
 
 
+def _graphed_backward(module: nn.Module, cfg: TrainConfig, teacher) -> GraphedBackward:
+    """The micro-batches' forward and backward as CUDA graphs (TrainConfig.cuda_graphs), with the gradients they
+    accumulate into allocated once, here."""
+    if rank_and_world()[1] > 1 or teacher is not None:
+        raise ValueError("cuda_graphs runs one process without a teacher: DDP's gradient hooks and a teacher's "
+                         "forward are not captured")  # fmt: skip
+    device = _device(module)
+    if device.type != "cuda":
+        warnings.warn("cuda_graphs: the model is not on a CUDA device, so its steps run eagerly", stacklevel=3)
+    for p in module.parameters():
+        if p.requires_grad and p.grad is None:
+            p.grad = torch.zeros_like(p)
+    return GraphedBackward(module, batch_loss, autocast=lambda: _autocast(device, cfg.precision, cache=False))
+
+
 def _loop(module, model, examples, eval_examples, cfg, pad, state, optimizer, scheduler, scaler, log, out,
-          teacher, distill) -> TrainResult:  # fmt: skip
+          teacher, distill, graphed=None) -> TrainResult:  # fmt: skip
     rank, _ = rank_and_world()
     sampler = EpochSampler(len(examples), cfg.seed, state["epoch"], state["offset"])
     result = TrainResult(steps=state["step"], losses=[], output_dir=out)
@@ -572,7 +608,7 @@ def _loop(module, model, examples, eval_examples, cfg, pad, state, optimizer, sc
         micro, tokens = _micro_batches(sampler, examples, cfg, pad)
         n_items = int(all_reduce_sum(torch.tensor(sum(loss_items(b) for b in micro), device=_device(model))))
         lr = scheduler.get_last_lr()[0]
-        loss, norm = train_step(module, micro, max(n_items, 1), optimizer, cfg, scaler, teacher, distill)
+        loss, norm = train_step(module, micro, max(n_items, 1), optimizer, cfg, scaler, teacher, distill, graphed)
         scheduler.step()
         state["step"] += 1
         state["epoch"], state["offset"] = sampler.epoch, sampler.offset
