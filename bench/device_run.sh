@@ -20,6 +20,7 @@
 #   bash bench/device_run.sh s18a         # bisect s17d's eager slowdown; graphs with CPU embeddings, 8-bit AdamW
 #   bash bench/device_run.sh s18b         # the graph's extra memory by site; eager RoPE/CPU ids; graphs again
 #   bash bench/device_run.sh s18c         # graphs with the causal mask left to SDPA: memory, then @10–@14
+#   bash bench/device_run.sh s18d         # lowbit.train.train with and without cuda_graphs
 #   bash bench/device_run.sh longest      # memory estimator; fused vs unfused loss curves (carry smol_cfg too);
 #                                         # QLoRA step training peaks; the longest sequence each contender fits
 # from the repository root on the device, with bitsandbytes' wheel carried in .whl/ (see RESULTS.md).
@@ -208,6 +209,10 @@ case ${1:-kernels} in
       part "q32_${kind//[@+]/_}" 90 python3 bench/qlora_step.py --out "$RES/32/$kind" --steps 4 --configs 32:2048:1 \
         --no-profile --kinds "$kind"
     done
+    ;;
+  s18d)  # the trainer with cuda_graphs: several graph widths on 2 blocks, then 32 blocks @12
+    part train_widths 150 python3 bench/train_graphs.py --layers 2 --lengths 700,1500,2048 --steps 12
+    part train_32 240 python3 bench/train_graphs.py --layers 32 --checkpoint 12 --steps 8
     ;;
 esac
 tar czf "$OUT/results-${1:-kernels}.tgz" -C "$RES" .
