@@ -211,8 +211,8 @@ case ${1:-kernels} in
     done
     ;;
   s18d)  # the trainer with cuda_graphs: several graph widths on 2 blocks, then 32 blocks @12
-    part train_widths 150 python3 bench/train_graphs.py --layers 2 --lengths 700,1500,2048 --steps 12
-    part train_32 240 python3 bench/train_graphs.py --layers 32 --checkpoint 12 --steps 8
+    part train_widths 120 python3 bench/train_graphs.py --layers 2 --lengths 700,1500,2048 --steps 12
+    part train_32 200 python3 bench/train_graphs.py --layers 32 --checkpoint 12 --steps 8
     ;;
 esac
 tar czf "$OUT/results-${1:-kernels}.tgz" -C "$RES" .
