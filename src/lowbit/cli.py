@@ -611,8 +611,8 @@ def _add_finetune(sub) -> None:
                         "lowbit.kernels); default: on for a CUDA device")
     p.add_argument("--cuda-graphs", action="store_true",
                    help="replay each micro-batch's forward and backward as a CUDA graph (one per padded width): "
-                        "a quantized 8B model's eager step waits on Python's kernel launches. Needs --dropout 0; "
-                        "not with fp16, --offload-activations or several processes")
+                        "a quantized 8B model's eager step waits on Python's kernel launches. Not with fp16, "
+                        "--offload-activations or several processes")
     p.add_argument("--eval-every", type=int, default=0, help="evaluate every N steps (0: only before and after)")
     p.add_argument("--eval-batches", type=int, default=None, help="at most this many eval batches")
     p.add_argument("--early-stopping", type=int, default=None, help="stop after N evaluations without improvement")

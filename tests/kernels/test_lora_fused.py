@@ -223,3 +223,24 @@ def test_the_dropout_kernel_draws_a_fair_repeatable_mask():
     assert abs((k[1:] * k[:-1]).mean().item()) / (p * (1 - p)) < 0.03
     yb = dropped(x.to(torch.bfloat16), p, 123, "triton")
     assert torch.equal(yb != 0, kept)  # the mask depends on the seed and the position only, not the dtype
+
+
+def test_a_captured_dropout_seed_lives_on_the_device_and_gives_the_numbers_mask(monkeypatch):
+    """Inside a CUDA graph capture the seed is drawn by the device's generator into a one-element tensor (each
+    replay draws anew); the kernel reads it and draws the mask that number gives. Simulated on the CPU."""
+    pytest.importorskip("triton")
+    from lowbit.kernels.lora_fused import dropout_seed, dropped
+
+    x = torch.randn(8, 256) + 3.0
+    assert isinstance(dropout_seed(0.1, x.device), int) and dropout_seed(0.0, x.device) is None
+    monkeypatch.setattr(torch.cuda, "is_current_stream_capturing", lambda: True)
+    assert isinstance(dropout_seed(0.1, x.device), int)  # a CPU tensor is never captured
+    cuda_like = torch.device("cuda")
+    drawn = []
+    monkeypatch.setattr(torch, "randint", lambda low, high, size, device=None: drawn.append(device) or
+                        torch.full(size, 123, dtype=torch.int64))  # fmt: skip
+    seed = dropout_seed(0.1, cuda_like)
+    assert drawn == [cuda_like] and torch.is_tensor(seed) and seed.shape == (1,)
+    assert torch.equal(dropped(x, 0.1, seed, "triton"), dropped(x, 0.1, 123, "triton"))
+    with pytest.raises(RuntimeError, match="Triton dropout kernel"):
+        dropped(x, 0.1, seed, "torch")

@@ -15,8 +15,9 @@ likewise), everything in the layer's compute dtype, with one cast of the result 
 it keeps gate and up instead of their product and recomputes the product in the backward.
 
 LoRA dropout (peft's `lora_dropout`, on the LoRA path's input only) is drawn from a seed taken from torch's
-global generator, and drawn again from it in the backward instead of saving the mask: the same
-distribution as `nn.Dropout`, other random numbers (on CUDA one Triton pass of Philox numbers). `FusedLoraLinear` runs these Functions when a layer
+global generator (inside a CUDA graph capture: from the CUDA generator, on the device, so that each replay
+draws anew), and drawn again from it in the backward instead of saving the mask: the same distribution as
+`nn.Dropout`, other random numbers (on CUDA one Triton pass of Philox numbers). `FusedLoraLinear` runs these Functions when a layer
 has exactly one active, unmerged adapter; any other state runs `LoraLinear.forward` unchanged.
 """
 
@@ -68,19 +69,23 @@ def base_grad_input(dy: torch.Tensor, base: QuantLinear, fused: bool, add: torch
     return ops.mm_add(dy, base.dequantize(dy.dtype), add, beta)
 
 
-def dropout_seed(p: float) -> int | None:
-    """A seed for one call's LoRA dropout mask (None: no dropout), from torch's global CPU generator."""
-    if p > 0 and torch.cuda.is_available() and torch.cuda.is_current_stream_capturing():
-        raise RuntimeError("LoRA dropout cannot run inside a CUDA graph (every replay would repeat the captured "
-                           "mask): train the graphed step with dropout 0")  # fmt: skip
-    return int(torch.randint(0, 2**62, (1,))) if p > 0 else None
+def dropout_seed(p: float, device: torch.device | None = None) -> int | torch.Tensor | None:
+    """A seed for one call's LoRA dropout mask (None: no dropout), from torch's global CPU generator; while a
+    CUDA graph is captured, a one-element tensor drawn on the device by torch's CUDA generator instead, which
+    each replay draws anew (a host number would repeat one mask on every replay)."""
+    if not p > 0:
+        return None
+    if device is not None and device.type == "cuda" and torch.cuda.is_current_stream_capturing():
+        return torch.randint(0, 2**31 - 1, (1,), device=device)
+    return int(torch.randint(0, 2**62, (1,)))
 
 
-def dropped(t: torch.Tensor, p: float, seed: int | None, backend: str = "auto") -> torch.Tensor:
+def dropped(t: torch.Tensor, p: float, seed: int | torch.Tensor | None, backend: str = "auto") -> torch.Tensor:
     """t ⊙ keep / (1 - p), keep the mask drawn from ``seed`` for t's shape (probability 1 - p each), the same
     mask on every call with the same seed, shape and device; t itself without dropout (``seed`` None).
     With the Triton kernel (``backend`` as in `use_triton`) one pass of Philox numbers, nothing materialised
-    but the result; otherwise torch's generator (other numbers, the same distribution)."""
+    but the result, the seed a number or read from a one-element tensor; otherwise torch's generator (other
+    numbers, the same distribution; a number seed only)."""
     if seed is None:
         return t
     t = t.contiguous()
@@ -88,6 +93,9 @@ def dropped(t: torch.Tensor, p: float, seed: int | None, backend: str = "auto") 
         from lowbit.kernels.train_triton import dropout
 
         return dropout(t, p, seed)
+    if torch.is_tensor(seed):
+        raise RuntimeError("LoRA dropout inside a CUDA graph needs lowbit's Triton dropout kernel (Triton is not "
+                           "available here): train the graphed step with dropout 0")  # fmt: skip
     gen = torch.Generator(device=t.device)
     gen.manual_seed(seed)
     keep = torch.rand(t.shape, generator=gen, device=t.device) >= p
@@ -98,7 +106,7 @@ class _QLoraLinear(torch.autograd.Function):
     @staticmethod
     def forward(ctx, x, lora_a, lora_b, bias, base: QuantLinear, scaling: float, dropout: float):
         dtype = autocast_dtype(x.device, base.compute_dtype)
-        ctx.dropout = (dropout, dropout_seed(dropout), "auto")
+        ctx.dropout = (dropout, dropout_seed(dropout, x.device), "auto")
         with torch.autocast(x.device.type, enabled=False):
             y, x2, xa, fused = _QLoraLinear._forward(x, lora_a, lora_b, bias, base, scaling, dtype, ctx.dropout)
         ctx.save_for_backward(x2, xa, lora_a, lora_b, bias)
@@ -158,7 +166,7 @@ class _SwiGLUQLora(torch.autograd.Function):
         ctx.triton = use_triton(gate, backend)
         act = swiglu_values(gate, up, ctx.triton)
         dtype = autocast_dtype(act.device, base.compute_dtype)
-        ctx.dropout = (dropout, dropout_seed(dropout), backend)
+        ctx.dropout = (dropout, dropout_seed(dropout, gate.device), backend)
         with torch.autocast(act.device.type, enabled=False):
             y, _, xa, fused = _QLoraLinear._forward(act, lora_a, lora_b, bias, base, scaling, dtype, ctx.dropout)
         ctx.save_for_backward(gate, up, xa, lora_a, lora_b, bias)

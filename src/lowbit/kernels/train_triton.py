@@ -106,23 +106,31 @@ SWIGLU_BLOCK = 1024
 
 
 @triton.jit
-def _dropout(x_ptr, y_ptr, n, p, scale, seed, BLOCK: tl.constexpr):
+def _dropout(x_ptr, y_ptr, n, p, scale, seed, seed_ptr, BLOCK: tl.constexpr, SEED_IN_MEMORY: tl.constexpr):
     # element i is kept when the i-th Philox number of the seed is ≥ p: the same mask for the same seed
-    # and shape on every call, so the backward draws it again instead of saving it
+    # and shape on every call, so the backward draws it again instead of saving it. SEED_IN_MEMORY: the seed
+    # is read from seed_ptr (drawn on the device, anew by each replay of a CUDA graph)
     offs = tl.program_id(0) * BLOCK + tl.arange(0, BLOCK)
     mask = offs < n
     x = tl.load(x_ptr + offs, mask=mask, other=0.0)
-    keep = tl.rand(seed, offs) >= p
+    if SEED_IN_MEMORY:
+        keep = tl.rand(tl.load(seed_ptr), offs) >= p
+    else:
+        keep = tl.rand(seed, offs) >= p
     tl.store(y_ptr + offs, tl.where(keep, x.to(tl.float32) * scale, 0.0).to(y_ptr.dtype.element_ty), mask=mask)
 
 
-def dropout(x: torch.Tensor, p: float, seed: int) -> torch.Tensor:
-    """x ⊙ keep / (1 - p) for a contiguous x, keep drawn from ``seed`` (one read and one write of x)."""
+def dropout(x: torch.Tensor, p: float, seed: int | torch.Tensor) -> torch.Tensor:
+    """x ⊙ keep / (1 - p) for a contiguous x, keep drawn from ``seed`` — a number, or a one-element integer
+    tensor on x's device read by the kernel — (one read and one write of x)."""
     n = x.numel()
     if n >= 2**31:
         raise ValueError(f"dropout's kernel indexes with int32: {n} elements is too many")
     y = torch.empty_like(x)
-    _dropout[(triton.cdiv(n, SWIGLU_BLOCK),)](x, y, n, p, 1.0 / (1.0 - p), seed, BLOCK=SWIGLU_BLOCK)
+    in_memory = torch.is_tensor(seed)
+    _dropout[(triton.cdiv(n, SWIGLU_BLOCK),)](x, y, n, p, 1.0 / (1.0 - p), 0 if in_memory else seed,
+                                              seed if in_memory else x, BLOCK=SWIGLU_BLOCK,
+                                              SEED_IN_MEMORY=in_memory)  # fmt: skip
     return y
 
 

@@ -24,8 +24,8 @@ bench/RESULTS.md). A replayed graph launches them all at once. What the replay n
   attention mask, the step warms up and captures with the model's SDPA attention under its own name, whose
   mask function leaves the causal mask to ``is_causal`` (no padding, no cache, no sliding window) and defers
   to transformers' otherwise;
-- no LoRA dropout: the fused QLoRA linear draws each call's mask from a generator seeded on the host,
-  which a replay would repeat;
+- LoRA dropout draws its seeds on the device while captured (`lora_fused.dropout_seed`), so each replay
+  draws new masks;
 - an input embedding offloaded to the CPU (`lowbit.train.offload`) looks its rows up outside the graph:
   the step then holds static ``inputs_embeds`` in place of ``input_ids``, filled before each replay. Give
   such a step its token ids on the CPU: ids on the GPU make the host wait for the previous replay to read them.
@@ -205,7 +205,6 @@ class GraphedBackward:
       never be replaced: zero them with ``zero_grad(set_to_none=False)``.
     - Batches without an attention mask or position ids run their attention through `causal_sdpa`.
     - ``autocast``: a factory of the autocast context to run the forward in (``cache_enabled=False``).
-    - No LoRA dropout in the fused QLoRA linear (its mask would repeat); torch's own dropout is graph-safe.
     - On the CPU it runs eagerly, so CI tests its bookkeeping.
     """
 

@@ -84,8 +84,8 @@ class TrainConfig:
     cuda_graphs: replay each micro-batch's forward and backward as a CUDA graph (graphed.GraphedBackward), one
         per padded batch shape (widths padded to a multiple of 64): an eager step of a quantized 8B model is
         bound by the host's kernel launches (bench/RESULTS.md). The optimizer step, clipping and the skip of
-        non-finite steps stay eager. One process; not with fp16, distillation, offloaded activations or
-        fused LoRA dropout; the gradients stay allocated between steps. On the CPU it runs eagerly.
+        non-finite steps stay eager. One process; not with fp16, distillation or offloaded activations; the
+        gradients stay allocated between steps. On the CPU it runs eagerly.
     fused_kernels: swap in lowbit.kernels' fused RMSNorm, SwiGLU MLP, QLoRA linear and chunked cross-entropy
         (Llama / Qwen2 / Mistral; other modules stay as they are). Distillation and prompt tuning keep the
         logits-based loss. None (default): on when the model is on a CUDA device, where they measured 2×
