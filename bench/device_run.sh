@@ -21,6 +21,7 @@
 #   bash bench/device_run.sh s18b         # the graph's extra memory by site; eager RoPE/CPU ids; graphs again
 #   bash bench/device_run.sh s18c         # graphs with the causal mask left to SDPA: memory, then @10–@14
 #   bash bench/device_run.sh s18d         # lowbit.train.train with and without cuda_graphs
+#   bash bench/device_run.sh s18e         # LoRA dropout inside the graphs
 #   bash bench/device_run.sh longest      # memory estimator; fused vs unfused loss curves (carry smol_cfg too);
 #                                         # QLoRA step training peaks; the longest sequence each contender fits
 # from the repository root on the device, with bitsandbytes' wheel carried in .whl/ (see RESULTS.md).
@@ -213,6 +214,10 @@ case ${1:-kernels} in
   s18d)  # the trainer with cuda_graphs: several graph widths on 2 blocks, then 32 blocks @12
     part train_widths 120 python3 bench/train_graphs.py --layers 2 --lengths 700,1500,2048 --steps 12
     part train_32 200 python3 bench/train_graphs.py --layers 32 --checkpoint 12 --steps 8
+    ;;
+  s18e)  # LoRA dropout inside the graphs
+    part dropout 90 python3 bench/graph_check.py dropout
+    part train_dropout 150 python3 bench/train_graphs.py --layers 32 --checkpoint 12 --steps 6 --dropout 0.05
     ;;
 esac
 tar czf "$OUT/results-${1:-kernels}.tgz" -C "$RES" .

@@ -2,6 +2,7 @@
 (a failed capture leaves the CUDA context unusable), a small Llama-shaped model, 4 steps each way.
 
     python3 bench/graph_check.py                      # on a GPU: every variant, one line each
+    python3 bench/graph_check.py dropout              # LoRA dropout draws new masks on each replay
 """
 
 from __future__ import annotations
@@ -34,8 +35,33 @@ def one(kind: str) -> None:
     print(f"{kind}: captured; losses graph {losses[0]} eager {losses[1]} ({'agree' if same else 'DIFFER'})")
 
 
+def dropout_replays() -> None:
+    """LoRA dropout in a captured backward: two replays of one batch must draw different masks (different
+    losses), as two eager calls do."""
+    import torch
+
+    from qlora_step import build_model, lowbit_qlora
+
+    from lowbit.kernels import fuse_for_training
+    from lowbit.train.graphed import GraphedBackward
+
+    model = lowbit_qlora(build_model(SHAPE, 2, "cuda"), dropout=0.5)
+    fuse_for_training(model)
+    for p in model.parameters():
+        if p.requires_grad:
+            p.grad = torch.zeros_like(p)
+    ids = torch.randint(0, SHAPE["vocab_size"], (1, 256), device="cuda")
+    graphed = GraphedBackward(model, lambda m, b: m(**b).loss)
+    batch = {"input_ids": ids, "labels": ids}
+    losses = [graphed(batch, 1.0).item() for _ in range(3)]  # the first call captures, the others replay
+    differ = len(set(losses)) == len(losses)
+    print(f"dropout in the graph: losses {losses} ({'new masks each replay' if differ else 'MASKS REPEAT'})")
+
+
 if __name__ == "__main__":
-    if len(sys.argv) > 1:
+    if len(sys.argv) > 1 and sys.argv[1] == "dropout":
+        dropout_replays()
+    elif len(sys.argv) > 1:
         one(sys.argv[1])
     else:
         for kind in VARIANTS:

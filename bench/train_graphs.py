@@ -28,7 +28,7 @@ from lowbit.train import TrainConfig, train  # noqa: E402
 
 
 def run(graphs: bool, args, examples) -> dict:
-    model = lowbit_qlora(build_model(args.shape, args.layers, args.device))
+    model = lowbit_qlora(build_model(args.shape, args.layers, args.device), dropout=args.dropout)
     if args.device == "cuda":
         torch.cuda.empty_cache()
         torch.cuda.reset_peak_memory_stats()
@@ -49,6 +49,8 @@ def main() -> None:
     parser.add_argument("--checkpoint", type=int, default=12, help="blocks to recompute")
     parser.add_argument("--steps", type=int, default=8)
     parser.add_argument("--lengths", default="2048", help="example lengths, cycled")
+    parser.add_argument("--dropout", type=float, default=0.0, help="LoRA dropout (the losses then differ a little: "
+                        "other masks)")  # fmt: skip
     parser.add_argument("--tiny", action="store_true", help="CPU smoke run on a tiny shape (graphs run eagerly)")
     args = parser.parse_args()
     args.shape, args.device = (TINY, "cpu") if args.tiny else (LLAMA3_8B, "cuda")
