@@ -60,16 +60,21 @@ def quantize_blockwise(
     return quantize_blocks(x, codebook.to(x.device), block_size)
 
 
-def quantize_blocks(x: torch.Tensor, codebook: torch.Tensor, block_size: int) -> tuple[torch.Tensor, torch.Tensor]:
+def quantize_blocks(x: torch.Tensor, codebook: torch.Tensor, block_size: int,
+                    keep_positive: bool = False) -> tuple[torch.Tensor, torch.Tensor]:  # fmt: skip
     """`quantize_blockwise` for hot loops: no input checks (the finiteness check synchronises with the
-    device) and the codebook already on x's device."""
+    device) and the codebook already on x's device. ``keep_positive``: a positive value whose nearest code
+    is zero (or negative) gets the smallest positive code instead (Adam's second moment: see AdamW8bit)."""
     n = x.numel()
     blocks = _blocks(x.detach().reshape(-1).float(), block_size)  # (nb, B)
     absmax = blocks.abs().amax(dim=1)  # (nb,)
     # Multiply by the reciprocal (not divide) and clamp, exactly as bitsandbytes does, so codes
     # agree bit for bit; the clamp keeps all-zero blocks at code "0.0" instead of NaN.
-    scaled = (blocks * (1.0 / absmax.clamp(min=1e-38)).unsqueeze(1)).clamp(-1, 1)
-    codes = nearest_code(scaled.reshape(-1)[:n], codebook)
+    scaled = (blocks * (1.0 / absmax.clamp(min=1e-38)).unsqueeze(1)).clamp(-1, 1).reshape(-1)[:n]
+    codes = nearest_code(scaled, codebook)
+    if keep_positive:
+        smallest = torch.where(codebook > 0, codebook, float("inf")).argmin()
+        codes = torch.where((scaled > 0) & (codebook[codes.long()] <= 0), smallest.to(codes.dtype), codes)
     return codes.to(torch.uint8), absmax
 
 

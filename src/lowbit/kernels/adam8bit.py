@@ -46,25 +46,28 @@ class CodeSearch:
 
 
 @triton.jit
-def _nearest(x, boundaries_ptr, codes_ptr):
-    """Code of the nearest map value for each x: the number of boundaries strictly below x, as a code."""
+def _nearest(x, boundaries_ptr, codes_ptr, KEEP_POSITIVE: tl.constexpr):
+    """Code of the nearest map value for each x: the number of boundaries strictly below x, as a code.
+    KEEP_POSITIVE (an unsigned map, 0 in slot 0): a positive x gets at least slot 1, the smallest positive value."""
     slot = tl.zeros(x.shape, dtype=tl.int32)
     for step in tl.static_range(8):
         half = 128 >> step
         below = tl.load(boundaries_ptr + slot + (half - 1)) < x
         slot = tl.where(below, slot + half, slot)
+    if KEEP_POSITIVE:
+        slot = tl.where(x > 0, tl.maximum(slot, 1), slot)
     return tl.load(codes_ptr + slot)
 
 
 @triton.jit
-def _requantize(x, mask, code_ptr, absmax_ptr, offs, block, boundaries_ptr, codes_ptr):
+def _requantize(x, mask, code_ptr, absmax_ptr, offs, block, boundaries_ptr, codes_ptr, KEEP_POSITIVE: tl.constexpr):
     absmax = tl.max(tl.abs(x), axis=0)
     # the reciprocal, then a product, as the torch path does; the floor is an explicit float32 (Triton 3.6
     # types the literal 1e-38, subnormal in float32, as float64, which div_rn refuses)
     floor = tl.full(absmax.shape, 1e-38, tl.float32)
     inv = tl.div_rn(tl.full(absmax.shape, 1.0, tl.float32), tl.maximum(absmax, floor))
     scaled = tl.minimum(tl.maximum(x * inv, -1.0), 1.0)
-    tl.store(code_ptr + offs, _nearest(scaled, boundaries_ptr, codes_ptr).to(tl.uint8), mask=mask)
+    tl.store(code_ptr + offs, _nearest(scaled, boundaries_ptr, codes_ptr, KEEP_POSITIVE).to(tl.uint8), mask=mask)
     tl.store(absmax_ptr + block, absmax)
 
 
@@ -102,8 +105,8 @@ def _adamw8bit_kernel(table_ptr, block_tensor_ptr, block_first_ptr, scalars_ptr,
     denom = tl.sqrt_rn(v) / bias2_sqrt + eps
     p = p * decay - step_size * tl.div_rn(m, denom)
     tl.store(p_ptr + offs, p.to(P_DTYPE), mask=mask)
-    _requantize(m, mask, m_code_ptr, m_absmax_ptr, offs, block, m_bounds_ptr, m_codes_ptr)
-    _requantize(v, mask, v_code_ptr, v_absmax_ptr, offs, block, v_bounds_ptr, v_codes_ptr)
+    _requantize(m, mask, m_code_ptr, m_absmax_ptr, offs, block, m_bounds_ptr, m_codes_ptr, False)
+    _requantize(v, mask, v_code_ptr, v_absmax_ptr, offs, block, v_bounds_ptr, v_codes_ptr, True)  # see AdamW8bit
 
 
 TRITON_DTYPES = {torch.float32: tl.float32, torch.bfloat16: tl.bfloat16, torch.float16: tl.float16}

@@ -12,7 +12,11 @@ into blocks (default 2048 values), each block is divided by its absolute maximum
 replaced by the nearest entry of an 8-bit "dynamic" map (paper §2.1, Dettmers 2015): a float-like code
 with a variable split between exponent and fraction, dense near zero, so both tiny and large moments
 keep a few significant digits. m is signed and uses the signed map (`lowbit.formats.dynamic_codebook`);
-v ≥ 0 uses the unsigned map, which spends the sign bit on one more fraction bit. Per-block scaling
+v ≥ 0 uses the unsigned map, which spends the sign bit on one more fraction bit. A positive v never
+becomes code 0: rounded to zero, an entry whose gradients are tiny next to its block's largest (v below
+~1.6e-7 of the block's absmax) would divide its m by ε alone on the next step, an update of ~100× lr
+(measured on random gradients: 1.45 after 25 steps of lr 1e-3). It gets the smallest positive code, which
+overestimates such a v and so only shrinks its update. Per-block scaling
 confines an outlier's damage to its own block, which is what makes 8-bit states stable.
 
 State cost: 2 bytes per parameter + 2·4 bytes per block (≈ 2.004 B/param at block 2048) instead of 8.
@@ -161,7 +165,8 @@ class AdamW8bit(torch.optim.Optimizer):
         signed, unsigned = self._codebooks(m.device)
         for x, codebook, name in ((m, signed, "exp_avg"), (v, unsigned, "exp_avg_sq")):
             # the moments are finite whenever the gradients are (a trainer skips non-finite steps)
-            state[f"{name}_codes"], state[f"{name}_absmax"] = quantize_blocks(x, codebook, block_size)
+            state[f"{name}_codes"], state[f"{name}_absmax"] = quantize_blocks(x, codebook, block_size,
+                                                                              keep_positive=name == "exp_avg_sq")  # fmt: skip
 
     @torch.no_grad()
     def step(self, closure=None):
