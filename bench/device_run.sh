@@ -22,6 +22,7 @@
 #   bash bench/device_run.sh s18c         # graphs with the causal mask left to SDPA: memory, then @10–@14
 #   bash bench/device_run.sh s18d         # lowbit.train.train with and without cuda_graphs
 #   bash bench/device_run.sh s18e         # LoRA dropout inside the graphs
+#   bash bench/device_run.sh s19a         # next session first: dropout in graphs, 8-bit AdamW drift, 32 blocks again
 #   bash bench/device_run.sh longest      # memory estimator; fused vs unfused loss curves (carry smol_cfg too);
 #                                         # QLoRA step training peaks; the longest sequence each contender fits
 # from the repository root on the device, with bitsandbytes' wheel carried in .whl/ (see RESULTS.md).
@@ -217,6 +218,16 @@ case ${1:-kernels} in
     ;;
   s18e)  # LoRA dropout inside the graphs
     part dropout 90 python3 bench/graph_check.py dropout
+    part train_dropout 150 python3 bench/train_graphs.py --layers 32 --checkpoint 12 --steps 6 --dropout 0.05
+    ;;
+  s19a)  # next session (~6 min): LoRA dropout in graphs (s18e), the 8-bit AdamW after the v floor (drift, speed),
+         # then the 32-block graph step and the graphed trainer again beside peft+bnb
+    part dropout 90 python3 bench/graph_check.py dropout
+    part optimizer 150 python3 bench/optimizer_step.py --out "$RES"
+    part peft 90 python3 bench/qlora_step.py --out "$RES/32/peft" --steps 4 --configs 32:2048:1 --no-profile \
+      --kinds peft+bnb
+    part q32_graph 90 python3 bench/qlora_step.py --out "$RES/32/graph" --steps 4 --configs 32:2048:1 --no-profile \
+      --kinds lowbit-fused@12+graph+embcpu+adam8bit
     part train_dropout 150 python3 bench/train_graphs.py --layers 32 --checkpoint 12 --steps 6 --dropout 0.05
     ;;
 esac
