@@ -75,6 +75,8 @@ def main() -> int:
                                    dict(BLOCK=1024, SEED_IN_MEMORY=False))  # fmt: skip
     cases["LoRA dropout, seed in memory"] = (train_triton._dropout, ["*bf16", "*bf16", "i32", "fp32", "fp32", "i64",
                                                                     "*i64"], dict(BLOCK=1024, SEED_IN_MEMORY=True))  # fmt: skip
+    cases["GeGLU forward, bf16"] = (train_triton._swiglu_fwd, ["*bf16"] * 3 + ["i64"], dict(BLOCK=1024, GELU=True))
+    cases["GeGLU backward, bf16"] = (train_triton._swiglu_bwd, ["*bf16"] * 5 + ["i64"], dict(BLOCK=1024, GELU=True))
     # q, k, cos, sin, yq, yk; T, HQ, HK, half; 4 strides each of q, yq, k, yk; 3 of cos/sin
     cases["RoPE of q and k, bf16"] = (train_triton._rope, ["*bf16"] * 6 + ["i32"] * 4 + ["i64"] * 19,
                                       dict(BACKWARD=True, BHQ=32, BHK=8, BD=64))  # fmt: skip

@@ -43,10 +43,11 @@ def test_fuse_replaces_norms_mlps_lora_and_loss():
     keys = model.state_dict().keys()
     counts = fuse_for_training(model)
     # 2 layers × (input + post-attention norm) + the final norm; 2 MLPs; 2 × 7 LoRA-wrapped QuantLinears
-    assert counts == {"rms_norm": 5, "swiglu_mlp": 2, "qlora_linear": 14, "rope": 2, "loss": 1}
+    assert counts == {"rms_norm": 5, "swiglu_mlp": 2, "geglu_mlp": 0, "qlora_linear": 14, "rope": 2, "loss": 1}
     assert model.state_dict().keys() == keys  # the same parameters under the same names
     qwen = _qlora(tiny_qwen2())
-    assert fuse_for_training(qwen) == {"rms_norm": 5, "swiglu_mlp": 2, "qlora_linear": 14, "rope": 2, "loss": 1}
+    assert fuse_for_training(qwen) == {"rms_norm": 5, "swiglu_mlp": 2, "geglu_mlp": 0, "qlora_linear": 14, "rope": 2,
+                                       "loss": 1}  # fmt: skip
     assert fuse_for_training(qwen)["rope"] == 0  # already routed
 
 
@@ -262,3 +263,20 @@ def test_trainer_says_what_it_fused(capsys):
     gpt2 = GPT2LMHeadModel(GPT2Config(n_embd=32, n_layer=1, n_head=2, vocab_size=300, n_positions=256))
     with pytest.warns(UserWarning, match="no module the fused kernels replace"):
         train(gpt2, examples, cfg, pad_token_id=tok.pad_token_id)
+
+
+def test_gemma_mlps_run_the_fused_geglu():
+    """Gemma's MLP (gelu_pytorch_tanh, GeGLU) is fused; its own norms ((1 + w) scaling), attention and head stay.
+    Ten QLoRA steps follow the unfused model's losses."""
+    from transformers import GemmaConfig, GemmaForCausalLM
+
+    torch.manual_seed(0)
+    config = GemmaConfig(vocab_size=300, hidden_size=64, intermediate_size=160, num_hidden_layers=2,
+                         num_attention_heads=4, num_key_value_heads=2, head_dim=16, hidden_activation="gelu_pytorch_tanh")  # fmt: skip
+    unfused = _qlora(GemmaForCausalLM(config))
+    fused = copy.deepcopy(unfused)
+    counts = fuse_for_training(fused)
+    assert counts == {"rms_norm": 0, "swiglu_mlp": 0, "geglu_mlp": 2, "qlora_linear": 14, "rope": 0, "loss": 0}
+    assert fused.state_dict().keys() == unfused.state_dict().keys()
+    want, got = _train(unfused), _train(fused)
+    assert max(abs(a - b) for a, b in zip(got, want)) < 1e-4 and got[-1] < got[0]

@@ -42,3 +42,23 @@ def test_swiglu_mlp_is_the_llama_mlp():
     x = torch.randn(2, 3, 16, dtype=torch.float64)
     assert torch.allclose(fused(x), mlp(x), rtol=1e-12, atol=1e-12)
     assert fused.state_dict().keys() == mlp.state_dict().keys()
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+@pytest.mark.parametrize("dtype, tol", [(torch.float64, 1e-12), (torch.bfloat16, 1e-2)])
+def test_geglu_matches_transformers_gelu_tanh(backend, dtype, tol):
+    """GeGLU: ACT2FN["gelu_pytorch_tanh"](gate) * up (Gemma's MLP), forward and the hand-written backward."""
+    from lowbit.kernels.swiglu import geglu
+
+    torch.manual_seed(1)
+    gate = (torch.randn(3, 5, 70) * 3).to(dtype).requires_grad_()
+    up = torch.randn(3, 5, 70).to(dtype).requires_grad_()
+    dy = torch.randn(3, 5, 70).to(dtype)
+    g_ref, u_ref = gate.detach().clone().requires_grad_(), up.detach().clone().requires_grad_()
+    y_ref = ACT2FN["gelu_pytorch_tanh"](g_ref) * u_ref
+    y_ref.backward(dy)
+    y = geglu(gate, up, backend)
+    y.backward(dy)
+    tol = max(tol, 1e-6) if backend == "triton" else tol
+    for got, want in ((y, y_ref), (gate.grad, g_ref.grad), (up.grad, u_ref.grad)):
+        assert ((got.double() - want.double()).norm() / want.double().norm()).item() < tol

@@ -4,7 +4,9 @@ What it changes, each by replacing a module (the state dict, parameter objects a
 PEFT files stay the same):
 
 - every `LlamaRMSNorm` / `Qwen2RMSNorm` / `MistralRMSNorm` → `norms.FusedRMSNorm` (same weight);
-- every `LlamaMLP` / `Qwen2MLP` / `MistralMLP` with hidden_act "silu" → `swiglu.SwiGLUMLP` (same projections);
+- every `LlamaMLP` / `Qwen2MLP` / `Qwen3MLP` / `MistralMLP` with a SiLU activation, and every `GemmaMLP` /
+  `Gemma2MLP` / `Gemma3MLP` with GELU's tanh approximation (GeGLU) → `swiglu.SwiGLUMLP` (same projections;
+  Gemma's norms, attention and soft-capped head stay as they are);
 - every `LoraLinear` over a `QuantLinear` → `lora_fused.FusedLoraLinear` (same adapters);
 - every `LlamaAttention` / `Qwen2Attention` / `MistralAttention` runs its RoPE through `rope.apply_rope`:
   transformers calls `apply_rotary_pos_emb` as a module global, so the instance gets its class's own
@@ -37,22 +39,24 @@ from lowbit.nn.quant_linear import QuantLinear
 from lowbit.peft.lora import LoraLinear
 
 RMS_NORMS = ("LlamaRMSNorm", "Qwen2RMSNorm", "MistralRMSNorm")  # x·rsqrt(mean x² + ε)·w; not Gemma's (1 + w)
-SWIGLU_MLPS = ("LlamaMLP", "Qwen2MLP", "MistralMLP")
+GATED_MLPS = ("LlamaMLP", "Qwen2MLP", "Qwen3MLP", "MistralMLP", "GemmaMLP", "Gemma2MLP", "Gemma3MLP")
+# transformers' activation modules → the fused op's activation
+MLP_ACTIVATIONS = {"SiLU": "silu", "SiLUActivation": "silu", "GELUTanh": "gelu_tanh", "PytorchGELUTanh": "gelu_tanh"}
 ROPE_ATTENTIONS = ("LlamaAttention", "Qwen2Attention", "MistralAttention")  # full-width rotary, (B, H, T, D)
 ROPE_NAME = "apply_rotary_pos_emb"
 CACHE_ARGS = ("cache", "past_key_values", "past_key_value")
 
 
-def _is_silu(mlp: nn.Module) -> bool:
-    return getattr(getattr(mlp, "config", None), "hidden_act", None) == "silu"
+def _mlp_activation(mlp: nn.Module) -> str | None:
+    return MLP_ACTIVATIONS.get(type(getattr(mlp, "act_fn", None)).__name__)
 
 
 def _replacement(module: nn.Module, backend: str, norms: bool, mlp: bool, lora: bool) -> nn.Module | None:
     kind = type(module).__name__
     if norms and kind in RMS_NORMS:
         return FusedRMSNorm.from_module(module, backend)
-    if mlp and kind in SWIGLU_MLPS and _is_silu(module):
-        return SwiGLUMLP.from_module(module, backend)
+    if mlp and kind in GATED_MLPS and _mlp_activation(module) is not None:
+        return SwiGLUMLP.from_module(module, backend, _mlp_activation(module))
     if lora and type(module) is LoraLinear and isinstance(module.base_layer, QuantLinear):
         return FusedLoraLinear.from_lora(module)
     return None
@@ -140,15 +144,18 @@ def fuse_for_training(model: nn.Module, *, norms: bool = True, mlp: bool = True,
     (see `dispatch.use_triton`). Call it after quantizing and `apply_lora`, before building the optimizer
     or not — the parameters are the same objects.
     """
-    counts = {"rms_norm": 0, "swiglu_mlp": 0, "qlora_linear": 0, "rope": 0, "loss": 0}
-    names = {FusedRMSNorm: "rms_norm", SwiGLUMLP: "swiglu_mlp", FusedLoraLinear: "qlora_linear"}
+    counts = {"rms_norm": 0, "swiglu_mlp": 0, "geglu_mlp": 0, "qlora_linear": 0, "rope": 0, "loss": 0}
+    names = {FusedRMSNorm: "rms_norm", FusedLoraLinear: "qlora_linear"}
 
     def visit(parent: nn.Module) -> None:  # depth-first, into the replacements (a SwiGLUMLP's LoRA projections)
         for child_name, child in list(parent.named_children()):
             new = _replacement(child, backend, norms, mlp, lora)
             if new is not None:
                 setattr(parent, child_name, new)
-                counts[names[type(new)]] += 1
+                if isinstance(new, SwiGLUMLP):
+                    counts["swiglu_mlp" if new.activation == "silu" else "geglu_mlp"] += 1
+                else:
+                    counts[names[type(new)]] += 1
             visit(new if new is not None else child)
 
     visit(model)

@@ -160,11 +160,12 @@ class _SwiGLUQLora(torch.autograd.Function):
     keeping it."""
 
     @staticmethod
-    def forward(ctx, gate, up, lora_a, lora_b, bias, base: QuantLinear, scaling: float, dropout: float, backend: str):
+    def forward(ctx, gate, up, lora_a, lora_b, bias, base: QuantLinear, scaling: float, dropout: float, backend: str,
+                activation: str):  # fmt: skip
         check_pair(gate, up)
         gate, up = gate.contiguous(), up.contiguous()
-        ctx.triton = use_triton(gate, backend)
-        act = swiglu_values(gate, up, ctx.triton)
+        ctx.triton, ctx.activation = use_triton(gate, backend), activation
+        act = swiglu_values(gate, up, ctx.triton, activation)
         dtype = autocast_dtype(act.device, base.compute_dtype)
         ctx.dropout = (dropout, dropout_seed(dropout, gate.device), backend)
         with torch.autocast(act.device.type, enabled=False):
@@ -178,22 +179,26 @@ class _SwiGLUQLora(torch.autograd.Function):
     @torch.autocast("cpu", enabled=False)
     def backward(ctx, dy):
         gate, up, xa, lora_a, lora_b, bias = ctx.saved_tensors
-        act = swiglu_values(gate, up, ctx.triton)  # recomputed: one elementwise pass
+        act = swiglu_values(gate, up, ctx.triton, ctx.activation)  # recomputed: one elementwise pass
         x2 = act.reshape(-1, act.shape[-1]).to(ctx.dtype)
         needs = (any(ctx.needs_input_grad[:2]),) + ctx.needs_input_grad[2:5]
         dact, da, db, dbias = _backward(ctx, dy, x2, xa, lora_a, lora_b, bias, needs)
         dgate = dup = None
         if dact is not None:
-            dgate, dup = swiglu_grads(dact.reshape(gate.shape).to(gate.dtype).contiguous(), gate, up, ctx.triton)
-        return dgate, dup, da, db, dbias, None, None, None, None
+            dgate, dup = swiglu_grads(dact.reshape(gate.shape).to(gate.dtype).contiguous(), gate, up, ctx.triton,
+                                      ctx.activation)  # fmt: skip
+        return dgate, dup, da, db, dbias, None, None, None, None, None
 
 
 def swiglu_qlora(gate: torch.Tensor, up: torch.Tensor, base: QuantLinear, lora_a: torch.Tensor,
-                 lora_b: torch.Tensor, scaling: float, backend: str = "auto", dropout: float = 0.0) -> torch.Tensor:  # fmt: skip
-    """qlora_linear(silu(gate) ⊙ up, …) without keeping the product for backward: gate, up (…, K) → (…, N)."""
+                 lora_b: torch.Tensor, scaling: float, backend: str = "auto", dropout: float = 0.0,
+                 activation: str = "silu") -> torch.Tensor:  # fmt: skip
+    """qlora_linear(act(gate) ⊙ up, …) without keeping the product for backward: gate, up (…, K) → (…, N);
+    ``activation`` "silu" (SwiGLU) or "gelu_tanh" (GeGLU)."""
     if gate.shape[-1] != base.in_features:
         raise ValueError(f"expected gate and up (…, {base.in_features}), got {tuple(gate.shape)}")
-    return _SwiGLUQLora.apply(gate, up, lora_a, lora_b, base.bias, base, scaling, _check_p(dropout), backend)
+    return _SwiGLUQLora.apply(gate, up, lora_a, lora_b, base.bias, base, scaling, _check_p(dropout), backend,
+                              activation)  # fmt: skip
 
 
 def qlora_linear(x: torch.Tensor, base: QuantLinear, lora_a: torch.Tensor, lora_b: torch.Tensor,

@@ -79,27 +79,43 @@ def rms_norm_backward(dy: torch.Tensor, saved: torch.Tensor, weight: torch.Tenso
 
 
 @triton.jit
-def _swiglu_fwd(g_ptr, u_ptr, y_ptr, n, BLOCK: tl.constexpr):
+def _act_and_slope(g, GELU: tl.constexpr):
+    """(act(g), act'(g)) in float32: SiLU, or GELU's tanh approximation 0.5·g·(1 + tanh(√(2/π)·(g + 0.044715·g³)))
+    with tanh(z) = 2σ(2z) − 1."""
+    if GELU:
+        z = 0.7978845608028654 * (g + 0.044715 * g * g * g)
+        t = 2.0 * tl.sigmoid(2.0 * z) - 1.0
+        act = 0.5 * g * (1.0 + t)
+        slope = 0.5 * (1.0 + t) + 0.5 * g * (1.0 - t * t) * 0.7978845608028654 * (1.0 + 3.0 * 0.044715 * g * g)
+    else:
+        sig = tl.sigmoid(g)
+        act = g * sig
+        slope = sig * (1.0 + g * (1.0 - sig))
+    return act, slope
+
+
+@triton.jit
+def _swiglu_fwd(g_ptr, u_ptr, y_ptr, n, BLOCK: tl.constexpr, GELU: tl.constexpr):
     offs = tl.program_id(0).to(tl.int64) * BLOCK + tl.arange(0, BLOCK)
     mask = offs < n
     g = tl.load(g_ptr + offs, mask=mask, other=0.0).to(tl.float32)
     u = tl.load(u_ptr + offs, mask=mask, other=0.0).to(tl.float32)
-    # silu(g) is rounded to the activation dtype before the product, as act_fn(gate) * up does.
-    s = (g * tl.sigmoid(g)).to(y_ptr.dtype.element_ty).to(tl.float32)
-    tl.store(y_ptr + offs, (s * u).to(y_ptr.dtype.element_ty), mask=mask)
+    # act(g) is rounded to the activation dtype before the product, as act_fn(gate) * up does.
+    a = _act_and_slope(g, GELU)[0].to(y_ptr.dtype.element_ty).to(tl.float32)
+    tl.store(y_ptr + offs, (a * u).to(y_ptr.dtype.element_ty), mask=mask)
 
 
 @triton.jit
-def _swiglu_bwd(dy_ptr, g_ptr, u_ptr, dg_ptr, du_ptr, n, BLOCK: tl.constexpr):
-    # y = silu(g)·u:  du = dy·silu(g),  dg = dy·u·σ(g)·(1 + g·(1 − σ(g)))
+def _swiglu_bwd(dy_ptr, g_ptr, u_ptr, dg_ptr, du_ptr, n, BLOCK: tl.constexpr, GELU: tl.constexpr):
+    # y = act(g)·u:  du = dy·act(g),  dg = dy·u·act'(g)  (SiLU: act' = σ(g)·(1 + g·(1 − σ(g))))
     offs = tl.program_id(0).to(tl.int64) * BLOCK + tl.arange(0, BLOCK)
     mask = offs < n
     dy = tl.load(dy_ptr + offs, mask=mask, other=0.0).to(tl.float32)
     g = tl.load(g_ptr + offs, mask=mask, other=0.0).to(tl.float32)
     u = tl.load(u_ptr + offs, mask=mask, other=0.0).to(tl.float32)
-    sig = tl.sigmoid(g)
-    tl.store(du_ptr + offs, (dy * g * sig).to(du_ptr.dtype.element_ty), mask=mask)
-    tl.store(dg_ptr + offs, (dy * u * sig * (1.0 + g * (1.0 - sig))).to(dg_ptr.dtype.element_ty), mask=mask)
+    act, slope = _act_and_slope(g, GELU)
+    tl.store(du_ptr + offs, (dy * act).to(du_ptr.dtype.element_ty), mask=mask)
+    tl.store(dg_ptr + offs, (dy * u * slope).to(dg_ptr.dtype.element_ty), mask=mask)
 
 
 SWIGLU_BLOCK = 1024
@@ -134,17 +150,19 @@ def dropout(x: torch.Tensor, p: float, seed: int | torch.Tensor) -> torch.Tensor
     return y
 
 
-def swiglu_forward(gate: torch.Tensor, up: torch.Tensor) -> torch.Tensor:
+def swiglu_forward(gate: torch.Tensor, up: torch.Tensor, act: str = "silu") -> torch.Tensor:
+    """act(gate) ⊙ up, act "silu" or "gelu_tanh"."""
     y = torch.empty_like(gate)
     n = gate.numel()
-    _swiglu_fwd[(triton.cdiv(n, SWIGLU_BLOCK),)](gate, up, y, n, BLOCK=SWIGLU_BLOCK)
+    _swiglu_fwd[(triton.cdiv(n, SWIGLU_BLOCK),)](gate, up, y, n, BLOCK=SWIGLU_BLOCK, GELU=act == "gelu_tanh")
     return y
 
 
-def swiglu_backward(dy: torch.Tensor, gate: torch.Tensor, up: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+def swiglu_backward(dy: torch.Tensor, gate: torch.Tensor, up: torch.Tensor,
+                    act: str = "silu") -> tuple[torch.Tensor, torch.Tensor]:  # fmt: skip
     dg, du = torch.empty_like(gate), torch.empty_like(up)
     n = gate.numel()
-    _swiglu_bwd[(triton.cdiv(n, SWIGLU_BLOCK),)](dy, gate, up, dg, du, n, BLOCK=SWIGLU_BLOCK)
+    _swiglu_bwd[(triton.cdiv(n, SWIGLU_BLOCK),)](dy, gate, up, dg, du, n, BLOCK=SWIGLU_BLOCK, GELU=act == "gelu_tanh")
     return dg, du
 
 

@@ -530,7 +530,7 @@ def train(model: nn.Module, train_examples: Sequence[dict], config: TrainConfig 
         counts = fuse_for_training(model)
         loss_fused_here = has_fused_loss(model) and not was_fused
         if cfg.progress and rank_and_world()[0] == 0:
-            print("fused kernels: " + ", ".join(f"{n} {what}" for what, n in counts.items()))
+            print("fused kernels: " + ", ".join(f"{n} {what}" for what, n in counts.items() if n))
         if cfg.fused_kernels and not any(counts.values()):
             warnings.warn(f"fused_kernels=True but {type(model).__name__} has no module the fused kernels replace "
                           "(they cover Llama / Qwen2 / Mistral layouts and QLoRA linears)", stacklevel=2)  # fmt: skip
