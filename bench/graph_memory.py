@@ -1,6 +1,6 @@
 """Where a graph-replayed QLoRA step's extra memory comes from: the live tensors at the peak of each eager
-warm-up step against those at the peak of the captured step, grouped by the line that allocated them (--stacks) or by size,
-and which phase (forward, backward, optimizer) each peak falls in.
+warm-up step against those at the peak of the captured step, grouped by the line that allocated them
+(--stacks) or by size, and which phase (forward, backward, optimizer) each peak falls in.
 
     python3 bench/graph_memory.py --kind lowbit-fused@14+graph+embcpu+adam8bit --layers 32   # on a GPU
 

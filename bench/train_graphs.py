@@ -65,8 +65,8 @@ def main() -> None:
     results = {}
     for graphs in (False, True):
         results[graphs] = r = run(graphs, args, examples)
-        print(f"cuda_graphs={graphs}: {r['tokens_per_s']:.0f} tok/s, peak {r['peak_gib']:.2f} GiB, losses {r['losses']}",
-              flush=True)  # fmt: skip
+        print(f"cuda_graphs={graphs}: {r['tokens_per_s']:.0f} tok/s, peak {r['peak_gib']:.2f} GiB, "
+              f"losses {r['losses']}", flush=True)  # fmt: skip
     worst = max(abs(a - b) for a, b in zip(results[False]["losses"], results[True]["losses"]))
     print(f"graphed × eager: {results[True]['tokens_per_s'] / results[False]['tokens_per_s']:.2f}; "
           f"losses {'agree' if worst < 2e-2 else 'DIFFER'} (max |Δ| {worst:.2e})")

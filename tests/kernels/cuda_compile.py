@@ -71,10 +71,10 @@ def main() -> int:
     cases["gemv shared, x to float16 pairs"] = (lut4_gemv_shared._prepare_x_kernel, ["*bf16", "*i32", "*fp32", "*fp32",
                                                                                     "i32", "i32", "i32", "i32"],
                                                 dict(GS=128, SUMS=True, BLOCK=16384))  # fmt: skip
-    cases["LoRA dropout, bf16"] = (train_triton._dropout, ["*bf16", "*bf16", "i32", "fp32", "fp32", "i64", "*i64"],
-                                   dict(BLOCK=1024, SEED_IN_MEMORY=False))  # fmt: skip
-    cases["LoRA dropout, seed in memory"] = (train_triton._dropout, ["*bf16", "*bf16", "i32", "fp32", "fp32", "i64",
-                                                                    "*i64"], dict(BLOCK=1024, SEED_IN_MEMORY=True))  # fmt: skip
+    dropout_types = ["*bf16", "*bf16", "i32", "fp32", "fp32", "i64", "*i64"]  # x, y, n, p, scale, seed, seed_ptr
+    cases["LoRA dropout, bf16"] = (train_triton._dropout, dropout_types, dict(BLOCK=1024, SEED_IN_MEMORY=False))
+    cases["LoRA dropout, seed in memory"] = (train_triton._dropout, dropout_types,
+                                             dict(BLOCK=1024, SEED_IN_MEMORY=True))  # fmt: skip
     cases["GeGLU forward, bf16"] = (train_triton._swiglu_fwd, ["*bf16"] * 3 + ["i64"], dict(BLOCK=1024, GELU=True))
     cases["GeGLU backward, bf16"] = (train_triton._swiglu_bwd, ["*bf16"] * 5 + ["i64"], dict(BLOCK=1024, GELU=True))
     # q, k, cos, sin, yq, yk; T, HQ, HK, half; 4 strides each of q, yq, k, yk; 3 of cos/sin

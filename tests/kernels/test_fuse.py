@@ -272,7 +272,8 @@ def test_gemma_mlps_run_the_fused_geglu():
 
     torch.manual_seed(0)
     config = GemmaConfig(vocab_size=300, hidden_size=64, intermediate_size=160, num_hidden_layers=2,
-                         num_attention_heads=4, num_key_value_heads=2, head_dim=16, hidden_activation="gelu_pytorch_tanh")  # fmt: skip
+                         num_attention_heads=4, num_key_value_heads=2, head_dim=16,
+                         hidden_activation="gelu_pytorch_tanh")  # fmt: skip
     unfused = _qlora(GemmaForCausalLM(config))
     fused = copy.deepcopy(unfused)
     counts = fuse_for_training(fused)

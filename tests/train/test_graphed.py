@@ -83,8 +83,11 @@ def test_capture_leaves_the_causal_mask_to_sdpa(monkeypatch):
     assert model.config._attn_implementation == "sdpa"
     masks = []
     forward = sdpa.sdpa_attention_forward
-    monkeypatch.setattr(sdpa, "sdpa_attention_forward",
-                        lambda module, q, k, v, mask, **kw: masks.append(mask) or forward(module, q, k, v, mask, **kw))  # fmt: skip
+    def spy(module, q, k, v, mask, **kw):
+        masks.append(mask)
+        return forward(module, q, k, v, mask, **kw)
+
+    monkeypatch.setattr(sdpa, "sdpa_attention_forward", spy)
     from transformers.modeling_utils import ALL_ATTENTION_FUNCTIONS
 
     monkeypatch.setitem(ALL_ATTENTION_FUNCTIONS._global_mapping, "sdpa", sdpa.sdpa_attention_forward)
@@ -92,7 +95,8 @@ def test_capture_leaves_the_causal_mask_to_sdpa(monkeypatch):
     padding = torch.ones_like(ids)
     padding[0, :3] = 0
     with torch.no_grad():
-        want, want_padded = model(input_ids=ids, use_cache=False).logits, model(input_ids=ids, attention_mask=padding, use_cache=False).logits
+        want = model(input_ids=ids, use_cache=False).logits
+        want_padded = model(input_ids=ids, attention_mask=padding, use_cache=False).logits
         monkeypatch.setattr(torch.cuda, "is_current_stream_capturing", lambda: True)
         masks.clear()
         model(input_ids=ids, use_cache=False)

@@ -17,7 +17,8 @@ it keeps gate and up instead of their product and recomputes the product in the 
 LoRA dropout (peft's `lora_dropout`, on the LoRA path's input only) is drawn from a seed taken from torch's
 global generator (inside a CUDA graph capture: from the CUDA generator, on the device, so that each replay
 draws anew), and drawn again from it in the backward instead of saving the mask: the same distribution as
-`nn.Dropout`, other random numbers (on CUDA one Triton pass of Philox numbers). `FusedLoraLinear` runs these Functions when a layer
+`nn.Dropout`, other random numbers (on CUDA one Triton pass of Philox numbers). `FusedLoraLinear` runs these
+Functions when a layer
 has exactly one active, unmerged adapter; any other state runs `LoraLinear.forward` unchanged.
 """
 

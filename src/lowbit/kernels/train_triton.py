@@ -80,8 +80,8 @@ def rms_norm_backward(dy: torch.Tensor, saved: torch.Tensor, weight: torch.Tenso
 
 @triton.jit
 def _act_and_slope(g, GELU: tl.constexpr):
-    """(act(g), act'(g)) in float32: SiLU, or GELU's tanh approximation 0.5·g·(1 + tanh(√(2/π)·(g + 0.044715·g³)))
-    with tanh(z) = 2σ(2z) − 1."""
+    """(act(g), act'(g)) in float32: SiLU, or GELU's tanh approximation
+    0.5·g·(1 + tanh(√(2/π)·(g + 0.044715·g³))) with tanh(z) = 2σ(2z) − 1."""
     if GELU:
         z = 0.7978845608028654 * (g + 0.044715 * g * g * g)
         t = 2.0 * tl.sigmoid(2.0 * z) - 1.0

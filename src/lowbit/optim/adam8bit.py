@@ -165,8 +165,8 @@ class AdamW8bit(torch.optim.Optimizer):
         signed, unsigned = self._codebooks(m.device)
         for x, codebook, name in ((m, signed, "exp_avg"), (v, unsigned, "exp_avg_sq")):
             # the moments are finite whenever the gradients are (a trainer skips non-finite steps)
-            state[f"{name}_codes"], state[f"{name}_absmax"] = quantize_blocks(x, codebook, block_size,
-                                                                              keep_positive=name == "exp_avg_sq")  # fmt: skip
+            codes, absmax = quantize_blocks(x, codebook, block_size, keep_positive=name == "exp_avg_sq")
+            state[f"{name}_codes"], state[f"{name}_absmax"] = codes, absmax
 
     @torch.no_grad()
     def step(self, closure=None):

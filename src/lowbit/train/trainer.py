@@ -46,8 +46,8 @@ from lowbit.train import checkpoint as ckpt
 from lowbit.train.data import IGNORE_INDEX, collate
 from lowbit.train.distill import DistillConfig, distillation_loss
 from lowbit.train.distributed import STRATEGIES, all_reduce_sum, loss_scale, rank_and_world, wrap_model
-from lowbit.train.metrics import PLOT_NAME, MetricsLog, memory_mb, plot_loss_curve, read_metrics
 from lowbit.train.graphed import GraphedBackward
+from lowbit.train.metrics import PLOT_NAME, MetricsLog, memory_mb, plot_loss_curve, read_metrics
 from lowbit.train.offload import embeddings_offloaded, offload_embeddings, offloaded_activations, restore_embeddings
 from lowbit.train.schedule import SCHEDULES, make_scheduler
 
@@ -365,7 +365,9 @@ def batch_loss(model: nn.Module, batch: dict, teacher: nn.Module | None = None,
 def _autocast(device: torch.device, precision: str, cache: bool = True):
     """``cache=False`` for a CUDA graph: autocast's cache of cast weights would outlive the capture."""
     dtype = PRECISIONS[precision]
-    return torch.autocast(device.type, dtype=dtype, cache_enabled=cache) if dtype is not None else contextlib.nullcontext()
+    if dtype is None:
+        return contextlib.nullcontext()
+    return torch.autocast(device.type, dtype=dtype, cache_enabled=cache)
 
 
 def train_step(module: nn.Module, micro_batches: list[dict], n_items: int, optimizer, cfg: TrainConfig,
