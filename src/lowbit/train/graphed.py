@@ -251,10 +251,14 @@ class GraphedBackward:
                     del warm
             torch.cuda.current_stream().wait_stream(stream)
             graph = torch.cuda.CUDAGraph()
-            with torch.cuda.graph(graph, pool=self.pool):
-                with self.autocast():
-                    loss = self.loss_fn(self.model, static)
-                (loss * scale).backward()
+            try:
+                with torch.cuda.graph(graph, pool=self.pool):
+                    with self.autocast():
+                        loss = self.loss_fn(self.model, static)
+                    (loss * scale).backward()
+            except RuntimeError as e:  # an op that synchronises with the host, or one CUDA graphs do not support
+                raise RuntimeError(f"this model's forward and backward cannot be captured as a CUDA graph ({e}); "
+                                   "train without cuda_graphs") from e  # fmt: skip
         self.pool = self.pool or graph.pool()
         self.graphs[signature] = entry = (graph, static, scale, loss.detach())
         return entry
