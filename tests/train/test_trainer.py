@@ -308,14 +308,16 @@ def test_checkpoint_layers_auto_follows_the_memory_budget(sft, tok):
         TrainConfig(gradient_checkpointing=True, memory_budget_gib=10)
 
 
-def test_cuda_graphs_train_like_the_plain_loop(sft, tok):
+@pytest.mark.parametrize("precision", ["fp32", "bf16"])
+def test_cuda_graphs_train_like_the_plain_loop(sft, tok, precision):
     """With cuda_graphs (eager on the CPU): batches padded to widths of 64, micro-batches accumulating into
-    gradients kept between steps, masks of unpadded batches dropped — same losses and weights as without.
-    (The graphs themselves are checked on a GPU: bench/graph_check.py.)"""
+    gradients kept between steps, masks of unpadded batches dropped, autocast without its cache — same losses
+    and weights as without. (The graphs themselves run on a GPU: bench/train_graphs.py.)"""
     runs = []
     for graphs in (False, True):
         model = lora_llama(quantized=True)
-        cfg = TrainConfig(max_steps=3, batch_size=2, grad_accum=2, lr=1e-2, cuda_graphs=graphs, **FAST)
+        cfg = TrainConfig(max_steps=3, batch_size=2, grad_accum=2, lr=1e-2, cuda_graphs=graphs, precision=precision,
+                          **FAST)  # fmt: skip
         if graphs:
             with pytest.warns(UserWarning, match="not on a CUDA device"):
                 result = train(model, sft, cfg, pad_token_id=tok.pad_token_id)
@@ -323,10 +325,13 @@ def test_cuda_graphs_train_like_the_plain_loop(sft, tok):
         else:
             result = train(model, sft, cfg, pad_token_id=tok.pad_token_id)
         runs.append((result.losses, trainable(model)))
-    assert runs[1][0] == pytest.approx(runs[0][0], rel=1e-5)
     # The wider padding reassociates float32 sums (~1e-7); Adam turns that into up to ~1e-5 on near-zero gradient
-    # entries after 3 steps of lr 1e-2. A lost scale or accumulation would move weights by ~lr.
-    for name, value in runs[0][1].items():
+    # entries after 3 steps of lr 1e-2, while a lost micro-batch turns the gradient and moves weights by ~lr (the
+    # gradient's scale, which Adam does not see, is checked in test_graphed.py). Under bf16 autocast the padded
+    # matmuls round differently, ~1e-2 of a gradient, which Adam can turn into ~lr on such entries: the losses only.
+    fp32 = precision == "fp32"
+    assert runs[1][0] == pytest.approx(runs[0][0], rel=1e-5 if fp32 else 2e-3)
+    for name, value in runs[0][1].items() if fp32 else ():
         torch.testing.assert_close(runs[1][1][name], value, rtol=0, atol=3e-5, msg=name)
 
 
