@@ -608,7 +608,9 @@ def _loop(module, model, examples, eval_examples, cfg, pad, state, optimizer, sc
     while state["step"] < cfg.max_steps:
         start = time.perf_counter()
         micro, tokens = _micro_batches(sampler, examples, cfg, pad)
-        n_items = int(all_reduce_sum(torch.tensor(sum(loss_items(b) for b in micro), device=_device(model))))
+        n_items = sum(loss_items(b) for b in micro)
+        if rank_and_world()[1] > 1:  # (one process: no round trip through the device, which waits for its queue)
+            n_items = int(all_reduce_sum(torch.tensor(n_items, device=_device(model))))
         lr = scheduler.get_last_lr()[0]
         loss, norm = train_step(module, micro, max(n_items, 1), optimizer, cfg, scaler, teacher, distill, graphed)
         scheduler.step()
