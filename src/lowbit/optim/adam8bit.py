@@ -42,7 +42,7 @@ import torch
 
 from lowbit.formats.blockwise import dequantize_blockwise, quantize_blocks
 from lowbit.formats.codebooks import dynamic_codebook
-from lowbit.optim.paged import fetch_state, offload_state
+from lowbit.optim.paged import fetch_state, offload_state, wait_offloaded
 
 QUANTIZED_KEYS = ("exp_avg_codes", "exp_avg_sq_codes")
 ABSMAX_KEYS = ("exp_avg_absmax", "exp_avg_sq_absmax")
@@ -204,6 +204,8 @@ class AdamW8bit(torch.optim.Optimizer):
                 offload_state(state, group["paged"])
             for fused_params in fused.values():
                 self._fused_step(fused_params, group)
+            if group["paged"]:
+                wait_offloaded(params)
         return loss
 
     def _advance(self, p: torch.Tensor, group: dict) -> dict:
