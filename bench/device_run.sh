@@ -23,6 +23,7 @@
 #   bash bench/device_run.sh s18d         # lowbit.train.train with and without cuda_graphs
 #   bash bench/device_run.sh s18e         # LoRA dropout inside the graphs
 #   bash bench/device_run.sh s19a         # next session first: dropout in graphs, 8-bit AdamW drift, 32 blocks again
+#   bash bench/device_run.sh s19b         # LoRA dropout in graphs (B factors nonzero); the GEMV launch sweep and roofs
 #   bash bench/device_run.sh longest      # memory estimator; fused vs unfused loss curves (carry smol_cfg too);
 #                                         # QLoRA step training peaks; the longest sequence each contender fits
 # from the repository root on the device, with bitsandbytes' wheel carried in .whl/ (see RESULTS.md).
@@ -229,6 +230,10 @@ case ${1:-kernels} in
     part q32_graph 90 python3 bench/qlora_step.py --out "$RES/32/graph" --steps 4 --configs 32:2048:1 --no-profile \
       --kinds lowbit-fused@12+graph+embcpu+adam8bit
     part train_dropout 150 python3 bench/train_graphs.py --layers 32 --checkpoint 12 --steps 6 --dropout 0.05
+    ;;
+  s19b)  # LoRA dropout in graphs, checked with nonzero B; batch-1 GEMV roofs and launch sweep (pipelined loops)
+    part dropout 80 python3 bench/graph_check.py dropout
+    part sweep 480 python3 bench/gemv_sweep.py --out "$RES"
     ;;
 esac
 tar czf "$OUT/results-${1:-kernels}.tgz" -C "$RES" .

@@ -37,7 +37,8 @@ def one(kind: str) -> None:
 
 def dropout_replays() -> None:
     """LoRA dropout in a captured backward: two replays of one batch must draw different masks (different
-    losses), as two eager calls do."""
+    losses), as two eager calls do. The B factors are made nonzero first: at their zero init the LoRA path
+    adds nothing, whatever its mask (session 19's first run printed equal losses for that reason)."""
     import torch
 
     from qlora_step import build_model, lowbit_qlora
@@ -47,6 +48,10 @@ def dropout_replays() -> None:
 
     model = lowbit_qlora(build_model(SHAPE, 2, "cuda"), dropout=0.5)
     fuse_for_training(model)
+    with torch.no_grad():
+        for name, p in model.named_parameters():
+            if "lora_b" in name.lower():
+                p.normal_(std=0.05)
     for p in model.parameters():
         if p.requires_grad:
             p.grad = torch.zeros_like(p)

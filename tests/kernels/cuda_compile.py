@@ -36,14 +36,17 @@ def main() -> int:
     asm = lookup_asm(fp16_bits(_device_table("nf4", torch.device("cpu"))))
     cases = {
         "gemv bf16, register table": (lut4_gemv._lut4_gemv_kernel, ["*bf16", "*bf16", *POINTERS] + ["i32"] * 7,
-                                      LAYOUT | dict(LUT_ASM=asm, BM=1, BN=8, BK=512, AHEAD=False)),
+                                      LAYOUT | dict(LUT_ASM=asm, BM=1, BN=8, BK=512, AHEAD=False, STAGES=1)),
+        "gemv bf16, register table, pipelined 4 stages": (
+            lut4_gemv._lut4_gemv_kernel, ["*bf16", "*bf16", *POINTERS] + ["i32"] * 7,
+            LAYOUT | dict(LUT_ASM=asm, BM=1, BN=8, BK=512, AHEAD=False, STAGES=4)),
         "gemv bf16, register table, loads a step ahead": (
             lut4_gemv._lut4_gemv_kernel, ["*bf16", "*bf16", *POINTERS] + ["i32"] * 7,
-            LAYOUT | dict(LUT_ASM=asm, BM=1, BN=8, BK=512, AHEAD=True)),
+            LAYOUT | dict(LUT_ASM=asm, BM=1, BN=8, BK=512, AHEAD=True, STAGES=1)),
         "gemv fp32, memory table": (lut4_gemv._lut4_gemv_kernel, ["*fp32", "*fp32", *POINTERS] + ["i32"] * 7,
-                                    LAYOUT | dict(LUT_ASM="", BM=1, BN=8, BK=512, AHEAD=False)),
+                                    LAYOUT | dict(LUT_ASM="", BM=1, BN=8, BK=512, AHEAD=False, STAGES=1)),
         "gemv bf16 M=4": (lut4_gemv._lut4_gemv_kernel, ["*bf16", "*bf16", *POINTERS] + ["i32"] * 7,
-                          LAYOUT | dict(LUT_ASM=asm, BM=4, BN=8, BK=256, AHEAD=False)),
+                          LAYOUT | dict(LUT_ASM=asm, BM=4, BN=8, BK=256, AHEAD=False, STAGES=3)),
         "dequantize to bf16": (lut4_gemm._lut4_dequant_kernel, ["*bf16", *POINTERS] + ["i32"] * 4,
                                LAYOUT | dict(LUT_ASM=asm, BN=16, BK=256, TILES=1)),
         "dequantize to bf16, 4 tiles a program": (lut4_gemm._lut4_dequant_kernel, ["*bf16", *POINTERS] + ["i32"] * 4,
@@ -64,10 +67,10 @@ def main() -> int:
     for table in (256, 16):
         cases[f"gemv shared table {table}" + (", loads a step ahead" if table == 256 else "")] = (lut4_gemv_shared._gemv_shared_kernel, types,
                                                shared | dict(TABLE=table, PTX=True, BM=1, BN=16, BK=256,
-                                                             AHEAD=table == 256))  # fmt: skip
+                                                             AHEAD=table == 256, STAGES=1 if table == 256 else 4))  # fmt: skip
     cases["gemv shared M=4, zero points"] = (lut4_gemv_shared._gemv_shared_kernel, types,
                                              shared | dict(HAS_ZP=True, DOUBLE_QUANT=False, TABLE=256, PTX=True, BM=4,
-                                                           BN=16, BK=128, AHEAD=True))  # fmt: skip
+                                                           BN=16, BK=128, AHEAD=True, STAGES=1))  # fmt: skip
     cases["gemv shared, x to float16 pairs"] = (lut4_gemv_shared._prepare_x_kernel, ["*bf16", "*i32", "*fp32", "*fp32",
                                                                                     "i32", "i32", "i32", "i32"],
                                                 dict(GS=128, SUMS=True, BLOCK=16384))  # fmt: skip

@@ -103,13 +103,16 @@ def _gemv_paired(x_ptr, packed_ptr, table_ptr, scale_ptr, zp_ptr, ncode_ptr, nsc
                  rows, ms, M, N, K, KB, G, stride_xm,
                  GS: tl.constexpr, SCALES: tl.constexpr, HAS_ZP: tl.constexpr, DOUBLE_QUANT: tl.constexpr,
                  NESTED_GS: tl.constexpr, LUT_ASM: tl.constexpr, BM: tl.constexpr, BN: tl.constexpr,
-                 BK: tl.constexpr):  # fmt: skip
-    """Fast path: one accumulator lane per packed byte, reduced over K once at the end."""
+                 BK: tl.constexpr, STAGES: tl.constexpr):  # fmt: skip
+    """Fast path: one accumulator lane per packed byte, reduced over K once at the end. STAGES > 1 has
+    Triton's pipeliner copy the next STAGES - 1 steps' loads into shared memory (cp.async) while this step
+    computes: a loop without a dot is pipelined only when asked, and it is the bytes in flight that set a
+    GEMV's speed."""
     if BM == 1:
         acc = tl.zeros((BN, BK // 2), dtype=tl.float32)
     else:
         acc = tl.zeros((BM, BN, BK // 2), dtype=tl.float32)
-    for k0 in range(0, K, BK):
+    for k0 in tl.range(0, K, BK, num_stages=STAGES):
         xe, xo = _load_x_pairs(x_ptr, ms, k0 // 2, M, KB, stride_xm, BM, BK)  # (BK/2,) or (BM, BK/2) each
         if BM == 1:
             if HAS_ZP:
@@ -191,7 +194,8 @@ def _lut4_gemv_kernel(x_ptr, y_ptr, packed_ptr, table_ptr, scale_ptr, zp_ptr, nc
                       M, N, K, KB, G, stride_xm, stride_ym,
                       GS: tl.constexpr, SCALES: tl.constexpr, PAIRED: tl.constexpr, HAS_ZP: tl.constexpr,
                       DOUBLE_QUANT: tl.constexpr, NESTED_GS: tl.constexpr, LUT_ASM: tl.constexpr,
-                      BM: tl.constexpr, BN: tl.constexpr, BK: tl.constexpr, AHEAD: tl.constexpr):  # fmt: skip
+                      BM: tl.constexpr, BN: tl.constexpr, BK: tl.constexpr, AHEAD: tl.constexpr,
+                      STAGES: tl.constexpr):  # fmt: skip
     """AHEAD (one row of x, paired, no zero points; `_prune` keeps it to those): `_gemv_pairs_ahead`."""
     rows = tl.program_id(0) * BN + tl.arange(0, BN)  # (BN,) output features of this program
     ms = tl.arange(0, BM)  # (BM,) rows of x
@@ -201,7 +205,7 @@ def _lut4_gemv_kernel(x_ptr, y_ptr, packed_ptr, table_ptr, scale_ptr, zp_ptr, nc
         y = _gemv_pairs_ahead(x_ptr, packed_ptr, table_ptr, scale_ptr, ncode_ptr, nscale_ptr, offset_ptr, rows, ms,
                               M, N, K, KB, G, stride_xm, GS, SCALES, DOUBLE_QUANT, NESTED_GS, LUT_ASM, BN, BK)  # fmt: skip
     elif PAIRED:
-        y = _gemv_paired(*args, GS, SCALES, HAS_ZP, DOUBLE_QUANT, NESTED_GS, LUT_ASM, BM, BN, BK)
+        y = _gemv_paired(*args, GS, SCALES, HAS_ZP, DOUBLE_QUANT, NESTED_GS, LUT_ASM, BM, BN, BK, STAGES)
     else:
         y = _gemv_generic(*args, GS, SCALES, HAS_ZP, DOUBLE_QUANT, NESTED_GS, BM, BN, BK)
     y_mask = (ms < M)[:, None] & (rows < N)[None, :]
@@ -216,10 +220,11 @@ def _configs() -> list[triton.Config]:
               # more bytes in flight per SM, for the register-table path (no longer instruction-bound)
               (16, 128, 4, 5), (16, 256, 4, 4), (32, 128, 4, 4), (32, 256, 8, 3), (16, 512, 8, 4),
               (8, 1024, 8, 4), (64, 128, 8, 3)]
-    configs = [triton.Config({"BN": bn, "BK": bk, "AHEAD": False}, num_warps=w, num_stages=s) for bn, bk, w, s in shapes]
+    configs = [triton.Config({"BN": bn, "BK": bk, "AHEAD": False, "STAGES": 1}, num_warps=w, num_stages=s)
+               for bn, bk, w, s in shapes]  # fmt: skip
     # loads a step ahead (one row of x): the tiles that won at M = 1 on an H100, and their neighbours
     ahead = [(8, 512, 4), (8, 256, 4), (16, 128, 4), (16, 256, 4), (4, 1024, 4), (32, 128, 4), (16, 512, 8)]
-    return configs + [triton.Config({"BN": bn, "BK": bk, "AHEAD": True}, num_warps=w, num_stages=1)
+    return configs + [triton.Config({"BN": bn, "BK": bk, "AHEAD": True, "STAGES": 1}, num_warps=w, num_stages=1)
                       for bn, bk, w in ahead]  # fmt: skip
 
 
@@ -271,5 +276,6 @@ def lut4_gemv(x: torch.Tensor, w: Lut4Weight, config: dict | None = None) -> tor
         grid = lambda meta: (triton.cdiv(w.out_features, meta["BN"]),)  # noqa: E731
         launch_tuned(_lut4_gemv_tuned, grid, *args, **kw)
     else:
-        _lut4_gemv_kernel[(triton.cdiv(w.out_features, config["BN"]),)](*args, **kw, **({"AHEAD": False} | config))
+        config = {"AHEAD": False, "STAGES": 1} | config
+        _lut4_gemv_kernel[(triton.cdiv(w.out_features, config["BN"]),)](*args, **kw, **config)
     return y

@@ -136,7 +136,7 @@ def _gemv_shared_kernel(x2_ptr, inv_ptr, sums_ptr, y_ptr, packed_ptr, pairs_ptr,
                         nscale_ptr, offset_ptr, M, N, K, KB, G, stride_ym, center,
                         GS: tl.constexpr, HAS_ZP: tl.constexpr, DOUBLE_QUANT: tl.constexpr, NESTED_GS: tl.constexpr,
                         TABLE: tl.constexpr, PTX: tl.constexpr, BM: tl.constexpr, BN: tl.constexpr,
-                        BK: tl.constexpr, AHEAD: tl.constexpr):  # fmt: skip
+                        BK: tl.constexpr, AHEAD: tl.constexpr, STAGES: tl.constexpr):  # fmt: skip
     """With zero points a group's value is (table[c] - z)·s: the kernel's table holds table[c] - center (small
     float16 values, so the dot product does not carry a large constant) and subtracts (z - center)·Σx.
 
@@ -150,7 +150,7 @@ def _gemv_shared_kernel(x2_ptr, inv_ptr, sums_ptr, y_ptr, packed_ptr, pairs_ptr,
         nb, nx2, nraw, nnested, nz, nsums = _step_loads(x2_ptr, sums_ptr, packed_ptr, scale_ptr, zp_ptr, nscale_ptr,
                                                         rows, ms, 0, M, N, K, KB, G, GS, HAS_ZP, DOUBLE_QUANT,
                                                         NESTED_GS, BM, BN, BK)  # fmt: skip
-    for k0 in range(0, K, BK):
+    for k0 in tl.range(0, K, BK, num_stages=STAGES):  # STAGES > 1: Triton's pipeliner (see lut4_gemv)
         if AHEAD:
             b, x2, raw, nested, z, sums = nb, nx2, nraw, nnested, nz, nsums
             nb, nx2, nraw, nnested, nz, nsums = _step_loads(x2_ptr, sums_ptr, packed_ptr, scale_ptr, zp_ptr,
@@ -187,7 +187,7 @@ def _gemv_shared_kernel(x2_ptr, inv_ptr, sums_ptr, y_ptr, packed_ptr, pairs_ptr,
 def _configs() -> list[triton.Config]:
     shapes = [(8, 512, 4, 3), (16, 256, 4, 3), (16, 512, 4, 3), (16, 512, 8, 3), (32, 256, 8, 3), (32, 128, 4, 3),
               (16, 256, 4, 4), (64, 128, 8, 3), (8, 1024, 8, 3)]  # fmt: skip
-    return [triton.Config({"BN": bn, "BK": bk, "AHEAD": ahead}, num_warps=w, num_stages=s)
+    return [triton.Config({"BN": bn, "BK": bk, "AHEAD": ahead, "STAGES": 1}, num_warps=w, num_stages=s)
             for bn, bk, w, s in shapes for ahead in (False, True)]
 
 
@@ -292,7 +292,8 @@ def lut4_gemv_shared(x: torch.Tensor, w: Lut4Weight, mode: str = "byte", config:
     if config is None:
         launch_tuned(_gemv_shared_tuned, lambda meta: (triton.cdiv(w.out_features, meta["BN"]),), *args, **kw)
     else:
-        _gemv_shared_kernel[(triton.cdiv(w.out_features, config["BN"]),)](*args, **kw, **({"AHEAD": False} | config))
+        config = {"AHEAD": False, "STAGES": 1} | config
+        _gemv_shared_kernel[(triton.cdiv(w.out_features, config["BN"]),)](*args, **kw, **config)
     return y
 
 

@@ -1,0 +1,175 @@
+"""Where the batch-1 decode GEMV stands against what this GPU can stream, and which launch gets closest.
+
+For each Llama-3-8B decode shape, one process, one GPU, CUDA-graph replays over rotated weights (more bytes
+than L2 holds), as bench/gpu_kernels.py times them:
+  - the roofs at this size: a device-to-device copy of the NF4 weight's bytes (read + write), the best of a
+    sweep of a read-only Triton kernel over the same bytes (reads them, sums words, writes one per program),
+    and cuBLAS's bf16 GEMV over a weight of the same bytes (N/4 × K);
+  - the register-table GEMV (`lut4_gemv`) over a sweep of launches: tiles, warps, loads a step ahead, and
+    STAGES (Triton's software pipeliner with cp.async, which a loop without a dot gets only when asked);
+  - the shared-table GEMV over its own sweep; bitsandbytes' `matmul_4bit` where installed.
+Prints the best launches of each kernel and one table; --out writes every timing as JSON.
+
+    python3 bench/gemv_sweep.py [--out DIR] [--quick]
+    TRITON_INTERPRET=1 python3 bench/gemv_sweep.py --smoke   # the script itself on the CPU (numbers meaningless)
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+from pathlib import Path
+
+import torch
+import triton
+import triton.language as tl
+
+sys.path[:0] = [str(Path(__file__).resolve().parent), str(Path(__file__).resolve().parents[1] / "src")]
+
+from gpu_kernels import DECODE_SHAPES, ceilings, graph_time_us, make_weights  # noqa: E402
+
+from lowbit.kernels import lut4_gemv_shared  # noqa: E402
+from lowbit.kernels.lut4_gemm import lut4_dequantize  # noqa: E402
+from lowbit.kernels.lut4_gemv import lut4_gemv  # noqa: E402
+
+
+@triton.jit
+def _read_words(src_ptr, out_ptr, n, BLOCK: tl.constexpr, STEPS: tl.constexpr, STAGES: tl.constexpr):
+    """Sum STEPS blocks of BLOCK int32 words (a stand-in for a GEMV that does nothing but read its weight)."""
+    base = tl.program_id(0).to(tl.int64) * BLOCK * STEPS
+    acc = tl.zeros((BLOCK,), dtype=tl.int32)
+    for s in tl.range(0, STEPS, num_stages=STAGES):
+        offs = base + s * BLOCK + tl.arange(0, BLOCK)
+        acc += tl.load(src_ptr + offs, mask=offs < n, other=0)
+    tl.store(out_ptr + tl.program_id(0), tl.sum(acc, axis=0))
+
+
+def read_configs(quick: bool) -> list[dict]:
+    out = []
+    for block in (512, 1024, 2048):
+        for steps in (2, 4, 8, 16):
+            for warps in (4, 8):
+                for stages in (1, 3):
+                    out.append(dict(BLOCK=block, STEPS=steps, num_warps=warps, STAGES=stages))
+    return out[::4] if quick else out
+
+
+def register_configs(quick: bool) -> list[dict]:
+    tiles = [(2, 1024), (4, 512), (4, 1024), (8, 256), (8, 512), (8, 1024), (16, 128), (16, 256), (16, 512),
+             (32, 128), (32, 256)]  # fmt: skip
+    out = []
+    for bn, bk in tiles:
+        for warps in (2, 4, 8):
+            threads = 32 * warps
+            if bn * bk // 2 < 8 * threads or bn * bk > 64 * threads:  # lut4_gemv._prune's rule
+                continue
+            for stages in (1, 3, 5):
+                out.append(dict(BN=bn, BK=bk, num_warps=warps, num_stages=1, STAGES=stages, AHEAD=False))
+            out.append(dict(BN=bn, BK=bk, num_warps=warps, num_stages=1, STAGES=1, AHEAD=True))
+    return out[::5] if quick else out
+
+
+def shared_configs(quick: bool) -> list[dict]:
+    tiles = [(8, 512, 4), (16, 256, 4), (16, 512, 8), (32, 128, 4), (32, 256, 8), (8, 1024, 8), (4, 1024, 4)]
+    out = [dict(BN=bn, BK=bk, num_warps=w, num_stages=1, STAGES=s, AHEAD=False) for bn, bk, w in tiles
+           for s in (1, 3, 5)]  # fmt: skip
+    out += [dict(BN=bn, BK=bk, num_warps=w, num_stages=1, STAGES=1, AHEAD=True) for bn, bk, w in tiles]
+    return out[::5] if quick else out
+
+
+def sweep(name: str, configs: list[dict], make_fn, n_rot: int, device, reference=None) -> list[dict]:
+    """Each launch timed; with a `reference` (the float32 product), checked against it first (relative error
+    of the largest output, bf16 rounding allows ~1e-2)."""
+    rows = []
+    for c in configs:
+        try:
+            fn = make_fn(c)
+            if reference is not None:
+                err = float((fn(0).float() - reference).abs().max() / reference.abs().max())
+                if not err < 2e-2:
+                    print(f"  {name} {c}: WRONG, relative error {err:.2e}", flush=True)
+                    continue
+            us = graph_time_us(fn, n_rot, device)
+        except Exception as e:  # a launch that does not compile or fit (shared memory) is reported, not fatal
+            print(f"  {name} {c}: {type(e).__name__}: {str(e).splitlines()[0][:120]}", flush=True)
+            continue
+        rows.append({"config": c, "us": us})
+    rows.sort(key=lambda r: r["us"])
+    return rows
+
+
+def main(argv=None) -> int:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--out", type=Path)
+    ap.add_argument("--quick", action="store_true", help="a fifth of each sweep")
+    ap.add_argument("--smoke", action="store_true", help="CPU, one tiny shape, a few launches")
+    args = ap.parse_args(argv)
+    device = torch.device("cpu" if args.smoke else "cuda")
+    shapes = [(64, 512)] if args.smoke else DECODE_SHAPES
+    quick = args.quick or args.smoke
+    try:
+        import bitsandbytes as bnb
+    except ImportError:
+        bnb = None
+    print(torch.cuda.get_device_name() if device.type == "cuda" else "cpu", "torch", torch.__version__, "triton",
+          triton.__version__, flush=True)  # fmt: skip
+    ceil = ceilings(device, smoke=args.smoke)
+    results = {"ceilings": ceil, "shapes": []}
+    for n, k in shapes:
+        nbytes = n * k // 2 + n * k // 64 + 4 * (n * k // 64 // 256) + 4
+        n_rot = 2 if args.smoke else max(2, -(-300_000_000 // nbytes))
+        lw, bw, _ = make_weights(n, k, device, n_rot, bnb is not None)
+        x = torch.randn(1, k, device=device, dtype=torch.bfloat16)
+        raw = [torch.empty(nbytes // 4, dtype=torch.int32, device=device) for _ in range(n_rot)]
+        raw_out = [torch.empty_like(r) for r in raw]
+        dense = [torch.randn(n // 4, k, device=device, dtype=torch.bfloat16) for _ in range(n_rot)]
+        partial = torch.empty(raw[0].numel() // 1024 + 1, dtype=torch.int32, device=device)
+        times = {
+            "copy (same bytes)": graph_time_us(lambda i: raw_out[i].copy_(raw[i]), n_rot, device),
+            "bf16 cuBLAS (same bytes)": graph_time_us(lambda i: torch.nn.functional.linear(x, dense[i]), n_rot, device),
+        }
+
+        def reader(c):
+            grid = (triton.cdiv(raw[0].numel(), c["BLOCK"] * c["STEPS"]),)
+            return lambda i: _read_words[grid](raw[i], partial, raw[i].numel(), **c)
+
+        def register(c):
+            return lambda i: lut4_gemv(x, lw[i], c)
+
+        def shared(c):
+            return lambda i: lut4_gemv_shared.lut4_gemv_shared(x, lw[i], "byte", c)
+
+        ref = x.float() @ lut4_dequantize(lw[0], torch.float32).t()
+        sweeps = {"read-only": sweep("read", read_configs(quick), reader, n_rot, device),
+                  "register GEMV": sweep("register", register_configs(quick), register, n_rot, device, ref),
+                  "shared GEMV": sweep("shared", shared_configs(quick), shared, n_rot, device, ref)}  # fmt: skip
+        for name, rows in sweeps.items():
+            times[f"{name} (best)"] = rows[0]["us"]
+            print(f"{n}x{k} {name}: " + "; ".join(f"{r['us']:.1f} us {r['config']}" for r in rows[:6]), flush=True)
+        for name in ("register GEMV", "shared GEMV"):
+            plain = [r for r in sweeps[name] if r["config"]["STAGES"] == 1 and not r["config"]["AHEAD"]]
+            ahead = [r for r in sweeps[name] if r["config"]["AHEAD"]]
+            times[f"{name}, unpipelined (best)"] = plain[0]["us"] if plain else float("nan")
+            times[f"{name}, loads a step ahead (best)"] = ahead[0]["us"] if ahead else float("nan")
+        if bnb is not None:
+            times["bnb matmul_4bit"] = graph_time_us(lambda i: bnb.matmul_4bit(x, bw[i][0].t(), quant_state=bw[i][1]),
+                                                     n_rot, device)  # fmt: skip
+        results["shapes"].append({"shape": f"{n}x{k}", "bytes": nbytes, "us": times, "sweeps": sweeps})
+        print(f"\n{n}x{k}, M = 1, {nbytes / 1e6:.1f} MB of NF4 + DQ")
+        print("| contender | µs | GB/s | % of copy BW (large) | × bnb |")
+        print("|---|---|---|---|---|")
+        for name, us in times.items():
+            gbs = (2 if name.startswith("copy") else 1) * nbytes / us / 1e3
+            vs = times.get("bnb matmul_4bit", float("nan")) / us
+            print(f"| {name} | {us:.1f} | {gbs:.0f} | {gbs / ceil['copy_GBps']:.0%} | {vs:.2f} |", flush=True)
+        del lw, bw, raw, raw_out, dense, partial
+        torch.cuda.empty_cache() if device.type == "cuda" else None
+    if args.out:
+        args.out.mkdir(parents=True, exist_ok=True)
+        (args.out / "gemv_sweep.json").write_text(json.dumps(results, indent=1))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
