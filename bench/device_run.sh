@@ -24,6 +24,7 @@
 #   bash bench/device_run.sh s18e         # LoRA dropout inside the graphs
 #   bash bench/device_run.sh s19a         # next session first: dropout in graphs, 8-bit AdamW drift, 32 blocks again
 #   bash bench/device_run.sh s19b         # LoRA dropout in graphs (B factors nonzero); the GEMV launch sweep and roofs
+#   bash bench/device_run.sh s19c         # the half2 word GEMV (lut4_gemv_half2): launch sweep, M = 2/4/8, vs the others
 #   bash bench/device_run.sh longest      # memory estimator; fused vs unfused loss curves (carry smol_cfg too);
 #                                         # QLoRA step training peaks; the longest sequence each contender fits
 # from the repository root on the device, with bitsandbytes' wheel carried in .whl/ (see RESULTS.md).
@@ -234,6 +235,9 @@ case ${1:-kernels} in
   s19b)  # LoRA dropout in graphs, checked with nonzero B; batch-1 GEMV roofs and launch sweep (pipelined loops)
     part dropout 80 python3 bench/graph_check.py dropout
     part sweep 480 python3 bench/gemv_sweep.py --out "$RES"
+    ;;
+  s19c)  # the half2 word GEMV: its launch sweep at M = 1; M = 2, 4, 8 against the shared-table GEMV, the op, bnb
+    part sweep 560 python3 bench/gemv_sweep.py --out "$RES" --sweeps half2
     ;;
 esac
 tar czf "$OUT/results-${1:-kernels}.tgz" -C "$RES" .

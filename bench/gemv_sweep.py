@@ -32,6 +32,7 @@ from gpu_kernels import DECODE_SHAPES, ceilings, graph_time_us, make_weights  # 
 from lowbit.kernels import lut4_gemv_shared  # noqa: E402
 from lowbit.kernels.lut4_gemm import lut4_dequantize  # noqa: E402
 from lowbit.kernels.lut4_gemv import lut4_gemv  # noqa: E402
+from lowbit.kernels.lut4_gemv_half2 import lut4_gemv_half2  # noqa: E402
 
 
 @triton.jit
@@ -78,6 +79,17 @@ def shared_configs(quick: bool) -> list[dict]:
     return out[::5] if quick else out
 
 
+def half2_configs(quick: bool) -> list[dict]:
+    out = []
+    for bn in (2, 4, 8, 16, 32):
+        for bk in (256, 512, 1024, 2048):
+            for warps in (1, 2, 4, 8):
+                per_thread = bn * bk // 8 // (32 * warps)  # packed words a thread decodes per step
+                if 2 <= per_thread <= 16:
+                    out += [dict(BN=bn, BK=bk, num_warps=warps, STAGES=s) for s in (1, 3)]
+    return out[::5] if quick else out
+
+
 def sweep(name: str, configs: list[dict], make_fn, n_rot: int, device, reference=None) -> list[dict]:
     """Each launch timed; with a `reference` (the float32 product), checked against it first (relative error
     of the largest output, bf16 rounding allows ~1e-2)."""
@@ -99,11 +111,36 @@ def sweep(name: str, configs: list[dict], make_fn, n_rot: int, device, reference
     return rows
 
 
+def op(x, w):
+    from lowbit.kernels import ops
+
+    return ops.lut4_linear(x, w.packed, w.table, w.scale, None, w.nested_code, w.nested_scale, w.offset,
+                           w.out_features, 64, True)  # fmt: skip
+
+
+def batches(lw, bw, n_rot, k, device, bnb, smoke: bool) -> dict:
+    """M = 2, 4, 8 (autotuned launches): the half2 GEMV, the shared-table one, the op, bnb; µs."""
+    out = {}
+    for m in (2, 4, 8) if not smoke else (4,):
+        x = torch.randn(m, k, device=device, dtype=torch.bfloat16)
+        cfg = {"BN": 8, "BK": 128, "num_warps": 4} if smoke else None
+        t = {"half2": graph_time_us(lambda i: lut4_gemv_half2(x, lw[i], cfg), n_rot, device),
+             "shared byte": graph_time_us(lambda i: lut4_gemv_shared.lut4_gemv_shared(x, lw[i], "byte", cfg), n_rot,
+                                          device),
+             "op": graph_time_us(lambda i: op(x, lw[i]), n_rot, device)}  # fmt: skip
+        if bnb is not None:
+            t["bnb"] = graph_time_us(lambda i: bnb.matmul_4bit(x, bw[i][0].t(), quant_state=bw[i][1]), n_rot, device)
+        out[m] = t
+        print(f"  M = {m}: " + ", ".join(f"{a} {b:.1f} us" for a, b in t.items()), flush=True)
+    return out
+
+
 def main(argv=None) -> int:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--out", type=Path)
     ap.add_argument("--quick", action="store_true", help="a fifth of each sweep")
     ap.add_argument("--smoke", action="store_true", help="CPU, one tiny shape, a few launches")
+    ap.add_argument("--sweeps", default="read,register,shared,half2", help="which launch sweeps to run")
     args = ap.parse_args(argv)
     device = torch.device("cpu" if args.smoke else "cuda")
     shapes = [(64, 512)] if args.smoke else DECODE_SHAPES
@@ -137,25 +174,37 @@ def main(argv=None) -> int:
         def register(c):
             return lambda i: lut4_gemv(x, lw[i], c)
 
+        def half2(c):
+            return lambda i: lut4_gemv_half2(x, lw[i], c)
+
         def shared(c):
             return lambda i: lut4_gemv_shared.lut4_gemv_shared(x, lw[i], "byte", c)
 
         ref = x.float() @ lut4_dequantize(lw[0], torch.float32).t()
-        sweeps = {"read-only": sweep("read", read_configs(quick), reader, n_rot, device),
-                  "register GEMV": sweep("register", register_configs(quick), register, n_rot, device, ref),
-                  "shared GEMV": sweep("shared", shared_configs(quick), shared, n_rot, device, ref)}  # fmt: skip
+        chosen = args.sweeps.split(",")
+        sweeps = {"read-only": ("read", read_configs, reader, None), "register GEMV": ("register", register_configs,
+                  register, ref), "shared GEMV": ("shared", shared_configs, shared, ref),
+                  "half2 GEMV": ("half2", half2_configs, half2, ref)}  # fmt: skip
+        sweeps = {name: sweep(short, configs(quick), make, n_rot, device, reference)
+                  for name, (short, configs, make, reference) in sweeps.items() if short in chosen}  # fmt: skip
         for name, rows in sweeps.items():
             times[f"{name} (best)"] = rows[0]["us"]
             print(f"{n}x{k} {name}: " + "; ".join(f"{r['us']:.1f} us {r['config']}" for r in rows[:6]), flush=True)
-        for name in ("register GEMV", "shared GEMV"):
-            plain = [r for r in sweeps[name] if r["config"]["STAGES"] == 1 and not r["config"]["AHEAD"]]
-            ahead = [r for r in sweeps[name] if r["config"]["AHEAD"]]
+        for name in sweeps:
+            if name == "read-only":
+                continue
+            plain = [r for r in sweeps[name] if r["config"]["STAGES"] == 1 and not r["config"].get("AHEAD")]
+            ahead = [r for r in sweeps[name] if r["config"].get("AHEAD")]
             times[f"{name}, unpipelined (best)"] = plain[0]["us"] if plain else float("nan")
             times[f"{name}, loads a step ahead (best)"] = ahead[0]["us"] if ahead else float("nan")
+        if not args.smoke:
+            times["half2 GEMV, autotuned"] = graph_time_us(lambda i: lut4_gemv_half2(x, lw[i]), n_rot, device)
+            times["op (lowbit::lut4_linear)"] = graph_time_us(lambda i: op(x, lw[i]), n_rot, device)
         if bnb is not None:
             times["bnb matmul_4bit"] = graph_time_us(lambda i: bnb.matmul_4bit(x, bw[i][0].t(), quant_state=bw[i][1]),
                                                      n_rot, device)  # fmt: skip
-        results["shapes"].append({"shape": f"{n}x{k}", "bytes": nbytes, "us": times, "sweeps": sweeps})
+        results["shapes"].append({"shape": f"{n}x{k}", "bytes": nbytes, "us": times, "sweeps": sweeps,
+                                  "batches": batches(lw, bw, n_rot, k, device, bnb, args.smoke)})  # fmt: skip
         print(f"\n{n}x{k}, M = 1, {nbytes / 1e6:.1f} MB of NF4 + DQ")
         print("| contender | µs | GB/s | % of copy BW (large) | × bnb |")
         print("|---|---|---|---|---|")

@@ -29,7 +29,7 @@ from triton.backends.compiler import GPUTarget  # noqa: E402
 from triton.compiler import ASTSource  # noqa: E402
 
 from kernels.cuda_compile import LAYOUT, POINTERS  # noqa: E402
-from lowbit.kernels import lut4_gemv, lut4_gemv_shared  # noqa: E402
+from lowbit.kernels import lut4_gemv, lut4_gemv_half2, lut4_gemv_shared  # noqa: E402
 from lowbit.kernels.lut4 import _device_table  # noqa: E402
 from lowbit.kernels.lut4_asm import fp16_bits, lookup_asm  # noqa: E402
 
@@ -99,6 +99,15 @@ def shared_gemv(bn: int, bk: int, warps: int, table: int = 256, bm: int = 1, ahe
                            names[:11] + ["N", "K", "KB", "G", "stride_ym"], warps)  # fmt: skip
 
 
+def half2_gemv(bn: int, bk: int, warps: int, bm: int = 1, stages: int = 1):
+    names = lut4_gemv_half2._half2_kernel.arg_names
+    return compile_aligned(lut4_gemv_half2._half2_kernel,
+                           ["*i32", "*fp32", "*fp32", "*bf16", "*u8", "*i32", "*i32", *POINTERS[2:]] + ["i32"] * 6
+                           + ["fp32"], dict(GS=64, HAS_ZP=False, DOUBLE_QUANT=True, NESTED_GS=256, PTX=True, BM=bm,
+                                            BN=bn, BK=bk, STAGES=stages),
+                           names[:12] + ["N", "K", "KW", "G", "stride_ym"], warps)  # fmt: skip
+
+
 def main() -> None:
     print("| kernel | tile (BM×BN×BK, warps) | instructions / iteration | per packed byte (× rows of x) | "
           "load → first use (instructions) | top opcodes |")
@@ -112,7 +121,11 @@ def main() -> None:
              ("shared byte table, loads a step ahead", 1, 16, 256, 4, lambda: shared_gemv(16, 256, 4, ahead=True)),
              ("shared byte table, pipelined (4 stages)", 1, 16, 256, 4, lambda: shared_gemv(16, 256, 4, stages=4)),
              ("shared nibble table (lut4_gemv_shared)", 1, 16, 256, 4, lambda: shared_gemv(16, 256, 4, 16)),
-             ("shared byte table (lut4_gemv_shared)", 4, 16, 128, 4, lambda: shared_gemv(16, 128, 4, bm=4))]  # fmt: skip
+             ("shared byte table (lut4_gemv_shared)", 4, 16, 128, 4, lambda: shared_gemv(16, 128, 4, bm=4)),
+             ("half2 words (lut4_gemv_half2)", 1, 8, 512, 4, lambda: half2_gemv(8, 512, 4)),
+             ("half2 words (lut4_gemv_half2)", 1, 8, 1024, 4, lambda: half2_gemv(8, 1024, 4)),
+             ("half2 words, pipelined (3 stages)", 1, 8, 512, 4, lambda: half2_gemv(8, 512, 4, stages=3)),
+             ("half2 words, 4 rows of x", 4, 8, 256, 4, lambda: half2_gemv(8, 256, 4, bm=4))]  # fmt: skip
     for name, bm, bn, bk, warps, build in cases:
         cubin = build().asm["cubin"]
         ops = inner_loop(cubin)

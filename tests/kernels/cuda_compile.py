@@ -16,7 +16,7 @@ import triton  # noqa: E402
 from triton.backends.compiler import GPUTarget  # noqa: E402
 from triton.compiler import ASTSource  # noqa: E402
 
-from lowbit.kernels import adam8bit, lut4_gemm, lut4_gemv, lut4_gemv_shared, train_triton  # noqa: E402
+from lowbit.kernels import adam8bit, lut4_gemm, lut4_gemv, lut4_gemv_half2, lut4_gemv_shared, train_triton  # noqa: E402
 from lowbit.kernels.lut4 import _device_table  # noqa: E402
 from lowbit.kernels.lut4_asm import fp16_bits, lookup_asm  # noqa: E402
 
@@ -71,9 +71,15 @@ def main() -> int:
     cases["gemv shared M=4, zero points"] = (lut4_gemv_shared._gemv_shared_kernel, types,
                                              shared | dict(HAS_ZP=True, DOUBLE_QUANT=False, TABLE=256, PTX=True, BM=4,
                                                            BN=16, BK=128, AHEAD=True, STAGES=1))  # fmt: skip
+    # x pairs, 2^-e, group sums, y, packed, table words, nibble table, scale … offset; M, N, K, KW, G, stride_ym
+    half2 = ["*i32", "*fp32", "*fp32", "*bf16", "*u8", "*i32", "*i32", *POINTERS[2:]] + ["i32"] * 6 + ["fp32"]
+    for bm, zp in ((1, False), (4, True)):
+        cases[f"gemv half2 words, M={bm}" + (", zero points" if zp else "")] = (
+            lut4_gemv_half2._half2_kernel, half2,
+            dict(GS=64, HAS_ZP=zp, DOUBLE_QUANT=not zp, NESTED_GS=256, PTX=True, BM=bm, BN=8, BK=512, STAGES=3))
     cases["gemv shared, x to float16 pairs"] = (lut4_gemv_shared._prepare_x_kernel, ["*bf16", "*i32", "*fp32", "*fp32",
                                                                                     "i32", "i32", "i32", "i32"],
-                                                dict(GS=128, SUMS=True, BLOCK=16384))  # fmt: skip
+                                                dict(GS=128, SUMS=True, BLOCK=16384, WORDS=False))  # fmt: skip
     dropout_types = ["*bf16", "*bf16", "i32", "fp32", "fp32", "i64", "*i64"]  # x, y, n, p, scale, seed, seed_ptr
     cases["LoRA dropout, bf16"] = (train_triton._dropout, dropout_types, dict(BLOCK=1024, SEED_IN_MEMORY=False))
     cases["LoRA dropout, seed in memory"] = (train_triton._dropout, dropout_types,

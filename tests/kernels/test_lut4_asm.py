@@ -9,11 +9,12 @@ high and low nibble of each byte. On the GPU the kernels' tests check the compil
 
 import random
 
+import numpy as np
 import pytest
 import torch
 
 from lowbit.kernels.lut4 import _device_table
-from lowbit.kernels.lut4_asm import fp16_bits, lookup_asm, table_asm
+from lowbit.kernels.lut4_asm import dot_asm, fp16_bits, lookup_asm, table_asm, table_words
 
 MASK32 = 0xFFFFFFFF
 
@@ -38,9 +39,20 @@ def _lop3(a: int, b: int, c: int, lut: int) -> int:
     return out
 
 
-def run_ptx(asm: str, word: int) -> list[int]:
-    """Execute the program with $4 = word; return $0..$3."""
-    regs = {"$4": word}
+def _halves(v: int) -> np.ndarray:
+    return np.array([v & 0xFFFF, v >> 16], dtype=np.uint16).view(np.float16)
+
+
+def _pair(h: np.ndarray) -> int:
+    bits = h.astype(np.float16).view(np.uint16)
+    return int(bits[0]) | int(bits[1]) << 16
+
+
+def run_ptx(asm: str, word: int, inputs: dict | None = None, outputs: int = 4) -> list[int]:
+    """Execute the program with $4 = word (or the registers in `inputs`); return $0..$(outputs - 1). The
+    float16-pair instructions round per lane as IEEE float16 does (numpy; a product of two float16 values is
+    exact in float64, so fma rounds once)."""
+    regs = inputs or {"$4": word}
 
     def val(tok: str) -> int:
         return regs[tok] if tok in regs else int(tok, 0)
@@ -66,10 +78,14 @@ def run_ptx(asm: str, word: int) -> list[int]:
             r = _prmt(*v)
         elif op == "lop3.b32":
             r = _lop3(*v)
+        elif op == "mul.rn.f16x2":
+            r = _pair(_halves(v[0]).astype(np.float64) * _halves(v[1]))
+        elif op == "fma.rn.f16x2":
+            r = _pair(_halves(v[0]).astype(np.float64) * _halves(v[1]) + _halves(v[2]))
         else:
             raise AssertionError(f"instruction outside the interpreter: {line}")
         regs[d] = r & MASK32
-    return [regs[f"${i}"] for i in range(4)]
+    return [regs[f"${i}"] for i in range(outputs)]
 
 
 def _expected(bits: list[int], word: int) -> list[int]:
@@ -104,3 +120,29 @@ def test_ptx_path_only_for_16_bit_inputs_on_cuda():
     assert table_asm(table, torch.bfloat16) == ""  # CPU tensor: the kernels keep the memory table
     with pytest.raises(ValueError):
         lookup_asm([0] * 15)
+
+
+@pytest.mark.parametrize("kind", ["nf4", "fp4", "int4_affine"])
+def test_ptx_dot_of_a_word_matches_float64(kind):
+    """`dot_asm`: a packed word's eight codes looked up in the table registers and multiplied with activations
+    handed over in the (x0, x2), (x4, x6), (x1, x3), (x5, x7) order; each lane sums its four products in
+    float16, so it matches the float64 sum of the same float16 table values to float16 rounding."""
+    bits = fp16_bits(_device_table(kind, torch.device("cpu")))
+    values = np.array(bits, dtype=np.uint16).view(np.float16).astype(np.float64)
+    consts = {f"${6 + i}": w for i, w in enumerate(table_words(bits))}
+    asm = dot_asm()
+    rng = np.random.default_rng(0)
+    for trial in range(300):
+        word = int(rng.integers(0, 2**32))
+        x = rng.uniform(-1, 1, 8).astype(np.float16)
+        pairs = [_pair(x[[0, 2]]), _pair(x[[4, 6]]), _pair(x[[1, 3]]), _pair(x[[5, 7]])]
+        out = run_ptx(asm, 0, {"$1": word, **{f"${2 + i}": p for i, p in enumerate(pairs)}, **consts}, outputs=1)[0]
+        codes = [(word >> 8 * (j // 2) + (0 if j % 2 else 4)) & 15 for j in range(8)]  # column j: byte j // 2
+        products = values[codes] * x.astype(np.float64)
+        even, odd = products[0::2].sum(), products[1::2].sum()  # columns 0, 2, 4, 6 | 1, 3, 5, 7
+        got = _halves(out).astype(np.float64)
+        # the low lane sums columns 0, 4 (high nibbles of bytes 0, 2) and 1, 5 — see dot_asm — so compare the
+        # total, and each lane against its own four columns
+        lanes = [products[[0, 4, 1, 5]].sum(), products[[2, 6, 3, 7]].sum()]
+        assert abs(got.sum() - (even + odd)) <= 4 * 2.0**-11 * np.abs(products).sum() + 1e-6, trial
+        assert np.allclose(got, lanes, atol=3 * 2.0**-11 * np.abs(products).sum() + 1e-6), trial

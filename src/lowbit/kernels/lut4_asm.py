@@ -32,33 +32,64 @@ def _word(bytes4: list[int]) -> int:
     return bytes4[0] | bytes4[1] << 8 | bytes4[2] << 16 | bytes4[3] << 24
 
 
-def _lookup(out0: str, out1: str, sel: str, mask: str) -> list[str]:
-    """Four float16 values into out0/out1 (two per register) for the 3-bit selectors in `sel`."""
+def _lookup(out0: str, out1: str, sel: str, mask: str, lo: list[str], hi: list[str]) -> list[str]:
+    """Four float16 values into out0/out1 (two per register) for the 3-bit selectors in `sel`, from the table's
+    low bytes in registers `lo` and high bytes in `hi` (four of each)."""
     return [
-        f"prmt.b32 a, l0, l1, {sel};", f"prmt.b32 b, l2, l3, {sel};", f"lop3.b32 lob, a, b, {mask}, 0xD8;",
-        f"prmt.b32 a, h0, h1, {sel};", f"prmt.b32 b, h2, h3, {sel};", f"lop3.b32 hib, a, b, {mask}, 0xD8;",
+        f"prmt.b32 a, {lo[0]}, {lo[1]}, {sel};", f"prmt.b32 b, {lo[2]}, {lo[3]}, {sel};",
+        f"lop3.b32 lob, a, b, {mask}, 0xD8;",
+        f"prmt.b32 a, {hi[0]}, {hi[1]}, {sel};", f"prmt.b32 b, {hi[2]}, {hi[3]}, {sel};",
+        f"lop3.b32 hib, a, b, {mask}, 0xD8;",
         f"prmt.b32 {out0}, lob, hib, 0x5140;", f"prmt.b32 {out1}, lob, hib, 0x7362;",
     ]  # fmt: skip
 
 
-def lookup_asm(table_fp16_bits: list[int]) -> str:
-    """The PTX program for a table of 16 float16 bit patterns (see the module docstring)."""
+def _selectors(word: str, high: bool) -> list[str]:
+    """`sel` ← the low 3 bits of each byte's high (or low) nibble as selector nibbles 0..3; `m` ← 0xFF in each
+    byte whose nibble has bit 3 set (prmt's sign mode replicates bit 7 of a byte)."""
+    if high:
+        return [f"shr.b32 t, {word}, 4;", "and.b32 t, t, 0x07070707;", "shr.b32 s, t, 4;", "or.b32 s, s, t;",
+                "prmt.b32 sel, s, 0, 0x0020;", f"prmt.b32 m, {word}, 0, 0xBA98;"]  # fmt: skip
+    return [f"and.b32 t, {word}, 0x07070707;", "shr.b32 s, t, 4;", "or.b32 s, s, t;", "prmt.b32 sel, s, 0, 0x0020;",
+            f"shl.b32 q, {word}, 4;", "prmt.b32 m, q, 0, 0xBA98;"]  # fmt: skip
+
+
+def table_words(table_fp16_bits: list[int]) -> list[int]:
+    """The eight 32-bit registers of the lookup: low bytes of entries 0-3, 4-7, 8-11, 12-15, then high bytes."""
     if len(table_fp16_bits) != 16 or not all(0 <= v < 1 << 16 for v in table_fp16_bits):
-        raise ValueError("lookup_asm takes 16 float16 bit patterns")
+        raise ValueError("the lookup takes 16 float16 bit patterns")
     low = [v & 0xFF for v in table_fp16_bits]
     high = [v >> 8 for v in table_fp16_bits]
-    consts = [f"mov.b32 l{i}, {_word(low[4 * i : 4 * i + 4]):#010x};" for i in range(4)]
-    consts += [f"mov.b32 h{i}, {_word(high[4 * i : 4 * i + 4]):#010x};" for i in range(4)]
+    return [_word(low[4 * i : 4 * i + 4]) for i in range(4)] + [_word(high[4 * i : 4 * i + 4]) for i in range(4)]
+
+
+def lookup_asm(table_fp16_bits: list[int]) -> str:
+    """The PTX program for a table of 16 float16 bit patterns (see the module docstring)."""
+    words = table_words(table_fp16_bits)
+    lo, hi = ["l0", "l1", "l2", "l3"], ["h0", "h1", "h2", "h3"]
+    consts = [f"mov.b32 {r}, {v:#010x};" for r, v in zip(lo + hi, words)]
     lines = ["{", ".reg .b32 t, s, sel, m, q, a, b, lob, hib, l0, l1, l2, l3, h0, h1, h2, h3;", *consts]
-    # high nibbles (bits 4-7 of each byte): their low 3 bits as selector nibbles 0..3
-    lines += ["shr.b32 t, $4, 4;", "and.b32 t, t, 0x07070707;", "shr.b32 s, t, 4;", "or.b32 s, s, t;",
-              "prmt.b32 sel, s, 0, 0x0020;",
-              "prmt.b32 m, $4, 0, 0xBA98;"]  # byte k ← sign of byte k = bit 3 of its high nibble fmt: skip
-    lines += _lookup("$0", "$1", "sel", "m")
-    # low nibbles (bits 0-3)
-    lines += ["and.b32 t, $4, 0x07070707;", "shr.b32 s, t, 4;", "or.b32 s, s, t;", "prmt.b32 sel, s, 0, 0x0020;",
-              "shl.b32 q, $4, 4;", "prmt.b32 m, q, 0, 0xBA98;"]  # fmt: skip
-    lines += _lookup("$2", "$3", "sel", "m")
+    lines += _selectors("$4", high=True) + _lookup("$0", "$1", "sel", "m", lo, hi)
+    lines += _selectors("$4", high=False) + _lookup("$2", "$3", "sel", "m", lo, hi)
+    return "\n".join(lines + ["}"])
+
+
+def dot_asm() -> str:
+    """PTX for one packed word (four bytes, eight 4-bit codes) times its eight activations, in float16 pairs:
+    $0 = a float16 pair whose two lanes add up to Σ table[code]·x over the word (columns 0, 4, 1, 5 in the
+    low lane, 2, 6, 3, 7 in the high one), from
+    $1 the word, $2..$5 the activations as pairs (x0, x2), (x4, x6), (x1, x3), (x5, x7) of the word's columns
+    0..7 (`lut4_gemv_half2.prepare_x` orders them so), and $6..$13 the table's `table_words`.
+
+    The table arrives in registers the kernel loaded once: embedded as immediates (as in `lookup_asm`), ptxas
+    rematerialises them at every call, two instructions a byte. One `mul` and three `fma.rn.f16x2` do the
+    eight products and their sums: 32 instructions for eight values."""
+    lo, hi = ["$6", "$7", "$8", "$9"], ["$10", "$11", "$12", "$13"]
+    lines = ["{", ".reg .b32 t, s, sel, m, q, a, b, lob, hib, v0, v1, acc;"]
+    lines += _selectors("$1", high=True) + _lookup("v0", "v1", "sel", "m", lo, hi)  # columns 0, 2 | 4, 6
+    lines += ["mul.rn.f16x2 acc, v0, $2;", "fma.rn.f16x2 acc, v1, $3, acc;"]
+    lines += _selectors("$1", high=False) + _lookup("v0", "v1", "sel", "m", lo, hi)  # columns 1, 3 | 5, 7
+    lines += ["fma.rn.f16x2 acc, v0, $4, acc;", "fma.rn.f16x2 $0, v1, $5, acc;"]
     return "\n".join(lines + ["}"])
 
 

@@ -83,9 +83,13 @@ def _add2_ptx(a, b):
 
 @triton.jit
 def _prepare_x_kernel(x_ptr, out_ptr, inv_ptr, sums_ptr, K, KB, G, stride_xm,
-                      GS: tl.constexpr, SUMS: tl.constexpr, BLOCK: tl.constexpr):  # fmt: skip
+                      GS: tl.constexpr, SUMS: tl.constexpr, BLOCK: tl.constexpr, WORDS: tl.constexpr):  # fmt: skip
     """Row m of x → float16 pairs of x·2^e (|x·2^e| < 1) as int32 words, and 2^-e; with SUMS, also the sum of
-    each group of GS (rounded, scaled) values, which zero points multiply."""
+    each group of GS (rounded, scaled) values, which zero points multiply. Pair j is (x[2j], x[2j + 1]), or
+    with WORDS, in each run of 8 columns, (x0, x2), (x4, x6), (x1, x3), (x5, x7): the order in which
+    `lut4_asm.dot_asm` meets a packed word's codes (a permutation within 8 columns, so groups of GS ≥ 8 keep
+    their pairs together), stored by position in the run: the 4·(K/8) pairs of a row as four planes of K/8
+    (pair q of word v at q·K/8 + v), so that a kernel reads each plane's run of words with vector loads."""
     m = tl.program_id(0)
     x_ptr += m.to(tl.int64) * stride_xm
     amax = tl.zeros((BLOCK,), dtype=tl.float32)
@@ -98,9 +102,17 @@ def _prepare_x_kernel(x_ptr, out_ptr, inv_ptr, sums_ptr, K, KB, G, stride_xm,
     tl.store(inv_ptr + m, ((biased + 1) << 23).to(tl.float32, bitcast=True))  # 2^(biased - 126)
     for j0 in range(0, KB, BLOCK // 2):
         j = j0 + tl.arange(0, BLOCK // 2)
-        even = (tl.load(x_ptr + 2 * j, mask=j < KB, other=0.0).to(tl.float32) * scale).to(tl.float16)
-        odd = (tl.load(x_ptr + 2 * j + 1, mask=j < KB, other=0.0).to(tl.float32) * scale).to(tl.float16)
-        tl.store(out_ptr + m.to(tl.int64) * KB + j, _pack(even, odd), mask=j < KB)
+        if WORDS:
+            q = j % 4
+            col = 8 * (j // 4) + (q & 1) * 4 + (q >> 1)
+            step = 2
+        else:
+            col = 2 * j
+            step = 1
+        even = (tl.load(x_ptr + col, mask=j < KB, other=0.0).to(tl.float32) * scale).to(tl.float16)
+        odd = (tl.load(x_ptr + col + step, mask=j < KB, other=0.0).to(tl.float32) * scale).to(tl.float16)
+        dest = (j % 4) * (KB // 4) + j // 4 if WORDS else j
+        tl.store(out_ptr + m.to(tl.int64) * KB + dest, _pack(even, odd), mask=j < KB)
         if SUMS:  # (BLOCK is a multiple of GS, so a block holds whole groups)
             pair = even.to(tl.float32) + odd.to(tl.float32)
             g = j0 * 2 // GS + tl.arange(0, BLOCK // GS)
@@ -252,9 +264,13 @@ def _prepare_launch(k: int) -> tuple[int, int]:
     return block, 4 if block <= 2048 else 8 if block <= 8192 else 16
 
 
-def prepare_x(x: torch.Tensor, group_size: int | None = None) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+def prepare_x(x: torch.Tensor, group_size: int | None = None, words: bool = False
+              ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:  # fmt: skip
     """x (M, K) → (M, K/2) int32 float16 pairs of each row times its 2^e, (M,) float32 2^-e, and with a
-    ``group_size`` the (M, ceil(K / group_size)) float32 sums of each group of those scaled values."""
+    ``group_size`` the (M, ceil(K / group_size)) float32 sums of each group of those scaled values.
+    ``words``: the pairs in `lut4_asm.dot_asm`'s order (K a multiple of 8)."""
+    if words and x.shape[1] % 8:
+        raise ValueError(f"pairs in word order need K divisible by 8, got {x.shape[1]}")
     m, k = x.shape
     x2 = torch.empty((m, k // 2), dtype=torch.int32, device=x.device)
     inv = torch.empty(m, dtype=torch.float32, device=x.device)
@@ -262,7 +278,7 @@ def prepare_x(x: torch.Tensor, group_size: int | None = None) -> tuple[torch.Ten
     sums = torch.empty((m, groups), dtype=torch.float32, device=x.device)
     block, warps = _prepare_launch(k)
     _prepare_x_kernel[(m,)](x, x2, inv, sums, k, k // 2, groups, x.stride(0), GS=group_size or 2,
-                            SUMS=group_size is not None, BLOCK=block, num_warps=warps)  # fmt: skip
+                            SUMS=group_size is not None, BLOCK=block, WORDS=words, num_warps=warps)  # fmt: skip
     return x2, inv, sums
 
 
