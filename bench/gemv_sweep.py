@@ -199,6 +199,9 @@ def main(argv=None) -> int:
             times[f"{name}, loads a step ahead (best)"] = ahead[0]["us"] if ahead else float("nan")
         if not args.smoke:
             times["half2 GEMV, autotuned"] = graph_time_us(lambda i: lut4_gemv_half2(x, lw[i]), n_rot, device)
+            times["register GEMV, autotuned"] = graph_time_us(lambda i: lut4_gemv(x, lw[i]), n_rot, device)
+            times["shared GEMV, autotuned"] = graph_time_us(
+                lambda i: lut4_gemv_shared.lut4_gemv_shared(x, lw[i], "byte"), n_rot, device)
             times["op (lowbit::lut4_linear)"] = graph_time_us(lambda i: op(x, lw[i]), n_rot, device)
         if bnb is not None:
             times["bnb matmul_4bit"] = graph_time_us(lambda i: bnb.matmul_4bit(x, bw[i][0].t(), quant_state=bw[i][1]),

@@ -76,7 +76,8 @@ def main() -> int:
     for bm, zp in ((1, False), (4, True)):
         cases[f"gemv half2 words, M={bm}" + (", zero points" if zp else "")] = (
             lut4_gemv_half2._half2_kernel, half2,
-            dict(GS=64, HAS_ZP=zp, DOUBLE_QUANT=not zp, NESTED_GS=256, PTX=True, BM=bm, BN=8, BK=512, STAGES=3))
+            dict(GS=64, HAS_ZP=zp, DOUBLE_QUANT=not zp, NESTED_GS=256, PTX=True, BM=bm, BN=8, BK=512, STAGES=3,
+                 EVEN=not zp))
     cases["gemv shared, x to float16 pairs"] = (lut4_gemv_shared._prepare_x_kernel, ["*bf16", "*i32", "*fp32", "*fp32",
                                                                                     "i32", "i32", "i32", "i32"],
                                                 dict(GS=128, SUMS=True, BLOCK=16384, WORDS=False))  # fmt: skip

@@ -153,19 +153,21 @@ def test_the_cuda_forward_and_grad_input_add_a_scaled_term_on_every_path():
     assert rel_err(ops.linear_grad_input_cuda(g, w, add=add, beta=2.0), g.double() @ dense + 2.0 * add.double()) < 1e-5
 
 
-def test_the_cuda_forward_takes_the_shared_table_gemv_for_2_to_8_rows_of_16_bit_x():
+def test_the_cuda_forward_takes_the_half2_gemv_for_1_to_8_rows_of_16_bit_x():
     from lowbit.kernels import ops
-    from lowbit.kernels.lut4_gemv_shared import lut4_gemv_shared
+    from lowbit.kernels.lut4_gemv_half2 import lut4_gemv_half2
 
     w, dense = make(WeightFormat("nf4", block_size=64, double_quant=True), (48, 128), 1)
-    for m in (1, 2, 5, 8, 9):
-        x = torch.randn(m, 128).to(torch.bfloat16)
+    for m, dtype in ((1, torch.bfloat16), (2, torch.bfloat16), (5, torch.float16), (8, torch.bfloat16),
+                     (9, torch.bfloat16), (1, torch.float32)):  # fmt: skip
+        x = torch.randn(m, 128).to(dtype)
         y = ops.linear_cuda(x, w, GEMV)
-        assert y.dtype == torch.bfloat16 and rel_err(y, x.double() @ dense.t()) < 1e-2
-        # bit-identical to the shared kernel exactly where the ops route to it (its float16-pair rounding
+        assert y.dtype == dtype and rel_err(y, x.double() @ dense.t()) < 1e-2
+        # bit-identical to the half2 kernel exactly where the ops route to it (its float16-pair rounding
         # differs from the register GEMV's and cuBLAS's)
         if m <= 8:
-            assert torch.equal(y, lut4_gemv_shared(x, w, config=GEMV)) == (m in ops.SHARED_GEMV_M), m
+            routed = m in ops.HALF2_GEMV_M and dtype != torch.float32
+            assert torch.equal(y, lut4_gemv_half2(x, w, config=GEMV)) == routed, m
 
 
 def test_launch_tuned_reuses_the_chosen_config_per_tuning_key():

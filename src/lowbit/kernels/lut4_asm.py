@@ -76,20 +76,28 @@ def lookup_asm(table_fp16_bits: list[int]) -> str:
 
 def dot_asm() -> str:
     """PTX for one packed word (four bytes, eight 4-bit codes) times its eight activations, in float16 pairs:
-    $0 = a float16 pair whose two lanes add up to Σ table[code]·x over the word (columns 0, 4, 1, 5 in the
-    low lane, 2, 6, 3, 7 in the high one), from
-    $1 the word, $2..$5 the activations as pairs (x0, x2), (x4, x6), (x1, x3), (x5, x7) of the word's columns
-    0..7 (`lut4_gemv_half2.prepare_x` orders them so), and $6..$13 the table's `table_words`.
+    $0 = a float16 pair whose lanes add up to Σ table[code]·x over the word (the odd columns 1, 3, 5, 7 in the
+    low lane, the even ones in the high lane), from $1 the word, $2..$5 the activations as pairs
+    (x1, x0), (x3, x2), (x5, x4), (x7, x6) of the word's columns (`lut4_gemv_shared.prepare_x` with ``words``
+    orders them so), and $6..$13 the table's `table_words`.
 
-    The table arrives in registers the kernel loaded once: embedded as immediates (as in `lookup_asm`), ptxas
-    rematerialises them at every call, two instructions a byte. One `mul` and three `fma.rn.f16x2` do the
-    eight products and their sums: 32 instructions for eight values."""
+    Unlike `lookup_asm` it looks up a byte's two codes side by side: the word's low 3 bits of all eight
+    codes, ANDed out at once, are the selectors of bytes 0-1 (prmt reads a selector's low 16 bits) and, shifted,
+    of bytes 2-3; two sign-mode permutes gather the codes' bit 3. Five instructions prepare a word instead of
+    twelve, and the values come out as (table[low nibble], table[high nibble]) pairs, the operands of the half2
+    products. The table arrives in registers the kernel loaded once: embedded as immediates, ptxas
+    rematerialises them at every call (two instructions a byte). 25 integer instructions and four half2
+    multiply-adds for eight values."""
     lo, hi = ["$6", "$7", "$8", "$9"], ["$10", "$11", "$12", "$13"]
-    lines = ["{", ".reg .b32 t, s, sel, m, q, a, b, lob, hib, v0, v1, acc;"]
-    lines += _selectors("$1", high=True) + _lookup("v0", "v1", "sel", "m", lo, hi)  # columns 0, 2 | 4, 6
-    lines += ["mul.rn.f16x2 acc, v0, $2;", "fma.rn.f16x2 acc, v1, $3, acc;"]
-    lines += _selectors("$1", high=False) + _lookup("v0", "v1", "sel", "m", lo, hi)  # columns 1, 3 | 5, 7
-    lines += ["fma.rn.f16x2 acc, v0, $4, acc;", "fma.rn.f16x2 $0, v1, $5, acc;"]
+    lines = ["{", ".reg .b32 t, sb, q, ma, mb, a, b, lob, hib, v0, v1, v2, v3, acc;",
+             "and.b32 t, $1, 0x77777777;",  # selectors of (low, high) nibble of byte 0, then byte 1
+             "shr.b32 sb, t, 16;",  # ... of bytes 2 and 3
+             "shl.b32 q, $1, 4;",  # bit 3 of each low nibble at bit 7 of its byte; the high nibbles' is there
+             "prmt.b32 ma, q, $1, 0xD9C8;",  # 0xFF where the code has bit 3: low 0, high 0, low 1, high 1
+             "prmt.b32 mb, q, $1, 0xFBEA;"]  # ... bytes 2 and 3 fmt: skip
+    lines += _lookup("v0", "v1", "t", "ma", lo, hi) + _lookup("v2", "v3", "sb", "mb", lo, hi)
+    lines += ["mul.rn.f16x2 acc, v0, $2;", "fma.rn.f16x2 acc, v1, $3, acc;", "fma.rn.f16x2 acc, v2, $4, acc;",
+              "fma.rn.f16x2 $0, v3, $5, acc;"]  # fmt: skip
     return "\n".join(lines + ["}"])
 
 

@@ -45,17 +45,13 @@ def _dot_words(word, x0, x1, x2, x3, lo0, lo1, lo2, lo3, hi0, hi1, hi2, hi3, nib
         return tl.inline_asm_elementwise(_DOT, "=r,r,r,r,r,r,r,r,r,r,r,r,r,r",
                                          [word, x0, x1, x2, x3, lo0, lo1, lo2, lo3, hi0, hi1, hi2, hi3],
                                          dtype=tl.int32, is_pure=True, pack=1)  # fmt: skip
-    else:  # the same lanes from the float16 table in memory: low lane columns 0, 4, 1, 5; high lane 2, 6, 3, 7
+    else:  # the same lanes from the float16 table in memory: low lane the low nibbles (odd columns)
         lo = tl.zeros(word.shape, dtype=tl.float16)
         hi = tl.zeros(word.shape, dtype=tl.float16)
-        for q in tl.static_range(4):  # x_q's lanes meet (byte 2·(q & 1), byte 2·(q & 1) + 1), high nibbles for q < 2
-            xq = (x0, x1, x2, x3)[q]
-            xa, xb = _unpack(xq)
-            shift = 16 * (q & 1) + (4 if q < 2 else 0)
-            ca = (word >> shift) & 15
-            cb = (word >> (shift + 8)) & 15
-            ta = tl.load(nib_ptr + ca).to(tl.int16).to(tl.float16, bitcast=True)
-            tb = tl.load(nib_ptr + cb).to(tl.int16).to(tl.float16, bitcast=True)
+        for q in tl.static_range(4):  # x_q = (x[2q + 1], x[2q]) meets byte q
+            xa, xb = _unpack((x0, x1, x2, x3)[q])
+            ta = tl.load(nib_ptr + ((word >> 8 * q) & 15)).to(tl.int16).to(tl.float16, bitcast=True)
+            tb = tl.load(nib_ptr + ((word >> 8 * q + 4) & 15)).to(tl.int16).to(tl.float16, bitcast=True)
             lo = lo + ta * xa
             hi = hi + tb * xb
         return (lo.to(tl.int16, bitcast=True).to(tl.int32) & 0xFFFF) | (hi.to(tl.int16, bitcast=True).to(tl.int32) << 16)
@@ -71,9 +67,11 @@ def _lane_id(like, PTX: tl.constexpr):
 
 
 @triton.jit
-def _load_plane(x4_ptr, ms, v, q: tl.constexpr, M, KW, BM: tl.constexpr):
+def _load_plane(x4_ptr, ms, v, q: tl.constexpr, M, KW, BM: tl.constexpr, EVEN: tl.constexpr):
     """Pair q of words v of each row of x (`prepare_x` with ``words``: plane q of a row holds them in a run)."""
-    if BM == 1:
+    if BM == 1 and EVEN:
+        return tl.load(x4_ptr + q * KW + v)
+    elif BM == 1:
         return tl.load(x4_ptr + q * KW + v, mask=v < KW, other=0)
     else:
         return tl.load(x4_ptr + ms[:, None].to(tl.int64) * (4 * KW) + q * KW + v[None, :],
@@ -85,8 +83,9 @@ def _half2_kernel(x4_ptr, inv_ptr, sums_ptr, y_ptr, packed_ptr, words_ptr, nib_p
                   nscale_ptr, offset_ptr, M, N, K, KW, G, stride_ym, center,
                   GS: tl.constexpr, HAS_ZP: tl.constexpr, DOUBLE_QUANT: tl.constexpr, NESTED_GS: tl.constexpr,
                   PTX: tl.constexpr, BM: tl.constexpr, BN: tl.constexpr, BK: tl.constexpr,
-                  STAGES: tl.constexpr):  # fmt: skip
-    """y[m, rows] for one block of BN output rows; x4 holds x's prepared pairs, four int32 per packed word."""
+                  STAGES: tl.constexpr, EVEN: tl.constexpr):  # fmt: skip
+    """y[m, rows] for one block of BN output rows; x4 holds x's prepared pairs, four int32 per packed word.
+    EVEN: K and N are multiples of every BK and BN, so the tiles load without masks."""
     rows = tl.program_id(0) * BN + tl.arange(0, BN)
     ms = tl.arange(0, BM)
     # The table's registers, loaded once. Loaded as scalars they would sit in uniform registers, which a prmt
@@ -99,12 +98,15 @@ def _half2_kernel(x4_ptr, inv_ptr, sums_ptr, y_ptr, packed_ptr, words_ptr, nib_p
     acc = tl.zeros((BM, BN, BK // GS), dtype=tl.float32)
     for k0 in tl.range(0, K, BK, num_stages=STAGES):
         v = tl.max_contiguous(tl.multiple_of(k0 // 8 + tl.arange(0, BK // 8), BK // 8), BK // 8)  # words of a row
-        word = tl.load(words + rows[:, None].to(tl.int64) * KW + v[None, :],
-                       mask=(rows < N)[:, None] & (v < KW)[None, :], other=0)  # (BN, BK/8) fmt: skip
-        q0 = _load_plane(x4_ptr, ms, v, 0, M, KW, BM)  # pair q of each word: (BK/8,), or (BM, BK/8)
-        q1 = _load_plane(x4_ptr, ms, v, 1, M, KW, BM)
-        q2 = _load_plane(x4_ptr, ms, v, 2, M, KW, BM)
-        q3 = _load_plane(x4_ptr, ms, v, 3, M, KW, BM)
+        word_ptrs = words + rows[:, None].to(tl.int64) * KW + v[None, :]  # (BN, BK/8)
+        if EVEN:
+            word = tl.load(word_ptrs)
+        else:
+            word = tl.load(word_ptrs, mask=(rows < N)[:, None] & (v < KW)[None, :], other=0)
+        q0 = _load_plane(x4_ptr, ms, v, 0, M, KW, BM, EVEN)  # pair q of each word: (BK/8,), or (BM, BK/8)
+        q1 = _load_plane(x4_ptr, ms, v, 1, M, KW, BM, EVEN)
+        q2 = _load_plane(x4_ptr, ms, v, 2, M, KW, BM, EVEN)
+        q3 = _load_plane(x4_ptr, ms, v, 3, M, KW, BM, EVEN)
         if BM == 1:  # 1-D activations: the compiler moves them, not the word tile, into the other's layout
             p = _dot_words(word, q0[None, :], q1[None, :], q2[None, :], q3[None, :], lo0, lo1, lo2, lo3,
                            hi0, hi1, hi2, hi3, nib_ptr, PTX)  # (BN, BK/8) fmt: skip
@@ -135,9 +137,15 @@ def _half2_kernel(x4_ptr, inv_ptr, sums_ptr, y_ptr, packed_ptr, words_ptr, nib_p
              mask=(ms < M)[:, None] & (rows < N)[None, :])  # fmt: skip
 
 
+MAX_BN, MAX_BK = 32, 2048  # the largest tile of any launch (a launch with BK > K still works, masked)
+
+
 def _configs() -> list[triton.Config]:
-    shapes = [(4, 1024, 2, 3), (8, 1024, 4, 3), (8, 512, 2, 3), (8, 512, 4, 3), (16, 512, 4, 3), (16, 256, 4, 3),
-              (4, 1024, 2, 1), (8, 1024, 4, 1), (8, 512, 2, 1), (16, 256, 4, 1), (32, 256, 8, 3), (2, 1024, 1, 3)]
+    """(BN, BK, warps, STAGES): the ten fastest of 100 launches at each Llama-3-8B shape, M = 1, on an H100
+    (bench/gemv_sweep.py, session 19), and tiles for several rows of x."""
+    shapes = [(8, 2048, 4, 1), (16, 1024, 4, 1), (2, 1024, 1, 1), (4, 2048, 2, 1), (4, 1024, 1, 3), (4, 512, 1, 3),
+              (2, 2048, 2, 1), (8, 1024, 4, 1), (2, 1024, 1, 3), (4, 2048, 4, 1), (4, 1024, 2, 3), (16, 2048, 8, 1),
+              (8, 512, 2, 3), (8, 512, 4, 3), (16, 256, 4, 3), (32, 256, 8, 3)]  # fmt: skip
     return [triton.Config({"BN": bn, "BK": bk, "STAGES": s}, num_warps=w, num_stages=1) for bn, bk, w, s in shapes]
 
 
@@ -208,10 +216,11 @@ def lut4_gemv_half2(x: torch.Tensor, w: Lut4Weight, config: dict | None = None) 
     args = (x4, inv, sums, y, packed, _table_words(w.table, center), half_tables(w.table, "nibble", center), *rest)
     kw = dict(M=m, N=sizes["N"], K=k, KW=k // 8, G=sizes["G"], stride_ym=y.stride(0), center=center, GS=gs,
               HAS_ZP=has_zp, DOUBLE_QUANT=layout["DOUBLE_QUANT"], NESTED_GS=layout["NESTED_GS"], PTX=ptx,
-              BM=triton.next_power_of_2(m))  # fmt: skip
+              BM=triton.next_power_of_2(m), EVEN=k % MAX_BK == 0 and w.out_features % MAX_BN == 0)  # fmt: skip
     if config is None:
         launch_tuned(_half2_tuned, lambda meta: (triton.cdiv(w.out_features, meta["BN"]),), *args, **kw)
     else:
         config = {"STAGES": 1} | config
+        kw["EVEN"] = kw["EVEN"] and k % config["BK"] == 0 and w.out_features % config["BN"] == 0
         _half2_kernel[(triton.cdiv(w.out_features, config["BN"]),)](*args, **kw, **config)
     return y

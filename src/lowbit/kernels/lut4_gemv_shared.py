@@ -86,10 +86,9 @@ def _prepare_x_kernel(x_ptr, out_ptr, inv_ptr, sums_ptr, K, KB, G, stride_xm,
                       GS: tl.constexpr, SUMS: tl.constexpr, BLOCK: tl.constexpr, WORDS: tl.constexpr):  # fmt: skip
     """Row m of x → float16 pairs of x·2^e (|x·2^e| < 1) as int32 words, and 2^-e; with SUMS, also the sum of
     each group of GS (rounded, scaled) values, which zero points multiply. Pair j is (x[2j], x[2j + 1]), or
-    with WORDS, in each run of 8 columns, (x0, x2), (x4, x6), (x1, x3), (x5, x7): the order in which
-    `lut4_asm.dot_asm` meets a packed word's codes (a permutation within 8 columns, so groups of GS ≥ 8 keep
-    their pairs together), stored by position in the run: the 4·(K/8) pairs of a row as four planes of K/8
-    (pair q of word v at q·K/8 + v), so that a kernel reads each plane's run of words with vector loads."""
+    with WORDS (x[2j + 1], x[2j]), as `lut4_asm.dot_asm` meets a byte's codes, stored as four planes of K/8 (pair
+    q of the 8-column word v at q·K/8 + v), so that a kernel reads each plane's run of words with vector loads
+    (a permutation within 8 columns: groups of GS ≥ 8 keep their pairs together)."""
     m = tl.program_id(0)
     x_ptr += m.to(tl.int64) * stride_xm
     amax = tl.zeros((BLOCK,), dtype=tl.float32)
@@ -102,13 +101,8 @@ def _prepare_x_kernel(x_ptr, out_ptr, inv_ptr, sums_ptr, K, KB, G, stride_xm,
     tl.store(inv_ptr + m, ((biased + 1) << 23).to(tl.float32, bitcast=True))  # 2^(biased - 126)
     for j0 in range(0, KB, BLOCK // 2):
         j = j0 + tl.arange(0, BLOCK // 2)
-        if WORDS:
-            q = j % 4
-            col = 8 * (j // 4) + (q & 1) * 4 + (q >> 1)
-            step = 2
-        else:
-            col = 2 * j
-            step = 1
+        col = 2 * j + 1 if WORDS else 2 * j
+        step = -1 if WORDS else 1
         even = (tl.load(x_ptr + col, mask=j < KB, other=0.0).to(tl.float32) * scale).to(tl.float16)
         odd = (tl.load(x_ptr + col + step, mask=j < KB, other=0.0).to(tl.float32) * scale).to(tl.float16)
         dest = (j % 4) * (KB // 4) + j // 4 if WORDS else j

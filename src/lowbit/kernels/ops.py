@@ -34,6 +34,9 @@ GEMV_MAX_M = 4
 # M = 1: 11.4 / 25.4 / 30.7 µs vs 10.1 / 26.8 / 30.6, a draw, so M = 1 keeps the register GEMV. float32 x
 # keeps the exact float32 paths (the shared kernel rounds products to float16, ~2⁻¹¹ relative).
 SHARED_GEMV_M = range(2, 9)
+# Rows of 16-bit x for which the half2 word GEMV (`lut4_gemv_half2`) runs, where it applies (K divisible by 8,
+# groups ≥ 8): faster than both GEMVs above at every M on an H100 (bench/RESULTS.md, session 19).
+HALF2_GEMV_M = range(1, 9)
 
 
 def _lut4(packed, table, scale, zero_point, nested_code, nested_scale, offset, n, k, group_size, flat) -> Lut4Weight:
@@ -66,7 +69,7 @@ def linear_cuda(x: Tensor, w: Lut4Weight, gemv_config: dict | None = None, add: 
     host time a call. Above the GEMV sizes ``add`` enters cuBLAS's epilogue (read while the tensor cores work)
     instead of costing a pass of its own. ``gemv_config`` fixes the GEMV's launch instead of autotuning it (the
     Triton interpreter)."""
-    from lowbit.kernels import lut4_gemv_shared
+    from lowbit.kernels import lut4_gemv_half2, lut4_gemv_shared
     from lowbit.kernels.lut4_gemm import lut4_dequantize
     from lowbit.kernels.lut4_gemv import lut4_gemv
 
@@ -74,6 +77,8 @@ def linear_cuda(x: Tensor, w: Lut4Weight, gemv_config: dict | None = None, add: 
     m = x.shape[0]
     if m == 0:
         y = x.new_empty((0, w.out_features))
+    elif m in HALF2_GEMV_M and x.dtype != torch.float32 and lut4_gemv_half2.supports(x, w):
+        y = lut4_gemv_half2.lut4_gemv_half2(x, w, config=gemv_config)
     elif m in SHARED_GEMV_M and x.dtype != torch.float32 and lut4_gemv_shared.supports(x, w):
         y = lut4_gemv_shared.lut4_gemv_shared(x, w, config=gemv_config)
     elif m <= GEMV_MAX_M:
