@@ -130,8 +130,13 @@ def batches(lw, bw, n_rot, k, device, bnb, smoke: bool) -> dict:
              "op": graph_time_us(lambda i: op(x, lw[i]), n_rot, device)}  # fmt: skip
         if bnb is not None:
             t["bnb"] = graph_time_us(lambda i: bnb.matmul_4bit(x, bw[i][0].t(), quant_state=bw[i][1]), n_rot, device)
-        out[m] = t
-        print(f"  M = {m}: " + ", ".join(f"{a} {b:.1f} us" for a, b in t.items()), flush=True)
+        dense = lut4_dequantize(lw[0], torch.float32)
+        ref = x.float() @ dense.t()
+        err = {name: float((fn(x, lw[0]).float() - ref).abs().max() / ref.abs().max())
+               for name, fn in (("half2", lambda a, b: lut4_gemv_half2(a, b, cfg)), ("op", op))}  # fmt: skip
+        out[m] = t | {"rel_err": err}
+        print(f"  M = {m}: " + ", ".join(f"{a} {b:.1f} us" for a, b in t.items())
+              + f" | max rel. error half2 {err['half2']:.1e}, op {err['op']:.1e}", flush=True)  # fmt: skip
     return out
 
 
