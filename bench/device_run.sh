@@ -237,7 +237,7 @@ case ${1:-kernels} in
     part sweep 480 python3 bench/gemv_sweep.py --out "$RES"
     ;;
   s19c)  # the half2 word GEMV: its launch sweep at M = 1; M = 2, 4, 8 against the shared-table GEMV, the op, bnb
-    part sweep 560 python3 bench/gemv_sweep.py --out "$RES" --sweeps half2
+    part sweep 560 python3 bench/gemv_sweep.py --out "$RES" --sweeps half2 --floor
     ;;
 esac
 tar czf "$OUT/results-${1:-kernels}.tgz" -C "$RES" .
