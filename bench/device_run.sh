@@ -25,6 +25,7 @@
 #   bash bench/device_run.sh s19a         # next session first: dropout in graphs, 8-bit AdamW drift, 32 blocks again
 #   bash bench/device_run.sh s19b         # LoRA dropout in graphs (B factors nonzero); the GEMV launch sweep and roofs
 #   bash bench/device_run.sh s19c         # the half2 word GEMV (lut4_gemv_half2): launch sweep, M = 2/4/8, vs the others
+#   bash bench/device_run.sh s19d         # Nsight Compute on the batch-1 GEMVs (half2, bnb): where their time goes
 #   bash bench/device_run.sh longest      # memory estimator; fused vs unfused loss curves (carry smol_cfg too);
 #                                         # QLoRA step training peaks; the longest sequence each contender fits
 # from the repository root on the device, with bitsandbytes' wheel carried in .whl/ (see RESULTS.md).
@@ -237,7 +238,12 @@ case ${1:-kernels} in
     part sweep 480 python3 bench/gemv_sweep.py --out "$RES"
     ;;
   s19c)  # the half2 word GEMV: its launch sweep at M = 1; M = 2, 4, 8 against the shared-table GEMV, the op, bnb
-    part sweep 560 python3 bench/gemv_sweep.py --out "$RES" --sweeps half2 --floor
+    part sweep 560 python3 bench/gemv_sweep.py --out "$RES" --sweeps half2
+    ;;
+  s19d)  # Nsight Compute: the half2 GEMV and bnb's at 14336x4096, M = 1 (pipes, stalls, occupancy)
+    part ncu 300 ncu --section SpeedOfLight --section ComputeWorkloadAnalysis --section WarpStateStats \
+      --section Occupancy --section LaunchStats --section InstructionStats -k regex:"half2|kgemm_4bit" \
+      --launch-skip 2 --launch-count 2 python3 bench/ncu_gemv.py
     ;;
 esac
 tar czf "$OUT/results-${1:-kernels}.tgz" -C "$RES" .

@@ -146,7 +146,6 @@ def main(argv=None) -> int:
     ap.add_argument("--quick", action="store_true", help="a fifth of each sweep")
     ap.add_argument("--smoke", action="store_true", help="CPU, one tiny shape, a few launches")
     ap.add_argument("--sweeps", default="read,register,shared,half2", help="which launch sweeps to run")
-    ap.add_argument("--floor", action="store_true", help="also the half2 GEMV without its lookup (needs half2)")
     args = ap.parse_args(argv)
     device = torch.device("cpu" if args.smoke else "cuda")
     shapes = [(64, 512)] if args.smoke else DECODE_SHAPES
@@ -203,16 +202,6 @@ def main(argv=None) -> int:
             ahead = [r for r in sweeps[name] if r["config"].get("AHEAD")]
             times[f"{name}, unpipelined (best)"] = plain[0]["us"] if plain else float("nan")
             times[f"{name}, loads a step ahead (best)"] = ahead[0]["us"] if ahead else float("nan")
-        if args.floor:  # the same kernel with each word's lookup and products replaced by one xor: what the rest costs
-            from lowbit.kernels import lut4_gemv_half2 as half2_module
-
-            real = half2_module._DOT
-            half2_module._DOT = tl.constexpr("xor.b32 $0, $1, $2;")
-            try:
-                rows = sweep("floor", [r["config"] for r in sweeps["half2 GEMV"][:6]], half2, n_rot, device)
-                times["half2 GEMV with a 1-instruction 'lookup' (floor)"] = rows[0]["us"]
-            finally:
-                half2_module._DOT = real
         if not args.smoke:
             times["half2 GEMV, autotuned"] = graph_time_us(lambda i: lut4_gemv_half2(x, lw[i]), n_rot, device)
             times["register GEMV, autotuned"] = graph_time_us(lambda i: lut4_gemv(x, lw[i]), n_rot, device)
