@@ -241,9 +241,11 @@ case ${1:-kernels} in
     part sweep 560 python3 bench/gemv_sweep.py --out "$RES" --sweeps half2
     ;;
   s19d)  # Nsight Compute: the half2 GEMV and bnb's at 14336x4096, M = 1 (pipes, stalls, occupancy)
-    part ncu 300 ncu --section SpeedOfLight --section ComputeWorkloadAnalysis --section WarpStateStats \
-      --section Occupancy --section LaunchStats --section InstructionStats -k regex:"half2|kgemm_4bit" \
-      --launch-skip 2 --launch-count 2 python3 bench/ncu_gemv.py
+    for k in half2 kgemm_4bit; do
+      part "ncu_$k" 200 ncu --section SpeedOfLight --section ComputeWorkloadAnalysis --section WarpStateStats \
+        --section Occupancy --section LaunchStats --section InstructionStats --section MemoryWorkloadAnalysis \
+        -k regex:$k --launch-skip 3 --launch-count 1 python3 bench/ncu_gemv.py
+    done
     ;;
 esac
 tar czf "$OUT/results-${1:-kernels}.tgz" -C "$RES" .
