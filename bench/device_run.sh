@@ -26,6 +26,8 @@
 #   bash bench/device_run.sh s19b         # LoRA dropout in graphs (B factors nonzero); the GEMV launch sweep and roofs
 #   bash bench/device_run.sh s19c         # the half2 word GEMV (lut4_gemv_half2): launch sweep, M = 2/4/8, vs the others
 #   bash bench/device_run.sh s19d         # Nsight Compute on the batch-1 GEMVs (half2, bnb): where their time goes
+#   bash bench/device_run.sh s19e         # session 19's final: GPU correctness + decode table (half2 in the op);
+#                                         # generation tok/s, lowbit NF4 (fused static graph) vs transformers + bnb
 #   bash bench/device_run.sh longest      # memory estimator; fused vs unfused loss curves (carry smol_cfg too);
 #                                         # QLoRA step training peaks; the longest sequence each contender fits
 # from the repository root on the device, with bitsandbytes' wheel carried in .whl/ (see RESULTS.md).
@@ -246,6 +248,10 @@ case ${1:-kernels} in
         --section Occupancy --section LaunchStats --section InstructionStats --section MemoryWorkloadAnalysis \
         -k regex:$k --launch-skip 3 --launch-count 1 python3 bench/ncu_gemv.py
     done
+    ;;
+  s19e)  # the op now runs the half2 GEMV: every kernel checked on the GPU, the decode table; generation again
+    part decode 300 python3 bench/gpu_kernels.py --out "$RES" --decode-only
+    part generation 260 python3 bench/generation.py --out "$RES" --kinds lowbit-nf4,bnb-nf4 --ways 0,2
     ;;
 esac
 tar czf "$OUT/results-${1:-kernels}.tgz" -C "$RES" .

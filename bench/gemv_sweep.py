@@ -5,9 +5,10 @@ than L2 holds), as bench/gpu_kernels.py times them:
   - the roofs at this size: a device-to-device copy of the NF4 weight's bytes (read + write), the best of a
     sweep of a read-only Triton kernel over the same bytes (reads them, sums words, writes one per program),
     and cuBLAS's bf16 GEMV over a weight of the same bytes (N/4 × K);
-  - the register-table GEMV (`lut4_gemv`) over a sweep of launches: tiles, warps, loads a step ahead, and
-    STAGES (Triton's software pipeliner with cp.async, which a loop without a dot gets only when asked);
-  - the shared-table GEMV over its own sweep; bitsandbytes' `matmul_4bit` where installed.
+  - the register-table GEMV (`lut4_gemv`) over a sweep of launches (tiles, warps);
+  - the half2 word GEMV (`lut4_gemv_half2`) over its own sweep, with and without STAGES (Triton's software
+    pipeliner, cp.async, which a loop without a dot gets only when asked); the op; bitsandbytes'
+    `matmul_4bit` where installed; then M = 2, 4, 8.
 Prints the best launches of each kernel and one table; --out writes every timing as JSON.
 
     python3 bench/gemv_sweep.py [--out DIR] [--quick]
@@ -29,7 +30,6 @@ sys.path[:0] = [str(Path(__file__).resolve().parent), str(Path(__file__).resolve
 
 from gpu_kernels import DECODE_SHAPES, ceilings, graph_time_us, make_weights  # noqa: E402
 
-from lowbit.kernels import lut4_gemv_shared  # noqa: E402
 from lowbit.kernels.lut4_gemm import lut4_dequantize  # noqa: E402
 from lowbit.kernels.lut4_gemv import lut4_gemv  # noqa: E402
 from lowbit.kernels.lut4_gemv_half2 import lut4_gemv_half2  # noqa: E402
@@ -63,19 +63,8 @@ def register_configs(quick: bool) -> list[dict]:
     for bn, bk in tiles:
         for warps in (2, 4, 8):
             threads = 32 * warps
-            if bn * bk // 2 < 8 * threads or bn * bk > 64 * threads:  # lut4_gemv._prune's rule
-                continue
-            for stages in (1, 3, 5):
-                out.append(dict(BN=bn, BK=bk, num_warps=warps, num_stages=1, STAGES=stages, AHEAD=False))
-            out.append(dict(BN=bn, BK=bk, num_warps=warps, num_stages=1, STAGES=1, AHEAD=True))
-    return out[::5] if quick else out
-
-
-def shared_configs(quick: bool) -> list[dict]:
-    tiles = [(8, 512, 4), (16, 256, 4), (16, 512, 8), (32, 128, 4), (32, 256, 8), (8, 1024, 8), (4, 1024, 4)]
-    out = [dict(BN=bn, BK=bk, num_warps=w, num_stages=1, STAGES=s, AHEAD=False) for bn, bk, w in tiles
-           for s in (1, 3, 5)]  # fmt: skip
-    out += [dict(BN=bn, BK=bk, num_warps=w, num_stages=1, STAGES=1, AHEAD=True) for bn, bk, w in tiles]
+            if bn * bk // 2 >= 8 * threads and bn * bk <= 64 * threads:  # lut4_gemv._prune's rule
+                out.append(dict(BN=bn, BK=bk, num_warps=warps, num_stages=1))
     return out[::5] if quick else out
 
 
@@ -119,14 +108,12 @@ def op(x, w):
 
 
 def batches(lw, bw, n_rot, k, device, bnb, smoke: bool) -> dict:
-    """M = 2, 4, 8 (autotuned launches): the half2 GEMV, the shared-table one, the op, bnb; µs."""
+    """M = 2, 4, 8 (autotuned launches): the half2 GEMV, the op, bnb; µs."""
     out = {}
     for m in (2, 4, 8) if not smoke else (4,):
         x = torch.randn(m, k, device=device, dtype=torch.bfloat16)
         cfg = {"BN": 8, "BK": 128, "num_warps": 4} if smoke else None
         t = {"half2": graph_time_us(lambda i: lut4_gemv_half2(x, lw[i], cfg), n_rot, device),
-             "shared byte": graph_time_us(lambda i: lut4_gemv_shared.lut4_gemv_shared(x, lw[i], "byte", cfg), n_rot,
-                                          device),
              "op": graph_time_us(lambda i: op(x, lw[i]), n_rot, device)}  # fmt: skip
         if bnb is not None:
             t["bnb"] = graph_time_us(lambda i: bnb.matmul_4bit(x, bw[i][0].t(), quant_state=bw[i][1]), n_rot, device)
@@ -145,7 +132,7 @@ def main(argv=None) -> int:
     ap.add_argument("--out", type=Path)
     ap.add_argument("--quick", action="store_true", help="a fifth of each sweep")
     ap.add_argument("--smoke", action="store_true", help="CPU, one tiny shape, a few launches")
-    ap.add_argument("--sweeps", default="read,register,shared,half2", help="which launch sweeps to run")
+    ap.add_argument("--sweeps", default="read,register,half2", help="which launch sweeps to run")
     args = ap.parse_args(argv)
     device = torch.device("cpu" if args.smoke else "cuda")
     shapes = [(64, 512)] if args.smoke else DECODE_SHAPES
@@ -182,31 +169,21 @@ def main(argv=None) -> int:
         def half2(c):
             return lambda i: lut4_gemv_half2(x, lw[i], c)
 
-        def shared(c):
-            return lambda i: lut4_gemv_shared.lut4_gemv_shared(x, lw[i], "byte", c)
-
         ref = x.float() @ lut4_dequantize(lw[0], torch.float32).t()
         chosen = args.sweeps.split(",")
         sweeps = {"read-only": ("read", read_configs, reader, None), "register GEMV": ("register", register_configs,
-                  register, ref), "shared GEMV": ("shared", shared_configs, shared, ref),
-                  "half2 GEMV": ("half2", half2_configs, half2, ref)}  # fmt: skip
+                  register, ref), "half2 GEMV": ("half2", half2_configs, half2, ref)}  # fmt: skip
         sweeps = {name: sweep(short, configs(quick), make, n_rot, device, reference)
                   for name, (short, configs, make, reference) in sweeps.items() if short in chosen}  # fmt: skip
         for name, rows in sweeps.items():
             times[f"{name} (best)"] = rows[0]["us"]
             print(f"{n}x{k} {name}: " + "; ".join(f"{r['us']:.1f} us {r['config']}" for r in rows[:6]), flush=True)
-        for name in sweeps:
-            if name == "read-only":
-                continue
-            plain = [r for r in sweeps[name] if r["config"]["STAGES"] == 1 and not r["config"].get("AHEAD")]
-            ahead = [r for r in sweeps[name] if r["config"].get("AHEAD")]
-            times[f"{name}, unpipelined (best)"] = plain[0]["us"] if plain else float("nan")
-            times[f"{name}, loads a step ahead (best)"] = ahead[0]["us"] if ahead else float("nan")
+        if "half2 GEMV" in sweeps:
+            plain = [r for r in sweeps["half2 GEMV"] if r["config"]["STAGES"] == 1]
+            times["half2 GEMV, unpipelined (best)"] = plain[0]["us"] if plain else float("nan")
         if not args.smoke:
             times["half2 GEMV, autotuned"] = graph_time_us(lambda i: lut4_gemv_half2(x, lw[i]), n_rot, device)
             times["register GEMV, autotuned"] = graph_time_us(lambda i: lut4_gemv(x, lw[i]), n_rot, device)
-            times["shared GEMV, autotuned"] = graph_time_us(
-                lambda i: lut4_gemv_shared.lut4_gemv_shared(x, lw[i], "byte"), n_rot, device)
             times["op (lowbit::lut4_linear)"] = graph_time_us(lambda i: op(x, lw[i]), n_rot, device)
         if bnb is not None:
             times["bnb matmul_4bit"] = graph_time_us(lambda i: bnb.matmul_4bit(x, bw[i][0].t(), quant_state=bw[i][1]),

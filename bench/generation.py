@@ -126,16 +126,21 @@ def main() -> None:
     parser.add_argument("--new", type=int, default=256)
     parser.add_argument("--out", type=Path)
     parser.add_argument("--check-only", action="store_true", help="only the teacher-forced logit check")
+    parser.add_argument("--kinds", help="comma-separated subset of bnb-nf4, lowbit-nf4, bf16")
+    parser.add_argument("--ways", help="comma-separated subset of the ways' numbers: 0 transformers generate, "
+                        "1 lowbit static + CUDA graph, 2 ... + fused ops (default all)")  # fmt: skip
     args = parser.parse_args()
     device = "cpu" if args.tiny else "cuda"
     shape, layers = (TINY, 2) if args.tiny else (LLAMA3_8B, args.layers)
     kinds = ["bnb-nf4", "lowbit-nf4", "bf16"] if not args.tiny else ["lowbit-nf4", "bf16"]
+    kinds = args.kinds.split(",") if args.kinds else kinds
+    ways = {w: fn for i, (w, fn) in enumerate(WAYS.items()) if not args.ways or str(i) in args.ways.split(",")}
     prompt = torch.randint(0, shape["vocab_size"], (1, 16), generator=torch.Generator().manual_seed(0)).to(device)
     results: dict[str, dict | None] = {}
     for kind in kinds:
         model = prepare(kind, shape, layers, device)
         tokens = {}
-        for way, fn in {} if args.check_only else WAYS.items():
+        for way, fn in {} if args.check_only else ways.items():
             key = f"{kind} · {way}"
             try:
                 results[key], tokens[way] = fn(model, prompt, args.new)
@@ -159,14 +164,16 @@ def main() -> None:
             torch.cuda.empty_cache()
     if args.check_only:
         kinds = []  # no timings to tabulate
-    log("\n| model | " + " | ".join(f"{w} tok/s (ms/token)" for w in WAYS) + " |\n|---|" + "---|" * len(WAYS))
+    log("\n| model | " + " | ".join(f"{w} tok/s (ms/token)" for w in ways) + " |\n|---|" + "---|" * len(ways))
     for kind in kinds:
-        cells = [results.get(f"{kind} · {w}") for w in WAYS]
+        cells = [results.get(f"{kind} · {w}") for w in ways]
         log(f"| {kind} | " + " | ".join("failed" if c is None else f"{c['tok_s']:.1f} ({c['ms_per_token']:.2f})"
                                         for c in cells) + " |")  # fmt: skip
-    peer, ours = results.get("bnb-nf4 · transformers generate"), results.get("lowbit-nf4 · lowbit static + CUDA graph")
-    if peer and ours:
-        log(f"lowbit NF4 (static + graph) / transformers + bnb NF4 (generate): {ours['tok_s'] / peer['tok_s']:.2f}×")
+    peer = results.get("bnb-nf4 · transformers generate")
+    for way in list(WAYS)[1:]:
+        ours = results.get(f"lowbit-nf4 · {way}")
+        if peer and ours:
+            log(f"lowbit NF4 ({way}) / transformers + bnb NF4 (generate): {ours['tok_s'] / peer['tok_s']:.2f}×")
     if args.out is not None:
         args.out.mkdir(parents=True, exist_ok=True)
         (args.out / "generation.json").write_text(json.dumps(results, indent=1))

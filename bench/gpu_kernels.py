@@ -147,9 +147,8 @@ def check_correctness(device, smoke: bool) -> list[dict]:
     from lowbit.formats import WeightFormat
     from lowbit.kernels.lut4 import lut4_weight
     from lowbit.kernels.lut4_gemm import lut4_dequantize, lut4_gemm, lut4_gemm_grad_input
-    from lowbit.kernels import lut4_gemv_shared
+    from lowbit.kernels import lut4_gemv_half2
     from lowbit.kernels.lut4_gemv import lut4_gemv
-    from lowbit.kernels.lut4_tile import kernel_args
 
     formats = [WeightFormat("nf4", 64, True), WeightFormat("nf4", 64, False), WeightFormat("fp4", 64, True),
                WeightFormat("nf4", 256, True), WeightFormat("int4", group_size=128, symmetric=True),
@@ -159,10 +158,10 @@ def check_correctness(device, smoke: bool) -> list[dict]:
     gemm_cfgs = [{"BM": 64, "BN": 128, "BK": 64, "num_warps": 4, "num_stages": 3},
                  {"BM": 16, "BN": 64, "BK": 128, "num_warps": 4, "num_stages": 3},
                  {"BM": 128, "BN": 64, "BK": 64, "SWAP": False, "num_warps": 4, "num_stages": 3}]  # fmt: skip
-    shared_cfg = {"BN": 16, "BK": 256, "num_warps": 4, "num_stages": 3}
+    half2_cfg = {"BN": 4, "BK": 1024, "num_warps": 1}  # K = 1024 unmasked, the others masked
     if smoke:
         gemv_cfg = {"BN": 4, "BK": 64, "num_warps": 4, "num_stages": 1}
-        shared_cfg = {"BN": 8, "BK": 128, "num_warps": 4, "num_stages": 1}
+        half2_cfg = {"BN": 8, "BK": 128, "num_warps": 4}
         gemm_cfgs = [{"BM": 16, "BN": 16, "BK": 64, "num_warps": 4, "num_stages": 1}]
     tol = {torch.float32: 1e-4, torch.bfloat16: 1.5e-2, torch.float16: 5e-3}
     rows, worst = [], {}
@@ -180,17 +179,11 @@ def check_correctness(device, smoke: bool) -> list[dict]:
                 for m in (1, 3):
                     x = torch.randn(m, k, device=device).to(dt)
                     checks[f"gemv M={m}"] = guarded(lambda: rel_err(lut4_gemv(x, w, gemv_cfg), x.double() @ dense.t()))
-                    layout = kernel_args(w)[2]
-                    if m == 1 and layout["PAIRED"] and not layout["HAS_ZP"]:  # loads a step ahead
-                        checks["gemv, loads ahead, M=1"] = guarded(lambda: rel_err(
-                            lut4_gemv(x, w, gemv_cfg | {"AHEAD": True}), x.double() @ dense.t()))  # fmt: skip
-                    if lut4_gemv_shared.supports(x, w):  # the shared-table, float16-pair GEMV (M ≤ 4)
-                        for mode in lut4_gemv_shared.MODES:
-                            checks[f"gemv shared {mode} M={m}"] = guarded(lambda: rel_err(
-                                lut4_gemv_shared.lut4_gemv_shared(x, w, mode, shared_cfg), x.double() @ dense.t()))
-                        checks[f"gemv shared, loads ahead, M={m}"] = guarded(lambda: rel_err(
-                            lut4_gemv_shared.lut4_gemv_shared(x, w, "byte", shared_cfg | {"AHEAD": True}),
-                            x.double() @ dense.t()))  # fmt: skip
+                    if lut4_gemv_half2.supports(x, w):  # the half2 word GEMV (M ≤ 8)
+                        for mm in (m, 8):
+                            xh = torch.randn(mm, k, device=device).to(dt)
+                            checks[f"gemv half2 M={mm}"] = guarded(lambda: rel_err(
+                                lut4_gemv_half2.lut4_gemv_half2(xh, w, half2_cfg), xh.double() @ dense.t()))
                 for ci, cfg in enumerate(gemm_cfgs[::2] if fi == 0 else gemm_cfgs[:1]):
                     for m in (1, 64, 300):
                         x = torch.randn(m, k, device=device).to(dt)
@@ -199,8 +192,8 @@ def check_correctness(device, smoke: bool) -> list[dict]:
                 checks["dX M=300"] = guarded(lambda: rel_err(lut4_gemm_grad_input(g, w, gemm_cfgs[0]), g.double() @ dense))
                 # The decoder is exact up to one rounding (an FMA in the double-quant scale): 1e-6 relative.
                 checks["dequant"] = guarded(lambda: rel_err(lut4_dequantize(w, torch.float32), dense))
-                # the shared-table GEMV computes in float16 pairs whatever x's dtype: bf16-level tolerance
-                limit = {c: 1e-6 if c == "dequant" else max(tol[dt], 4e-3) if "shared" in c else tol[dt] for c in checks}
+                # the half2 GEMV computes in float16 pairs whatever x's dtype: bf16-level tolerance
+                limit = {c: 1e-6 if c == "dequant" else max(tol[dt], 4e-3) if "half2" in c else tol[dt] for c in checks}
                 bad = {c: e for c, e in checks.items() if not e <= limit[c]}
                 rows.append({"format": fmt.name, "block/group": fmt.block_size if fmt.is_codebook else fmt.group_size,
                              "dq": fmt.double_quant and fmt.is_codebook, "shape": (n, k), "dtype": str(dt),
@@ -309,7 +302,7 @@ def memory_table(fn):
 def decode_benchmark(device, ceil: dict, with_bnb: bool, smoke: bool) -> list[dict]:
     import torch.nn.functional as F
 
-    from lowbit.kernels import lut4_gemv_shared, ops
+    from lowbit.kernels import lut4_gemv_half2, ops
     from lowbit.kernels.lut4_gemm import lut4_dequantize
     from lowbit.kernels.lut4_gemv import _lut4_gemv_tuned, lut4_gemv
 
@@ -337,11 +330,9 @@ def decode_benchmark(device, ceil: dict, with_bnb: bool, smoke: bool) -> list[di
                 "lowbit deq+cuBLAS": (lambda i, x=x: F.linear(x, lut4_dequantize(lw[i], x.dtype)), n_rot),
                 "bf16": (lambda i, x=x: F.linear(x, dense[i]), len(dense)),
             }
-            if lut4_gemv_shared.supports(x, lw[0]):  # the shared-table float16-pair GEMV (prepare x + GEMV)
-                cs = None if not smoke else {"BN": 8, "BK": 128, "num_warps": 4, "num_stages": 1}
-                for mode in lut4_gemv_shared.MODES:
-                    contenders[f"shared {mode}"] = (lambda i, x=x, mode=mode: lut4_gemv_shared.lut4_gemv_shared(
-                        x, lw[i], mode, cs), n_rot)  # fmt: skip
+            if lut4_gemv_half2.supports(x, lw[0]):  # the half2 word GEMV alone (the op adds its dispatch)
+                ch = None if not smoke else {"BN": 8, "BK": 128, "num_warps": 4}
+                contenders["half2"] = (lambda i, x=x: lut4_gemv_half2.lut4_gemv_half2(x, lw[i], ch), n_rot)
             if with_bnb:
                 contenders["bnb"] = (lambda i, x=x: bnb.matmul_4bit(x, bw[i][0].t(), quant_state=bw[i][1]), n_rot)
             t, t_flush = {}, {}
@@ -349,8 +340,8 @@ def decode_benchmark(device, ceil: dict, with_bnb: bool, smoke: bool) -> list[di
                 t[name] = guarded(lambda: graph_time_us(fn, rot, device))
                 t_flush[name] = guarded(lambda: bench_us(rotating(fn, rot), device))
             best = getattr(_lut4_gemv_tuned, "best_config", None)
-            if "shared byte" in t:
-                best = f"{best}; shared {getattr(lut4_gemv_shared._gemv_shared_tuned, 'best_config', None)}"
+            if "half2" in t:
+                best = f"{best}; half2 {getattr(lut4_gemv_half2._half2_tuned, 'best_config', None)}"
             moved = nbytes4 + 2 * m * k + 2 * m * n
             row = {"shape": f"{n}x{k}", "M": m, "us": t, "us_do_bench_flushed": t_flush, "gemv_config": str(best),
                    "lowbit_GBps": moved / t["lowbit"] / 1e3,
@@ -453,12 +444,12 @@ def print_tables(ceil, decode, prefill):
     nan = float("nan")
     log("\n=== ceilings: copy %.0f GB/s, bf16 matmul %.0f TFLOP/s" % (ceil["copy_GBps"], ceil["bf16_matmul_TFLOPs"]))
     log("=== decode (NF4+DQ, block 64, bf16 x), µs per call, CUDA-graph replay, weights rotated")
-    log(f"{'shape':>11} {'M':>2} {'lowbit':>7} {'gemv':>7} {'memtab':>7} {'shByte':>7} {'shNib':>7} {'deq+cB':>7} "
+    log(f"{'shape':>11} {'M':>2} {'lowbit':>7} {'gemv':>7} {'memtab':>7} {'half2':>7} {'deq+cB':>7} "
         f"{'bnb':>7} {'bf16':>7} {'GB/s':>6} {'%copy':>6} {'xbnb':>5} {'xbf16':>5}")  # fmt: skip
     for r in decode:
         t = r["us"]
         log(f"{r['shape']:>11} {r['M']:>2} {t['lowbit']:7.1f} {t['lowbit gemv']:7.1f} {t['gemv mem-table']:7.1f} "
-            f"{t.get('shared byte', nan):7.1f} {t.get('shared nibble', nan):7.1f} "
+            f"{t.get('half2', nan):7.1f} "
             f"{t['lowbit deq+cuBLAS']:7.1f} {t.get('bnb', nan):7.1f} "
             f"{t['bf16']:7.1f} {r['lowbit_GBps']:6.0f} {r['frac_copy_bw']:6.1%} {r['vs_bnb']:5.2f} {r['vs_bf16']:5.2f}")
     log("=== prefill (NF4+DQ, bf16), TFLOP/s (do_bench median); lowbit = the op (Triton decode + cuBLAS)")

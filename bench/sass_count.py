@@ -29,7 +29,7 @@ from triton.backends.compiler import GPUTarget  # noqa: E402
 from triton.compiler import ASTSource  # noqa: E402
 
 from kernels.cuda_compile import LAYOUT, POINTERS  # noqa: E402
-from lowbit.kernels import lut4_gemv, lut4_gemv_half2, lut4_gemv_shared  # noqa: E402
+from lowbit.kernels import lut4_gemv, lut4_gemv_half2  # noqa: E402
 from lowbit.kernels.lut4 import _device_table  # noqa: E402
 from lowbit.kernels.lut4_asm import fp16_bits, lookup_asm  # noqa: E402
 
@@ -82,21 +82,12 @@ def load_distances(cubin: bytes) -> list[int]:
     return out
 
 
-def register_gemv(bn: int, bk: int, warps: int, ahead: bool = False, stages: int = 1):
+def register_gemv(bn: int, bk: int, warps: int):
     asm = lookup_asm(fp16_bits(_device_table("nf4", torch.device("cpu"))))
     names = lut4_gemv._lut4_gemv_kernel.arg_names
     return compile_aligned(lut4_gemv._lut4_gemv_kernel, ["*bf16", "*bf16", *POINTERS] + ["i32"] * 7,
-                           LAYOUT | dict(LUT_ASM=asm, BM=1, BN=bn, BK=bk, AHEAD=ahead, STAGES=stages), names[:9] + ["N", "K", "KB", "G",
+                           LAYOUT | dict(LUT_ASM=asm, BM=1, BN=bn, BK=bk), names[:9] + ["N", "K", "KB", "G",
                            "stride_xm", "stride_ym"], warps)  # fmt: skip
-
-
-def shared_gemv(bn: int, bk: int, warps: int, table: int = 256, bm: int = 1, ahead: bool = False, stages: int = 1):
-    layout = {k: v for k, v in LAYOUT.items() if k not in ("SCALES", "PAIRED")}
-    names = lut4_gemv_shared._gemv_shared_kernel.arg_names
-    return compile_aligned(lut4_gemv_shared._gemv_shared_kernel,
-                           ["*i32", "*fp32", "*fp32", "*bf16", "*u8", "*i32", *POINTERS[2:]] + ["i32"] * 6 + ["fp32"],
-                           layout | dict(TABLE=table, PTX=True, BM=bm, BN=bn, BK=bk, AHEAD=ahead, STAGES=stages),
-                           names[:11] + ["N", "K", "KB", "G", "stride_ym"], warps)  # fmt: skip
 
 
 def half2_gemv(bn: int, bk: int, warps: int, bm: int = 1, stages: int = 1):
@@ -114,16 +105,9 @@ def main() -> None:
     print("|---|---|---|---|---|---|")
     cases = [("register table (lut4_gemv)", 1, 16, 256, 4, lambda: register_gemv(16, 256, 4)),
              ("register table (lut4_gemv)", 1, 16, 512, 4, lambda: register_gemv(16, 512, 4)),
-             ("register table, loads a step ahead", 1, 16, 256, 4, lambda: register_gemv(16, 256, 4, True)),
-             ("register table, pipelined (4 stages)", 1, 16, 256, 4, lambda: register_gemv(16, 256, 4, stages=4)),
-             ("shared byte table (lut4_gemv_shared)", 1, 16, 256, 4, lambda: shared_gemv(16, 256, 4)),
-             ("shared byte table (lut4_gemv_shared)", 1, 16, 512, 4, lambda: shared_gemv(16, 512, 4)),
-             ("shared byte table, loads a step ahead", 1, 16, 256, 4, lambda: shared_gemv(16, 256, 4, ahead=True)),
-             ("shared byte table, pipelined (4 stages)", 1, 16, 256, 4, lambda: shared_gemv(16, 256, 4, stages=4)),
-             ("shared nibble table (lut4_gemv_shared)", 1, 16, 256, 4, lambda: shared_gemv(16, 256, 4, 16)),
-             ("shared byte table (lut4_gemv_shared)", 4, 16, 128, 4, lambda: shared_gemv(16, 128, 4, bm=4)),
              ("half2 words (lut4_gemv_half2)", 1, 8, 512, 4, lambda: half2_gemv(8, 512, 4)),
              ("half2 words (lut4_gemv_half2)", 1, 8, 1024, 4, lambda: half2_gemv(8, 1024, 4)),
+             ("half2 words (lut4_gemv_half2)", 1, 4, 1024, 1, lambda: half2_gemv(4, 1024, 1)),
              ("half2 words, pipelined (3 stages)", 1, 8, 512, 4, lambda: half2_gemv(8, 512, 4, stages=3)),
              ("half2 words, 4 rows of x", 4, 8, 256, 4, lambda: half2_gemv(8, 256, 4, bm=4))]  # fmt: skip
     for name, bm, bn, bk, warps, build in cases:

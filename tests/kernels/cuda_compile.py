@@ -16,7 +16,7 @@ import triton  # noqa: E402
 from triton.backends.compiler import GPUTarget  # noqa: E402
 from triton.compiler import ASTSource  # noqa: E402
 
-from lowbit.kernels import adam8bit, lut4_gemm, lut4_gemv, lut4_gemv_half2, lut4_gemv_shared, train_triton  # noqa: E402
+from lowbit.kernels import adam8bit, lut4_gemm, lut4_gemv, lut4_gemv_half2, train_triton  # noqa: E402
 from lowbit.kernels.lut4 import _device_table  # noqa: E402
 from lowbit.kernels.lut4_asm import fp16_bits, lookup_asm  # noqa: E402
 
@@ -36,17 +36,11 @@ def main() -> int:
     asm = lookup_asm(fp16_bits(_device_table("nf4", torch.device("cpu"))))
     cases = {
         "gemv bf16, register table": (lut4_gemv._lut4_gemv_kernel, ["*bf16", "*bf16", *POINTERS] + ["i32"] * 7,
-                                      LAYOUT | dict(LUT_ASM=asm, BM=1, BN=8, BK=512, AHEAD=False, STAGES=1)),
-        "gemv bf16, register table, pipelined 4 stages": (
-            lut4_gemv._lut4_gemv_kernel, ["*bf16", "*bf16", *POINTERS] + ["i32"] * 7,
-            LAYOUT | dict(LUT_ASM=asm, BM=1, BN=8, BK=512, AHEAD=False, STAGES=4)),
-        "gemv bf16, register table, loads a step ahead": (
-            lut4_gemv._lut4_gemv_kernel, ["*bf16", "*bf16", *POINTERS] + ["i32"] * 7,
-            LAYOUT | dict(LUT_ASM=asm, BM=1, BN=8, BK=512, AHEAD=True, STAGES=1)),
+                                      LAYOUT | dict(LUT_ASM=asm, BM=1, BN=8, BK=512)),
         "gemv fp32, memory table": (lut4_gemv._lut4_gemv_kernel, ["*fp32", "*fp32", *POINTERS] + ["i32"] * 7,
-                                    LAYOUT | dict(LUT_ASM="", BM=1, BN=8, BK=512, AHEAD=False, STAGES=1)),
+                                    LAYOUT | dict(LUT_ASM="", BM=1, BN=8, BK=512)),
         "gemv bf16 M=4": (lut4_gemv._lut4_gemv_kernel, ["*bf16", "*bf16", *POINTERS] + ["i32"] * 7,
-                          LAYOUT | dict(LUT_ASM=asm, BM=4, BN=8, BK=256, AHEAD=False, STAGES=3)),
+                          LAYOUT | dict(LUT_ASM=asm, BM=4, BN=8, BK=256)),
         "dequantize to bf16": (lut4_gemm._lut4_dequant_kernel, ["*bf16", *POINTERS] + ["i32"] * 4,
                                LAYOUT | dict(LUT_ASM=asm, BN=16, BK=256, TILES=1)),
         "dequantize to bf16, 4 tiles a program": (lut4_gemm._lut4_dequant_kernel, ["*bf16", *POINTERS] + ["i32"] * 4,
@@ -59,18 +53,6 @@ def main() -> int:
                                               dict(P_DTYPE=triton.language.bfloat16, G_DTYPE=triton.language.bfloat16,
                                                    BLOCK=2048)),
     }  # fmt: skip
-    shared = LAYOUT.copy()
-    for key in ("SCALES", "PAIRED"):
-        shared.pop(key)
-    # x pairs, 2^-e, group sums, y, the weight's pointers; M, N, K, KB, G, stride_ym; the table's center
-    types = ["*i32", "*fp32", "*fp32", "*bf16", "*u8", "*i32", *POINTERS[2:]] + ["i32"] * 6 + ["fp32"]
-    for table in (256, 16):
-        cases[f"gemv shared table {table}" + (", loads a step ahead" if table == 256 else "")] = (lut4_gemv_shared._gemv_shared_kernel, types,
-                                               shared | dict(TABLE=table, PTX=True, BM=1, BN=16, BK=256,
-                                                             AHEAD=table == 256, STAGES=1 if table == 256 else 4))  # fmt: skip
-    cases["gemv shared M=4, zero points"] = (lut4_gemv_shared._gemv_shared_kernel, types,
-                                             shared | dict(HAS_ZP=True, DOUBLE_QUANT=False, TABLE=256, PTX=True, BM=4,
-                                                           BN=16, BK=128, AHEAD=True, STAGES=1))  # fmt: skip
     # x pairs, 2^-e, group sums, y, packed, table words, nibble table, scale … offset; M, N, K, KW, G, stride_ym
     half2 = ["*i32", "*fp32", "*fp32", "*bf16", "*u8", "*i32", "*i32", *POINTERS[2:]] + ["i32"] * 6 + ["fp32"]
     for bm, zp in ((1, False), (4, True)):
@@ -78,9 +60,9 @@ def main() -> int:
             lut4_gemv_half2._half2_kernel, half2,
             dict(GS=64, HAS_ZP=zp, DOUBLE_QUANT=not zp, NESTED_GS=256, PTX=True, BM=bm, BN=8, BK=512, STAGES=3,
                  EVEN=not zp))
-    cases["gemv shared, x to float16 pairs"] = (lut4_gemv_shared._prepare_x_kernel, ["*bf16", "*i32", "*fp32", "*fp32",
+    cases["gemv half2, x to float16 pairs"] = (lut4_gemv_half2._prepare_x_kernel, ["*bf16", "*i32", "*fp32", "*fp32",
                                                                                     "i32", "i32", "i32", "i32"],
-                                                dict(GS=128, SUMS=True, BLOCK=16384, WORDS=False))  # fmt: skip
+                                                dict(GS=128, SUMS=True, BLOCK=16384))  # fmt: skip
     dropout_types = ["*bf16", "*bf16", "i32", "fp32", "fp32", "i64", "*i64"]  # x, y, n, p, scale, seed, seed_ptr
     cases["LoRA dropout, bf16"] = (train_triton._dropout, dropout_types, dict(BLOCK=1024, SEED_IN_MEMORY=False))
     cases["LoRA dropout, seed in memory"] = (train_triton._dropout, dropout_types,

@@ -13,7 +13,7 @@ pytest.importorskip("triton", reason="Triton is not installed: pip install 'lowb
 
 from lowbit.formats import WeightFormat  # noqa: E402
 from lowbit.kernels.lut4 import lut4_weight  # noqa: E402
-from lowbit.kernels.lut4_gemv_half2 import lut4_gemv_half2, prepare_x, supports  # noqa: E402
+from lowbit.kernels.lut4_gemv_half2 import lut4_gemv_half2, nibble_table, prepare_x, supports  # noqa: E402
 from tests.kernels.test_triton_interpreted import rel_err  # noqa: E402
 
 CONFIG = {"BN": 8, "BK": 128, "num_warps": 4}
@@ -70,14 +70,22 @@ def test_large_and_tiny_activations_keep_their_precision():
 def test_prepared_x_in_word_order():
     """Pair q of 8-column word v is (x[8v + 2q + 1], x[8v + 2q]), stored in plane q at q·K/8 + v."""
     x = torch.arange(16.0).view(1, 16) / 16
-    x2, inv, _ = prepare_x(x, words=True)
+    x2, inv, _ = prepare_x(x)
     assert inv.item() == 1.0
     halves = x2.view(torch.float16).float().view(1, 4, 2, 2) * inv  # (plane q, word v, lane)
     for q in range(4):
         for v in range(2):
             torch.testing.assert_close(halves[0, q, v], x[0, [8 * v + 2 * q + 1, 8 * v + 2 * q]], rtol=1e-3, atol=0)
     with pytest.raises(ValueError, match="divisible by 8"):
-        prepare_x(torch.zeros(1, 12), words=True)
+        prepare_x(torch.zeros(1, 12))
+    x = torch.randn(2, 320)  # group sums for zero points: 3 groups of 128, the last one partial
+    x2, inv, sums = prepare_x(x, group_size=128)
+    scaled = x2.view(torch.float16).float().view(2, 4, 40, 2).sum(3)  # pair sums, plane q, word v
+    words = scaled.permute(0, 2, 1).reshape(2, 160)  # back to column-pair order: (v, q) → 4v + q
+    want = torch.stack([words[:, i : i + 64].sum(1) for i in (0, 64, 128)], 1)
+    torch.testing.assert_close(sums, want, rtol=1e-4, atol=1e-4)
+    centered = nibble_table(torch.arange(16.0), 7.5).to(torch.int16).view(torch.float16).float()  # int4 0…15
+    torch.testing.assert_close(centered, torch.arange(16.0) - 7.5)
 
 
 def test_what_it_does_not_take():

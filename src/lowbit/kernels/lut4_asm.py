@@ -78,7 +78,7 @@ def dot_asm() -> str:
     """PTX for one packed word (four bytes, eight 4-bit codes) times its eight activations, in float16 pairs:
     $0 = a float16 pair whose lanes add up to Σ table[code]·x over the word (the odd columns 1, 3, 5, 7 in the
     low lane, the even ones in the high lane), from $1 the word, $2..$5 the activations as pairs
-    (x1, x0), (x3, x2), (x5, x4), (x7, x6) of the word's columns (`lut4_gemv_shared.prepare_x` with ``words``
+    (x1, x0), (x3, x2), (x5, x4), (x7, x6) of the word's columns (`lut4_gemv_half2.prepare_x`
     orders them so), and $6..$13 the table's `table_words`.
 
     Unlike `lookup_asm` it looks up a byte's two codes side by side: the word's low 3 bits of all eight

@@ -12,11 +12,11 @@ The table lookup decides the speed: from a table in memory each 4-bit value cost
 and an L1 load (Triton has no shared-memory table), ~300 instructions per 16 packed bytes a thread,
 which held the loop to ~20–25 % of copy bandwidth on an H100. On CUDA with 16-bit x the table lives in
 registers instead (`lut4_asm`: byte permutes, 3.5 instructions a value), 1.4–1.6× faster, on par with
-bitsandbytes' CUDA GEMV (bench/RESULTS.md). The ops use this kernel at M = 1, and up to M = 4
-(`ops.GEMV_MAX_M`) where the shared-table GEMV does not apply (float32 x, per-row scales): the accumulator
-grows with M and at M = 8 decode + cuBLAS is faster. At M = 1 its time on an H100 grows with the number of K
-steps (~1 µs each), not with its instructions: each step waits for its loads. ``AHEAD`` configs (one row of
-x; autotuned alongside the others, not yet timed) issue step k + 1's loads before step k computes.
+bitsandbytes' CUDA GEMV (bench/RESULTS.md). Since session 19 the ops run `lut4_gemv_half2` for 16-bit x
+(half the instructions); this kernel serves float32 x and the layouts that one does not take (K not a
+multiple of 8, one scale per row, groups under 8 values), up to `ops.GEMV_MAX_M` rows: the accumulator grows
+with M, and at M = 8 decode + cuBLAS is faster. Loads issued a step ahead (by hand, or by Triton's pipeliner)
+were measured and did not help (RESULTS, sessions 16 and 19): the loop is bound by its integer work.
 """
 
 from __future__ import annotations
@@ -28,16 +28,11 @@ import triton.language as tl
 from lowbit.kernels.autotune import autotune, launch_tuned
 from lowbit.kernels.lut4 import Lut4Weight
 from lowbit.kernels.lut4_tile import (
-    decode_pair_values,
-    finish_scales,
     kernel_args,
     load_lut4_pairs,
     load_lut4_tile,
-    load_pair_bytes,
     load_pair_scales,
     load_pair_values,
-    load_scale_parts,
-    pair_scale_index,
     scale_pairs,
 )
 
@@ -103,16 +98,13 @@ def _gemv_paired(x_ptr, packed_ptr, table_ptr, scale_ptr, zp_ptr, ncode_ptr, nsc
                  rows, ms, M, N, K, KB, G, stride_xm,
                  GS: tl.constexpr, SCALES: tl.constexpr, HAS_ZP: tl.constexpr, DOUBLE_QUANT: tl.constexpr,
                  NESTED_GS: tl.constexpr, LUT_ASM: tl.constexpr, BM: tl.constexpr, BN: tl.constexpr,
-                 BK: tl.constexpr, STAGES: tl.constexpr):  # fmt: skip
-    """Fast path: one accumulator lane per packed byte, reduced over K once at the end. STAGES > 1 has
-    Triton's pipeliner copy the next STAGES - 1 steps' loads into shared memory (cp.async) while this step
-    computes: a loop without a dot is pipelined only when asked, and it is the bytes in flight that set a
-    GEMV's speed."""
+                 BK: tl.constexpr):  # fmt: skip
+    """Fast path: one accumulator lane per packed byte, reduced over K once at the end."""
     if BM == 1:
         acc = tl.zeros((BN, BK // 2), dtype=tl.float32)
     else:
         acc = tl.zeros((BM, BN, BK // 2), dtype=tl.float32)
-    for k0 in tl.range(0, K, BK, num_stages=STAGES):
+    for k0 in range(0, K, BK):
         xe, xo = _load_x_pairs(x_ptr, ms, k0 // 2, M, KB, stride_xm, BM, BK)  # (BK/2,) or (BM, BK/2) each
         if BM == 1:
             if HAS_ZP:
@@ -138,40 +130,6 @@ def _gemv_paired(x_ptr, packed_ptr, table_ptr, scale_ptr, zp_ptr, ncode_ptr, nsc
 
 
 @triton.jit
-def _pairs_step_loads(x_ptr, packed_ptr, scale_ptr, nscale_ptr, rows, ms, k0, M, N, K, KB, G, stride_xm,
-                      GS: tl.constexpr, SCALES: tl.constexpr, DOUBLE_QUANT: tl.constexpr, NESTED_GS: tl.constexpr,
-                      BN: tl.constexpr, BK: tl.constexpr):  # fmt: skip
-    """Every global load of one K step of `_gemv_pairs_ahead`, as loaded (zeros past K)."""
-    b = load_pair_bytes(packed_ptr, rows, k0, N, KB, BN, BK)
-    xe, xo = _load_x_raw(x_ptr, ms, k0 // 2, M, KB, stride_xm, 1, BK)
-    idx, ok = pair_scale_index(rows, k0, N, K, G, BK, GS, SCALES)
-    raw, nested = load_scale_parts(scale_ptr, nscale_ptr, idx, ok, DOUBLE_QUANT, NESTED_GS)
-    return b, xe, xo, raw, nested
-
-
-@triton.jit
-def _gemv_pairs_ahead(x_ptr, packed_ptr, table_ptr, scale_ptr, ncode_ptr, nscale_ptr, offset_ptr,
-                      rows, ms, M, N, K, KB, G, stride_xm,
-                      GS: tl.constexpr, SCALES: tl.constexpr, DOUBLE_QUANT: tl.constexpr, NESTED_GS: tl.constexpr,
-                      LUT_ASM: tl.constexpr, BN: tl.constexpr, BK: tl.constexpr):  # fmt: skip
-    """`_gemv_paired` at one row of x without zero points, with step k + 1's loads issued before step k
-    computes: carried in registers unconverted, so that no instruction waits for them until the next step."""
-    acc = tl.zeros((BN, BK // 2), dtype=tl.float32)
-    nb, nxe, nxo, nraw, nnested = _pairs_step_loads(x_ptr, packed_ptr, scale_ptr, nscale_ptr, rows, ms, 0, M, N, K,
-                                                    KB, G, stride_xm, GS, SCALES, DOUBLE_QUANT, NESTED_GS, BN, BK)  # fmt: skip
-    for k0 in range(0, K, BK):
-        b, xe, xo, raw, nested = nb, nxe, nxo, nraw, nnested
-        nb, nxe, nxo, nraw, nnested = _pairs_step_loads(x_ptr, packed_ptr, scale_ptr, nscale_ptr, rows, ms, k0 + BK,
-                                                        M, N, K, KB, G, stride_xm, GS, SCALES, DOUBLE_QUANT, NESTED_GS,
-                                                        BN, BK)  # fmt: skip
-        hi, lo = decode_pair_values(b, table_ptr, LUT_ASM)  # (BN, BK/2) each
-        xe, xo = _widen_x(xe, xo, x_ptr.dtype.element_ty)
-        s = finish_scales(raw, nested, ncode_ptr, offset_ptr, DOUBLE_QUANT)
-        acc += scale_pairs(hi * xe[None, :] + lo * xo[None, :], s, s, BN, BK, GS, SCALES, False)
-    return tl.sum(acc, axis=1)[None, :]  # (1, BN)
-
-
-@triton.jit
 def _gemv_generic(x_ptr, packed_ptr, table_ptr, scale_ptr, zp_ptr, ncode_ptr, nscale_ptr, offset_ptr,
                   rows, ms, M, N, K, KB, G, stride_xm,
                   GS: tl.constexpr, SCALES: tl.constexpr, HAS_ZP: tl.constexpr, DOUBLE_QUANT: tl.constexpr,
@@ -194,18 +152,13 @@ def _lut4_gemv_kernel(x_ptr, y_ptr, packed_ptr, table_ptr, scale_ptr, zp_ptr, nc
                       M, N, K, KB, G, stride_xm, stride_ym,
                       GS: tl.constexpr, SCALES: tl.constexpr, PAIRED: tl.constexpr, HAS_ZP: tl.constexpr,
                       DOUBLE_QUANT: tl.constexpr, NESTED_GS: tl.constexpr, LUT_ASM: tl.constexpr,
-                      BM: tl.constexpr, BN: tl.constexpr, BK: tl.constexpr, AHEAD: tl.constexpr,
-                      STAGES: tl.constexpr):  # fmt: skip
-    """AHEAD (one row of x, paired, no zero points; `_prune` keeps it to those): `_gemv_pairs_ahead`."""
+                      BM: tl.constexpr, BN: tl.constexpr, BK: tl.constexpr):  # fmt: skip
     rows = tl.program_id(0) * BN + tl.arange(0, BN)  # (BN,) output features of this program
     ms = tl.arange(0, BM)  # (BM,) rows of x
     args = (x_ptr, packed_ptr, table_ptr, scale_ptr, zp_ptr, ncode_ptr, nscale_ptr, offset_ptr,
             rows, ms, M, N, K, KB, G, stride_xm)  # fmt: skip
-    if AHEAD:
-        y = _gemv_pairs_ahead(x_ptr, packed_ptr, table_ptr, scale_ptr, ncode_ptr, nscale_ptr, offset_ptr, rows, ms,
-                              M, N, K, KB, G, stride_xm, GS, SCALES, DOUBLE_QUANT, NESTED_GS, LUT_ASM, BN, BK)  # fmt: skip
-    elif PAIRED:
-        y = _gemv_paired(*args, GS, SCALES, HAS_ZP, DOUBLE_QUANT, NESTED_GS, LUT_ASM, BM, BN, BK, STAGES)
+    if PAIRED:
+        y = _gemv_paired(*args, GS, SCALES, HAS_ZP, DOUBLE_QUANT, NESTED_GS, LUT_ASM, BM, BN, BK)
     else:
         y = _gemv_generic(*args, GS, SCALES, HAS_ZP, DOUBLE_QUANT, NESTED_GS, BM, BN, BK)
     y_mask = (ms < M)[:, None] & (rows < N)[None, :]
@@ -213,39 +166,25 @@ def _lut4_gemv_kernel(x_ptr, y_ptr, packed_ptr, table_ptr, scale_ptr, zp_ptr, nc
 
 
 def _configs() -> list[triton.Config]:
-    """(BN, BK, warps, stages): 1–64 rows a program, 0.5–8 KiB of packed weight a step."""
-    shapes = [(2, 1024, 4, 1), (2, 1024, 4, 3), (4, 512, 4, 1), (4, 512, 4, 3), (4, 1024, 4, 3), (4, 1024, 8, 3),
-              (8, 256, 4, 3), (8, 512, 4, 3), (8, 512, 8, 1), (8, 512, 8, 3), (8, 1024, 8, 3), (16, 128, 4, 3),
-              (16, 256, 4, 3), (16, 256, 8, 3), (16, 512, 8, 3), (1, 1024, 4, 1), (2, 512, 4, 3), (4, 256, 4, 3),
-              # more bytes in flight per SM, for the register-table path (no longer instruction-bound)
-              (16, 128, 4, 5), (16, 256, 4, 4), (32, 128, 4, 4), (32, 256, 8, 3), (16, 512, 8, 4),
-              (8, 1024, 8, 4), (64, 128, 8, 3)]
-    configs = [triton.Config({"BN": bn, "BK": bk, "AHEAD": False, "STAGES": 1}, num_warps=w, num_stages=s)
-               for bn, bk, w, s in shapes]  # fmt: skip
-    # loads a step ahead (one row of x): the tiles that won at M = 1 on an H100, and their neighbours
-    ahead = [(8, 512, 4), (8, 256, 4), (16, 128, 4), (16, 256, 4), (4, 1024, 4), (32, 128, 4), (16, 512, 8)]
-    return configs + [triton.Config({"BN": bn, "BK": bk, "AHEAD": True, "STAGES": 1}, num_warps=w, num_stages=1)
-                      for bn, bk, w in ahead]  # fmt: skip
+    """(BN, BK, warps): 1–64 rows a program, 0.5–8 KiB of packed weight a step. (The loop has no dot, so
+    Triton's num_stages does not pipeline it; loads a step ahead were measured not to help, RESULTS.)"""
+    shapes = [(2, 1024, 4), (4, 512, 4), (4, 1024, 4), (4, 1024, 8), (8, 256, 4), (8, 512, 4), (8, 512, 8),
+              (8, 1024, 8), (16, 128, 4), (16, 256, 4), (16, 256, 8), (16, 512, 8), (1, 1024, 4), (2, 512, 4),
+              (4, 256, 4), (32, 128, 4), (32, 256, 8), (64, 128, 8)]  # fmt: skip
+    return [triton.Config({"BN": bn, "BK": bk}, num_warps=w, num_stages=1) for bn, bk, w in shapes]
 
 
 def _prune(configs, named_args, **kwargs):
-    """Keep the accumulator in registers (≤ 64 floats a thread) and ≥ 8 packed bytes a thread per step; loads a
-    step ahead only where `_gemv_pairs_ahead` applies (one row of x, paired, no zero points)."""
-
-    def arg(name, default):
-        return named_args.get(name, kwargs.get(name, default))
-
-    bm = arg("BM", 1)
-    ahead_ok = bm == 1 and arg("PAIRED", False) and not arg("HAS_ZP", False)
+    """Keep the accumulator in registers (≤ 64 floats a thread) and ≥ 8 packed bytes a thread per step."""
+    bm = named_args.get("BM", kwargs.get("BM", 1))
 
     def fits(c):
         threads = 32 * c.num_warps
         tile = c.kwargs["BN"] * c.kwargs["BK"]
-        return bm * tile <= 64 * threads and tile // 2 >= 8 * threads and (ahead_ok or not c.kwargs["AHEAD"])
+        return bm * tile <= 64 * threads and tile // 2 >= 8 * threads
 
     keep = [c for c in configs if fits(c)]
-    plain = [c for c in configs if not c.kwargs["AHEAD"]]
-    return keep or [min(plain, key=lambda c: (c.kwargs["BN"] * c.kwargs["BK"], c.num_warps))]
+    return keep or [min(configs, key=lambda c: (c.kwargs["BN"] * c.kwargs["BK"], c.num_warps))]
 
 
 _lut4_gemv_tuned = autotune(_configs(), ["N", "K", "BM", "PAIRED", "SCALES", "LUT_ASM"],
@@ -255,8 +194,8 @@ _lut4_gemv_tuned = autotune(_configs(), ["N", "K", "BM", "PAIRED", "SCALES", "LU
 def lut4_gemv(x: torch.Tensor, w: Lut4Weight, config: dict | None = None) -> torch.Tensor:
     """y = x · Wᵀ for x (M, K) with M ≤ 8, y (M, N) in x's dtype.
 
-    `config=None` autotunes (CUDA); a dict {BN, BK, num_warps, num_stages[, AHEAD]} fixes the launch (tests,
-    the Triton interpreter).
+    `config=None` autotunes (CUDA); a dict {BN, BK, num_warps, num_stages} fixes the launch (tests, the Triton
+    interpreter).
     """
     m, k = x.shape
     if m > MAX_M:
@@ -270,12 +209,9 @@ def lut4_gemv(x: torch.Tensor, w: Lut4Weight, config: dict | None = None) -> tor
     bm = max(1, triton.next_power_of_2(m))
     args = (x, y, *pointers)
     kw = dict(M=m, stride_xm=x.stride(0), stride_ym=y.stride(0), BM=bm, **sizes, **layout)
-    if config is not None and config.get("AHEAD") and not (m == 1 and layout["PAIRED"] and not layout["HAS_ZP"]):
-        raise ValueError("AHEAD takes one row of x and a paired weight without zero points")
     if config is None:
         grid = lambda meta: (triton.cdiv(w.out_features, meta["BN"]),)  # noqa: E731
         launch_tuned(_lut4_gemv_tuned, grid, *args, **kw)
     else:
-        config = {"AHEAD": False, "STAGES": 1} | config
         _lut4_gemv_kernel[(triton.cdiv(w.out_features, config["BN"]),)](*args, **kw, **config)
     return y

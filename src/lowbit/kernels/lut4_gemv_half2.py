@@ -1,22 +1,29 @@
-"""Decode GEMV (M ≤ 8) that decodes and multiplies a packed 32-bit word of codes in one PTX program.
+"""Decode GEMV (1 to 8 rows of x) that decodes and multiplies a packed 32-bit word of codes in one PTX program.
 
-The batch-1 GEMVs before this one ran at ~39 % of an H100's copy bandwidth, whatever their launch: a
-read-only kernel over the same 30 MB streams at 88 % (bench/gemv_sweep.py, bench/RESULTS.md session 19), and
-neither deeper pipelining, more bytes in flight nor any tile moved them. They are bound by instruction
-issue: the register-table GEMV (`lut4_gemv`) spends ~17 instructions per packed byte, two of them
-re-materialising the table's constants at every lookup, four converting values and activations to
-float32, three on float32 multiply-adds.
+At batch 1 a linear layer is a pass over its weight, ¼ flop per byte, so the goal is to stream the
+packed bytes at copy bandwidth. A read-only kernel over an 8B model's 30 MB gate projection streams at 88 %
+of an H100's copy bandwidth (bench/gemv_sweep.py), but the earlier GEMVs reached ~39 % with any launch
+(tiles, warps, software pipelining): decoding 4-bit codes through a table is integer work, and they spent
+~17 instructions per packed byte (bench/RESULTS.md, session 19).
 
-Here each packed 32-bit word (eight codes) is one call of `lut4_asm.dot_asm`: the register lookup of the
-eight values, then their products with eight activations as one `mul` and three `fma.rn.f16x2`,
-returning a float16 pair. The table's eight registers are loaded once per program and handed to every
-call, and the activations come prepared once per call (`lut4_gemv_shared.prepare_x` with ``words``:
-float16 pairs, scaled by a power of two into float16's range, in the order the program meets the
-codes). A group's words are summed as float16 pairs, then scaled and accumulated in float32, as in the
-shared-table GEMV (whose precision analysis applies: products and group sums to ~2⁻¹¹, the order of the
-16-bit inputs' own rounding). About 8 instructions per packed byte instead of 17.
+Here each packed word (eight codes) is one call of `lut4_asm.dot_asm`: a register lookup of the eight
+values that prepares a byte's two codes together (five instructions a word), then the eight products with
+the activations as one `mul` and three `fma.rn.f16x2`, returning a float16 pair. The table's eight
+registers are loaded once per thread (from an address that differs by lane: as uniform values ptxas would
+copy them at every call). The activations are prepared once per call by `prepare_x`: float16 pairs scaled
+by a power of two into float16's range (bf16 activations can exceed it; the power is undone exactly at the
+end), in the order the program meets the codes, as four planes the kernel reads with vector loads. A
+group's words are summed as float16 pairs, converted to float32 once per group, scaled, and accumulated in
+float32; with zero points (GPTQ-style int4 groups) the table is centred and Σ(t - z)·x = Σ t·x - z·Σ x
+uses group sums of x that `prepare_x` also makes. ~9 instructions per packed byte.
 
-On the CPU (Triton's interpreter, no PTX) the same arithmetic runs from the 16-entry table in memory.
+Precision: float16 products and group sums carry ~2⁻¹¹ relative rounding, the order of the 16-bit inputs'
+own (bf16: 2⁻⁹); the tests bound it against float64 for activations from 1e-6 to 3e5 and an outlier.
+On an H100 (Nsight Compute, session 19) the kernel keeps the integer pipe 55 % busy and issues on 43 % of
+cycles: each warp waits ~10 cycles between instructions (a third of it on its loads) at the occupancy
+its 72 registers allow, which is what holds batch 1 at ~45 % of copy bandwidth.
+
+On the CPU (Triton's interpreter, no PTX) the same lanes are computed from the 16-entry table in memory.
 """
 
 from __future__ import annotations
@@ -30,12 +37,60 @@ import triton.language as tl
 from lowbit.kernels.autotune import autotune, launch_tuned
 from lowbit.kernels.lut4 import Lut4Weight
 from lowbit.kernels.lut4_asm import dot_asm, fp16_bits, table_words
-from lowbit.kernels.lut4_gemv_shared import _add2_ptx, _center, _unpack, half_tables, prepare_x
 from lowbit.kernels.lut4_tile import SCALES_GROUPED, finish_scales, kernel_args, load_scale_parts, pair_scale_index
 
 MAX_M = 8
 
 _DOT = tl.constexpr(dot_asm())
+
+
+@triton.jit
+def _unpack(a):
+    """int32 bits of a float16 pair → (low half, high half) as float16."""
+    return (a & 0xFFFF).to(tl.int16).to(tl.float16, bitcast=True), (a >> 16).to(tl.int16).to(tl.float16, bitcast=True)
+
+
+@triton.jit
+def _pack(lo, hi):
+    return (lo.to(tl.int16, bitcast=True).to(tl.int32) & 0xFFFF) | (hi.to(tl.int16, bitcast=True).to(tl.int32) << 16)
+
+
+@triton.jit
+def _prepare_x_kernel(x_ptr, out_ptr, inv_ptr, sums_ptr, K, KB, G, stride_xm,
+                      GS: tl.constexpr, SUMS: tl.constexpr, BLOCK: tl.constexpr):  # fmt: skip
+    """Row m of x → float16 pairs of x·2^e (|x·2^e| < 1) as int32 words, and 2^-e; with SUMS, also the sum of
+    each group of GS (rounded, scaled) values, which zero points multiply. Pair j is (x[2j + 1], x[2j]), as
+    `lut4_asm.dot_asm` meets a byte's codes, stored as four planes of K/8 (pair q of the 8-column word v at
+    q·K/8 + v), so that the GEMV reads each plane's run of words with vector loads (a permutation within 8
+    columns: groups of GS ≥ 8 keep their pairs together)."""
+    m = tl.program_id(0)
+    x_ptr += m.to(tl.int64) * stride_xm
+    amax = tl.zeros((BLOCK,), dtype=tl.float32)
+    for k0 in range(0, K, BLOCK):
+        k = k0 + tl.arange(0, BLOCK)
+        amax = tl.maximum(amax, tl.abs(tl.load(x_ptr + k, mask=k < K, other=0.0).to(tl.float32)))
+    biased = (tl.max(amax, axis=0).to(tl.int32, bitcast=True) >> 23) & 0xFF  # amax < 2^(biased - 126)
+    biased = tl.where(biased == 0xFF, 127, biased)  # inf / nan: scale 1, let them through
+    scale = ((253 - biased) << 23).to(tl.float32, bitcast=True)  # 2^(126 - biased)
+    tl.store(inv_ptr + m, ((biased + 1) << 23).to(tl.float32, bitcast=True))  # 2^(biased - 126)
+    for j0 in range(0, KB, BLOCK // 2):
+        j = j0 + tl.arange(0, BLOCK // 2)
+        low = (tl.load(x_ptr + 2 * j + 1, mask=j < KB, other=0.0).to(tl.float32) * scale).to(tl.float16)
+        high = (tl.load(x_ptr + 2 * j, mask=j < KB, other=0.0).to(tl.float32) * scale).to(tl.float16)
+        plane = (j % 4) * (KB // 4) + j // 4
+        tl.store(out_ptr + m.to(tl.int64) * KB + plane, _pack(low, high), mask=j < KB)
+        if SUMS:  # (BLOCK is a multiple of GS, so a block holds whole groups)
+            pair = low.to(tl.float32) + high.to(tl.float32)
+            g = j0 * 2 // GS + tl.arange(0, BLOCK // GS)
+            tl.store(sums_ptr + m.to(tl.int64) * G + g, tl.sum(tl.reshape(pair, (BLOCK // GS, GS // 2)), 1),
+                     mask=g < G)  # fmt: skip
+
+
+@triton.jit
+def _add2_ptx(a, b):
+    """Float16 pairs a + b (the PTX path's group sums; the interpreter sums the unpacked lanes instead)."""
+    return tl.inline_asm_elementwise("add.rn.f16x2 $0, $1, $2;", "=r,r,r", [a, b], dtype=tl.int32, is_pure=True,
+                                     pack=1)  # fmt: skip
 
 
 @triton.jit
@@ -171,6 +226,50 @@ def supports(x: torch.Tensor, w: Lut4Weight) -> bool:
     return layout["SCALES"] == SCALES_GROUPED and layout["PAIRED"] and 8 <= layout["GS"] <= 1024
 
 
+_NIBBLES: dict[tuple, tuple[torch.Tensor, torch.Tensor]] = {}
+
+
+def nibble_table(table: torch.Tensor, center: float = 0.0) -> torch.Tensor:
+    """(16,) int32: the float16 bits of a format's table minus ``center``, what the kernel reads off the GPU."""
+    key = (table.data_ptr(), center)
+    hit = _NIBBLES.get(key)
+    if hit is None:
+        if table.is_cuda and torch.cuda.is_current_stream_capturing():
+            raise RuntimeError("the half2 GEMV builds its table outside a CUDA graph capture: call it once first")
+        half = (table.detach().float() - center).to(torch.float16)
+        if not torch.isfinite(half).all():
+            raise ValueError("the format's table does not fit float16")
+        if len(_NIBBLES) > 64:
+            _NIBBLES.clear()
+        hit = _NIBBLES[key] = (table, (half.view(torch.int16).to(torch.int32) & 0xFFFF).contiguous())
+    return hit[1]
+
+
+def _prepare_launch(k: int) -> tuple[int, int]:
+    """(values per step, warps) of the preparation: the whole row in one step up to 32k values, so that a row
+    costs two dependent loads (for the maximum, then for the conversion) instead of two per 1k values; a power
+    of two ≥ 1024, hence a multiple of every supported group size."""
+    block = min(max(triton.next_power_of_2(k), 1024), 32768)
+    return block, 4 if block <= 2048 else 8 if block <= 8192 else 16
+
+
+def prepare_x(x: torch.Tensor, group_size: int | None = None) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """x (M, K), K divisible by 8 → (M, K/2) int32 float16 pairs of each row times its 2^e, in
+    `_prepare_x_kernel`'s order, (M,) float32 2^-e, and with a ``group_size`` the (M, ceil(K / group_size))
+    float32 sums of each group of those scaled values."""
+    if x.shape[1] % 8:
+        raise ValueError(f"the half2 GEMV's activations need K divisible by 8, got {x.shape[1]}")
+    m, k = x.shape
+    x2 = torch.empty((m, k // 2), dtype=torch.int32, device=x.device)
+    inv = torch.empty(m, dtype=torch.float32, device=x.device)
+    groups = -(-k // group_size) if group_size else 1
+    sums = torch.empty((m, groups), dtype=torch.float32, device=x.device)
+    block, warps = _prepare_launch(k)
+    _prepare_x_kernel[(m,)](x, x2, inv, sums, k, k // 2, groups, x.stride(0), GS=group_size or 2,
+                            SUMS=group_size is not None, BLOCK=block, num_warps=warps)  # fmt: skip
+    return x2, inv, sums
+
+
 _WORDS: dict[tuple, tuple[torch.Tensor, torch.Tensor]] = {}
 
 
@@ -207,13 +306,13 @@ def lut4_gemv_half2(x: torch.Tensor, w: Lut4Weight, config: dict | None = None) 
     if config is not None and config["BK"] % gs:
         raise ValueError(f"config BK={config['BK']} must cover whole groups ({gs})")
     x = x if x.stride(1) == 1 else x.contiguous()
-    x4, inv, sums = prepare_x(x, gs if has_zp else None, words=True)
+    x4, inv, sums = prepare_x(x, gs if has_zp else None)
     m, k = x.shape
     y = torch.empty((m, w.out_features), dtype=x.dtype, device=x.device)
     center = _center(w.table) if has_zp else 0.0
     ptx = x.is_cuda and os.environ.get("TRITON_INTERPRET") != "1"
     packed, _, *rest = pointers  # packed, table, scale, zero point, nested code, nested scale, offset
-    args = (x4, inv, sums, y, packed, _table_words(w.table, center), half_tables(w.table, "nibble", center), *rest)
+    args = (x4, inv, sums, y, packed, _table_words(w.table, center), nibble_table(w.table, center), *rest)
     kw = dict(M=m, N=sizes["N"], K=k, KW=k // 8, G=sizes["G"], stride_ym=y.stride(0), center=center, GS=gs,
               HAS_ZP=has_zp, DOUBLE_QUANT=layout["DOUBLE_QUANT"], NESTED_GS=layout["NESTED_GS"], PTX=ptx,
               BM=triton.next_power_of_2(m), EVEN=k % MAX_BK == 0 and w.out_features % MAX_BN == 0)  # fmt: skip
@@ -224,3 +323,16 @@ def lut4_gemv_half2(x: torch.Tensor, w: Lut4Weight, config: dict | None = None) 
         kw["EVEN"] = kw["EVEN"] and k % config["BK"] == 0 and w.out_features % config["BN"] == 0
         _half2_kernel[(triton.cdiv(w.out_features, config["BN"]),)](*args, **kw, **config)
     return y
+
+
+_CENTERS: dict[int, tuple[torch.Tensor, float]] = {}
+
+
+def _center(table: torch.Tensor) -> float:
+    """The middle of a table's range (7.5 for int4's 0…15), read once per table (a host sync)."""
+    hit = _CENTERS.get(table.data_ptr())
+    if hit is None:
+        if table.is_cuda and torch.cuda.is_current_stream_capturing():
+            raise RuntimeError("the half2 GEMV reads its table outside a CUDA graph capture: call it once first")
+        hit = _CENTERS[table.data_ptr()] = (table, float(table.max() + table.min()) / 2)
+    return hit[1]

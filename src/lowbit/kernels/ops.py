@@ -10,8 +10,8 @@ shape, and on CUDA it runs the Triton kernels. `torch.library.opcheck` checks th
 - `lowbit::int8_scaled_mm(a, b, a_scale, b_scale, out_dtype)` → (a · bᵀ) ⊙ (a_scale ⊗ b_scale).
 
 The LUT4 weight travels as its tensors plus (out or in features, group_size, flat); see `lut4.py`.
-On CUDA the forward picks the kernel by M: at decode sizes a dequant-fused GEMV (`SHARED_GEMV_M` rows of
-16-bit x: the shared-table one, `lut4_gemv_shared`; otherwise up to GEMV_MAX_M rows the register-table one,
+On CUDA the forward picks the kernel by M: at decode sizes a dequant-fused GEMV (`HALF2_GEMV_M` rows of
+16-bit x: the half2 word GEMV, `lut4_gemv_half2`; otherwise up to GEMV_MAX_M rows the register-table one,
 `lut4_gemv`); above them, one Triton pass decodes W to the compute dtype and cuBLAS multiplies. The dequant-fused
 Triton GEMM (`lut4_gemm`, `lut4_gemm_grad_input`) is correct but measured far slower than that on
 an H100 (bench/RESULTS.md), so the ops do not choose it; call it directly to use it.
@@ -25,18 +25,13 @@ from torch import Tensor
 
 from lowbit.kernels.lut4 import Lut4Weight, check_weight, linear_grad_input_reference, linear_reference
 
-# Rows of x up to which the CUDA forward uses the GEMV rather than decode + cuBLAS. From the H100
-# runs in bench/RESULTS.md (register table lookup): M = 1: 10–31 µs vs 27–104 µs; M = 4: 26–81 µs vs
-# 27–104 µs; M = 8: the GEMV's (M, N, K/2) accumulator spills and decode + cuBLAS wins.
-GEMV_MAX_M = 4
-# Rows of 16-bit x for which the shared-table GEMV (float16-pair products) runs instead. H100, bench/RESULTS.md
-# (session 15): M = 4: 18–54 µs vs the register GEMV's 26–81; M = 8: 25–77 µs vs decode + cuBLAS's 27–106;
-# M = 1: 11.4 / 25.4 / 30.7 µs vs 10.1 / 26.8 / 30.6, a draw, so M = 1 keeps the register GEMV. float32 x
-# keeps the exact float32 paths (the shared kernel rounds products to float16, ~2⁻¹¹ relative).
-SHARED_GEMV_M = range(2, 9)
 # Rows of 16-bit x for which the half2 word GEMV (`lut4_gemv_half2`) runs, where it applies (K divisible by 8,
-# groups ≥ 8): faster than both GEMVs above at every M on an H100 (bench/RESULTS.md, session 19).
+# groups ≥ 8). On an H100 (bench/RESULTS.md, session 19) it beats the register-table GEMV at M = 1 (20.0 vs
+# 26.4 µs on 14336×4096) and the shared-table GEMV it replaced at M = 2–8 (57.9 vs 73.6 µs at M = 8).
 HALF2_GEMV_M = range(1, 9)
+# Rows of x up to which the other inputs (float32 x, odd layouts) take the register-table GEMV rather than
+# decode + cuBLAS: at M = 8 its (M, N, K/2) accumulator spills and decode + cuBLAS wins (RESULTS, run 4).
+GEMV_MAX_M = 4
 
 
 def _lut4(packed, table, scale, zero_point, nested_code, nested_scale, offset, n, k, group_size, flat) -> Lut4Weight:
@@ -69,7 +64,7 @@ def linear_cuda(x: Tensor, w: Lut4Weight, gemv_config: dict | None = None, add: 
     host time a call. Above the GEMV sizes ``add`` enters cuBLAS's epilogue (read while the tensor cores work)
     instead of costing a pass of its own. ``gemv_config`` fixes the GEMV's launch instead of autotuning it (the
     Triton interpreter)."""
-    from lowbit.kernels import lut4_gemv_half2, lut4_gemv_shared
+    from lowbit.kernels import lut4_gemv_half2
     from lowbit.kernels.lut4_gemm import lut4_dequantize
     from lowbit.kernels.lut4_gemv import lut4_gemv
 
@@ -79,8 +74,6 @@ def linear_cuda(x: Tensor, w: Lut4Weight, gemv_config: dict | None = None, add: 
         y = x.new_empty((0, w.out_features))
     elif m in HALF2_GEMV_M and x.dtype != torch.float32 and lut4_gemv_half2.supports(x, w):
         y = lut4_gemv_half2.lut4_gemv_half2(x, w, config=gemv_config)
-    elif m in SHARED_GEMV_M and x.dtype != torch.float32 and lut4_gemv_shared.supports(x, w):
-        y = lut4_gemv_shared.lut4_gemv_shared(x, w, config=gemv_config)
     elif m <= GEMV_MAX_M:
         y = lut4_gemv(x, w, gemv_config)
     else:  # (M, K) @ (K, N); the dense W lives for this call only
