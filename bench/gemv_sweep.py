@@ -101,10 +101,12 @@ def sweep(name: str, configs: list[dict], make_fn, n_rot: int, device, reference
 
 
 def op(x, w):
+    """The op as the static decoder's graphs run it (timed here as graph replays too)."""
     from lowbit.kernels import ops
 
-    return ops.lut4_linear(x, w.packed, w.table, w.scale, None, w.nested_code, w.nested_scale, w.offset,
-                           w.out_features, 64, True)  # fmt: skip
+    with ops.for_graph_replay():
+        return ops.lut4_linear(x, w.packed, w.table, w.scale, None, w.nested_code, w.nested_scale, w.offset,
+                               w.out_features, 64, True)  # fmt: skip
 
 
 def batches(lw, bw, n_rot, k, device, bnb, smoke: bool) -> dict:
@@ -133,9 +135,12 @@ def main(argv=None) -> int:
     ap.add_argument("--quick", action="store_true", help="a fifth of each sweep")
     ap.add_argument("--smoke", action="store_true", help="CPU, one tiny shape, a few launches")
     ap.add_argument("--sweeps", default="read,register,half2", help="which launch sweeps to run")
+    ap.add_argument("--shapes", help="comma-separated NxK subset of the decode shapes, e.g. 14336x4096")
     args = ap.parse_args(argv)
     device = torch.device("cpu" if args.smoke else "cuda")
     shapes = [(64, 512)] if args.smoke else DECODE_SHAPES
+    if args.shapes:
+        shapes = [tuple(int(v) for v in shape.split("x")) for shape in args.shapes.split(",")]
     quick = args.quick or args.smoke
     try:
         import bitsandbytes as bnb

@@ -317,10 +317,11 @@ def decode_benchmark(device, ceil: dict, with_bnb: bool, smoke: bool) -> list[di
         for m in (1, 4, 8):
             x = torch.randn(m, k, device=device, dtype=torch.bfloat16)
 
-            def op(i, x=x):
+            def op(i, x=x):  # as the static decoder's graphs run it (timed here as graph replays too)
                 w = lw[i]
-                return ops.lut4_linear(x, w.packed, w.table, w.scale, None, w.nested_code, w.nested_scale,
-                                       w.offset, n, 64, True)  # fmt: skip
+                with ops.for_graph_replay():
+                    return ops.lut4_linear(x, w.packed, w.table, w.scale, None, w.nested_code, w.nested_scale,
+                                           w.offset, n, 64, True)  # fmt: skip
 
             cv = None if not smoke else SMOKE_GEMV  # autotuned on the GPU
             contenders = {

@@ -29,6 +29,7 @@ import torch
 from torch import nn
 from torch.nn import functional as F
 
+from lowbit.kernels import ops
 from lowbit.kernels.norms import rms_norm
 from lowbit.kernels.rope import apply_rope, rope_reference
 from lowbit.kernels.swiglu import swiglu
@@ -225,12 +226,13 @@ class StaticDecoder:
         saved = (self.slot.clone(), self.position.clone(), self.valid.clone())
         stream = torch.cuda.Stream(self.ids.device)
         stream.wait_stream(torch.cuda.current_stream(self.ids.device))
-        with torch.cuda.stream(stream):
-            for _ in range(2):
-                self._step()
-                for now, before in zip((self.slot, self.position, self.valid), saved):
-                    now.copy_(before)
-        torch.cuda.current_stream(self.ids.device).wait_stream(stream)
-        self.graph = torch.cuda.CUDAGraph()
-        with torch.cuda.graph(self.graph):
-            self.logits = self._step()
+        with ops.for_graph_replay():  # the kernels fastest on the GPU, not those cheapest to launch
+            with torch.cuda.stream(stream):
+                for _ in range(2):
+                    self._step()
+                    for now, before in zip((self.slot, self.position, self.valid), saved):
+                        now.copy_(before)
+            torch.cuda.current_stream(self.ids.device).wait_stream(stream)
+            self.graph = torch.cuda.CUDAGraph()
+            with torch.cuda.graph(self.graph):
+                self.logits = self._step()

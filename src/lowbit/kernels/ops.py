@@ -18,6 +18,7 @@ an H100 (bench/RESULTS.md), so the ops do not choose it; call it directly to use
 """
 
 # No `from __future__ import annotations`: torch.library reads the schema from real annotations.
+import contextlib
 from typing import Optional
 
 import torch
@@ -27,11 +28,27 @@ from lowbit.kernels.lut4 import Lut4Weight, check_weight, linear_grad_input_refe
 
 # Rows of 16-bit x for which the half2 word GEMV (`lut4_gemv_half2`) runs, where it applies (K divisible by 8,
 # groups ≥ 8). On an H100 (bench/RESULTS.md, session 19) it beats the register-table GEMV at M = 1 (20.0 vs
-# 26.4 µs on 14336×4096) and the shared-table GEMV it replaced at M = 2–8 (57.9 vs 73.6 µs at M = 8).
+# 26.4 µs on 14336×4096) and the shared-table GEMV it replaced at M = 2–8 (57.9 vs 73.6 µs at M = 8). It takes
+# two launches (x's preparation, the GEMV) where the register GEMV takes one, and eager decoding at batch 1 is
+# bound by host time, not by the GPU: transformers' generate on a 4-block Llama-3-8B shape took 21.3 ms a token
+# with it against 16.5 with the register GEMV. So one row of x goes to it only for steps made to be replayed as
+# a CUDA graph (`for_graph_replay`: lowbit's static decoder), where launches cost no host time.
 HALF2_GEMV_M = range(1, 9)
+_FOR_GRAPHS = [0]  # depth of `for_graph_replay` blocks
 # Rows of x up to which the other inputs (float32 x, odd layouts) take the register-table GEMV rather than
 # decode + cuBLAS: at M = 8 its (M, N, K/2) accumulator spills and decode + cuBLAS wins (RESULTS, run 4).
 GEMV_MAX_M = 4
+
+
+@contextlib.contextmanager
+def for_graph_replay():
+    """Within the block, pick kernels for GPU time rather than host time: for a step that is warmed up (kernel
+    autotuning happens outside the capture) and captured as a CUDA graph inside it."""
+    _FOR_GRAPHS[0] += 1
+    try:
+        yield
+    finally:
+        _FOR_GRAPHS[0] -= 1
 
 
 def _lut4(packed, table, scale, zero_point, nested_code, nested_scale, offset, n, k, group_size, flat) -> Lut4Weight:
@@ -72,7 +89,7 @@ def linear_cuda(x: Tensor, w: Lut4Weight, gemv_config: dict | None = None, add: 
     m = x.shape[0]
     if m == 0:
         y = x.new_empty((0, w.out_features))
-    elif m in HALF2_GEMV_M and x.dtype != torch.float32 and lut4_gemv_half2.supports(x, w):
+    elif m in HALF2_GEMV_M and x.dtype != torch.float32 and (m > 1 or _FOR_GRAPHS[0]) and lut4_gemv_half2.supports(x, w):
         y = lut4_gemv_half2.lut4_gemv_half2(x, w, config=gemv_config)
     elif m <= GEMV_MAX_M:
         y = lut4_gemv(x, w, gemv_config)
