@@ -21,7 +21,7 @@ Precision: float16 products and group sums carry ~2⁻¹¹ relative rounding, th
 own (bf16: 2⁻⁹); the tests bound it against float64 for activations from 1e-6 to 3e5 and an outlier.
 On an H100 (Nsight Compute, session 19) the kernel keeps the integer pipe 55 % busy and issues on 43 % of
 cycles: each warp waits ~10 cycles between instructions (a third of it on its loads) at the occupancy
-its 72 registers allow, which is what holds batch 1 at ~45 % of copy bandwidth.
+its 72 registers allow, which is what holds batch 1 at 36–45 % of copy bandwidth (H200, H100).
 
 On the CPU (Triton's interpreter, no PTX) the same lanes are computed from the 16-entry table in memory.
 """
