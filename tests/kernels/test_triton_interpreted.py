@@ -190,3 +190,30 @@ def test_launch_tuned_reuses_the_chosen_config_per_tuning_key():
         assert torch.equal(out, torch.full((n,), 1.0 + block)), (n, out)
     chosen = {k[1]: (launch["BLOCK"], grid) for k, (launch, grid) in tuning._CHOSEN.items() if k[0] == id(tuned)}
     assert chosen == {40: (16, (3,)), 70: (32, (3,))}  # the config and its grid, kept per key
+
+
+def test_a_quant_linear_without_gradients_calls_the_cuda_kernels_directly(monkeypatch):
+    """Inference skips the custom op's dispatch (host time a token pays once per linear); with an input that
+    wants its gradient the op (differentiable) stays. CUDA stood in by the interpreter: `direct_cuda` forced."""
+    from lowbit.kernels import dispatch, ops
+    from lowbit.nn.quant_linear import QuantLinear
+
+    calls = []
+    real = ops.linear_cuda
+    monkeypatch.setattr(dispatch, "direct_cuda", lambda x: True)
+    monkeypatch.setattr(ops, "linear_cuda", lambda *a, **k: calls.append(a[0].shape) or real(*a, **k))
+    fmt = WeightFormat("nf4", block_size=64, double_quant=True)
+    layer = QuantLinear.from_linear(torch.nn.Linear(128, 48, bias=True), fmt)
+    layer.kernel = "fused"
+    dense = layer.dequantize(torch.float64)
+    x = torch.randn(2, 3, 128)  # 6 rows: decode + matmul on this path (no autotuning under the interpreter)
+    with torch.no_grad():
+        y = layer(x)
+    assert calls == [(6, 128)]
+    want = x.double() @ dense.t() + layer.bias.double()
+    assert y.shape == (2, 3, 48) and rel_err(y, want) < 1e-5
+    x.requires_grad_(True)
+    y = layer(x)  # the op: its CPU reference here, differentiable
+    assert calls == [(6, 128)] and rel_err(y, want) < 1e-5
+    y.sum().backward()
+    assert rel_err(x.grad, torch.ones(2, 3, 48, dtype=torch.float64) @ dense) < 1e-5

@@ -47,13 +47,26 @@ def select(kernel: str, fmt: WeightFormat, device: torch.device | str) -> str:
     return "fused" if device.type == "cuda" and supports(fmt) and triton_available() else "dequant"
 
 
+def direct_cuda(x: torch.Tensor) -> bool:
+    """Whether to call the CUDA kernels without the custom op, whose dispatch costs ~100 µs of host time a call
+    (bench/RESULTS.md, session 17): on CUDA, outside torch.compile (which traces ops, not Triton launches).
+    The op stays on the CPU (its reference)."""
+    return x.is_cuda and not torch.compiler.is_compiling()
+
+
 def fused_linear(
     x: torch.Tensor, fmt: WeightFormat, storage: dict[str, torch.Tensor], shape: tuple[int, int]
 ) -> torch.Tensor:
-    """y = x · Wᵀ, x (…, K) → (…, N), through `lowbit::lut4_linear` (differentiable in x)."""
+    """y = x · Wᵀ, x (…, K) → (…, N), through `lowbit::lut4_linear` (differentiable in x); where no gradient
+    is wanted (inference: generation calls every linear once a token, so host time adds up) the CUDA kernels
+    directly."""
     w = lut4_weight(fmt, storage, shape)
-    y = ops.lut4_linear(x.reshape(-1, w.in_features), w.packed, w.table, w.scale, w.zero_point, w.nested_code,
-                        w.nested_scale, w.offset, w.out_features, w.group_size, w.flat)  # fmt: skip
+    x2 = x.reshape(-1, w.in_features)
+    if direct_cuda(x) and not (x.requires_grad and torch.is_grad_enabled()):
+        y = ops.linear_cuda(x2, w)
+    else:
+        y = ops.lut4_linear(x2, w.packed, w.table, w.scale, w.zero_point, w.nested_code, w.nested_scale, w.offset,
+                            w.out_features, w.group_size, w.flat)  # fmt: skip
     return y.reshape(*x.shape[:-1], w.out_features)
 
 

@@ -28,7 +28,7 @@ import torch
 from torch import nn
 
 from lowbit.kernels import ops
-from lowbit.kernels.dispatch import autocast_dtype, select, use_triton
+from lowbit.kernels.dispatch import autocast_dtype, direct_cuda, select, use_triton
 from lowbit.kernels.lut4 import lut4_weight
 from lowbit.kernels.swiglu import check_pair, swiglu_grads, swiglu_values
 from lowbit.nn.quant_linear import QuantLinear
@@ -40,18 +40,12 @@ def _lut4_args(base: QuantLinear):
     return (w.packed, w.table, w.scale, w.zero_point, w.nested_code, w.nested_scale, w.offset), w
 
 
-def _direct(x: torch.Tensor) -> bool:
-    """Call the CUDA kernels without the custom op (this Function is the autograd node already); the op stays
-    on the CPU (its reference) and under torch.compile (which traces ops, not Triton launches)."""
-    return x.is_cuda and not torch.compiler.is_compiling()
-
-
 def base_matmul(x: torch.Tensor, base: QuantLinear, fused: bool, add: torch.Tensor | None = None,
                 beta: float = 1.0) -> torch.Tensor:  # fmt: skip
     """x (M, K) · Wᵀ (+ beta·add (M, N)) → (M, N) in x's dtype, W decoded for this call only."""
     if fused:
         tensors, w = _lut4_args(base)
-        if _direct(x):
+        if direct_cuda(x):  # (this Function is the autograd node already)
             return ops.linear_cuda(x, w, add=add, beta=beta)
         y = ops.lut4_linear(x, *tensors, w.out_features, w.group_size, w.flat)
         return y if add is None else y.add_(add, alpha=beta)
@@ -63,7 +57,7 @@ def base_grad_input(dy: torch.Tensor, base: QuantLinear, fused: bool, add: torch
     """dY (M, N) · W (+ beta·add (M, K)) → (M, K), W decoded again rather than saved."""
     if fused:
         tensors, w = _lut4_args(base)
-        if _direct(dy):
+        if direct_cuda(dy):
             return ops.linear_grad_input_cuda(dy, w, add=add, beta=beta)
         dx = ops.lut4_linear_grad_input(dy, *tensors, w.in_features, w.group_size, w.flat)
         return dx if add is None else dx.add_(add, alpha=beta)

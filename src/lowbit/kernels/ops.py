@@ -77,8 +77,8 @@ def _(x, packed, table, scale, zero_point, nested_code, nested_scale, offset, ou
 def linear_cuda(x: Tensor, w: Lut4Weight, gemv_config: dict | None = None, add: Tensor | None = None,
                 beta: float = 1.0) -> Tensor:  # fmt: skip
     """The CUDA forward on a checked weight, plus ``beta·add`` (M, N) when given. Callers already inside their
-    own autograd Function (the fused QLoRA linear) call it directly: the custom op's dispatch costs ~100 µs of
-    host time a call. Above the GEMV sizes ``add`` enters cuBLAS's epilogue (read while the tensor cores work)
+    own autograd Function (the fused QLoRA linear) and inference calls (`dispatch.fused_linear` without
+    gradients) call it directly: the custom op's dispatch costs ~100 µs of host time a call. Above the GEMV sizes ``add`` enters cuBLAS's epilogue (read while the tensor cores work)
     instead of costing a pass of its own. ``gemv_config`` fixes the GEMV's launch instead of autotuning it (the
     Triton interpreter)."""
     from lowbit.kernels import lut4_gemv_half2
