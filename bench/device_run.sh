@@ -28,6 +28,9 @@
 #   bash bench/device_run.sh s19d         # Nsight Compute on the batch-1 GEMVs (half2, bnb): where their time goes
 #   bash bench/device_run.sh s19e         # session 19's final: GPU correctness + decode table (half2 in the op);
 #                                         # generation tok/s, lowbit NF4 (fused static graph) vs transformers + bnb
+#   bash bench/device_run.sh s20a         # next session first: the final half2 GEMV on an H100 (sweep incl. the 48-register
+#                                         # candidates; the decode table that s19e's time limit cut off)
+#   bash bench/device_run.sh s20b         # generation again: static graph and eager generate (QuantLinear without the op)
 #   bash bench/device_run.sh longest      # memory estimator; fused vs unfused loss curves (carry smol_cfg too);
 #                                         # QLoRA step training peaks; the longest sequence each contender fits
 # from the repository root on the device, with bitsandbytes' wheel carried in .whl/ (see RESULTS.md).
@@ -252,6 +255,13 @@ case ${1:-kernels} in
   s19e)  # the op now runs the half2 GEMV: every kernel checked on the GPU, the decode table; generation again
     part decode 300 python3 bench/gpu_kernels.py --out "$RES" --decode-only
     part generation 260 python3 bench/generation.py --out "$RES" --kinds lowbit-nf4,bnb-nf4 --ways 0,2
+    ;;
+  s20a)  # session 19's final half2 GEMV on an H100: its launch sweep, then every kernel's decode row
+    part sweep 200 python3 bench/gemv_sweep.py --out "$RES" --sweeps half2
+    part decode 380 python3 bench/gpu_kernels.py --out "$RES" --decode-only --skip-correctness
+    ;;
+  s20b)  # generation: lowbit NF4 and bnb NF4 layers, transformers' generate (eager) and the fused static graph
+    part generation 500 python3 bench/generation.py --out "$RES" --kinds lowbit-nf4,bnb-nf4 --ways 0,2
     ;;
 esac
 tar czf "$OUT/results-${1:-kernels}.tgz" -C "$RES" .
