@@ -31,6 +31,7 @@
 #   bash bench/device_run.sh s20a         # next session first: the final half2 GEMV on an H100 (sweep incl. the 48-register
 #                                         # candidates; the decode table that s19e's time limit cut off)
 #   bash bench/device_run.sh s20b         # generation again: static graph and eager generate (QuantLinear without the op)
+#   bash bench/device_run.sh s21a         # the half2 GEMV with the byte table in shared memory (sweep vs registers)
 #   bash bench/device_run.sh longest      # memory estimator; fused vs unfused loss curves (carry smol_cfg too);
 #                                         # QLoRA step training peaks; the longest sequence each contender fits
 # from the repository root on the device, with bitsandbytes' wheel carried in .whl/ (see RESULTS.md).
@@ -259,6 +260,9 @@ case ${1:-kernels} in
   s20a)  # session 19's final half2 GEMV on an H100: its launch sweep, then every kernel's decode row
     part sweep 200 python3 bench/gemv_sweep.py --out "$RES" --sweeps half2
     part decode 380 python3 bench/gpu_kernels.py --out "$RES" --decode-only --skip-correctness
+    ;;
+  s21a)  # the half2 GEMV with its byte table in shared memory: launch sweeps of both tables, M = 1-8
+    part sweep 540 python3 bench/gemv_sweep.py --out "$RES" --sweeps half2,shared
     ;;
   s20b)  # generation: lowbit NF4 and bnb NF4 layers, transformers' generate (eager) and the fused static graph
     part generation 500 python3 bench/generation.py --out "$RES" --kinds lowbit-nf4,bnb-nf4 --ways 0,2

@@ -79,6 +79,18 @@ def half2_configs(quick: bool) -> list[dict]:
     return out[::5] if quick else out
 
 
+def shared_configs(quick: bool) -> list[dict]:
+    """The half2 GEMV with its byte table in shared memory (32 KB a block: several warps a block)."""
+    out = []
+    for bn in (4, 8, 16, 32):
+        for bk in (256, 512, 1024, 2048):
+            for warps in (2, 4, 8, 16):
+                per_thread = bn * bk // 8 // (32 * warps)
+                if 2 <= per_thread <= 32:
+                    out.append(dict(BN=bn, BK=bk, num_warps=warps, STAGES=1, SMEM=True))
+    return out[::5] if quick else out
+
+
 def sweep(name: str, configs: list[dict], make_fn, n_rot: int, device, reference=None) -> list[dict]:
     """Each launch timed; with a `reference` (the float32 product), checked against it first (relative error
     of the largest output, bf16 rounding allows ~1e-2)."""
@@ -134,7 +146,7 @@ def main(argv=None) -> int:
     ap.add_argument("--out", type=Path)
     ap.add_argument("--quick", action="store_true", help="a fifth of each sweep")
     ap.add_argument("--smoke", action="store_true", help="CPU, one tiny shape, a few launches")
-    ap.add_argument("--sweeps", default="read,register,half2", help="which launch sweeps to run")
+    ap.add_argument("--sweeps", default="read,register,half2,shared", help="which launch sweeps to run")
     ap.add_argument("--shapes", help="comma-separated NxK subset of the decode shapes, e.g. 14336x4096")
     args = ap.parse_args(argv)
     device = torch.device("cpu" if args.smoke else "cuda")
@@ -177,7 +189,8 @@ def main(argv=None) -> int:
         ref = x.float() @ lut4_dequantize(lw[0], torch.float32).t()
         chosen = args.sweeps.split(",")
         sweeps = {"read-only": ("read", read_configs, reader, None), "register GEMV": ("register", register_configs,
-                  register, ref), "half2 GEMV": ("half2", half2_configs, half2, ref)}  # fmt: skip
+                  register, ref), "half2 GEMV": ("half2", half2_configs, half2, ref),
+                  "half2 GEMV, shared table": ("shared", shared_configs, half2, ref)}  # fmt: skip
         sweeps = {name: sweep(short, configs(quick), make, n_rot, device, reference)
                   for name, (short, configs, make, reference) in sweeps.items() if short in chosen}  # fmt: skip
         for name, rows in sweeps.items():

@@ -3,7 +3,8 @@
 Run as a script (`python tests/kernels/cuda_compile.py`) by test_cuda_compile.py, in a process without
 TRITON_INTERPRET (under the interpreter `@triton.jit` makes interpreted functions, which do not compile).
 It catches what the interpreter cannot: code the compiler rejects (a non-bool `if` on a constexpr) and
-inline PTX that ptxas rejects. Prints one line per kernel and the number of `prmt` in each PTX.
+inline PTX that ptxas rejects. Prints one line per kernel and the number of `prmt` and of
+`lut4_asm.shared_dot_asm` table loads in each PTX.
 """
 
 import os
@@ -53,13 +54,14 @@ def main() -> int:
                                               dict(P_DTYPE=triton.language.bfloat16, G_DTYPE=triton.language.bfloat16,
                                                    BLOCK=2048)),
     }  # fmt: skip
-    # x pairs, 2^-e, group sums, y, packed, table words, nibble table, scale … offset; M, N, K, KW, G, stride_ym
-    half2 = ["*i32", "*fp32", "*fp32", "*bf16", "*u8", "*i32", "*i32", *POINTERS[2:]] + ["i32"] * 6 + ["fp32"]
-    for bm, zp in ((1, False), (4, True)):
-        cases[f"gemv half2 words, M={bm}" + (", zero points" if zp else "")] = (
-            lut4_gemv_half2._half2_kernel, half2,
-            dict(GS=64, HAS_ZP=zp, DOUBLE_QUANT=not zp, NESTED_GS=256, PTX=True, BM=bm, BN=8, BK=512, STAGES=3,
-                 EVEN=not zp))
+    # x pairs, 2^-e, group sums, y, packed, table words, pair words, nibble table, scale … offset;
+    # M, N, K, KW, G, stride_ym, center
+    half2 = ["*i32", "*fp32", "*fp32", "*bf16", "*u8", "*i32", "*i32", "*i32", *POINTERS[2:]] + ["i32"] * 6 + ["fp32"]
+    for bm, zp, smem in ((1, False, False), (4, True, False), (1, False, True), (4, True, True)):
+        name = f"gemv half2 words, M={bm}" + (", zero points" if zp else "") + (", shared table" if smem else "")
+        cases[name] = (lut4_gemv_half2._half2_kernel, half2,
+                       dict(GS=64, HAS_ZP=zp, DOUBLE_QUANT=not zp, NESTED_GS=256, PTX=True, BM=bm, BN=8, BK=512,
+                            STAGES=1 if smem else 3, EVEN=not zp, SMEM=smem))  # fmt: skip
     cases["gemv half2, x to float16 pairs"] = (lut4_gemv_half2._prepare_x_kernel, ["*bf16", "*i32", "*fp32", "*fp32",
                                                                                     "i32", "i32", "i32", "i32"],
                                                 dict(GS=128, SUMS=True, BLOCK=16384))  # fmt: skip
@@ -75,7 +77,9 @@ def main() -> int:
     for name, (kernel, types, constexprs) in cases.items():
         warps = 16 if constexprs.get("BLOCK", 0) > 8192 else 4  # (the preparation's launch for a 16k row)
         compiled = compile_kernel(kernel, types, constexprs, warps)
-        print(f"{name}: {len(compiled.asm['cubin'])} bytes of sm_90 code, {compiled.asm['ptx'].count('prmt.b32')} prmt")
+        ptx = compiled.asm["ptx"]
+        print(f"{name}: {len(compiled.asm['cubin'])} bytes of sm_90 code, {ptx.count('prmt.b32')} prmt, "
+              f"{ptx.count('ld.shared.b32 v')} table loads from shared memory")  # (the shared_dot_asm's)
     return 0
 
 

@@ -20,8 +20,13 @@ def test_kernels_compile_for_sm90_with_the_register_lookup():
     run = subprocess.run([sys.executable, str(script)], env=env, capture_output=True, text=True, timeout=600)
     assert run.returncode == 0, run.stderr[-3000:]
     lines = dict(line.split(": ", 1) for line in run.stdout.splitlines() if ": " in line)
-    assert len(lines) == 15, run.stdout
+    assert len(lines) == 17, run.stdout
     prmts = {name: int(rest.split(", ")[1].split()[0]) for name, rest in lines.items()}
+    shared = {name: int(rest.split(", ")[2].split()[0]) for name, rest in lines.items() if "shared table" in name}
+    assert len(shared) == 2 and min(shared.values()) > 0, shared  # the byte table in shared memory reached the PTX
+    assert all(int(rest.split(", ")[2].split()[0]) == 0 for name, rest in lines.items() if name not in shared)
+    for name in shared:  # (the register lookup's table words stay unused there)
+        prmts.pop(name)
     assert prmts.pop("gemv fp32, memory table") == 0  # fp32 inputs keep the exact float32 table
     for name in ("8-bit AdamW step, bf16 parameters", "gemv half2, x to float16 pairs", "LoRA dropout, bf16",
                  "LoRA dropout, seed in memory", "RoPE of q and k, bf16", "GeGLU forward, bf16",

@@ -101,6 +101,42 @@ def dot_asm() -> str:
     return "\n".join(lines + ["}"])
 
 
+SHARED_TABLE = "lowbit_pair_table"  # the shared-memory array that `shared_table_asm` declares in a kernel
+TABLE_BANKS = 32  # copies of the pair table, one per shared-memory bank
+
+
+def pair_words(table_fp16_bits: list[int]) -> list[int]:
+    """The 256 words of the byte table: for byte b, table[b & 15] in the low half and table[b >> 4] in the high
+    half, the lanes in which `dot_asm` meets a byte's two codes."""
+    if len(table_fp16_bits) != 16 or not all(0 <= v < 1 << 16 for v in table_fp16_bits):
+        raise ValueError("the lookup takes 16 float16 bit patterns")
+    return [table_fp16_bits[b & 15] | table_fp16_bits[b >> 4] << 16 for b in range(256)]
+
+
+def shared_table_asm() -> str:
+    """PTX declaring the kernel's byte table in shared memory, TABLE_BANKS copies interleaved by word (entry e of
+    copy l at word 32·e + l, so copy l lies in bank l), and $0 ← its address. Emitted once, at function scope
+    (no braces), so that the `shared_dot_asm` programs after it see the name."""
+    return f".shared .align 16 .b32 {SHARED_TABLE}[{256 * TABLE_BANKS}];\nmov.u32 $0, {SHARED_TABLE};"
+
+
+def shared_dot_asm() -> str:
+    """`dot_asm` with the byte table in shared memory instead of registers: $0 = the float16 pair Σ table[code]·x
+    over word $1 with the activation pairs $2..$5, $6 = 4 × the thread's lane, $7 = the table's address.
+
+    Each byte is one load of its two values from the thread's own copy of the table (word 32·byte + lane: the
+    32 lanes of a warp read 32 different banks, so a load never conflicts), two integer instructions to form
+    the address and one half2 multiply-add: four instructions a byte against `dot_asm`'s eight."""
+    shifts = [("shl", 7), ("shr", 1), ("shr", 9), ("shr", 17)]  # byte q to bits 7-14: 128 bytes a table entry
+    lines = ["{", ".reg .b32 a0, a1, a2, a3, v0, v1, v2, v3, acc;"]
+    for q, (op, n) in enumerate(shifts):
+        lines += [f"{op}.b32 a{q}, $1, {n};"] + ([f"and.b32 a{q}, a{q}, 0x7F80;"] if q < 3 else [])
+        lines += [f"or.b32 a{q}, a{q}, $6;", f"add.u32 a{q}, a{q}, $7;", f"ld.shared.b32 v{q}, [a{q}];"]
+    lines += ["mul.rn.f16x2 acc, v0, $2;", "fma.rn.f16x2 acc, v1, $3, acc;", "fma.rn.f16x2 acc, v2, $4, acc;",
+              "fma.rn.f16x2 $0, v3, $5, acc;"]  # fmt: skip
+    return "\n".join(lines + ["}"])
+
+
 def fp16_bits(table: torch.Tensor) -> list[int] | None:
     """The table's float16 bit patterns, or None where a value does not fit float16."""
     half = table.detach().to("cpu", torch.float32).to(torch.float16)

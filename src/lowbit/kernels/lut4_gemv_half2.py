@@ -36,12 +36,15 @@ import triton.language as tl
 
 from lowbit.kernels.autotune import autotune, launch_tuned
 from lowbit.kernels.lut4 import Lut4Weight
-from lowbit.kernels.lut4_asm import dot_asm, fp16_bits, table_words
+from lowbit.kernels.lut4_asm import TABLE_BANKS, dot_asm, fp16_bits, pair_words, shared_dot_asm, shared_table_asm, table_words
 from lowbit.kernels.lut4_tile import SCALES_GROUPED, finish_scales, kernel_args, load_scale_parts, pair_scale_index
 
 MAX_M = 8
 
 _DOT = tl.constexpr(dot_asm())
+_SHARED_DOT = tl.constexpr(shared_dot_asm())
+_SHARED_TABLE = tl.constexpr(shared_table_asm())
+_BANKS = tl.constexpr(TABLE_BANKS)
 
 
 @triton.jit
@@ -94,9 +97,14 @@ def _add2_ptx(a, b):
 
 
 @triton.jit
-def _dot_words(word, x0, x1, x2, x3, lo0, lo1, lo2, lo3, hi0, hi1, hi2, hi3, nib_ptr, PTX: tl.constexpr):
-    """Each word's Σ table[code]·x as a float16 pair (int32 bits), arguments broadcast to one shape."""
-    if PTX:
+def _dot_words(word, x0, x1, x2, x3, lo0, lo1, lo2, lo3, hi0, hi1, hi2, hi3, lane4, table, nib_ptr,
+               PTX: tl.constexpr, SMEM: tl.constexpr):  # fmt: skip
+    """Each word's Σ table[code]·x as a float16 pair (int32 bits), arguments broadcast to one shape; the table in
+    registers (lo*, hi*) or, with SMEM, in shared memory at `table` (`_shared_pair_table`)."""
+    if PTX and SMEM:
+        return tl.inline_asm_elementwise(_SHARED_DOT, "=r,r,r,r,r,r,r,r", [word, x0, x1, x2, x3, lane4, table],
+                                         dtype=tl.int32, is_pure=True, pack=1)  # fmt: skip
+    elif PTX:
         return tl.inline_asm_elementwise(_DOT, "=r,r,r,r,r,r,r,r,r,r,r,r,r,r",
                                          [word, x0, x1, x2, x3, lo0, lo1, lo2, lo3, hi0, hi1, hi2, hi3],
                                          dtype=tl.int32, is_pure=True, pack=1)  # fmt: skip
@@ -113,6 +121,24 @@ def _dot_words(word, x0, x1, x2, x3, lo0, lo1, lo2, lo3, hi0, hi1, hi2, hi3, nib
 
 
 @triton.jit
+def _shared_pair_table(pairs_ptr):
+    """Declares the shared byte table (`lut4_asm.shared_table_asm`), copies the 256 pair words at `pairs_ptr` into
+    each of its 32 banks, waits for the block, and returns its address. Column l of each chunk is written by
+    lane l (a warp writes one entry's 32 copies, one word per bank)."""
+    table = tl.inline_asm_elementwise(_SHARED_TABLE, "=r,r", [tl.program_id(0)], dtype=tl.int32, is_pure=False,
+                                      pack=1)  # fmt: skip
+    lane = tl.arange(0, _BANKS)[None, :]
+    for c in tl.static_range(0, 256, 32):
+        e = c + tl.arange(0, 32)[:, None]
+        # the load inside the asm: a Triton load would pick its own layout (rows to lanes: 32-way conflicts)
+        tl.inline_asm_elementwise("{ .reg .b32 v; ld.global.nc.b32 v, [$1]; st.shared.b32 [$2], v; mov.b32 $0, 0; }",
+                                  "=r,l,r", [pairs_ptr + e + 0 * lane, table + (e * _BANKS + lane) * 4],
+                                  dtype=tl.int32, is_pure=False, pack=1)  # fmt: skip
+    tl.debug_barrier()
+    return table
+
+
+@triton.jit
 def _lane_id(like, PTX: tl.constexpr):
     """The thread's lane in its warp (0 off the GPU), shaped like `like`."""
     if PTX:
@@ -122,23 +148,26 @@ def _lane_id(like, PTX: tl.constexpr):
 
 
 @triton.jit
-def _load_plane(x4_ptr, ms, v, q: tl.constexpr, M, KW, BM: tl.constexpr, EVEN: tl.constexpr):
-    """Pair q of words v of each row of x (`prepare_x` with ``words``: plane q of a row holds them in a run)."""
+def _load_plane(x4_ptr, ms, rows, v, q: tl.constexpr, M, KW, BM: tl.constexpr, EVEN: tl.constexpr):
+    """Pair q of words v of each row of x (`prepare_x` with ``words``: plane q of a row holds them in a run). One
+    row of x is loaded in the word tile's (BN, BK/8) shape, each thread the pairs of its own words (L1 hits):
+    loaded once as a (BK/8,) vector, it would be moved into the tile's layout through shared memory, with two
+    block barriers per plane and step."""
     if BM == 1 and EVEN:
-        return tl.load(x4_ptr + q * KW + v)
+        return tl.load(x4_ptr + q * KW + v[None, :] + 0 * rows[:, None])
     elif BM == 1:
-        return tl.load(x4_ptr + q * KW + v, mask=v < KW, other=0)
+        return tl.load(x4_ptr + q * KW + v[None, :] + 0 * rows[:, None], mask=(v < KW)[None, :], other=0)
     else:
         return tl.load(x4_ptr + ms[:, None].to(tl.int64) * (4 * KW) + q * KW + v[None, :],
                        mask=(ms < M)[:, None] & (v < KW)[None, :], other=0)  # fmt: skip
 
 
 @triton.jit
-def _half2_kernel(x4_ptr, inv_ptr, sums_ptr, y_ptr, packed_ptr, words_ptr, nib_ptr, scale_ptr, zp_ptr, ncode_ptr,
-                  nscale_ptr, offset_ptr, M, N, K, KW, G, stride_ym, center,
+def _half2_kernel(x4_ptr, inv_ptr, sums_ptr, y_ptr, packed_ptr, words_ptr, pairs_ptr, nib_ptr, scale_ptr, zp_ptr,
+                  ncode_ptr, nscale_ptr, offset_ptr, M, N, K, KW, G, stride_ym, center,
                   GS: tl.constexpr, HAS_ZP: tl.constexpr, DOUBLE_QUANT: tl.constexpr, NESTED_GS: tl.constexpr,
                   PTX: tl.constexpr, BM: tl.constexpr, BN: tl.constexpr, BK: tl.constexpr,
-                  STAGES: tl.constexpr, EVEN: tl.constexpr):  # fmt: skip
+                  STAGES: tl.constexpr, EVEN: tl.constexpr, SMEM: tl.constexpr):  # fmt: skip
     """y[m, rows] for one block of BN output rows; x4 holds x's prepared pairs, four int32 per packed word.
     EVEN: K and N are multiples of every BK and BN, so the tiles load without masks."""
     rows = tl.program_id(0) * BN + tl.arange(0, BN)
@@ -146,9 +175,13 @@ def _half2_kernel(x4_ptr, inv_ptr, sums_ptr, y_ptr, packed_ptr, words_ptr, nib_p
     # The table's registers, loaded once. Loaded as scalars they would sit in uniform registers, which a prmt
     # cannot read: ptxas then copies them into ordinary ones at every call (2 instructions a byte). Each lane
     # reads one of four copies of the table instead, so the values are per thread.
-    t = words_ptr + 8 * (_lane_id(rows[:, None], PTX) & 3)  # (BN, 1)
+    # With SMEM the byte table sits in shared memory instead, a copy per lane (`lut4_asm.shared_dot_asm`).
+    table = _shared_pair_table(pairs_ptr) if PTX and SMEM else 0
+    lane = _lane_id(rows[:, None], PTX)  # (BN, 1)
+    t = words_ptr + 8 * (lane & 3)
     lo0, lo1, lo2, lo3 = tl.load(t), tl.load(t + 1), tl.load(t + 2), tl.load(t + 3)
     hi0, hi1, hi2, hi3 = tl.load(t + 4), tl.load(t + 5), tl.load(t + 6), tl.load(t + 7)
+    lane4 = lane * 4
     words = packed_ptr.to(tl.pointer_type(tl.int32), bitcast=True)
     acc = tl.zeros((BM, BN, BK // GS), dtype=tl.float32)
     for k0 in tl.range(0, K, BK, num_stages=STAGES):
@@ -158,18 +191,18 @@ def _half2_kernel(x4_ptr, inv_ptr, sums_ptr, y_ptr, packed_ptr, words_ptr, nib_p
             word = tl.load(word_ptrs)
         else:
             word = tl.load(word_ptrs, mask=(rows < N)[:, None] & (v < KW)[None, :], other=0)
-        q0 = _load_plane(x4_ptr, ms, v, 0, M, KW, BM, EVEN)  # pair q of each word: (BK/8,), or (BM, BK/8)
-        q1 = _load_plane(x4_ptr, ms, v, 1, M, KW, BM, EVEN)
-        q2 = _load_plane(x4_ptr, ms, v, 2, M, KW, BM, EVEN)
-        q3 = _load_plane(x4_ptr, ms, v, 3, M, KW, BM, EVEN)
+        q0 = _load_plane(x4_ptr, ms, rows, v, 0, M, KW, BM, EVEN)  # pair q of each word: (BK/8,), or (BM, BK/8)
+        q1 = _load_plane(x4_ptr, ms, rows, v, 1, M, KW, BM, EVEN)
+        q2 = _load_plane(x4_ptr, ms, rows, v, 2, M, KW, BM, EVEN)
+        q3 = _load_plane(x4_ptr, ms, rows, v, 3, M, KW, BM, EVEN)
         if BM == 1:  # 1-D activations: the compiler moves them, not the word tile, into the other's layout
-            p = _dot_words(word, q0[None, :], q1[None, :], q2[None, :], q3[None, :], lo0, lo1, lo2, lo3,
-                           hi0, hi1, hi2, hi3, nib_ptr, PTX)  # (BN, BK/8) fmt: skip
+            p = _dot_words(word, q0, q1, q2, q3, lo0, lo1, lo2, lo3,
+                           hi0, hi1, hi2, hi3, lane4, table, nib_ptr, PTX, SMEM)  # (BN, BK/8) fmt: skip
             p = tl.reshape(p, (1, BN, BK // GS, GS // 8))
         else:
             p = _dot_words(word[None, :, :], q0[:, None, :], q1[:, None, :], q2[:, None, :], q3[:, None, :],
                            lo0[None], lo1[None], lo2[None], lo3[None], hi0[None], hi1[None], hi2[None], hi3[None],
-                           nib_ptr, PTX)  # (BM, BN, BK/8) fmt: skip
+                           lane4[None], table, nib_ptr, PTX, SMEM)  # (BM, BN, BK/8) fmt: skip
             p = tl.reshape(p, (BM, BN, BK // GS, GS // 8))
         if PTX:
             lo, hi = _unpack(tl.reduce(p, 3, _add2_ptx))
@@ -205,8 +238,12 @@ def _configs() -> list[triton.Config]:
               (2, 2048, 2, 1), (8, 1024, 4, 1), (2, 1024, 1, 3), (4, 2048, 4, 1), (4, 1024, 2, 3), (16, 2048, 8, 1),
               (8, 512, 2, 3), (8, 512, 4, 3), (16, 256, 4, 3), (32, 256, 8, 3),
               (2, 1024, 1, 1, 48), (2, 1024, 2, 1, 48), (2, 2048, 2, 1, 48)]  # fmt: skip
-    return [triton.Config({"BN": bn, "BK": bk, "STAGES": s}, num_warps=w, num_stages=1, maxnreg=cap[0] if cap else None)
-            for bn, bk, w, s, *cap in shapes]  # fmt: skip
+    registers = [triton.Config({"BN": bn, "BK": bk, "STAGES": s, "SMEM": False}, num_warps=w, num_stages=1,
+                               maxnreg=cap[0] if cap else None) for bn, bk, w, s, *cap in shapes]  # fmt: skip
+    shared = [(16, 1024, 4), (16, 512, 4), (8, 1024, 4), (32, 512, 8), (32, 1024, 8), (16, 2048, 8), (32, 256, 4),
+              (16, 1024, 8)]  # fmt: skip
+    return registers + [triton.Config({"BN": bn, "BK": bk, "STAGES": 1, "SMEM": True}, num_warps=w, num_stages=1)
+                        for bn, bk, w in shared]  # fmt: skip
 
 
 def _prune(configs, named_args, **kwargs):
@@ -279,8 +316,8 @@ _WORDS: dict[tuple, tuple[torch.Tensor, torch.Tensor]] = {}
 
 
 def _table_words(table: torch.Tensor, center: float) -> torch.Tensor:
-    """Four copies of the eight int32 `lut4_asm.table_words` of table - center on the table's device (a copy per
-    lane & 3, see the kernel), read once per table."""
+    """The lookup's words for table - center on the table's device, read once per table: four copies of the eight
+    `lut4_asm.table_words` (a copy per lane & 3, see the kernel), then the 256 `lut4_asm.pair_words`."""
     key = (table.data_ptr(), center)
     hit = _WORDS.get(key)
     if hit is None:
@@ -289,7 +326,8 @@ def _table_words(table: torch.Tensor, center: float) -> torch.Tensor:
         bits = fp16_bits(table.detach().float() - center)
         if bits is None:
             raise ValueError("the format's table does not fit float16")
-        words = torch.tensor([v - (1 << 32) if v >= 1 << 31 else v for v in table_words(bits)] * 4, dtype=torch.int32)
+        words = table_words(bits) * 4 + pair_words(bits)
+        words = torch.tensor([v - (1 << 32) if v >= 1 << 31 else v for v in words], dtype=torch.int32)
         if len(_WORDS) > 64:
             _WORDS.clear()
         hit = _WORDS[key] = (table, words.to(table.device))
@@ -317,14 +355,15 @@ def lut4_gemv_half2(x: torch.Tensor, w: Lut4Weight, config: dict | None = None) 
     center = _center(w.table) if has_zp else 0.0
     ptx = x.is_cuda and os.environ.get("TRITON_INTERPRET") != "1"
     packed, _, *rest = pointers  # packed, table, scale, zero point, nested code, nested scale, offset
-    args = (x4, inv, sums, y, packed, _table_words(w.table, center), nibble_table(w.table, center), *rest)
+    words = _table_words(w.table, center)
+    args = (x4, inv, sums, y, packed, words, words[32:], nibble_table(w.table, center), *rest)
     kw = dict(M=m, N=sizes["N"], K=k, KW=k // 8, G=sizes["G"], stride_ym=y.stride(0), center=center, GS=gs,
               HAS_ZP=has_zp, DOUBLE_QUANT=layout["DOUBLE_QUANT"], NESTED_GS=layout["NESTED_GS"], PTX=ptx,
               BM=triton.next_power_of_2(m), EVEN=k % MAX_BK == 0 and w.out_features % MAX_BN == 0)  # fmt: skip
     if config is None:
         launch_tuned(_half2_tuned, lambda meta: (triton.cdiv(w.out_features, meta["BN"]),), *args, **kw)
     else:
-        config = {"STAGES": 1} | config
+        config = {"STAGES": 1, "SMEM": False} | config
         kw["EVEN"] = kw["EVEN"] and k % config["BK"] == 0 and w.out_features % config["BN"] == 0
         _half2_kernel[(triton.cdiv(w.out_features, config["BN"]),)](*args, **kw, **config)
     return y
