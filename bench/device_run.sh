@@ -264,6 +264,10 @@ case ${1:-kernels} in
   s21a)  # the half2 GEMV with its byte table in shared memory: launch sweeps of both tables, M = 1-8
     part sweep 540 python3 bench/gemv_sweep.py --out "$RES" --sweeps half2,shared
     ;;
+  smemdebug)  # the shared-table GEMV under compute-sanitizer
+    part debug 200 /usr/local/cuda/bin/compute-sanitizer --print-limit 5 python3 bench/smem_debug.py
+    cp -r ~/.triton/cache "$RES/triton_cache" 2>/dev/null
+    ;;
   s20b)  # generation: lowbit NF4 and bnb NF4 layers, transformers' generate (eager) and the fused static graph
     part generation 500 python3 bench/generation.py --out "$RES" --kinds lowbit-nf4,bnb-nf4 --ways 0,2
     ;;
