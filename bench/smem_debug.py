@@ -6,17 +6,19 @@ sys.path[:0] = [str(Path(__file__).resolve().parents[1] / "src")]
 import torch  # noqa: E402
 
 from lowbit.formats import WeightFormat  # noqa: E402
-from lowbit.kernels.lut4 import lut4_dequantize, lut4_weight  # noqa: E402
+from lowbit.kernels.lut4 import lut4_weight  # noqa: E402
+from lowbit.kernels.lut4_gemm import lut4_dequantize  # noqa: E402
 from lowbit.kernels.lut4_gemv_half2 import lut4_gemv_half2  # noqa: E402
 
+DEV = "cuda" if torch.cuda.is_available() else "cpu"
 fmt = WeightFormat("nf4", 64, True)
 n, k = 256, 1024
-dense = torch.randn(n, k, device="cuda", dtype=torch.bfloat16)
+dense = torch.randn(n, k, device=DEV, dtype=torch.bfloat16)
 w = lut4_weight(fmt, fmt.encode(dense), (n, k))
-x = torch.randn(1, k, device="cuda", dtype=torch.bfloat16)
+x = torch.randn(1, k, device=DEV, dtype=torch.bfloat16)
 ref = x.float() @ lut4_dequantize(w, torch.float32).t()
 for cfg in ([dict(BN=8, BK=256, num_warps=4, SMEM=False)] + [dict(BN=bn, BK=bk, num_warps=wp, SMEM=True)
             for bn, bk, wp in ((8, 256, 4), (4, 256, 2), (16, 1024, 4))]):  # fmt: skip
     y = lut4_gemv_half2(x, w, cfg)
-    torch.cuda.synchronize()
+    torch.cuda.synchronize() if DEV == "cuda" else None
     print(cfg, "rel err", float((y.float() - ref).abs().max() / ref.abs().max()), flush=True)
