@@ -122,16 +122,19 @@ def shared_table_asm() -> str:
 
 def shared_dot_asm() -> str:
     """`dot_asm` with the byte table in shared memory instead of registers: $0 = the float16 pair Σ table[code]·x
-    over word $1 with the activation pairs $2..$5, $6 = 4 × the thread's lane, $7 = the table's address.
+    over word $1 with the activation pairs $2..$5, $6 = the table's address.
 
     Each byte is one load of its two values from the thread's own copy of the table (word 32·byte + lane: the
     32 lanes of a warp read 32 different banks, so a load never conflicts), two integer instructions to form
-    the address and one half2 multiply-add: four instructions a byte against `dot_asm`'s eight."""
+    the address and one half2 multiply-add: four instructions a byte against `dot_asm`'s eight. The lane is
+    read here, not passed in: a value computed per element may move to another thread when the compiler
+    changes the tensor's layout, and the lane is a property of the thread (ptxas reads it once)."""
     shifts = [("shl", 7), ("shr", 1), ("shr", 9), ("shr", 17)]  # byte q to bits 7-14: 128 bytes a table entry
-    lines = ["{", ".reg .b32 a0, a1, a2, a3, v0, v1, v2, v3, acc;"]
+    lines = ["{", ".reg .b32 lane, a0, a1, a2, a3, v0, v1, v2, v3, acc;", "mov.u32 lane, %laneid;",
+             "shl.b32 lane, lane, 2;"]  # fmt: skip
     for q, (op, n) in enumerate(shifts):
         lines += [f"{op}.b32 a{q}, $1, {n};"] + ([f"and.b32 a{q}, a{q}, 0x7F80;"] if q < 3 else [])
-        lines += [f"or.b32 a{q}, a{q}, $6;", f"add.u32 a{q}, a{q}, $7;", f"ld.shared.b32 v{q}, [a{q}];"]
+        lines += [f"or.b32 a{q}, a{q}, lane;", f"add.u32 a{q}, a{q}, $6;", f"ld.shared.b32 v{q}, [a{q}];"]
     lines += ["mul.rn.f16x2 acc, v0, $2;", "fma.rn.f16x2 acc, v1, $3, acc;", "fma.rn.f16x2 acc, v2, $4, acc;",
               "fma.rn.f16x2 $0, v3, $5, acc;"]  # fmt: skip
     return "\n".join(lines + ["}"])

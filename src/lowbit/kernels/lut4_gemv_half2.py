@@ -97,12 +97,12 @@ def _add2_ptx(a, b):
 
 
 @triton.jit
-def _dot_words(word, x0, x1, x2, x3, lo0, lo1, lo2, lo3, hi0, hi1, hi2, hi3, lane4, table, nib_ptr,
+def _dot_words(word, x0, x1, x2, x3, lo0, lo1, lo2, lo3, hi0, hi1, hi2, hi3, table, nib_ptr,
                PTX: tl.constexpr, SMEM: tl.constexpr):  # fmt: skip
     """Each word's Σ table[code]·x as a float16 pair (int32 bits), arguments broadcast to one shape; the table in
     registers (lo*, hi*) or, with SMEM, in shared memory at `table` (`_shared_pair_table`)."""
     if PTX and SMEM:
-        return tl.inline_asm_elementwise(_SHARED_DOT, "=r,r,r,r,r,r,r,r", [word, x0, x1, x2, x3, lane4, table],
+        return tl.inline_asm_elementwise(_SHARED_DOT, "=r,r,r,r,r,r,r", [word, x0, x1, x2, x3, table],
                                          dtype=tl.int32, is_pure=True, pack=1)  # fmt: skip
     elif PTX:
         return tl.inline_asm_elementwise(_DOT, "=r,r,r,r,r,r,r,r,r,r,r,r,r,r",
@@ -177,11 +177,9 @@ def _half2_kernel(x4_ptr, inv_ptr, sums_ptr, y_ptr, packed_ptr, words_ptr, pairs
     # reads one of four copies of the table instead, so the values are per thread.
     # With SMEM the byte table sits in shared memory instead, a copy per lane (`lut4_asm.shared_dot_asm`).
     table = _shared_pair_table(pairs_ptr) if PTX and SMEM else 0
-    lane = _lane_id(rows[:, None], PTX)  # (BN, 1)
-    t = words_ptr + 8 * (lane & 3)
+    t = words_ptr + 8 * (_lane_id(rows[:, None], PTX) & 3)  # (BN, 1)
     lo0, lo1, lo2, lo3 = tl.load(t), tl.load(t + 1), tl.load(t + 2), tl.load(t + 3)
     hi0, hi1, hi2, hi3 = tl.load(t + 4), tl.load(t + 5), tl.load(t + 6), tl.load(t + 7)
-    lane4 = lane * 4
     words = packed_ptr.to(tl.pointer_type(tl.int32), bitcast=True)
     acc = tl.zeros((BM, BN, BK // GS), dtype=tl.float32)
     for k0 in tl.range(0, K, BK, num_stages=STAGES):
@@ -197,12 +195,12 @@ def _half2_kernel(x4_ptr, inv_ptr, sums_ptr, y_ptr, packed_ptr, words_ptr, pairs
         q3 = _load_plane(x4_ptr, ms, rows, v, 3, M, KW, BM, EVEN)
         if BM == 1:  # 1-D activations: the compiler moves them, not the word tile, into the other's layout
             p = _dot_words(word, q0, q1, q2, q3, lo0, lo1, lo2, lo3,
-                           hi0, hi1, hi2, hi3, lane4, table, nib_ptr, PTX, SMEM)  # (BN, BK/8) fmt: skip
+                           hi0, hi1, hi2, hi3, table, nib_ptr, PTX, SMEM)  # (BN, BK/8) fmt: skip
             p = tl.reshape(p, (1, BN, BK // GS, GS // 8))
         else:
             p = _dot_words(word[None, :, :], q0[:, None, :], q1[:, None, :], q2[:, None, :], q3[:, None, :],
                            lo0[None], lo1[None], lo2[None], lo3[None], hi0[None], hi1[None], hi2[None], hi3[None],
-                           lane4[None], table, nib_ptr, PTX, SMEM)  # (BM, BN, BK/8) fmt: skip
+                           table, nib_ptr, PTX, SMEM)  # (BM, BN, BK/8) fmt: skip
             p = tl.reshape(p, (BM, BN, BK // GS, GS // 8))
         if PTX:
             lo, hi = _unpack(tl.reduce(p, 3, _add2_ptx))
