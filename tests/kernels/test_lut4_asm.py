@@ -14,7 +14,16 @@ import pytest
 import torch
 
 from lowbit.kernels.lut4 import _device_table
-from lowbit.kernels.lut4_asm import dot_asm, fp16_bits, lookup_asm, table_asm, table_words
+from lowbit.kernels.lut4_asm import (
+    TABLE_BANKS,
+    dot_asm,
+    fp16_bits,
+    lookup_asm,
+    pair_words,
+    shared_dot_asm,
+    table_asm,
+    table_words,
+)
 
 MASK32 = 0xFFFFFFFF
 
@@ -48,11 +57,13 @@ def _pair(h: np.ndarray) -> int:
     return int(bits[0]) | int(bits[1]) << 16
 
 
-def run_ptx(asm: str, word: int, inputs: dict | None = None, outputs: int = 4) -> list[int]:
+def run_ptx(asm: str, word: int, inputs: dict | None = None, outputs: int = 4, shared: dict | None = None,
+            lane: int = 0) -> list[int]:
     """Execute the program with $4 = word (or the registers in `inputs`); return $0..$(outputs - 1). The
     float16-pair instructions round per lane as IEEE float16 does (numpy; a product of two float16 values is
-    exact in float64, so fma rounds once)."""
-    regs = inputs or {"$4": word}
+    exact in float64, so fma rounds once). `shared` maps shared-memory byte addresses to the words stored
+    there (a load elsewhere, or not 4-byte aligned, fails); %laneid reads `lane`."""
+    regs = (inputs or {"$4": word}) | {"%laneid": lane}
 
     def val(tok: str) -> int:
         return regs[tok] if tok in regs else int(tok, 0)
@@ -63,9 +74,16 @@ def run_ptx(asm: str, word: int, inputs: dict | None = None, outputs: int = 4) -
             continue
         op, rest = line.rstrip(";").split(None, 1)
         d, *src = [t.strip() for t in rest.split(",")]
+        if op == "ld.shared.b32":
+            address = regs[src[0].strip("[]")]
+            assert address % 4 == 0 and address in shared, f"shared load from {address:#x}: {line}"
+            regs[d] = shared[address]
+            continue
         v = [val(t) for t in src]
-        if op == "mov.b32":
+        if op in ("mov.b32", "mov.u32"):
             r = v[0]
+        elif op == "add.u32":
+            r = v[0] + v[1]
         elif op == "shr.b32":
             r = v[0] >> v[1]
         elif op == "shl.b32":
@@ -143,3 +161,26 @@ def test_ptx_dot_of_a_word_matches_float64(kind):
         got = _halves(out).astype(np.float64)
         bound = 3 * 2.0**-11 * np.abs(products).sum() + 1e-6
         assert np.allclose(got, [products[1::2].sum(), products[0::2].sum()], rtol=0, atol=bound), hex(word)
+
+
+@pytest.mark.parametrize("kind", ["nf4", "fp4", "int4_affine"])
+def test_ptx_shared_dot_matches_the_register_dot(kind):
+    """`shared_dot_asm` reads each byte's two values from the lane's own copy of the `pair_words` table, laid out
+    as the kernel fills it (entry e of copy l at word 32·e + l after the table's address), and gives the same
+    float16 pair as `dot_asm`, bit for bit (the same products in the same order), for every lane: each load
+    stays in the lane's bank and inside the table."""
+    bits = fp16_bits(_device_table(kind, torch.device("cpu")))
+    base = 0x400
+    pairs = pair_words(bits)
+    shared = {base + 4 * (TABLE_BANKS * e + lane): pairs[e] for e in range(256) for lane in range(TABLE_BANKS)}
+    consts = {f"${6 + i}": w for i, w in enumerate(table_words(bits))}
+    rng = np.random.default_rng(1)
+    words = [int(w) for w in rng.integers(0, 2**32, 200)] + [0, 2**32 - 1, 0x80808080, 0x7F7F7F7F, 0x01FF01FF]
+    for i, word in enumerate(words):
+        x = rng.uniform(-1, 1, 8).astype(np.float16)
+        pairs_x = {f"${2 + q}": _pair(x[[2 * q + 1, 2 * q]]) for q in range(4)}
+        lane = i % TABLE_BANKS
+        checked = {a: v for a, v in shared.items() if (a - base) // 4 % TABLE_BANKS == lane}  # only its bank
+        got = run_ptx(shared_dot_asm(), 0, {"$1": word, "$6": base, **pairs_x}, outputs=1, shared=checked, lane=lane)
+        want = run_ptx(dot_asm(), 0, {"$1": word, **pairs_x, **consts}, outputs=1)
+        assert got == want, (hex(word), lane)

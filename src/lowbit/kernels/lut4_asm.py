@@ -133,8 +133,8 @@ def shared_dot_asm() -> str:
     lines = ["{", ".reg .b32 lane, a0, a1, a2, a3, v0, v1, v2, v3, acc;", "mov.u32 lane, %laneid;",
              "shl.b32 lane, lane, 2;"]  # fmt: skip
     for q, (op, n) in enumerate(shifts):
-        lines += [f"{op}.b32 a{q}, $1, {n};"] + ([f"and.b32 a{q}, a{q}, 0x7F80;"] if q < 3 else [])
-        lines += [f"or.b32 a{q}, a{q}, lane;", f"add.u32 a{q}, a{q}, $6;", f"ld.shared.b32 v{q}, [a{q}];"]
+        lines += [f"{op}.b32 a{q}, $1, {n};", f"and.b32 a{q}, a{q}, 0x7F80;", f"or.b32 a{q}, a{q}, lane;",
+                  f"add.u32 a{q}, a{q}, $6;", f"ld.shared.b32 v{q}, [a{q}];"]  # (and+or: one lop3)
     lines += ["mul.rn.f16x2 acc, v0, $2;", "fma.rn.f16x2 acc, v1, $3, acc;", "fma.rn.f16x2 acc, v2, $4, acc;",
               "fma.rn.f16x2 $0, v3, $5, acc;"]  # fmt: skip
     return "\n".join(lines + ["}"])
