@@ -32,7 +32,7 @@ from gpu_kernels import DECODE_SHAPES, ceilings, graph_time_us, make_weights  # 
 
 from lowbit.kernels.lut4_gemm import lut4_dequantize  # noqa: E402
 from lowbit.kernels.lut4_gemv import lut4_gemv  # noqa: E402
-from lowbit.kernels.lut4_gemv_half2 import lut4_gemv_half2  # noqa: E402
+from lowbit.kernels.lut4_gemv_half2 import lut4_gemv_half2, prepare_x  # noqa: E402
 
 
 @triton.jit
@@ -87,7 +87,7 @@ def shared_configs(quick: bool) -> list[dict]:
             for warps in (2, 4, 8, 16):
                 per_thread = bn * bk // 8 // (32 * warps)
                 if 2 <= per_thread <= 32:
-                    out.append(dict(BN=bn, BK=bk, num_warps=warps, STAGES=1, SMEM=True))
+                    out += [dict(BN=bn, BK=bk, num_warps=warps, STAGES=1, SMEM=True, AHEAD=a) for a in (False, True)]
     return out[::5] if quick else out
 
 
@@ -199,6 +199,7 @@ def main(argv=None) -> int:
         if "half2 GEMV" in sweeps:
             plain = [r for r in sweeps["half2 GEMV"] if r["config"]["STAGES"] == 1]
             times["half2 GEMV, unpipelined (best)"] = plain[0]["us"] if plain else float("nan")
+        times["x to float16 pairs alone (prepare_x)"] = graph_time_us(lambda i: prepare_x(x), n_rot, device)
         if not args.smoke:
             times["half2 GEMV, autotuned"] = graph_time_us(lambda i: lut4_gemv_half2(x, lw[i]), n_rot, device)
             times["register GEMV, autotuned"] = graph_time_us(lambda i: lut4_gemv(x, lw[i]), n_rot, device)

@@ -90,13 +90,13 @@ def register_gemv(bn: int, bk: int, warps: int):
                            "stride_xm", "stride_ym"], warps)  # fmt: skip
 
 
-def half2_gemv(bn: int, bk: int, warps: int, bm: int = 1, stages: int = 1, smem: bool = False):
+def half2_gemv(bn: int, bk: int, warps: int, bm: int = 1, stages: int = 1, smem: bool = False, ahead: bool = False):
     names = lut4_gemv_half2._half2_kernel.arg_names
     return compile_aligned(lut4_gemv_half2._half2_kernel,
                            ["*i32", "*fp32", "*fp32", "*bf16", "*u8", "*i32", "*i32", "*i32", *POINTERS[2:]]
                            + ["i32"] * 6 + ["fp32"],
                            dict(GS=64, HAS_ZP=False, DOUBLE_QUANT=True, NESTED_GS=256, PTX=True, BM=bm, BN=bn, BK=bk,
-                                STAGES=stages, EVEN=True, SMEM=smem),
+                                STAGES=stages, EVEN=True, SMEM=smem, AHEAD=ahead),
                            names[:13] + ["N", "K", "KW", "G", "stride_ym"], warps)  # fmt: skip
 
 
@@ -112,7 +112,9 @@ def main() -> None:
              ("half2 words, pipelined (3 stages)", 1, 8, 512, 4, lambda: half2_gemv(8, 512, 4, stages=3)),
              ("half2 words, 4 rows of x", 4, 8, 256, 4, lambda: half2_gemv(8, 256, 4, bm=4)),
              ("half2 words, shared byte table", 1, 16, 1024, 4, lambda: half2_gemv(16, 1024, 4, smem=True)),
-             ("half2 words, shared byte table", 1, 32, 512, 8, lambda: half2_gemv(32, 512, 8, smem=True))]  # fmt: skip
+             ("half2 words, shared byte table", 1, 32, 512, 4, lambda: half2_gemv(32, 512, 4, smem=True)),
+             ("half2 words, shared byte table, loads ahead", 1, 32, 512, 4,
+              lambda: half2_gemv(32, 512, 4, smem=True, ahead=True))]  # fmt: skip
     for name, bm, bn, bk, warps, build in cases:
         cubin = build().asm["cubin"]
         ops = inner_loop(cubin)

@@ -54,6 +54,22 @@ def test_unmasked_tiles_give_the_masked_result():
     assert rel_err(even, x.double() @ dense.t()) < 8e-3
 
 
+@pytest.mark.parametrize("fmt", [FORMATS[0], FORMATS[5]], ids=["nf4-dq", "int4-zero-points"])
+def test_loads_ahead_and_shared_table_launches_give_the_same_numbers(fmt):
+    """AHEAD loads each step's successor while computing it (past the last step it reloads the last one); SMEM
+    keeps the byte table in shared memory (on the GPU; here the same lanes from memory). Over tiles that leave a
+    masked tail in K (384 = 256 + 128) and in N (44 rows), with one step or several, they give the plain
+    launch's numbers exactly: the same products in the same order."""
+    w, dense = make(fmt, (44, 384), 8)
+    for m in (1, 3):
+        x = torch.randn(m, 384).to(torch.bfloat16)
+        for tile in ({"BN": 8, "BK": 128}, {"BN": 16, "BK": 256}, {"BN": 4, "BK": 512}):
+            plain = lut4_gemv_half2(x, w, tile | {"num_warps": 4})
+            for extra in ({"AHEAD": True}, {"SMEM": True}, {"SMEM": True, "AHEAD": True}):
+                assert torch.equal(lut4_gemv_half2(x, w, tile | extra | {"num_warps": 4}), plain), (tile, extra)
+            assert rel_err(plain, x.double() @ dense.t()) < 8e-3
+
+
 def test_large_and_tiny_activations_keep_their_precision():
     """x is scaled by a power of two into float16's range: an activation of 3e5 (beyond float16) or of 1e-6
     everywhere (float16 subnormals) gives the same relative error as x ~ N(0, 1)."""

@@ -37,7 +37,7 @@ import triton.language as tl
 from lowbit.kernels.autotune import autotune, launch_tuned
 from lowbit.kernels.lut4 import Lut4Weight
 from lowbit.kernels.lut4_asm import TABLE_BANKS, dot_asm, fp16_bits, pair_words, shared_dot_asm, shared_table_asm, table_words
-from lowbit.kernels.lut4_tile import SCALES_GROUPED, finish_scales, kernel_args, load_scale_parts, pair_scale_index
+from lowbit.kernels.lut4_tile import SCALES_GROUPED, kernel_args, pair_scale_index
 
 MAX_M = 8
 
@@ -148,6 +148,37 @@ def _lane_id(like, PTX: tl.constexpr):
 
 
 @triton.jit
+def _ldg(ptrs, PTX: tl.constexpr):
+    """tl.load(ptrs) of uint8 (as int32) or float32, by inline PTX on the GPU. The compiler gives each load a
+    layout of its own, chosen for coalescing: a step's scales then moved into the products' layout through
+    shared memory, two block barriers a step for the codes and the scales (sm_90 SASS, Triton 3.6). The
+    PTX load's result keeps the layout of its use."""
+    if PTX:
+        if ptrs.dtype.element_ty == tl.uint8:
+            return tl.inline_asm_elementwise("ld.global.nc.u8 $0, [$1];", "=r,l", [ptrs], dtype=tl.int32,
+                                             is_pure=True, pack=1)  # fmt: skip
+        else:
+            return tl.inline_asm_elementwise("ld.global.nc.f32 $0, [$1];", "=f,l", [ptrs], dtype=tl.float32,
+                                             is_pure=True, pack=1)  # fmt: skip
+    else:
+        return tl.load(ptrs)
+
+
+@triton.jit
+def _group_scales(scale_ptr, ncode_ptr, nscale_ptr, offset_ptr, idx, ok, DOUBLE_QUANT: tl.constexpr,
+                  NESTED_GS: tl.constexpr, PTX: tl.constexpr):  # fmt: skip
+    """float32 scales of the groups at `idx` (`lut4_tile.load_scales`' values). Groups outside the weight read
+    group 0 instead (their products are zero), so that no load needs a mask. The index is 32-bit: N·K/GS
+    groups stay below 2^31 for any weight a GPU holds (N·K/2 packed bytes)."""
+    idx = tl.where(ok, idx, 0).to(tl.int32)
+    if DOUBLE_QUANT:
+        code = _ldg(scale_ptr + idx, PTX)
+        return _ldg(ncode_ptr + code, PTX) * _ldg(nscale_ptr + idx // NESTED_GS, PTX) + tl.load(offset_ptr)
+    else:
+        return _ldg(scale_ptr + idx, PTX).to(tl.float32)
+
+
+@triton.jit
 def _load_plane(x4_ptr, ms, rows, v, q: tl.constexpr, M, KW, BM: tl.constexpr, EVEN: tl.constexpr):
     """Pair q of words v of each row of x (`prepare_x` with ``words``: plane q of a row holds them in a run). One
     row of x is loaded in the word tile's (BN, BK/8) shape, each thread the pairs of its own words (L1 hits):
@@ -163,42 +194,59 @@ def _load_plane(x4_ptr, ms, rows, v, q: tl.constexpr, M, KW, BM: tl.constexpr, E
 
 
 @triton.jit
+def _load_step(words, x4_ptr, ms, rows, k0, M, N, KW, BM: tl.constexpr, BK: tl.constexpr, EVEN: tl.constexpr):
+    """The packed words of step k0 (BN, BK/8) and x's four planes of pairs for them."""
+    v = tl.max_contiguous(tl.multiple_of(k0 // 8 + tl.arange(0, BK // 8), BK // 8), BK // 8)  # words of a row
+    word_ptrs = words + rows[:, None].to(tl.int64) * KW + v[None, :]  # (BN, BK/8)
+    if EVEN:
+        word = tl.load(word_ptrs)
+    else:
+        word = tl.load(word_ptrs, mask=(rows < N)[:, None] & (v < KW)[None, :], other=0)
+    q0 = _load_plane(x4_ptr, ms, rows, v, 0, M, KW, BM, EVEN)  # pair q of each word: (BN or BM, BK/8)
+    q1 = _load_plane(x4_ptr, ms, rows, v, 1, M, KW, BM, EVEN)
+    q2 = _load_plane(x4_ptr, ms, rows, v, 2, M, KW, BM, EVEN)
+    q3 = _load_plane(x4_ptr, ms, rows, v, 3, M, KW, BM, EVEN)
+    return word, q0, q1, q2, q3
+
+
+@triton.jit
 def _half2_kernel(x4_ptr, inv_ptr, sums_ptr, y_ptr, packed_ptr, words_ptr, pairs_ptr, nib_ptr, scale_ptr, zp_ptr,
                   ncode_ptr, nscale_ptr, offset_ptr, M, N, K, KW, G, stride_ym, center,
                   GS: tl.constexpr, HAS_ZP: tl.constexpr, DOUBLE_QUANT: tl.constexpr, NESTED_GS: tl.constexpr,
                   PTX: tl.constexpr, BM: tl.constexpr, BN: tl.constexpr, BK: tl.constexpr,
-                  STAGES: tl.constexpr, EVEN: tl.constexpr, SMEM: tl.constexpr):  # fmt: skip
+                  STAGES: tl.constexpr, EVEN: tl.constexpr, SMEM: tl.constexpr, AHEAD: tl.constexpr):  # fmt: skip
     """y[m, rows] for one block of BN output rows; x4 holds x's prepared pairs, four int32 per packed word.
-    EVEN: K and N are multiples of every BK and BN, so the tiles load without masks."""
+    EVEN: K and N are multiples of every BK and BN, so the tiles load without masks. AHEAD: each step loads
+    the next one's words and pairs before it computes (in registers), and the first step's loads are issued
+    before the shared table is filled."""
     rows = tl.program_id(0) * BN + tl.arange(0, BN)
     ms = tl.arange(0, BM)
     # The table's registers, loaded once. Loaded as scalars they would sit in uniform registers, which a prmt
     # cannot read: ptxas then copies them into ordinary ones at every call (2 instructions a byte). Each lane
     # reads one of four copies of the table instead, so the values are per thread.
     # With SMEM the byte table sits in shared memory instead, a copy per lane (`lut4_asm.shared_dot_asm`).
+    words = packed_ptr.to(tl.pointer_type(tl.int32), bitcast=True)
+    if AHEAD:
+        word, q0, q1, q2, q3 = _load_step(words, x4_ptr, ms, rows, 0, M, N, KW, BM, BK, EVEN)
     table = _shared_pair_table(pairs_ptr) if PTX and SMEM else 0
     t = words_ptr + 8 * (_lane_id(rows[:, None], PTX) & 3)  # (BN, 1)
     lo0, lo1, lo2, lo3 = tl.load(t), tl.load(t + 1), tl.load(t + 2), tl.load(t + 3)
     hi0, hi1, hi2, hi3 = tl.load(t + 4), tl.load(t + 5), tl.load(t + 6), tl.load(t + 7)
-    words = packed_ptr.to(tl.pointer_type(tl.int32), bitcast=True)
     acc = tl.zeros((BM, BN, BK // GS), dtype=tl.float32)
-    for k0 in tl.range(0, K, BK, num_stages=STAGES):
-        v = tl.max_contiguous(tl.multiple_of(k0 // 8 + tl.arange(0, BK // 8), BK // 8), BK // 8)  # words of a row
-        word_ptrs = words + rows[:, None].to(tl.int64) * KW + v[None, :]  # (BN, BK/8)
-        if EVEN:
-            word = tl.load(word_ptrs)
+    for k0 in tl.range(0, K, BK, num_stages=STAGES, loop_unroll_factor=2 if AHEAD else 1):
+        if AHEAD:
+            cw, c0, c1, c2, c3 = word, q0, q1, q2, q3
+            # after the last step it loads the last step again (in bounds, never used): no masks in the loop
+            nxt = tl.minimum(k0 + BK, (K - 1) // BK * BK)
+            word, q0, q1, q2, q3 = _load_step(words, x4_ptr, ms, rows, nxt, M, N, KW, BM, BK, EVEN)
         else:
-            word = tl.load(word_ptrs, mask=(rows < N)[:, None] & (v < KW)[None, :], other=0)
-        q0 = _load_plane(x4_ptr, ms, rows, v, 0, M, KW, BM, EVEN)  # pair q of each word: (BK/8,), or (BM, BK/8)
-        q1 = _load_plane(x4_ptr, ms, rows, v, 1, M, KW, BM, EVEN)
-        q2 = _load_plane(x4_ptr, ms, rows, v, 2, M, KW, BM, EVEN)
-        q3 = _load_plane(x4_ptr, ms, rows, v, 3, M, KW, BM, EVEN)
-        if BM == 1:  # 1-D activations: the compiler moves them, not the word tile, into the other's layout
-            p = _dot_words(word, q0, q1, q2, q3, lo0, lo1, lo2, lo3,
+            cw, c0, c1, c2, c3 = _load_step(words, x4_ptr, ms, rows, k0, M, N, KW, BM, BK, EVEN)
+        if BM == 1:
+            p = _dot_words(cw, c0, c1, c2, c3, lo0, lo1, lo2, lo3,
                            hi0, hi1, hi2, hi3, table, nib_ptr, PTX, SMEM)  # (BN, BK/8) fmt: skip
             p = tl.reshape(p, (1, BN, BK // GS, GS // 8))
         else:
-            p = _dot_words(word[None, :, :], q0[:, None, :], q1[:, None, :], q2[:, None, :], q3[:, None, :],
+            p = _dot_words(cw[None, :, :], c0[:, None, :], c1[:, None, :], c2[:, None, :], c3[:, None, :],
                            lo0[None], lo1[None], lo2[None], lo3[None], hi0[None], hi1[None], hi2[None], hi3[None],
                            table, nib_ptr, PTX, SMEM)  # (BM, BN, BK/8) fmt: skip
             p = tl.reshape(p, (BM, BN, BK // GS, GS // 8))
@@ -208,8 +256,7 @@ def _half2_kernel(x4_ptr, inv_ptr, sums_ptr, y_ptr, packed_ptr, words_ptr, pairs
             lo, hi = _unpack(p)
             lo, hi = tl.sum(lo, axis=3), tl.sum(hi, axis=3)
         idx, ok = pair_scale_index(rows, k0, N, K, G, BK, GS, 1)  # (BN, BK/GS); 1: SCALES_GROUPED
-        raw, nested = load_scale_parts(scale_ptr, nscale_ptr, idx, ok, DOUBLE_QUANT, NESTED_GS)
-        s = finish_scales(raw, nested, ncode_ptr, offset_ptr, DOUBLE_QUANT)
+        s = _group_scales(scale_ptr, ncode_ptr, nscale_ptr, offset_ptr, idx, ok, DOUBLE_QUANT, NESTED_GS, PTX)
         dot = lo.to(tl.float32) + hi.to(tl.float32)  # (BM, BN, BK/GS)
         if HAS_ZP:
             z = tl.load(zp_ptr + idx, mask=ok, other=0).to(tl.float32)
@@ -236,11 +283,11 @@ def _configs() -> list[triton.Config]:
               (2, 2048, 2, 1), (8, 1024, 4, 1), (2, 1024, 1, 3), (4, 2048, 4, 1), (4, 1024, 2, 3), (16, 2048, 8, 1),
               (8, 512, 2, 3), (8, 512, 4, 3), (16, 256, 4, 3), (32, 256, 8, 3),
               (2, 1024, 1, 1, 48), (2, 1024, 2, 1, 48), (2, 2048, 2, 1, 48)]  # fmt: skip
-    registers = [triton.Config({"BN": bn, "BK": bk, "STAGES": s, "SMEM": False}, num_warps=w, num_stages=1,
+    registers = [triton.Config({"BN": bn, "BK": bk, "STAGES": s, "SMEM": False, "AHEAD": False}, num_warps=w, num_stages=1,
                                maxnreg=cap[0] if cap else None) for bn, bk, w, s, *cap in shapes]  # fmt: skip
     shared = [(16, 1024, 4), (16, 512, 4), (8, 1024, 4), (32, 512, 8), (32, 1024, 8), (16, 2048, 8), (32, 256, 4),
               (16, 1024, 8)]  # fmt: skip
-    return registers + [triton.Config({"BN": bn, "BK": bk, "STAGES": 1, "SMEM": True}, num_warps=w, num_stages=1)
+    return registers + [triton.Config({"BN": bn, "BK": bk, "STAGES": 1, "SMEM": True, "AHEAD": False}, num_warps=w, num_stages=1)
                         for bn, bk, w in shared]  # fmt: skip
 
 
@@ -361,7 +408,7 @@ def lut4_gemv_half2(x: torch.Tensor, w: Lut4Weight, config: dict | None = None) 
     if config is None:
         launch_tuned(_half2_tuned, lambda meta: (triton.cdiv(w.out_features, meta["BN"]),), *args, **kw)
     else:
-        config = {"STAGES": 1, "SMEM": False} | config
+        config = {"STAGES": 1, "SMEM": False, "AHEAD": False} | config
         kw["EVEN"] = kw["EVEN"] and k % config["BK"] == 0 and w.out_features % config["BN"] == 0
         _half2_kernel[(triton.cdiv(w.out_features, config["BN"]),)](*args, **kw, **config)
     return y
