@@ -96,7 +96,7 @@ def half2_gemv(bn: int, bk: int, warps: int, bm: int = 1, stages: int = 1, smem:
                            ["*i32", "*fp32", "*fp32", "*bf16", "*u8", "*i32", "*i32", "*i32", *POINTERS[2:]]
                            + ["i32"] * 6 + ["fp32"],
                            dict(GS=64, HAS_ZP=False, DOUBLE_QUANT=True, NESTED_GS=256, PTX=True, BM=bm, BN=bn, BK=bk,
-                                STAGES=stages, EVEN=True, SMEM=smem, AHEAD=ahead),
+                                STAGES=stages, EVEN=True, SMEM=smem, AHEAD=ahead, PDL=True),
                            names[:13] + ["N", "K", "KW", "G", "stride_ym"], warps)  # fmt: skip
 
 

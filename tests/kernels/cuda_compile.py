@@ -61,10 +61,10 @@ def main() -> int:
         name = f"gemv half2 words, M={bm}" + (", zero points" if zp else "") + (", shared table" if smem else "")
         cases[name] = (lut4_gemv_half2._half2_kernel, half2,
                        dict(GS=64, HAS_ZP=zp, DOUBLE_QUANT=not zp, NESTED_GS=256, PTX=True, BM=bm, BN=8, BK=512,
-                            STAGES=1 if smem else 3, EVEN=not zp, SMEM=smem, AHEAD=smem))  # fmt: skip
+                            STAGES=1 if smem else 3, EVEN=not zp, SMEM=smem, AHEAD=smem, PDL=True))  # fmt: skip
     cases["gemv half2, x to float16 pairs"] = (lut4_gemv_half2._prepare_x_kernel, ["*bf16", "*i32", "*fp32", "*fp32",
                                                                                     "i32", "i32", "i32", "i32"],
-                                                dict(GS=128, SUMS=True, BLOCK=16384))  # fmt: skip
+                                                dict(GS=128, SUMS=True, BLOCK=16384, PDL=True))  # fmt: skip
     dropout_types = ["*bf16", "*bf16", "i32", "fp32", "fp32", "i64", "*i64"]  # x, y, n, p, scale, seed, seed_ptr
     cases["LoRA dropout, bf16"] = (train_triton._dropout, dropout_types, dict(BLOCK=1024, SEED_IN_MEMORY=False))
     cases["LoRA dropout, seed in memory"] = (train_triton._dropout, dropout_types,

@@ -60,12 +60,15 @@ def _pack(lo, hi):
 
 @triton.jit
 def _prepare_x_kernel(x_ptr, out_ptr, inv_ptr, sums_ptr, K, KB, G, stride_xm,
-                      GS: tl.constexpr, SUMS: tl.constexpr, BLOCK: tl.constexpr):  # fmt: skip
+                      GS: tl.constexpr, SUMS: tl.constexpr, BLOCK: tl.constexpr, PDL: tl.constexpr):  # fmt: skip
     """Row m of x → float16 pairs of x·2^e (|x·2^e| < 1) as int32 words, and 2^-e; with SUMS, also the sum of
     each group of GS (rounded, scaled) values, which zero points multiply. Pair j is (x[2j + 1], x[2j]), as
     `lut4_asm.dot_asm` meets a byte's codes, stored as four planes of K/8 (pair q of the 8-column word v at
     q·K/8 + v), so that the GEMV reads each plane's run of words with vector loads (a permutation within 8
     columns: groups of GS ≥ 8 keep their pairs together)."""
+    if PDL:  # the GEMV may start now (programmatic dependent launch): it waits for these results before reading
+        tl.inline_asm_elementwise("griddepcontrol.launch_dependents; // $0", "=r", [], dtype=tl.int32,
+                                  is_pure=False, pack=1)  # fmt: skip
     m = tl.program_id(0)
     x_ptr += m.to(tl.int64) * stride_xm
     amax = tl.zeros((BLOCK,), dtype=tl.float32)
@@ -194,19 +197,32 @@ def _load_plane(x4_ptr, ms, rows, v, q: tl.constexpr, M, KW, BM: tl.constexpr, E
 
 
 @triton.jit
-def _load_step(words, x4_ptr, ms, rows, k0, M, N, KW, BM: tl.constexpr, BK: tl.constexpr, EVEN: tl.constexpr):
-    """The packed words of step k0 (BN, BK/8) and x's four planes of pairs for them."""
-    v = tl.max_contiguous(tl.multiple_of(k0 // 8 + tl.arange(0, BK // 8), BK // 8), BK // 8)  # words of a row
-    word_ptrs = words + rows[:, None].to(tl.int64) * KW + v[None, :]  # (BN, BK/8)
+def _load_words(words, rows, k0, N, KW, BK: tl.constexpr, EVEN: tl.constexpr):
+    """The packed words of step k0, (BN, BK/8), and their word indices v along the row."""
+    v = tl.max_contiguous(tl.multiple_of(k0 // 8 + tl.arange(0, BK // 8), BK // 8), BK // 8)
+    word_ptrs = words + rows[:, None].to(tl.int64) * KW + v[None, :]
     if EVEN:
-        word = tl.load(word_ptrs)
+        return tl.load(word_ptrs), v
     else:
-        word = tl.load(word_ptrs, mask=(rows < N)[:, None] & (v < KW)[None, :], other=0)
-    q0 = _load_plane(x4_ptr, ms, rows, v, 0, M, KW, BM, EVEN)  # pair q of each word: (BN or BM, BK/8)
+        return tl.load(word_ptrs, mask=(rows < N)[:, None] & (v < KW)[None, :], other=0), v
+
+
+@triton.jit
+def _load_planes(x4_ptr, ms, rows, v, M, KW, BM: tl.constexpr, EVEN: tl.constexpr):
+    """x's four planes of pairs for the words v: (BN or BM, BK/8) each."""
+    q0 = _load_plane(x4_ptr, ms, rows, v, 0, M, KW, BM, EVEN)
     q1 = _load_plane(x4_ptr, ms, rows, v, 1, M, KW, BM, EVEN)
     q2 = _load_plane(x4_ptr, ms, rows, v, 2, M, KW, BM, EVEN)
     q3 = _load_plane(x4_ptr, ms, rows, v, 3, M, KW, BM, EVEN)
-    return word, q0, q1, q2, q3
+    return q0, q1, q2, q3
+
+
+@triton.jit
+def _wait_for_x(PDL: tl.constexpr):
+    """With programmatic dependent launch the kernel starts while `_prepare_x_kernel` still runs: everything
+    before this wait (the shared table, the first words) overlaps it; x is read only after it."""
+    if PDL:
+        tl.inline_asm_elementwise("griddepcontrol.wait; // $0", "=r", [], dtype=tl.int32, is_pure=False, pack=1)
 
 
 @triton.jit
@@ -214,7 +230,8 @@ def _half2_kernel(x4_ptr, inv_ptr, sums_ptr, y_ptr, packed_ptr, words_ptr, pairs
                   ncode_ptr, nscale_ptr, offset_ptr, M, N, K, KW, G, stride_ym, center,
                   GS: tl.constexpr, HAS_ZP: tl.constexpr, DOUBLE_QUANT: tl.constexpr, NESTED_GS: tl.constexpr,
                   PTX: tl.constexpr, BM: tl.constexpr, BN: tl.constexpr, BK: tl.constexpr,
-                  STAGES: tl.constexpr, EVEN: tl.constexpr, SMEM: tl.constexpr, AHEAD: tl.constexpr):  # fmt: skip
+                  STAGES: tl.constexpr, EVEN: tl.constexpr, SMEM: tl.constexpr, AHEAD: tl.constexpr,
+                  PDL: tl.constexpr):  # fmt: skip
     """y[m, rows] for one block of BN output rows; x4 holds x's prepared pairs, four int32 per packed word.
     EVEN: K and N are multiples of every BK and BN, so the tiles load without masks. AHEAD: each step loads
     the next one's words and pairs before it computes (in registers), and the first step's loads are issued
@@ -227,8 +244,11 @@ def _half2_kernel(x4_ptr, inv_ptr, sums_ptr, y_ptr, packed_ptr, words_ptr, pairs
     # With SMEM the byte table sits in shared memory instead, a copy per lane (`lut4_asm.shared_dot_asm`).
     words = packed_ptr.to(tl.pointer_type(tl.int32), bitcast=True)
     if AHEAD:
-        word, q0, q1, q2, q3 = _load_step(words, x4_ptr, ms, rows, 0, M, N, KW, BM, BK, EVEN)
+        word, v = _load_words(words, rows, 0, N, KW, BK, EVEN)
     table = _shared_pair_table(pairs_ptr) if PTX and SMEM else 0
+    _wait_for_x(PDL)
+    if AHEAD:
+        q0, q1, q2, q3 = _load_planes(x4_ptr, ms, rows, v, M, KW, BM, EVEN)
     t = words_ptr + 8 * (_lane_id(rows[:, None], PTX) & 3)  # (BN, 1)
     lo0, lo1, lo2, lo3 = tl.load(t), tl.load(t + 1), tl.load(t + 2), tl.load(t + 3)
     hi0, hi1, hi2, hi3 = tl.load(t + 4), tl.load(t + 5), tl.load(t + 6), tl.load(t + 7)
@@ -238,9 +258,11 @@ def _half2_kernel(x4_ptr, inv_ptr, sums_ptr, y_ptr, packed_ptr, words_ptr, pairs
             cw, c0, c1, c2, c3 = word, q0, q1, q2, q3
             # after the last step it loads the last step again (in bounds, never used): no masks in the loop
             nxt = tl.minimum(k0 + BK, (K - 1) // BK * BK)
-            word, q0, q1, q2, q3 = _load_step(words, x4_ptr, ms, rows, nxt, M, N, KW, BM, BK, EVEN)
+            word, v = _load_words(words, rows, nxt, N, KW, BK, EVEN)
+            q0, q1, q2, q3 = _load_planes(x4_ptr, ms, rows, v, M, KW, BM, EVEN)
         else:
-            cw, c0, c1, c2, c3 = _load_step(words, x4_ptr, ms, rows, k0, M, N, KW, BM, BK, EVEN)
+            cw, v = _load_words(words, rows, k0, N, KW, BK, EVEN)
+            c0, c1, c2, c3 = _load_planes(x4_ptr, ms, rows, v, M, KW, BM, EVEN)
         if BM == 1:
             p = _dot_words(cw, c0, c1, c2, c3, lo0, lo1, lo2, lo3,
                            hi0, hi1, hi2, hi3, table, nib_ptr, PTX, SMEM)  # (BN, BK/8) fmt: skip
@@ -340,6 +362,16 @@ def _prepare_launch(k: int) -> tuple[int, int]:
     return block, 4 if block <= 2048 else 8 if block <= 8192 else 16
 
 
+def _ptx(x: torch.Tensor) -> bool:
+    """Compiled for an NVIDIA GPU, where the kernels' inline PTX runs (not Triton's interpreter)."""
+    return x.is_cuda and os.environ.get("TRITON_INTERPRET") != "1"
+
+
+def _pdl(x: torch.Tensor) -> bool:
+    """The GEMV starts while `prepare_x` runs (programmatic dependent launch: Hopper and later)."""
+    return _ptx(x) and torch.cuda.get_device_capability(x.device)[0] >= 9
+
+
 def prepare_x(x: torch.Tensor, group_size: int | None = None) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """x (M, K), K divisible by 8 → (M, K/2) int32 float16 pairs of each row times its 2^e, in
     `_prepare_x_kernel`'s order, (M,) float32 2^-e, and with a ``group_size`` the (M, ceil(K / group_size))
@@ -353,7 +385,7 @@ def prepare_x(x: torch.Tensor, group_size: int | None = None) -> tuple[torch.Ten
     sums = torch.empty((m, groups), dtype=torch.float32, device=x.device)
     block, warps = _prepare_launch(k)
     _prepare_x_kernel[(m,)](x, x2, inv, sums, k, k // 2, groups, x.stride(0), GS=group_size or 2,
-                            SUMS=group_size is not None, BLOCK=block, num_warps=warps)  # fmt: skip
+                            SUMS=group_size is not None, BLOCK=block, PDL=_pdl(x), num_warps=warps)  # fmt: skip
     return x2, inv, sums
 
 
@@ -398,18 +430,20 @@ def lut4_gemv_half2(x: torch.Tensor, w: Lut4Weight, config: dict | None = None) 
     m, k = x.shape
     y = torch.empty((m, w.out_features), dtype=x.dtype, device=x.device)
     center = _center(w.table) if has_zp else 0.0
-    ptx = x.is_cuda and os.environ.get("TRITON_INTERPRET") != "1"
+    ptx, pdl = _ptx(x), _pdl(x)
     packed, _, *rest = pointers  # packed, table, scale, zero point, nested code, nested scale, offset
     words = _table_words(w.table, center)
     args = (x4, inv, sums, y, packed, words, words[32:], nibble_table(w.table, center), *rest)
     kw = dict(M=m, N=sizes["N"], K=k, KW=k // 8, G=sizes["G"], stride_ym=y.stride(0), center=center, GS=gs,
-              HAS_ZP=has_zp, DOUBLE_QUANT=layout["DOUBLE_QUANT"], NESTED_GS=layout["NESTED_GS"], PTX=ptx,
+              HAS_ZP=has_zp, DOUBLE_QUANT=layout["DOUBLE_QUANT"], NESTED_GS=layout["NESTED_GS"], PTX=ptx, PDL=pdl,
               BM=triton.next_power_of_2(m), EVEN=k % MAX_BK == 0 and w.out_features % MAX_BN == 0)  # fmt: skip
     if config is None:
+        kw |= {"launch_pdl": True} if pdl else {}
         launch_tuned(_half2_tuned, lambda meta: (triton.cdiv(w.out_features, meta["BN"]),), *args, **kw)
     else:
         config = {"STAGES": 1, "SMEM": False, "AHEAD": False} | config
         kw["EVEN"] = kw["EVEN"] and k % config["BK"] == 0 and w.out_features % config["BN"] == 0
+        kw |= {"launch_pdl": True} if pdl else {}
         _half2_kernel[(triton.cdiv(w.out_features, config["BN"]),)](*args, **kw, **config)
     return y
 
