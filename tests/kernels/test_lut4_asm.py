@@ -19,8 +19,10 @@ from lowbit.kernels.lut4_asm import (
     dot_asm,
     fp16_bits,
     lookup_asm,
+    pair_products_asm,
     pair_words,
     shared_dot_asm,
+    shared_lookup_asm,
     table_asm,
     table_words,
 )
@@ -184,3 +186,23 @@ def test_ptx_shared_dot_matches_the_register_dot(kind):
         got = run_ptx(shared_dot_asm(), 0, {"$1": word, "$6": base, **pairs_x}, outputs=1, shared=checked, lane=lane)
         want = run_ptx(dot_asm(), 0, {"$1": word, **pairs_x, **consts}, outputs=1)
         assert got == want, (hex(word), lane)
+
+
+def test_ptx_lookup_once_then_products_per_row_equal_the_shared_dot():
+    """For several rows of x the kernel looks a word up once (`shared_lookup_asm`) and multiplies per row
+    (`pair_products_asm`): bit for bit `shared_dot_asm` of each row."""
+    bits = fp16_bits(_device_table("nf4", torch.device("cpu")))
+    base, pairs, lane = 0x800, pair_words(bits), 5
+    shared = {base + 4 * (TABLE_BANKS * e + lane): pairs[e] for e in range(256)}
+    rng = np.random.default_rng(2)
+    for word in [int(w) for w in rng.integers(0, 2**32, 100)]:
+        looked = run_ptx(shared_lookup_asm(), 0, {"$4": word, "$5": base}, outputs=4, shared=shared, lane=lane)
+        assert looked == [pairs[(word >> 8 * q) & 0xFF] for q in range(4)]
+        for _ in range(3):  # rows of x
+            x = rng.uniform(-1, 1, 8).astype(np.float16)
+            pairs_x = [_pair(x[[2 * q + 1, 2 * q]]) for q in range(4)]
+            split = run_ptx(pair_products_asm(), 0, {**{f"${1 + q}": looked[q] for q in range(4)},
+                                                     **{f"${5 + q}": pairs_x[q] for q in range(4)}}, outputs=1)
+            fused = run_ptx(shared_dot_asm(), 0, {"$1": word, "$6": base, **{f"${2 + q}": pairs_x[q] for q in range(4)}},
+                            outputs=1, shared=shared, lane=lane)
+            assert split == fused

@@ -120,6 +120,20 @@ def shared_table_asm() -> str:
     return f".shared .align 16 .b32 {SHARED_TABLE}[{256 * TABLE_BANKS}];\nmov.u32 $0, {SHARED_TABLE};"
 
 
+def _shared_loads(word: str, table: str) -> list[str]:
+    """v0..v3 ← the pair words of the four bytes of `word` from the lane's copy of the shared table at `table`."""
+    shifts = [("shl", 7), ("shr", 1), ("shr", 9), ("shr", 17)]  # byte q to bits 7-14: 128 bytes a table entry
+    lines = ["mov.u32 lane, %laneid;", "shl.b32 lane, lane, 2;"]
+    for q, (op, n) in enumerate(shifts):
+        lines += [f"{op}.b32 a{q}, {word}, {n};", f"and.b32 a{q}, a{q}, 0x7F80;", f"or.b32 a{q}, a{q}, lane;",
+                  f"add.u32 a{q}, a{q}, {table};", f"ld.shared.b32 v{q}, [a{q}];"]  # (and+or: one lop3)
+    return lines
+
+
+_PRODUCTS = ["mul.rn.f16x2 acc, v0, {0};", "fma.rn.f16x2 acc, v1, {1}, acc;", "fma.rn.f16x2 acc, v2, {2}, acc;",
+             "fma.rn.f16x2 {out}, v3, {3}, acc;"]  # fmt: skip
+
+
 def shared_dot_asm() -> str:
     """`dot_asm` with the byte table in shared memory instead of registers: $0 = the float16 pair Σ table[code]·x
     over word $1 with the activation pairs $2..$5, $6 = the table's address.
@@ -129,14 +143,25 @@ def shared_dot_asm() -> str:
     the address and one half2 multiply-add: four instructions a byte against `dot_asm`'s eight. The lane is
     read here, not passed in: a value computed per element may move to another thread when the compiler
     changes the tensor's layout, and the lane is a property of the thread (ptxas reads it once)."""
-    shifts = [("shl", 7), ("shr", 1), ("shr", 9), ("shr", 17)]  # byte q to bits 7-14: 128 bytes a table entry
-    lines = ["{", ".reg .b32 lane, a0, a1, a2, a3, v0, v1, v2, v3, acc;", "mov.u32 lane, %laneid;",
-             "shl.b32 lane, lane, 2;"]  # fmt: skip
-    for q, (op, n) in enumerate(shifts):
-        lines += [f"{op}.b32 a{q}, $1, {n};", f"and.b32 a{q}, a{q}, 0x7F80;", f"or.b32 a{q}, a{q}, lane;",
-                  f"add.u32 a{q}, a{q}, $6;", f"ld.shared.b32 v{q}, [a{q}];"]  # (and+or: one lop3)
-    lines += ["mul.rn.f16x2 acc, v0, $2;", "fma.rn.f16x2 acc, v1, $3, acc;", "fma.rn.f16x2 acc, v2, $4, acc;",
-              "fma.rn.f16x2 $0, v3, $5, acc;"]  # fmt: skip
+    lines = ["{", ".reg .b32 lane, a0, a1, a2, a3, v0, v1, v2, v3, acc;", *_shared_loads("$1", "$6")]
+    lines += [line.format("$2", "$3", "$4", "$5", out="$0") for line in _PRODUCTS]
+    return "\n".join(lines + ["}"])
+
+
+def shared_lookup_asm() -> str:
+    """The table half of `shared_dot_asm`: $0..$3 = the pair words of bytes 0..3 of word $4 (table at $5), for
+    several rows of x to share (`pair_products_asm`)."""
+    lines = ["{", ".reg .b32 lane, a0, a1, a2, a3, v0, v1, v2, v3;", *_shared_loads("$4", "$5")]
+    return "\n".join(lines + ["mov.b32 $0, v0;", "mov.b32 $1, v1;", "mov.b32 $2, v2;", "mov.b32 $3, v3;", "}"])
+
+
+def pair_products_asm() -> str:
+    """The product half of `shared_dot_asm`: $0 = Σ_q $(1+q)·$(5+q) in float16 pairs, in `shared_dot_asm`'s
+    order (so the two halves give its result bit for bit), from `shared_lookup_asm`'s values and a word's
+    activation pairs."""
+    lines = ["{", ".reg .b32 v0, v1, v2, v3, acc;", "mov.b32 v0, $1;", "mov.b32 v1, $2;", "mov.b32 v2, $3;",
+             "mov.b32 v3, $4;"]  # fmt: skip
+    lines += [line.format("$5", "$6", "$7", "$8", out="$0") for line in _PRODUCTS]
     return "\n".join(lines + ["}"])
 
 

@@ -36,13 +36,25 @@ import triton.language as tl
 
 from lowbit.kernels.autotune import autotune, launch_tuned
 from lowbit.kernels.lut4 import Lut4Weight
-from lowbit.kernels.lut4_asm import TABLE_BANKS, dot_asm, fp16_bits, pair_words, shared_dot_asm, shared_table_asm, table_words
+from lowbit.kernels.lut4_asm import (
+    TABLE_BANKS,
+    dot_asm,
+    fp16_bits,
+    pair_products_asm,
+    pair_words,
+    shared_dot_asm,
+    shared_lookup_asm,
+    shared_table_asm,
+    table_words,
+)
 from lowbit.kernels.lut4_tile import SCALES_GROUPED, kernel_args, pair_scale_index
 
 MAX_M = 8
 
 _DOT = tl.constexpr(dot_asm())
 _SHARED_DOT = tl.constexpr(shared_dot_asm())
+_SHARED_LOOKUP = tl.constexpr(shared_lookup_asm())
+_PAIR_PRODUCTS = tl.constexpr(pair_products_asm())
 _SHARED_TABLE = tl.constexpr(shared_table_asm())
 _BANKS = tl.constexpr(TABLE_BANKS)
 
@@ -121,6 +133,19 @@ def _dot_words(word, x0, x1, x2, x3, lo0, lo1, lo2, lo3, hi0, hi1, hi2, hi3, tab
             lo = lo + ta * xa
             hi = hi + tb * xb
         return (lo.to(tl.int16, bitcast=True).to(tl.int32) & 0xFFFF) | (hi.to(tl.int16, bitcast=True).to(tl.int32) << 16)
+
+
+@triton.jit
+def _dot_rows_shared(word, x0, x1, x2, x3, table):
+    """`_dot_words` with SMEM for several rows of x, word (BN, W) and x planes (BM, W): each word's values are
+    looked up once (`lut4_asm.shared_lookup_asm`) and multiplied with every row (`pair_products_asm`), the same
+    numbers as `shared_dot_asm` per row and word; (BM, BN, W)."""
+    v0, v1, v2, v3 = tl.inline_asm_elementwise(_SHARED_LOOKUP, "=r,=r,=r,=r,r,r", [word, table],
+                                               dtype=(tl.int32, tl.int32, tl.int32, tl.int32), is_pure=True,
+                                               pack=1)  # fmt: skip
+    return tl.inline_asm_elementwise(_PAIR_PRODUCTS, "=r,r,r,r,r,r,r,r,r",
+                                     [v0[None], v1[None], v2[None], v3[None], x0[:, None, :], x1[:, None, :],
+                                      x2[:, None, :], x3[:, None, :]], dtype=tl.int32, is_pure=True, pack=1)  # fmt: skip
 
 
 @triton.jit
@@ -267,6 +292,8 @@ def _half2_kernel(x4_ptr, inv_ptr, sums_ptr, y_ptr, packed_ptr, words_ptr, pairs
             p = _dot_words(cw, c0, c1, c2, c3, lo0, lo1, lo2, lo3,
                            hi0, hi1, hi2, hi3, table, nib_ptr, PTX, SMEM)  # (BN, BK/8) fmt: skip
             p = tl.reshape(p, (1, BN, BK // GS, GS // 8))
+        elif PTX and SMEM:
+            p = tl.reshape(_dot_rows_shared(cw, c0, c1, c2, c3, table), (BM, BN, BK // GS, GS // 8))
         else:
             p = _dot_words(cw[None, :, :], c0[:, None, :], c1[:, None, :], c2[:, None, :], c3[:, None, :],
                            lo0[None], lo1[None], lo2[None], lo3[None], hi0[None], hi1[None], hi2[None], hi3[None],
@@ -296,21 +323,19 @@ MAX_BN, MAX_BK = 32, 2048  # the largest tile of any launch (a launch with BK > 
 
 
 def _configs() -> list[triton.Config]:
-    """(BN, BK, warps, STAGES[, register cap]): the ten fastest of 100 launches at each Llama-3-8B shape, M = 1, on
-    an H100 (bench/gemv_sweep.py, session 19); tiles for several rows of x; and small tiles capped at 48
-    registers, which ptxas fits without spilling (sm_90 SASS): Nsight Compute found the kernel short of warps
-    to hide its dependent integer chains (72 registers, 20 active warps an SM). The caps are not yet timed:
-    the autotuner decides."""
-    shapes = [(8, 2048, 4, 1), (16, 1024, 4, 1), (2, 1024, 1, 1), (4, 2048, 2, 1), (4, 1024, 1, 3), (4, 512, 1, 3),
-              (2, 2048, 2, 1), (8, 1024, 4, 1), (2, 1024, 1, 3), (4, 2048, 4, 1), (4, 1024, 2, 3), (16, 2048, 8, 1),
-              (8, 512, 2, 3), (8, 512, 4, 3), (16, 256, 4, 3), (32, 256, 8, 3),
-              (2, 1024, 1, 1, 48), (2, 1024, 2, 1, 48), (2, 2048, 2, 1, 48)]  # fmt: skip
-    registers = [triton.Config({"BN": bn, "BK": bk, "STAGES": s, "SMEM": False, "AHEAD": False}, num_warps=w, num_stages=1,
-                               maxnreg=cap[0] if cap else None) for bn, bk, w, s, *cap in shapes]  # fmt: skip
-    shared = [(16, 1024, 4), (16, 512, 4), (8, 1024, 4), (32, 512, 8), (32, 1024, 8), (16, 2048, 8), (32, 256, 4),
-              (16, 1024, 8)]  # fmt: skip
-    return registers + [triton.Config({"BN": bn, "BK": bk, "STAGES": 1, "SMEM": True, "AHEAD": False}, num_warps=w, num_stages=1)
-                        for bn, bk, w in shared]  # fmt: skip
+    """(BN, BK, warps[, STAGES]) launches. With the byte table in shared memory (SMEM), the four fastest of 112
+    at each Llama-3-8B shape, M = 1, on an H100 (bench/gemv_sweep.py, session 20; AHEAD where it won); with
+    the register table, small tiles for several rows of x, which the shared table's 32 KB a block does not
+    favour. The autotuner decides per shape and batch."""
+    shared = [(32, 1024, 16, True), (16, 1024, 8, True), (8, 512, 8, True), (8, 1024, 4, True),
+              (32, 512, 4, False), (32, 512, 8, False), (32, 512, 4, True), (32, 1024, 8, False),
+              (32, 2048, 16, True), (16, 2048, 8, True), (8, 2048, 4, False), (8, 256, 4, False),
+              (16, 256, 4, False)]  # fmt: skip
+    registers = [(4, 1024, 2, 3), (8, 512, 4, 3), (16, 256, 4, 3), (32, 256, 8, 3), (8, 512, 2, 3), (2, 1024, 1, 1)]
+    return [triton.Config({"BN": bn, "BK": bk, "STAGES": 1, "SMEM": True, "AHEAD": ahead}, num_warps=w, num_stages=1)
+            for bn, bk, w, ahead in shared] + [
+        triton.Config({"BN": bn, "BK": bk, "STAGES": st, "SMEM": False, "AHEAD": False}, num_warps=w, num_stages=1)
+        for bn, bk, w, st in registers]  # fmt: skip
 
 
 def _prune(configs, named_args, **kwargs):
