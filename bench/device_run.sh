@@ -33,6 +33,7 @@
 #   bash bench/device_run.sh s20b         # generation again: static graph and eager generate (QuantLinear without the op)
 #   bash bench/device_run.sh s21a         # the half2 GEMV with the byte table in shared memory (sweep vs registers)
 #   bash bench/device_run.sh s21b         # the shared-table GEMV with loads ahead and scales in place; prepare_x alone
+#   bash bench/device_run.sh s21c         # session 20's final GEMV (PDL, shared lookups for several rows, new configs)
 #   bash bench/device_run.sh longest      # memory estimator; fused vs unfused loss curves (carry smol_cfg too);
 #                                         # QLoRA step training peaks; the longest sequence each contender fits
 # from the repository root on the device, with bitsandbytes' wheel carried in .whl/ (see RESULTS.md).
@@ -268,6 +269,10 @@ case ${1:-kernels} in
   s21b)  # the shared-table GEMV: loads a step ahead, scales loaded in the products' layout; prepare_x alone
     python3 bench/smem_debug.py || exit 1
     part sweep 500 python3 bench/gemv_sweep.py --out "$RES" --sweeps shared
+    ;;
+  s21c)  # session 20's final GEMV: correctness (eager, graphs), quick sweep, autotuned op, M = 2/4/8, bnb
+    python3 bench/smem_debug.py || exit 1
+    part sweep 400 python3 bench/gemv_sweep.py --out "$RES" --sweeps shared --quick
     ;;
   smemdebug)  # the shared-table GEMV under compute-sanitizer
     part debug 200 /usr/local/cuda/bin/compute-sanitizer --print-limit 5 python3 bench/smem_debug.py
