@@ -267,15 +267,15 @@ case ${1:-kernels} in
     part sweep 540 python3 bench/gemv_sweep.py --out "$RES" --sweeps half2,shared
     ;;
   s21b)  # the shared-table GEMV: loads a step ahead, scales loaded in the products' layout; prepare_x alone
-    python3 bench/smem_debug.py || exit 1
+    python3 bench/half2_gpu_check.py || exit 1
     part sweep 500 python3 bench/gemv_sweep.py --out "$RES" --sweeps shared
     ;;
   s21c)  # session 20's final GEMV: correctness (eager, graphs), quick sweep, autotuned op, M = 2/4/8, bnb
-    python3 bench/smem_debug.py || exit 1
+    python3 bench/half2_gpu_check.py || exit 1
     part sweep 400 python3 bench/gemv_sweep.py --out "$RES" --sweeps shared --quick
     ;;
   smemdebug)  # the shared-table GEMV under compute-sanitizer
-    part debug 200 /usr/local/cuda/bin/compute-sanitizer --print-limit 5 python3 bench/smem_debug.py
+    part debug 200 /usr/local/cuda/bin/compute-sanitizer --print-limit 5 python3 bench/half2_gpu_check.py
     cp -r ~/.triton/cache "$RES/triton_cache" 2>/dev/null
     ;;
   s20b)  # generation: lowbit NF4 and bnb NF4 layers, transformers' generate (eager) and the fused static graph

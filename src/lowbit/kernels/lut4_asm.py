@@ -1,4 +1,6 @@
-"""A register-only 16-entry table lookup in PTX, for the 4-bit kernels' decode on NVIDIA GPUs.
+"""The 4-bit kernels' table lookups in PTX, for NVIDIA GPUs: a register-only 16-entry lookup (below), and
+the half2 GEMV's word programs with the table in registers (`dot_asm`) or in shared memory
+(`shared_dot_asm`, `shared_lookup_asm`, `pair_products_asm`; see their docstrings).
 
 Triton has no shared-memory table and lowers a gather from a small table to a global (L1) load per
 value or ~30 selects, which made the decode loop instruction-bound (bench/RESULTS.md). This lookup

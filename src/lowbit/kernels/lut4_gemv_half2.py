@@ -6,22 +6,31 @@ of an H100's copy bandwidth (bench/gemv_sweep.py), but the earlier GEMVs reached
 (tiles, warps, software pipelining): decoding 4-bit codes through a table is integer work, and they spent
 ~17 instructions per packed byte (bench/RESULTS.md, session 19).
 
-Here each packed word (eight codes) is one call of `lut4_asm.dot_asm`: a register lookup of the eight
-values that prepares a byte's two codes together (five instructions a word), then the eight products with
-the activations as one `mul` and three `fma.rn.f16x2`, returning a float16 pair. The table's eight
-registers are loaded once per thread (from an address that differs by lane: as uniform values ptxas would
-copy them at every call). The activations are prepared once per call by `prepare_x`: float16 pairs scaled
-by a power of two into float16's range (bf16 activations can exceed it; the power is undone exactly at the
-end), in the order the program meets the codes, as four planes the kernel reads with vector loads. A
+Each packed word (eight codes) is one PTX program that looks its values up and multiplies them with the
+activations as one `mul` and three `fma.rn.f16x2`, returning a float16 pair. Two lookups:
+
+- SMEM (the one the autotuner picks at one row of x): each byte indexes a 256-entry table of float16 pairs
+  (table[low nibble], table[high nibble]) in shared memory, 32 copies interleaved by word so that each lane
+  reads its own bank (`lut4_asm.shared_dot_asm`): 4 instructions a byte. The 32 KB table is declared by
+  inline PTX and filled by each block; several rows of x share each word's lookup;
+- registers (`lut4_asm.dot_asm`): the 16 values in eight registers per thread (loaded from an address that
+  differs by lane: as uniform values ptxas would copy them at every call), a byte's two codes selected
+  together: 8 instructions a byte.
+
+The activations are prepared once per call by `prepare_x`: float16 pairs scaled by a power of two into
+float16's range (bf16 activations can exceed it; the power is undone exactly at the end), in the order the
+program meets the codes, as four planes the kernel reads in its word tile's layout. On Hopper the GEMV is a
+programmatic dependent launch: it fills its table and loads its first words while `prepare_x` runs. A
 group's words are summed as float16 pairs, converted to float32 once per group, scaled, and accumulated in
 float32; with zero points (GPTQ-style int4 groups) the table is centred and Σ(t - z)·x = Σ t·x - z·Σ x
-uses group sums of x that `prepare_x` also makes. ~9 instructions per packed byte.
+uses group sums of x that `prepare_x` also makes. AHEAD launches load each step's successor before
+computing it.
 
 Precision: float16 products and group sums carry ~2⁻¹¹ relative rounding, the order of the 16-bit inputs'
 own (bf16: 2⁻⁹); the tests bound it against float64 for activations from 1e-6 to 3e5 and an outlier.
-On an H100 (Nsight Compute, session 19) the kernel keeps the integer pipe 55 % busy and issues on 43 % of
-cycles: each warp waits ~10 cycles between instructions (a third of it on its loads) at the occupancy
-its 72 registers allow, which is what holds batch 1 at 36–45 % of copy bandwidth (H200, H100).
+Measured on an H100 (bench/RESULTS.md, session 20): 7.9 / 16.8 / 16.5 µs at M = 1 on the Llama-3-8B
+shapes, 1.35–1.81× bitsandbytes, 60 % of copy bandwidth on the MLP shapes, where a read of the same bytes
+takes 11.4 µs: what remains is `prepare_x`, the table fill and 3–4 blocks an SM, not the lookup.
 
 On the CPU (Triton's interpreter, no PTX) the same lanes are computed from the 16-entry table in memory.
 """

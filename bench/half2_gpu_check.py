@@ -1,4 +1,11 @@
-"""Device debug: shared-table half2 GEMV launches checked against float32 (run under compute-sanitizer)."""
+"""The half2 GEMV on the GPU against float32: register and shared-table launches, then (CUDA) programmatic
+dependent launch, eager and as CUDA-graph replays, over activations of different scales, so that every
+result must have waited for its own prepared x. bench/device_run.sh runs it before the sweeps, and under
+compute-sanitizer (`smemdebug`) where a launch faults. Off the GPU it runs the launches under Triton's
+interpreter.
+
+    python3 bench/half2_gpu_check.py
+"""
 import sys
 from pathlib import Path
 
