@@ -190,14 +190,13 @@ def _ldg(ptrs, PTX: tl.constexpr):
     layout of its own, chosen for coalescing: a step's scales then moved into the products' layout through
     shared memory, two block barriers a step for the codes and the scales (sm_90 SASS, Triton 3.6). The
     PTX load's result keeps the layout of its use."""
-    if PTX:
-        if ptrs.dtype.element_ty == tl.uint8:
-            return tl.inline_asm_elementwise("ld.global.nc.u8 $0, [$1];", "=r,l", [ptrs], dtype=tl.int32,
-                                             is_pure=True, pack=1)  # fmt: skip
-        else:
-            return tl.inline_asm_elementwise("ld.global.nc.f32 $0, [$1];", "=f,l", [ptrs], dtype=tl.float32,
-                                             is_pure=True, pack=1)  # fmt: skip
-    else:
+    if PTX and ptrs.dtype.element_ty == tl.uint8:
+        return tl.inline_asm_elementwise("ld.global.nc.u8 $0, [$1];", "=r,l", [ptrs], dtype=tl.int32, is_pure=True,
+                                         pack=1)  # fmt: skip
+    elif PTX and ptrs.dtype.element_ty == tl.float32:
+        return tl.inline_asm_elementwise("ld.global.nc.f32 $0, [$1];", "=f,l", [ptrs], dtype=tl.float32,
+                                         is_pure=True, pack=1)  # fmt: skip
+    else:  # (16-bit scales: the compiler's load)
         return tl.load(ptrs)
 
 
