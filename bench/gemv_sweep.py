@@ -80,14 +80,15 @@ def half2_configs(quick: bool) -> list[dict]:
 
 
 def shared_configs(quick: bool) -> list[dict]:
-    """The half2 GEMV with its byte table in shared memory (32 KB a block: several warps a block)."""
+    """The half2 GEMV with its byte table in shared memory (32 or 16 KB a block: several warps a block)."""
     out = []
     for bn in (4, 8, 16, 32):
         for bk in (256, 512, 1024, 2048):
             for warps in (2, 4, 8, 16):
                 per_thread = bn * bk // 8 // (32 * warps)
                 if 2 <= per_thread <= 32:
-                    out += [dict(BN=bn, BK=bk, num_warps=warps, STAGES=1, SMEM=True, AHEAD=a) for a in (False, True)]
+                    out += [dict(BN=bn, BK=bk, num_warps=warps, STAGES=1, SMEM=True, AHEAD=a, COPIES=c)
+                            for a in (False, True) for c in (32, 16)]
     return out[::5] if quick else out
 
 

@@ -57,11 +57,14 @@ def main() -> int:
     # x pairs, 2^-e, group sums, y, packed, table words, pair words, nibble table, scale … offset;
     # M, N, K, KW, G, stride_ym, center
     half2 = ["*i32", "*fp32", "*fp32", "*bf16", "*u8", "*i32", "*i32", "*i32", *POINTERS[2:]] + ["i32"] * 6 + ["fp32"]
-    for bm, zp, smem in ((1, False, False), (4, True, False), (1, False, True), (4, True, True)):
+    for bm, zp, smem, copies in ((1, False, False, 32), (4, True, False, 32), (1, False, True, 32), (4, True, True, 32),
+                                 (1, False, True, 16)):  # fmt: skip
         name = f"gemv half2 words, M={bm}" + (", zero points" if zp else "") + (", shared table" if smem else "")
+        name += f" ({copies} copies)" if copies != 32 else ""
         cases[name] = (lut4_gemv_half2._half2_kernel, half2,
                        dict(GS=64, HAS_ZP=zp, DOUBLE_QUANT=not zp, NESTED_GS=256, PTX=True, BM=bm, BN=8, BK=512,
-                            STAGES=1 if smem else 3, EVEN=not zp, SMEM=smem, AHEAD=smem, PDL=True))  # fmt: skip
+                            STAGES=1 if smem else 3, EVEN=not zp, SMEM=smem, AHEAD=smem, PDL=True,
+                            COPIES=copies))  # fmt: skip
     cases["gemv half2, x to float16 pairs"] = (lut4_gemv_half2._prepare_x_kernel, ["*bf16", "*i32", "*fp32", "*fp32",
                                                                                     "i32", "i32", "i32", "i32"],
                                                 dict(GS=128, SUMS=True, BLOCK=16384, PDL=True))  # fmt: skip

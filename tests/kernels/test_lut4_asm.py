@@ -15,7 +15,7 @@ import torch
 
 from lowbit.kernels.lut4 import _device_table
 from lowbit.kernels.lut4_asm import (
-    TABLE_BANKS,
+    TABLE_COPIES,
     dot_asm,
     fp16_bits,
     lookup_asm,
@@ -23,6 +23,7 @@ from lowbit.kernels.lut4_asm import (
     pair_words,
     shared_dot_asm,
     shared_lookup_asm,
+    shared_table_asm,
     table_asm,
     table_words,
 )
@@ -165,27 +166,31 @@ def test_ptx_dot_of_a_word_matches_float64(kind):
         assert np.allclose(got, [products[1::2].sum(), products[0::2].sum()], rtol=0, atol=bound), hex(word)
 
 
+@pytest.mark.parametrize("copies", TABLE_COPIES)
 @pytest.mark.parametrize("kind", ["nf4", "fp4", "int4_affine"])
-def test_ptx_shared_dot_matches_the_register_dot(kind):
-    """`shared_dot_asm` reads each byte's two values from the lane's own copy of the `pair_words` table, laid out
-    as the kernel fills it (entry e of copy l at word 32·e + l after the table's address), and gives the same
-    float16 pair as `dot_asm`, bit for bit (the same products in the same order), for every lane: each load
-    stays in the lane's bank and inside the table."""
+def test_ptx_shared_dot_matches_the_register_dot(kind, copies):
+    """`shared_dot_asm` reads each byte's two values from the lane's copy of the `pair_words` table, laid out as
+    the kernel fills it (entry e of copy c at word copies·e + c after the table's address; lane l reads copy
+    l mod copies), and gives the same float16 pair as `dot_asm`, bit for bit (the same products in the same
+    order), for every lane: each load stays in the lane's copy (with 32 copies, in its own bank)."""
     bits = fp16_bits(_device_table(kind, torch.device("cpu")))
     base = 0x400
     pairs = pair_words(bits)
-    shared = {base + 4 * (TABLE_BANKS * e + lane): pairs[e] for e in range(256) for lane in range(TABLE_BANKS)}
     consts = {f"${6 + i}": w for i, w in enumerate(table_words(bits))}
     rng = np.random.default_rng(1)
     words = [int(w) for w in rng.integers(0, 2**32, 200)] + [0, 2**32 - 1, 0x80808080, 0x7F7F7F7F, 0x01FF01FF]
     for i, word in enumerate(words):
         x = rng.uniform(-1, 1, 8).astype(np.float16)
         pairs_x = {f"${2 + q}": _pair(x[[2 * q + 1, 2 * q]]) for q in range(4)}
-        lane = i % TABLE_BANKS
-        checked = {a: v for a, v in shared.items() if (a - base) // 4 % TABLE_BANKS == lane}  # only its bank
-        got = run_ptx(shared_dot_asm(), 0, {"$1": word, "$6": base, **pairs_x}, outputs=1, shared=checked, lane=lane)
+        lane = i % 32
+        own = {base + 4 * (copies * e + lane % copies): pairs[e] for e in range(256)}  # only the lane's copy
+        assert copies < 32 or {(a - base) // 4 % 32 for a in own} == {lane}  # 32 copies: one bank a lane
+        got = run_ptx(shared_dot_asm(copies), 0, {"$1": word, "$6": base, **pairs_x}, outputs=1, shared=own,
+                      lane=lane)  # fmt: skip
         want = run_ptx(dot_asm(), 0, {"$1": word, **pairs_x, **consts}, outputs=1)
         assert got == want, (hex(word), lane)
+    with pytest.raises(ValueError, match="copies"):
+        shared_table_asm(8)
 
 
 def test_ptx_lookup_once_then_products_per_row_equal_the_shared_dot():
@@ -193,7 +198,7 @@ def test_ptx_lookup_once_then_products_per_row_equal_the_shared_dot():
     (`pair_products_asm`): bit for bit `shared_dot_asm` of each row."""
     bits = fp16_bits(_device_table("nf4", torch.device("cpu")))
     base, pairs, lane = 0x800, pair_words(bits), 5
-    shared = {base + 4 * (TABLE_BANKS * e + lane): pairs[e] for e in range(256)}
+    shared = {base + 4 * (32 * e + lane): pairs[e] for e in range(256)}
     rng = np.random.default_rng(2)
     for word in [int(w) for w in rng.integers(0, 2**32, 100)]:
         looked = run_ptx(shared_lookup_asm(), 0, {"$4": word, "$5": base}, outputs=4, shared=shared, lane=lane)

@@ -65,7 +65,7 @@ def test_loads_ahead_and_shared_table_launches_give_the_same_numbers(fmt):
         x = torch.randn(m, 384).to(torch.bfloat16)
         for tile in ({"BN": 8, "BK": 128}, {"BN": 16, "BK": 256}, {"BN": 4, "BK": 512}):
             plain = lut4_gemv_half2(x, w, tile | {"num_warps": 4})
-            for extra in ({"AHEAD": True}, {"SMEM": True}, {"SMEM": True, "AHEAD": True}):
+            for extra in ({"AHEAD": True}, {"SMEM": True}, {"SMEM": True, "AHEAD": True, "COPIES": 16}):
                 assert torch.equal(lut4_gemv_half2(x, w, tile | extra | {"num_warps": 4}), plain), (tile, extra)
             assert rel_err(plain, x.double() @ dense.t()) < 8e-3
 

@@ -104,7 +104,7 @@ def dot_asm() -> str:
 
 
 SHARED_TABLE = "lowbit_pair_table"  # the shared-memory array that `shared_table_asm` declares in a kernel
-TABLE_BANKS = 32  # copies of the pair table, one per shared-memory bank
+TABLE_COPIES = (32, 16)  # copies of the pair table a block may hold: 32 never conflict; 16 halve the fill
 
 
 def pair_words(table_fp16_bits: list[int]) -> list[int]:
@@ -115,19 +115,26 @@ def pair_words(table_fp16_bits: list[int]) -> list[int]:
     return [table_fp16_bits[b & 15] | table_fp16_bits[b >> 4] << 16 for b in range(256)]
 
 
-def shared_table_asm() -> str:
-    """PTX declaring the kernel's byte table in shared memory, TABLE_BANKS copies interleaved by word (entry e of
-    copy l at word 32·e + l, so copy l lies in bank l), and $0 ← its address. Emitted once, at function scope
-    (no braces), so that the `shared_dot_asm` programs after it see the name."""
-    return f".shared .align 16 .b32 {SHARED_TABLE}[{256 * TABLE_BANKS}];\nmov.u32 $0, {SHARED_TABLE};"
+def shared_table_asm(copies: int = 32) -> str:
+    """PTX declaring the kernel's byte table in shared memory, `copies` copies interleaved by word (entry e of
+    copy c at word copies·e + c; lane l reads copy l mod copies), and $0 ← its address. With 32 copies each
+    lane reads its own bank and no load conflicts; with 16, lanes l and l + 16 share a bank (at most two-way
+    conflicts) for half the shared memory and fill. Emitted once, at function scope (no braces), so that
+    the programs after it see the name."""
+    if copies not in TABLE_COPIES:
+        raise ValueError(f"the shared table holds one of {TABLE_COPIES} copies, got {copies}")
+    return f".shared .align 16 .b32 {SHARED_TABLE}[{256 * copies}];\nmov.u32 $0, {SHARED_TABLE};"
 
 
-def _shared_loads(word: str, table: str) -> list[str]:
-    """v0..v3 ← the pair words of the four bytes of `word` from the lane's copy of the shared table at `table`."""
-    shifts = [("shl", 7), ("shr", 1), ("shr", 9), ("shr", 17)]  # byte q to bits 7-14: 128 bytes a table entry
-    lines = ["mov.u32 lane, %laneid;", "shl.b32 lane, lane, 2;"]
-    for q, (op, n) in enumerate(shifts):
-        lines += [f"{op}.b32 a{q}, {word}, {n};", f"and.b32 a{q}, a{q}, 0x7F80;", f"or.b32 a{q}, a{q}, lane;",
+def _shared_loads(word: str, table: str, copies: int) -> list[str]:
+    """v0..v3 ← the pair words of the four bytes of `word` from the lane's copy of the shared table at `table`:
+    byte q moved to bits s..s+7 (4·copies = 2^s bytes a table entry), the lane's copy's offset or-ed in."""
+    s = copies.bit_length() + 1  # log2(4 · copies)
+    lines = ["mov.u32 lane, %laneid;"] + ([f"and.b32 lane, lane, {copies - 1};"] if copies < 32 else [])
+    lines += ["shl.b32 lane, lane, 2;"]
+    for q in range(4):
+        shift = f"shl.b32 a{q}, {word}, {s - 8 * q};" if 8 * q < s else f"shr.b32 a{q}, {word}, {8 * q - s};"
+        lines += [shift, f"and.b32 a{q}, a{q}, {0xFF << s:#x};", f"or.b32 a{q}, a{q}, lane;",
                   f"add.u32 a{q}, a{q}, {table};", f"ld.shared.b32 v{q}, [a{q}];"]  # (and+or: one lop3)
     return lines
 
@@ -136,24 +143,24 @@ _PRODUCTS = ["mul.rn.f16x2 acc, v0, {0};", "fma.rn.f16x2 acc, v1, {1}, acc;", "f
              "fma.rn.f16x2 {out}, v3, {3}, acc;"]  # fmt: skip
 
 
-def shared_dot_asm() -> str:
-    """`dot_asm` with the byte table in shared memory instead of registers: $0 = the float16 pair Σ table[code]·x
-    over word $1 with the activation pairs $2..$5, $6 = the table's address.
+def shared_dot_asm(copies: int = 32) -> str:
+    """`dot_asm` with the byte table in shared memory instead of registers (`shared_table_asm` with `copies`):
+    $0 = the float16 pair Σ table[code]·x over word $1 with the activation pairs $2..$5, $6 = the table's
+    address.
 
-    Each byte is one load of its two values from the thread's own copy of the table (word 32·byte + lane: the
-    32 lanes of a warp read 32 different banks, so a load never conflicts), two integer instructions to form
-    the address and one half2 multiply-add: four instructions a byte against `dot_asm`'s eight. The lane is
-    read here, not passed in: a value computed per element may move to another thread when the compiler
-    changes the tensor's layout, and the lane is a property of the thread (ptxas reads it once)."""
-    lines = ["{", ".reg .b32 lane, a0, a1, a2, a3, v0, v1, v2, v3, acc;", *_shared_loads("$1", "$6")]
+    Each byte is one load of its two values from the thread's copy of the table, two integer instructions to
+    form the address and one half2 multiply-add: four instructions a byte against `dot_asm`'s eight. The
+    lane is read here, not passed in: a value computed per element may move to another thread when the
+    compiler changes the tensor's layout, and the lane is a property of the thread (ptxas reads it once)."""
+    lines = ["{", ".reg .b32 lane, a0, a1, a2, a3, v0, v1, v2, v3, acc;", *_shared_loads("$1", "$6", copies)]
     lines += [line.format("$2", "$3", "$4", "$5", out="$0") for line in _PRODUCTS]
     return "\n".join(lines + ["}"])
 
 
-def shared_lookup_asm() -> str:
+def shared_lookup_asm(copies: int = 32) -> str:
     """The table half of `shared_dot_asm`: $0..$3 = the pair words of bytes 0..3 of word $4 (table at $5), for
     several rows of x to share (`pair_products_asm`)."""
-    lines = ["{", ".reg .b32 lane, a0, a1, a2, a3, v0, v1, v2, v3;", *_shared_loads("$4", "$5")]
+    lines = ["{", ".reg .b32 lane, a0, a1, a2, a3, v0, v1, v2, v3;", *_shared_loads("$4", "$5", copies)]
     return "\n".join(lines + ["mov.b32 $0, v0;", "mov.b32 $1, v1;", "mov.b32 $2, v2;", "mov.b32 $3, v3;", "}"])
 
 

@@ -46,7 +46,6 @@ import triton.language as tl
 from lowbit.kernels.autotune import autotune, launch_tuned
 from lowbit.kernels.lut4 import Lut4Weight
 from lowbit.kernels.lut4_asm import (
-    TABLE_BANKS,
     dot_asm,
     fp16_bits,
     pair_products_asm,
@@ -61,11 +60,11 @@ from lowbit.kernels.lut4_tile import SCALES_GROUPED, kernel_args, pair_scale_ind
 MAX_M = 8
 
 _DOT = tl.constexpr(dot_asm())
-_SHARED_DOT = tl.constexpr(shared_dot_asm())
-_SHARED_LOOKUP = tl.constexpr(shared_lookup_asm())
 _PAIR_PRODUCTS = tl.constexpr(pair_products_asm())
-_SHARED_TABLE = tl.constexpr(shared_table_asm())
-_BANKS = tl.constexpr(TABLE_BANKS)
+# the shared-table programs for 32 and 16 copies of the table (COPIES), picked by a constexpr branch
+_SHARED_DOT_32, _SHARED_DOT_16 = tl.constexpr(shared_dot_asm(32)), tl.constexpr(shared_dot_asm(16))
+_SHARED_LOOKUP_32, _SHARED_LOOKUP_16 = tl.constexpr(shared_lookup_asm(32)), tl.constexpr(shared_lookup_asm(16))
+_SHARED_TABLE_32, _SHARED_TABLE_16 = tl.constexpr(shared_table_asm(32)), tl.constexpr(shared_table_asm(16))
 
 
 @triton.jit
@@ -122,11 +121,14 @@ def _add2_ptx(a, b):
 
 @triton.jit
 def _dot_words(word, x0, x1, x2, x3, lo0, lo1, lo2, lo3, hi0, hi1, hi2, hi3, table, nib_ptr,
-               PTX: tl.constexpr, SMEM: tl.constexpr):  # fmt: skip
+               PTX: tl.constexpr, SMEM: tl.constexpr, COPIES: tl.constexpr):  # fmt: skip
     """Each word's Σ table[code]·x as a float16 pair (int32 bits), arguments broadcast to one shape; the table in
     registers (lo*, hi*) or, with SMEM, in shared memory at `table` (`_shared_pair_table`)."""
-    if PTX and SMEM:
-        return tl.inline_asm_elementwise(_SHARED_DOT, "=r,r,r,r,r,r,r", [word, x0, x1, x2, x3, table],
+    if PTX and SMEM and COPIES == 16:
+        return tl.inline_asm_elementwise(_SHARED_DOT_16, "=r,r,r,r,r,r,r", [word, x0, x1, x2, x3, table],
+                                         dtype=tl.int32, is_pure=True, pack=1)  # fmt: skip
+    elif PTX and SMEM:
+        return tl.inline_asm_elementwise(_SHARED_DOT_32, "=r,r,r,r,r,r,r", [word, x0, x1, x2, x3, table],
                                          dtype=tl.int32, is_pure=True, pack=1)  # fmt: skip
     elif PTX:
         return tl.inline_asm_elementwise(_DOT, "=r,r,r,r,r,r,r,r,r,r,r,r,r,r",
@@ -145,31 +147,40 @@ def _dot_words(word, x0, x1, x2, x3, lo0, lo1, lo2, lo3, hi0, hi1, hi2, hi3, tab
 
 
 @triton.jit
-def _dot_rows_shared(word, x0, x1, x2, x3, table):
+def _dot_rows_shared(word, x0, x1, x2, x3, table, COPIES: tl.constexpr):
     """`_dot_words` with SMEM for several rows of x, word (BN, W) and x planes (BM, W): each word's values are
     looked up once (`lut4_asm.shared_lookup_asm`) and multiplied with every row (`pair_products_asm`), the same
     numbers as `shared_dot_asm` per row and word; (BM, BN, W)."""
-    v0, v1, v2, v3 = tl.inline_asm_elementwise(_SHARED_LOOKUP, "=r,=r,=r,=r,r,r", [word, table],
-                                               dtype=(tl.int32, tl.int32, tl.int32, tl.int32), is_pure=True,
-                                               pack=1)  # fmt: skip
+    if COPIES == 16:
+        v0, v1, v2, v3 = tl.inline_asm_elementwise(_SHARED_LOOKUP_16, "=r,=r,=r,=r,r,r", [word, table],
+                                                   dtype=(tl.int32, tl.int32, tl.int32, tl.int32), is_pure=True,
+                                                   pack=1)  # fmt: skip
+    else:
+        v0, v1, v2, v3 = tl.inline_asm_elementwise(_SHARED_LOOKUP_32, "=r,=r,=r,=r,r,r", [word, table],
+                                                   dtype=(tl.int32, tl.int32, tl.int32, tl.int32), is_pure=True,
+                                                   pack=1)  # fmt: skip
     return tl.inline_asm_elementwise(_PAIR_PRODUCTS, "=r,r,r,r,r,r,r,r,r",
                                      [v0[None], v1[None], v2[None], v3[None], x0[:, None, :], x1[:, None, :],
                                       x2[:, None, :], x3[:, None, :]], dtype=tl.int32, is_pure=True, pack=1)  # fmt: skip
 
 
 @triton.jit
-def _shared_pair_table(pairs_ptr):
+def _shared_pair_table(pairs_ptr, COPIES: tl.constexpr):
     """Declares the shared byte table (`lut4_asm.shared_table_asm`), copies the 256 pair words at `pairs_ptr` into
-    each of its 32 banks, waits for the block, and returns its address. Column l of each chunk is written by
-    lane l (a warp writes one entry's 32 copies, one word per bank)."""
-    table = tl.inline_asm_elementwise(_SHARED_TABLE, "=r,r", [tl.program_id(0)], dtype=tl.int32, is_pure=False,
-                                      pack=1)  # fmt: skip
-    lane = tl.arange(0, _BANKS)[None, :]
+    each of its COPIES copies, waits for the block, and returns its address. Column c of each chunk is
+    written by lane c (a warp writes an entry's copies, one word per bank)."""
+    if COPIES == 16:
+        table = tl.inline_asm_elementwise(_SHARED_TABLE_16, "=r,r", [tl.program_id(0)], dtype=tl.int32,
+                                          is_pure=False, pack=1)  # fmt: skip
+    else:
+        table = tl.inline_asm_elementwise(_SHARED_TABLE_32, "=r,r", [tl.program_id(0)], dtype=tl.int32,
+                                          is_pure=False, pack=1)  # fmt: skip
+    copy = tl.arange(0, COPIES)[None, :]
     for c in tl.static_range(0, 256, 32):
         e = c + tl.arange(0, 32)[:, None]
         # the load inside the asm: a Triton load would pick its own layout (rows to lanes: 32-way conflicts)
         tl.inline_asm_elementwise("{ .reg .b32 v; ld.global.nc.b32 v, [$1]; st.shared.b32 [$2], v; mov.b32 $0, 0; }",
-                                  "=r,l,r", [pairs_ptr + e + 0 * lane, table + (e * _BANKS + lane) * 4],
+                                  "=r,l,r", [pairs_ptr + e + 0 * copy, table + (e * COPIES + copy) * 4],
                                   dtype=tl.int32, is_pure=False, pack=1)  # fmt: skip
     tl.debug_barrier()
     return table
@@ -264,7 +275,7 @@ def _half2_kernel(x4_ptr, inv_ptr, sums_ptr, y_ptr, packed_ptr, words_ptr, pairs
                   GS: tl.constexpr, HAS_ZP: tl.constexpr, DOUBLE_QUANT: tl.constexpr, NESTED_GS: tl.constexpr,
                   PTX: tl.constexpr, BM: tl.constexpr, BN: tl.constexpr, BK: tl.constexpr,
                   STAGES: tl.constexpr, EVEN: tl.constexpr, SMEM: tl.constexpr, AHEAD: tl.constexpr,
-                  PDL: tl.constexpr):  # fmt: skip
+                  PDL: tl.constexpr, COPIES: tl.constexpr):  # fmt: skip
     """y[m, rows] for one block of BN output rows; x4 holds x's prepared pairs, four int32 per packed word.
     EVEN: K and N are multiples of every BK and BN, so the tiles load without masks. AHEAD: each step loads
     the next one's words and pairs before it computes (in registers), and the first step's loads are issued
@@ -278,7 +289,7 @@ def _half2_kernel(x4_ptr, inv_ptr, sums_ptr, y_ptr, packed_ptr, words_ptr, pairs
     words = packed_ptr.to(tl.pointer_type(tl.int32), bitcast=True)
     if AHEAD:
         word, v = _load_words(words, rows, 0, N, KW, BK, EVEN)
-    table = _shared_pair_table(pairs_ptr) if PTX and SMEM else 0
+    table = _shared_pair_table(pairs_ptr, COPIES) if PTX and SMEM else 0
     _wait_for_x(PDL)
     if AHEAD:
         q0, q1, q2, q3 = _load_planes(x4_ptr, ms, rows, v, M, KW, BM, EVEN)
@@ -298,14 +309,14 @@ def _half2_kernel(x4_ptr, inv_ptr, sums_ptr, y_ptr, packed_ptr, words_ptr, pairs
             c0, c1, c2, c3 = _load_planes(x4_ptr, ms, rows, v, M, KW, BM, EVEN)
         if BM == 1:
             p = _dot_words(cw, c0, c1, c2, c3, lo0, lo1, lo2, lo3,
-                           hi0, hi1, hi2, hi3, table, nib_ptr, PTX, SMEM)  # (BN, BK/8) fmt: skip
+                           hi0, hi1, hi2, hi3, table, nib_ptr, PTX, SMEM, COPIES)  # (BN, BK/8) fmt: skip
             p = tl.reshape(p, (1, BN, BK // GS, GS // 8))
         elif PTX and SMEM:
-            p = tl.reshape(_dot_rows_shared(cw, c0, c1, c2, c3, table), (BM, BN, BK // GS, GS // 8))
+            p = tl.reshape(_dot_rows_shared(cw, c0, c1, c2, c3, table, COPIES), (BM, BN, BK // GS, GS // 8))
         else:
             p = _dot_words(cw[None, :, :], c0[:, None, :], c1[:, None, :], c2[:, None, :], c3[:, None, :],
                            lo0[None], lo1[None], lo2[None], lo3[None], hi0[None], hi1[None], hi2[None], hi3[None],
-                           table, nib_ptr, PTX, SMEM)  # (BM, BN, BK/8) fmt: skip
+                           table, nib_ptr, PTX, SMEM, COPIES)  # (BM, BN, BK/8) fmt: skip
             p = tl.reshape(p, (BM, BN, BK // GS, GS // 8))
         if PTX:
             lo, hi = _unpack(tl.reduce(p, 3, _add2_ptx))
@@ -340,10 +351,12 @@ def _configs() -> list[triton.Config]:
               (32, 2048, 16, True), (16, 2048, 8, True), (8, 2048, 4, False), (8, 256, 4, False),
               (16, 256, 4, False)]  # fmt: skip
     registers = [(4, 1024, 2, 3), (8, 512, 4, 3), (16, 256, 4, 3), (32, 256, 8, 3), (8, 512, 2, 3), (2, 1024, 1, 1)]
-    return [triton.Config({"BN": bn, "BK": bk, "STAGES": 1, "SMEM": True, "AHEAD": ahead}, num_warps=w, num_stages=1)
-            for bn, bk, w, ahead in shared] + [
-        triton.Config({"BN": bn, "BK": bk, "STAGES": st, "SMEM": False, "AHEAD": False}, num_warps=w, num_stages=1)
-        for bn, bk, w, st in registers]  # fmt: skip
+    half = [(16, 1024, 4, True), (8, 1024, 4, True), (16, 2048, 8, True)]  # 16 copies: not yet timed
+    smem = [(*c, 32) for c in shared] + [(*c, 16) for c in half]
+    return [triton.Config({"BN": bn, "BK": bk, "STAGES": 1, "SMEM": True, "AHEAD": ahead, "COPIES": copies},
+                          num_warps=w, num_stages=1) for bn, bk, w, ahead, copies in smem] + [
+        triton.Config({"BN": bn, "BK": bk, "STAGES": st, "SMEM": False, "AHEAD": False, "COPIES": 32}, num_warps=w,
+                      num_stages=1) for bn, bk, w, st in registers]  # fmt: skip
 
 
 def _prune(configs, named_args, **kwargs):
@@ -474,7 +487,7 @@ def lut4_gemv_half2(x: torch.Tensor, w: Lut4Weight, config: dict | None = None) 
         kw |= {"launch_pdl": True} if pdl else {}
         launch_tuned(_half2_tuned, lambda meta: (triton.cdiv(w.out_features, meta["BN"]),), *args, **kw)
     else:
-        config = {"STAGES": 1, "SMEM": False, "AHEAD": False} | config
+        config = {"STAGES": 1, "SMEM": False, "AHEAD": False, "COPIES": 32} | config
         kw["EVEN"] = kw["EVEN"] and k % config["BK"] == 0 and w.out_features % config["BN"] == 0
         kw |= {"launch_pdl": True} if pdl else {}
         _half2_kernel[(triton.cdiv(w.out_features, config["BN"]),)](*args, **kw, **config)
