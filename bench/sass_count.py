@@ -95,10 +95,11 @@ def half2_gemv(bn: int, bk: int, warps: int, bm: int = 1, stages: int = 1, smem:
     names = lut4_gemv_half2._half2_kernel.arg_names
     return compile_aligned(lut4_gemv_half2._half2_kernel,
                            ["*i32", "*fp32", "*fp32", "*bf16", "*u8", "*i32", "*i32", "*i32", *POINTERS[2:]]
-                           + ["i32"] * 6 + ["fp32"],
+                           + ["i32"] * 7 + ["fp32"],
                            dict(GS=64, HAS_ZP=False, DOUBLE_QUANT=True, NESTED_GS=256, PTX=True, BM=bm, BN=bn, BK=bk,
-                                STAGES=stages, EVEN=True, SMEM=smem, AHEAD=ahead, PDL=True, COPIES=copies),
-                           names[:13] + ["N", "K", "KW", "G", "stride_ym"], warps)  # fmt: skip
+                                STAGES=stages, EVEN=True, SMEM=smem, AHEAD=ahead, PDL=True, COPIES=copies,
+                                SLICE=1024),
+                           names[:13] + ["N", "K", "KW", "G", "S", "stride_ym"], warps)  # fmt: skip
 
 
 def main() -> None:

@@ -55,8 +55,8 @@ def main() -> int:
                                                    BLOCK=2048)),
     }  # fmt: skip
     # x pairs, 2^-e, group sums, y, packed, table words, pair words, nibble table, scale … offset;
-    # M, N, K, KW, G, stride_ym, center
-    half2 = ["*i32", "*fp32", "*fp32", "*bf16", "*u8", "*i32", "*i32", "*i32", *POINTERS[2:]] + ["i32"] * 6 + ["fp32"]
+    # M, N, K, KW, G, S, stride_ym, center
+    half2 = ["*i32", "*fp32", "*fp32", "*bf16", "*u8", "*i32", "*i32", "*i32", *POINTERS[2:]] + ["i32"] * 7 + ["fp32"]
     for bm, zp, smem, copies in ((1, False, False, 32), (4, True, False, 32), (1, False, True, 32), (4, True, True, 32),
                                  (1, False, True, 16)):  # fmt: skip
         name = f"gemv half2 words, M={bm}" + (", zero points" if zp else "") + (", shared table" if smem else "")
@@ -64,10 +64,10 @@ def main() -> int:
         cases[name] = (lut4_gemv_half2._half2_kernel, half2,
                        dict(GS=64, HAS_ZP=zp, DOUBLE_QUANT=not zp, NESTED_GS=256, PTX=True, BM=bm, BN=8, BK=512,
                             STAGES=1 if smem else 3, EVEN=not zp, SMEM=smem, AHEAD=smem, PDL=True,
-                            COPIES=copies))  # fmt: skip
+                            COPIES=copies, SLICE=1024))  # fmt: skip
     cases["gemv half2, x to float16 pairs"] = (lut4_gemv_half2._prepare_x_kernel, ["*bf16", "*i32", "*fp32", "*fp32",
-                                                                                    "i32", "i32", "i32", "i32"],
-                                                dict(GS=128, SUMS=True, BLOCK=16384, PDL=True))  # fmt: skip
+                                                                                    "i32", "i32", "i32", "i32", "i32"],
+                                                dict(GS=128, SUMS=True, SLICE=1024, PDL=True))  # fmt: skip
     dropout_types = ["*bf16", "*bf16", "i32", "fp32", "fp32", "i64", "*i64"]  # x, y, n, p, scale, seed, seed_ptr
     cases["LoRA dropout, bf16"] = (train_triton._dropout, dropout_types, dict(BLOCK=1024, SEED_IN_MEMORY=False))
     cases["LoRA dropout, seed in memory"] = (train_triton._dropout, dropout_types,
@@ -78,8 +78,7 @@ def main() -> int:
     cases["RoPE of q and k, bf16"] = (train_triton._rope, ["*bf16"] * 6 + ["i32"] * 4 + ["i64"] * 19,
                                       dict(BACKWARD=True, BHQ=32, BHK=8, BD=64))  # fmt: skip
     for name, (kernel, types, constexprs) in cases.items():
-        warps = 16 if constexprs.get("BLOCK", 0) > 8192 else 4  # (the preparation's launch for a 16k row)
-        compiled = compile_kernel(kernel, types, constexprs, warps)
+        compiled = compile_kernel(kernel, types, constexprs)
         ptx = compiled.asm["ptx"]
         print(f"{name}: {len(compiled.asm['cubin'])} bytes of sm_90 code, {ptx.count('prmt.b32')} prmt, "
               f"{ptx.count('ld.shared.b32 v')} table loads from shared memory")  # (the shared_dot_asm's)

@@ -13,7 +13,7 @@ pytest.importorskip("triton", reason="Triton is not installed: pip install 'lowb
 
 from lowbit.formats import WeightFormat  # noqa: E402
 from lowbit.kernels.lut4 import lut4_weight  # noqa: E402
-from lowbit.kernels.lut4_gemv_half2 import lut4_gemv_half2, nibble_table, prepare_x, supports  # noqa: E402
+from lowbit.kernels.lut4_gemv_half2 import SLICE, lut4_gemv_half2, nibble_table, prepare_x, supports  # noqa: E402
 from tests.kernels.test_triton_interpreted import rel_err  # noqa: E402
 
 CONFIG = {"BN": 8, "BK": 128, "num_warps": 4}
@@ -102,6 +102,21 @@ def test_prepared_x_in_word_order():
     torch.testing.assert_close(sums, want, rtol=1e-4, atol=1e-4)
     centered = nibble_table(torch.arange(16.0), 7.5).to(torch.int16).view(torch.float16).float()  # int4 0…15
     torch.testing.assert_close(centered, torch.arange(16.0) - 7.5)
+
+
+def test_each_slice_of_x_gets_its_own_scale():
+    """x is scaled by a power of two per SLICE columns: a slice of activations ~1e4 next to one of ~1e-3 keeps
+    both at float16's relative precision (one scale for the row would leave the small ones 2^-24-sized
+    subnormals), and the GEMV over a row that mixes them matches float64."""
+    x = torch.cat([torch.randn(1, SLICE) * 1e4, torch.randn(1, SLICE) * 1e-3, torch.randn(1, 256)], 1)
+    x2, inv, _ = prepare_x(x)
+    assert inv.shape == (1, 3) and inv[0, 0] > 2**13 and inv[0, 1] < 2**-6  # each slice: its max·2^e < 1
+    halves = x2.view(torch.float16).float().view(4, -1, 2)  # (plane q, word v, lane): pair q of word v
+    pairs = halves.permute(1, 0, 2).reshape(-1, 2)  # pair j = 4v + q, lanes (x[2j + 1], x[2j])
+    back = torch.stack([pairs[:, 1], pairs[:, 0]], 1).reshape(1, -1) * inv.repeat_interleave(SLICE, 1)[:, : x.shape[1]]
+    assert torch.allclose(back, x, rtol=2**-10, atol=0)
+    w, dense = make(FORMATS[0], (16, x.shape[1]), 9)
+    assert rel_err(lut4_gemv_half2(x, w, CONFIG), x.double() @ dense.t()) < 4e-3
 
 
 def test_what_it_does_not_take():

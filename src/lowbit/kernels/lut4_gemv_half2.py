@@ -17,9 +17,10 @@ activations as one `mul` and three `fma.rn.f16x2`, returning a float16 pair. Two
   differs by lane: as uniform values ptxas would copy them at every call), a byte's two codes selected
   together: 8 instructions a byte.
 
-The activations are prepared once per call by `prepare_x`: float16 pairs scaled by a power of two into
-float16's range (bf16 activations can exceed it; the power is undone exactly at the end), in the order the
-program meets the codes, as four planes the kernel reads in its word tile's layout. On Hopper the GEMV is a
+The activations are prepared once per call by `prepare_x`: float16 pairs, each SLICE columns scaled by their
+own power of two into float16's range (bf16 activations can exceed it; the power is undone exactly, per
+group), in the order the program meets the codes, as four planes the kernel reads in its word tile's
+layout. On Hopper the GEMV is a
 programmatic dependent launch: it fills its table and loads its first words while `prepare_x` runs. A
 group's words are summed as float16 pairs, converted to float32 once per group, scaled, and accumulated in
 float32; with zero points (GPTQ-style int4 groups) the table is centred and Σ(t - z)·x = Σ t·x - z·Σ x
@@ -30,7 +31,9 @@ Precision: float16 products and group sums carry ~2⁻¹¹ relative rounding, th
 own (bf16: 2⁻⁹); the tests bound it against float64 for activations from 1e-6 to 3e5 and an outlier.
 Measured on an H100 (bench/RESULTS.md, session 20): 7.9 / 16.8 / 16.5 µs at M = 1 on the Llama-3-8B
 shapes, 1.35–1.81× bitsandbytes, 60 % of copy bandwidth on the MLP shapes, where a read of the same bytes
-takes 11.4 µs: what remains is `prepare_x`, the table fill and 3–4 blocks an SM, not the lookup.
+takes 11.4 µs: what remains is `prepare_x`, the table fill and 3–4 blocks an SM, not the lookup. (Those
+runs had one scale per row of x, prepared by one program a row; the per-slice preparation and the
+16-copy tables came after them, untimed.)
 
 On the CPU (Triton's interpreter, no PTX) the same lanes are computed from the 16-entry table in memory.
 """
@@ -79,37 +82,35 @@ def _pack(lo, hi):
 
 
 @triton.jit
-def _prepare_x_kernel(x_ptr, out_ptr, inv_ptr, sums_ptr, K, KB, G, stride_xm,
-                      GS: tl.constexpr, SUMS: tl.constexpr, BLOCK: tl.constexpr, PDL: tl.constexpr):  # fmt: skip
-    """Row m of x → float16 pairs of x·2^e (|x·2^e| < 1) as int32 words, and 2^-e; with SUMS, also the sum of
-    each group of GS (rounded, scaled) values, which zero points multiply. Pair j is (x[2j + 1], x[2j]), as
-    `lut4_asm.dot_asm` meets a byte's codes, stored as four planes of K/8 (pair q of the 8-column word v at
-    q·K/8 + v), so that the GEMV reads each plane's run of words with vector loads (a permutation within 8
-    columns: groups of GS ≥ 8 keep their pairs together)."""
+def _prepare_x_kernel(x_ptr, out_ptr, inv_ptr, sums_ptr, K, KB, G, S, stride_xm, GS: tl.constexpr,
+                      SUMS: tl.constexpr, SLICE: tl.constexpr, PDL: tl.constexpr):  # fmt: skip
+    """Slice s of row m of x (SLICE columns) → float16 pairs of x·2^e (|x·2^e| < 1, e the slice's own) as int32
+    words, and 2^-e; with SUMS, also the sum of each group of GS (rounded, scaled) values, which zero points
+    multiply. Pair j is (x[2j + 1], x[2j]), as `lut4_asm.dot_asm` meets a byte's codes, stored as four planes
+    of K/8 (pair q of the 8-column word v at q·K/8 + v), so that the GEMV reads each plane's run of words with
+    vector loads (a permutation within 8 columns: groups of GS ≥ 8 keep their pairs together). One program a
+    slice, each a single load of its values: a row's preparation is one memory latency, not two per row."""
     if PDL:  # the GEMV may start now (programmatic dependent launch): it waits for these results before reading
         tl.inline_asm_elementwise("griddepcontrol.launch_dependents; // $0", "=r", [], dtype=tl.int32,
                                   is_pure=False, pack=1)  # fmt: skip
-    m = tl.program_id(0)
+    m, sl = tl.program_id(0), tl.program_id(1)
     x_ptr += m.to(tl.int64) * stride_xm
-    amax = tl.zeros((BLOCK,), dtype=tl.float32)
-    for k0 in range(0, K, BLOCK):
-        k = k0 + tl.arange(0, BLOCK)
-        amax = tl.maximum(amax, tl.abs(tl.load(x_ptr + k, mask=k < K, other=0.0).to(tl.float32)))
-    biased = (tl.max(amax, axis=0).to(tl.int32, bitcast=True) >> 23) & 0xFF  # amax < 2^(biased - 126)
+    j = sl * (SLICE // 2) + tl.arange(0, SLICE // 2)  # the slice's pairs
+    low = tl.load(x_ptr + 2 * j + 1, mask=j < KB, other=0.0).to(tl.float32)
+    high = tl.load(x_ptr + 2 * j, mask=j < KB, other=0.0).to(tl.float32)
+    amax = tl.max(tl.maximum(tl.abs(low), tl.abs(high)), axis=0)
+    biased = (amax.to(tl.int32, bitcast=True) >> 23) & 0xFF  # amax < 2^(biased - 126)
     biased = tl.where(biased == 0xFF, 127, biased)  # inf / nan: scale 1, let them through
     scale = ((253 - biased) << 23).to(tl.float32, bitcast=True)  # 2^(126 - biased)
-    tl.store(inv_ptr + m, ((biased + 1) << 23).to(tl.float32, bitcast=True))  # 2^(biased - 126)
-    for j0 in range(0, KB, BLOCK // 2):
-        j = j0 + tl.arange(0, BLOCK // 2)
-        low = (tl.load(x_ptr + 2 * j + 1, mask=j < KB, other=0.0).to(tl.float32) * scale).to(tl.float16)
-        high = (tl.load(x_ptr + 2 * j, mask=j < KB, other=0.0).to(tl.float32) * scale).to(tl.float16)
-        plane = (j % 4) * (KB // 4) + j // 4
-        tl.store(out_ptr + m.to(tl.int64) * KB + plane, _pack(low, high), mask=j < KB)
-        if SUMS:  # (BLOCK is a multiple of GS, so a block holds whole groups)
-            pair = low.to(tl.float32) + high.to(tl.float32)
-            g = j0 * 2 // GS + tl.arange(0, BLOCK // GS)
-            tl.store(sums_ptr + m.to(tl.int64) * G + g, tl.sum(tl.reshape(pair, (BLOCK // GS, GS // 2)), 1),
-                     mask=g < G)  # fmt: skip
+    tl.store(inv_ptr + m * S + sl, ((biased + 1) << 23).to(tl.float32, bitcast=True))  # 2^(biased - 126)
+    low, high = (low * scale).to(tl.float16), (high * scale).to(tl.float16)
+    plane = (j % 4) * (KB // 4) + j // 4
+    tl.store(out_ptr + m.to(tl.int64) * KB + plane, _pack(low, high), mask=j < KB)
+    if SUMS:  # (SLICE is a multiple of GS, so a slice holds whole groups)
+        pair = low.to(tl.float32) + high.to(tl.float32)
+        g = sl * (SLICE // GS) + tl.arange(0, SLICE // GS)
+        tl.store(sums_ptr + m.to(tl.int64) * G + g, tl.sum(tl.reshape(pair, (SLICE // GS, GS // 2)), 1),
+                 mask=g < G)  # fmt: skip
 
 
 @triton.jit
@@ -271,11 +272,11 @@ def _wait_for_x(PDL: tl.constexpr):
 
 @triton.jit
 def _half2_kernel(x4_ptr, inv_ptr, sums_ptr, y_ptr, packed_ptr, words_ptr, pairs_ptr, nib_ptr, scale_ptr, zp_ptr,
-                  ncode_ptr, nscale_ptr, offset_ptr, M, N, K, KW, G, stride_ym, center,
+                  ncode_ptr, nscale_ptr, offset_ptr, M, N, K, KW, G, S, stride_ym, center,
                   GS: tl.constexpr, HAS_ZP: tl.constexpr, DOUBLE_QUANT: tl.constexpr, NESTED_GS: tl.constexpr,
                   PTX: tl.constexpr, BM: tl.constexpr, BN: tl.constexpr, BK: tl.constexpr,
                   STAGES: tl.constexpr, EVEN: tl.constexpr, SMEM: tl.constexpr, AHEAD: tl.constexpr,
-                  PDL: tl.constexpr, COPIES: tl.constexpr):  # fmt: skip
+                  PDL: tl.constexpr, COPIES: tl.constexpr, SLICE: tl.constexpr):  # fmt: skip
     """y[m, rows] for one block of BN output rows; x4 holds x's prepared pairs, four int32 per packed word.
     EVEN: K and N are multiples of every BK and BN, so the tiles load without masks. AHEAD: each step loads
     the next one's words and pairs before it computes (in registers), and the first step's loads are issued
@@ -332,12 +333,16 @@ def _half2_kernel(x4_ptr, inv_ptr, sums_ptr, y_ptr, packed_ptr, words_ptr, pairs
             sums = tl.load(sums_ptr + ms[:, None] * G + g[None, :], mask=(ms < M)[:, None] & (g < G)[None, :],
                            other=0.0)  # fmt: skip
             dot -= (z - center)[None, :, :] * sums[:, None, :]
-        acc += dot * s[None, :, :]
-    y = tl.sum(acc, axis=2) * tl.load(inv_ptr + ms, mask=ms < M, other=1.0)[:, None]  # (BM, BN)
+        # x's 2^-e of each group's slice (rows past M and groups past K read a valid one: their products are 0)
+        sl = tl.minimum((k0 + tl.arange(0, BK // GS) * GS) // SLICE, S - 1)
+        xinv = _ldg(inv_ptr + tl.minimum(ms, M - 1)[:, None] * S + sl[None, :], PTX)  # (BM, BK/GS)
+        acc += dot * s[None, :, :] * xinv[:, None, :]
+    y = tl.sum(acc, axis=2)  # (BM, BN)
     tl.store(y_ptr + ms[:, None] * stride_ym + rows[None, :], y.to(y_ptr.dtype.element_ty),
              mask=(ms < M)[:, None] & (rows < N)[None, :])  # fmt: skip
 
 
+SLICE = 1024  # columns of x sharing a power-of-two scale: a multiple of every group size (≤ 1024) and of 8
 MAX_BN, MAX_BK = 32, 2048  # the largest tile of any launch (a launch with BK > K still works, masked)
 
 
@@ -400,14 +405,6 @@ def nibble_table(table: torch.Tensor, center: float = 0.0) -> torch.Tensor:
     return hit[1]
 
 
-def _prepare_launch(k: int) -> tuple[int, int]:
-    """(values per step, warps) of the preparation: the whole row in one step up to 32k values, so that a row
-    costs two dependent loads (for the maximum, then for the conversion) instead of two per 1k values; a power
-    of two ≥ 1024, hence a multiple of every supported group size."""
-    block = min(max(triton.next_power_of_2(k), 1024), 32768)
-    return block, 4 if block <= 2048 else 8 if block <= 8192 else 16
-
-
 def _ptx(x: torch.Tensor) -> bool:
     """Compiled for an NVIDIA GPU, where the kernels' inline PTX runs (not Triton's interpreter)."""
     return x.is_cuda and os.environ.get("TRITON_INTERPRET") != "1"
@@ -419,19 +416,19 @@ def _pdl(x: torch.Tensor) -> bool:
 
 
 def prepare_x(x: torch.Tensor, group_size: int | None = None) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    """x (M, K), K divisible by 8 → (M, K/2) int32 float16 pairs of each row times its 2^e, in
-    `_prepare_x_kernel`'s order, (M,) float32 2^-e, and with a ``group_size`` the (M, ceil(K / group_size))
-    float32 sums of each group of those scaled values."""
+    """x (M, K), K divisible by 8 → (M, K/2) int32 float16 pairs of x, each SLICE columns of a row times their own
+    2^e, in `_prepare_x_kernel`'s order; (M, ceil(K / SLICE)) float32 2^-e; and with a ``group_size`` the
+    (M, ceil(K / group_size)) float32 sums of each group of those scaled values."""
     if x.shape[1] % 8:
         raise ValueError(f"the half2 GEMV's activations need K divisible by 8, got {x.shape[1]}")
     m, k = x.shape
+    slices = -(-k // SLICE)
     x2 = torch.empty((m, k // 2), dtype=torch.int32, device=x.device)
-    inv = torch.empty(m, dtype=torch.float32, device=x.device)
+    inv = torch.empty((m, slices), dtype=torch.float32, device=x.device)
     groups = -(-k // group_size) if group_size else 1
     sums = torch.empty((m, groups), dtype=torch.float32, device=x.device)
-    block, warps = _prepare_launch(k)
-    _prepare_x_kernel[(m,)](x, x2, inv, sums, k, k // 2, groups, x.stride(0), GS=group_size or 2,
-                            SUMS=group_size is not None, BLOCK=block, PDL=_pdl(x), num_warps=warps)  # fmt: skip
+    _prepare_x_kernel[(m, slices)](x, x2, inv, sums, k, k // 2, groups, slices, x.stride(0), GS=group_size or 2,
+                                   SUMS=group_size is not None, SLICE=SLICE, PDL=_pdl(x), num_warps=4)  # fmt: skip
     return x2, inv, sums
 
 
@@ -480,9 +477,10 @@ def lut4_gemv_half2(x: torch.Tensor, w: Lut4Weight, config: dict | None = None) 
     packed, _, *rest = pointers  # packed, table, scale, zero point, nested code, nested scale, offset
     words = _table_words(w.table, center)
     args = (x4, inv, sums, y, packed, words, words[32:], nibble_table(w.table, center), *rest)
-    kw = dict(M=m, N=sizes["N"], K=k, KW=k // 8, G=sizes["G"], stride_ym=y.stride(0), center=center, GS=gs,
-              HAS_ZP=has_zp, DOUBLE_QUANT=layout["DOUBLE_QUANT"], NESTED_GS=layout["NESTED_GS"], PTX=ptx, PDL=pdl,
-              BM=triton.next_power_of_2(m), EVEN=k % MAX_BK == 0 and w.out_features % MAX_BN == 0)  # fmt: skip
+    kw = dict(M=m, N=sizes["N"], K=k, KW=k // 8, G=sizes["G"], S=inv.shape[1], stride_ym=y.stride(0), center=center,
+              GS=gs, HAS_ZP=has_zp, DOUBLE_QUANT=layout["DOUBLE_QUANT"], NESTED_GS=layout["NESTED_GS"], PTX=ptx,
+              PDL=pdl, SLICE=SLICE, BM=triton.next_power_of_2(m),
+              EVEN=k % MAX_BK == 0 and w.out_features % MAX_BN == 0)  # fmt: skip
     if config is None:
         kw |= {"launch_pdl": True} if pdl else {}
         launch_tuned(_half2_tuned, lambda meta: (triton.cdiv(w.out_features, meta["BN"]),), *args, **kw)
