@@ -92,6 +92,19 @@ def shared_configs(quick: bool) -> list[dict]:
     return out[::5] if quick else out
 
 
+def walk_configs(quick: bool) -> list[dict]:
+    """The shared-table GEMV as OCC programs an SM, each walking a run of tiles (8 or 16 words a thread a
+    step, loads ahead), and the same tiles launched a program per tile (OCC 0)."""
+    out = []
+    for bn in (4, 8, 16, 32):
+        for bk in (512, 1024, 2048):
+            for warps in (2, 4, 8, 16):
+                if bn * bk // 8 // (32 * warps) in (8, 16):
+                    out += [dict(BN=bn, BK=bk, num_warps=warps, STAGES=1, SMEM=True, AHEAD=True, COPIES=32, OCC=occ)
+                            for occ in (0, 1, 2, 4)]
+    return out[::3] if quick else out
+
+
 def sweep(name: str, configs: list[dict], make_fn, n_rot: int, device, reference=None) -> list[dict]:
     """Each launch timed; with a `reference` (the float32 product), checked against it first (relative error
     of the largest output, bf16 rounding allows ~1e-2)."""
@@ -191,7 +204,8 @@ def main(argv=None) -> int:
         chosen = args.sweeps.split(",")
         sweeps = {"read-only": ("read", read_configs, reader, None), "register GEMV": ("register", register_configs,
                   register, ref), "half2 GEMV": ("half2", half2_configs, half2, ref),
-                  "half2 GEMV, shared table": ("shared", shared_configs, half2, ref)}  # fmt: skip
+                  "half2 GEMV, shared table": ("shared", shared_configs, half2, ref),
+                  "half2 GEMV, walks of tiles": ("walk", walk_configs, half2, ref)}  # fmt: skip
         sweeps = {name: sweep(short, configs(quick), make, n_rot, device, reference)
                   for name, (short, configs, make, reference) in sweeps.items() if short in chosen}  # fmt: skip
         for name, rows in sweeps.items():
