@@ -35,7 +35,7 @@
 #   bash bench/device_run.sh s21b         # the shared-table GEMV with loads ahead and scales in place; prepare_x alone
 #   bash bench/device_run.sh s21c         # session 20's final GEMV (PDL, shared lookups for several rows, new configs)
 #   bash bench/device_run.sh s22a         # s21c re-run (per-slice prepare_x, 16 copies); ncu on the shared-table GEMV
-#   bash bench/device_run.sh s22b         # walks of tiles: a few programs an SM, each over many tiles
+#   bash bench/device_run.sh s22c         # the shared-table GEMV with its registers capped (.maxnreg)
 #   bash bench/device_run.sh longest      # memory estimator; fused vs unfused loss curves (carry smol_cfg too);
 #                                         # QLoRA step training peaks; the longest sequence each contender fits
 # from the repository root on the device, with bitsandbytes' wheel carried in .whl/ (see RESULTS.md).
@@ -284,9 +284,8 @@ case ${1:-kernels} in
       -k regex:half2 --launch-skip 3 --launch-count 1 python3 bench/ncu_gemv.py \
       '{"BN": 32, "BK": 1024, "num_warps": 16, "SMEM": true, "AHEAD": true}'
     ;;
-  s22b)  # walks of tiles (OCC programs an SM): GPU correctness, then the walk sweep (OCC 0 = a program a tile)
-    python3 bench/half2_gpu_check.py || exit 1
-    part sweep 480 python3 bench/gemv_sweep.py --out "$RES" --sweeps walk
+  s22c)  # the shared-table GEMV with its registers capped (ptxas .maxnreg: more blocks an SM)
+    part sweep 500 python3 bench/gemv_sweep.py --out "$RES" --sweeps regs
     ;;
   smemdebug)  # the shared-table GEMV under compute-sanitizer
     part debug 200 /usr/local/cuda/bin/compute-sanitizer --print-limit 5 python3 bench/half2_gpu_check.py

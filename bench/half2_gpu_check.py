@@ -30,22 +30,9 @@ for cfg in ([dict(BN=8, BK=256, num_warps=4, SMEM=False)] + [dict(BN=bn, BK=bk, 
     torch.cuda.synchronize() if DEV == "cuda" else None
     print(cfg, "rel err", float((y.float() - ref).abs().max() / ref.abs().max()), flush=True)
 
-# walks of tiles (OCC programs an SM): 4096 rows, so that each program walks several tiles
-w_tall = lut4_weight(fmt, fmt.encode(torch.randn(4096, k, device=DEV, dtype=torch.bfloat16)), (4096, k))
-ref_tall = x.float() @ lut4_dequantize(w_tall, torch.float32).t()
-plain = lut4_gemv_half2(x, w_tall, dict(BN=8, BK=512, num_warps=4, SMEM=True, AHEAD=True))
-for occ in (1, 2, 3):
-    for bn, bk, wp in ((8, 512, 4), (4, 1024, 2), (16, 1024, 8)):
-        cfg = dict(BN=bn, BK=bk, num_warps=wp, SMEM=True, AHEAD=True, OCC=occ)
-        y = lut4_gemv_half2(x, w_tall, cfg)
-        err = float((y.float() - ref_tall).abs().max() / ref_tall.abs().max())
-        print(cfg, "rel err", err, "same as a program a tile:", bool(torch.equal(y, plain)) if bn == 8 else "-")
-        assert err < 1e-2, cfg
-
 # programmatic dependent launch: the GEMV starts while x is prepared; every result must see its own x
 if DEV == "cuda":
-    cfg = dict(BN=8, BK=1024, num_warps=4, SMEM=True, AHEAD=True, OCC=2)
-    w = w_tall
+    cfg = dict(BN=32, BK=512, num_warps=4, SMEM=True, AHEAD=True)
     xs = [torch.randn(1, k, device=DEV, dtype=torch.bfloat16) * (10.0 ** (i % 5 - 2)) for i in range(16)]
     refs = [xi.float() @ lut4_dequantize(w, torch.float32).t() for xi in xs]
     worst = max(float((lut4_gemv_half2(xi, w, cfg).float() - r).abs().max() / r.abs().max()) for xi, r in zip(xs, refs))

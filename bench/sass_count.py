@@ -98,7 +98,7 @@ def half2_gemv(bn: int, bk: int, warps: int, bm: int = 1, stages: int = 1, smem:
                            + ["i32"] * 7 + ["fp32"],
                            dict(GS=64, HAS_ZP=False, DOUBLE_QUANT=True, NESTED_GS=256, PTX=True, BM=bm, BN=bn, BK=bk,
                                 STAGES=stages, EVEN=True, SMEM=smem, AHEAD=ahead, PDL=True, COPIES=copies,
-                                SLICE=1024, OCC=0),
+                                SLICE=1024),
                            names[:13] + ["N", "K", "KW", "G", "S", "stride_ym"], warps)  # fmt: skip
 
 

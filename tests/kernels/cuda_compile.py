@@ -64,7 +64,7 @@ def main() -> int:
         cases[name] = (lut4_gemv_half2._half2_kernel, half2,
                        dict(GS=64, HAS_ZP=zp, DOUBLE_QUANT=not zp, NESTED_GS=256, PTX=True, BM=bm, BN=8, BK=512,
                             STAGES=1 if smem else 3, EVEN=not zp, SMEM=smem, AHEAD=smem, PDL=True,
-                            COPIES=copies, SLICE=1024, OCC=4 if smem else 0))  # fmt: skip
+                            COPIES=copies, SLICE=1024))  # fmt: skip
     cases["gemv half2, x to float16 pairs"] = (lut4_gemv_half2._prepare_x_kernel, ["*bf16", "*i32", "*fp32", "*fp32",
                                                                                     "i32", "i32", "i32", "i32", "i32"],
                                                 dict(GS=128, SUMS=True, SLICE=1024, PDL=True))  # fmt: skip

@@ -58,7 +58,7 @@ from lowbit.kernels.lut4_asm import (
     shared_table_asm,
     table_words,
 )
-from lowbit.kernels.lut4_tile import SCALES_GROUPED, kernel_args
+from lowbit.kernels.lut4_tile import SCALES_GROUPED, kernel_args, pair_scale_index
 
 MAX_M = 8
 
@@ -213,11 +213,12 @@ def _ldg(ptrs, PTX: tl.constexpr):
 
 
 @triton.jit
-def _group_scales(scale_ptr, ncode_ptr, nscale_ptr, offset_ptr, idx, DOUBLE_QUANT: tl.constexpr,
+def _group_scales(scale_ptr, ncode_ptr, nscale_ptr, offset_ptr, idx, ok, DOUBLE_QUANT: tl.constexpr,
                   NESTED_GS: tl.constexpr, PTX: tl.constexpr):  # fmt: skip
-    """float32 scales of the groups at `idx` (`lut4_tile.load_scales`' values), an int32 index: N·K/GS groups
-    stay below 2^31 for any weight a GPU holds (N·K/2 packed bytes). No mask: groups outside the weight come
-    with index 0 (their products are zero)."""
+    """float32 scales of the groups at `idx` (`lut4_tile.load_scales`' values). Groups outside the weight read
+    group 0 instead (their products are zero), so that no load needs a mask. The index is 32-bit: N·K/GS
+    groups stay below 2^31 for any weight a GPU holds (N·K/2 packed bytes)."""
+    idx = tl.where(ok, idx, 0).to(tl.int32)
     if DOUBLE_QUANT:
         code = _ldg(scale_ptr + idx, PTX)
         return _ldg(ncode_ptr + code, PTX) * _ldg(nscale_ptr + idx // NESTED_GS, PTX) + tl.load(offset_ptr)
@@ -226,35 +227,39 @@ def _group_scales(scale_ptr, ncode_ptr, nscale_ptr, offset_ptr, idx, DOUBLE_QUAN
 
 
 @triton.jit
-def _load_plane(x4_ptr, ms, r, c, k0, q: tl.constexpr, M, KW, BM: tl.constexpr, EVEN: tl.constexpr):
-    """Pair q of the step's words (columns k0 … k0 + BK) of each row of x (`prepare_x`: plane q of a row holds
-    them in a run). One row of x is loaded in the word tile's (BN, BK/8) shape, each thread the pairs of its own
-    words (L1 hits; a thread's rows share them): loaded once as a (BK/8,) vector, it would be moved into the
-    tile's layout through shared memory, with two block barriers per plane and step."""
-    v = k0 // 8 + c
+def _load_plane(x4_ptr, ms, rows, v, q: tl.constexpr, M, KW, BM: tl.constexpr, EVEN: tl.constexpr):
+    """Pair q of words v of each row of x (`prepare_x` with ``words``: plane q of a row holds them in a run). One
+    row of x is loaded in the word tile's (BN, BK/8) shape, each thread the pairs of its own words (L1 hits):
+    loaded once as a (BK/8,) vector, it would be moved into the tile's layout through shared memory, with two
+    block barriers per plane and step."""
     if BM == 1 and EVEN:
-        return tl.load(x4_ptr + (q * KW + k0 // 8) + (c[None, :] + 0 * r[:, None]))
+        return tl.load(x4_ptr + q * KW + v[None, :] + 0 * rows[:, None])
     elif BM == 1:
-        return tl.load(x4_ptr + (q * KW + k0 // 8) + (c[None, :] + 0 * r[:, None]), mask=(v < KW)[None, :], other=0)
+        return tl.load(x4_ptr + q * KW + v[None, :] + 0 * rows[:, None], mask=(v < KW)[None, :], other=0)
     else:
         return tl.load(x4_ptr + ms[:, None].to(tl.int64) * (4 * KW) + q * KW + v[None, :],
                        mask=(ms < M)[:, None] & (v < KW)[None, :], other=0)  # fmt: skip
 
 
 @triton.jit
-def _load_step(words, x4_ptr, ms, r, c, row0, k0, M, N, KW, BM: tl.constexpr, EVEN: tl.constexpr):
-    """The packed words of the step (rows row0 + r, words k0/8 + c: (BN, BK/8)) and x's four planes of pairs
-    for them ((BN or BM, BK/8) each). The addresses are a scalar offset plus the loop's invariant tile offsets."""
-    ptrs = words + (row0.to(tl.int64) * KW + k0 // 8) + (r[:, None] * KW + c[None, :])
+def _load_words(words, rows, k0, N, KW, BK: tl.constexpr, EVEN: tl.constexpr):
+    """The packed words of step k0, (BN, BK/8), and their word indices v along the row."""
+    v = tl.max_contiguous(tl.multiple_of(k0 // 8 + tl.arange(0, BK // 8), BK // 8), BK // 8)
+    word_ptrs = words + rows[:, None].to(tl.int64) * KW + v[None, :]
     if EVEN:
-        word = tl.load(ptrs)
+        return tl.load(word_ptrs), v
     else:
-        word = tl.load(ptrs, mask=(row0 + r < N)[:, None] & (k0 // 8 + c < KW)[None, :], other=0)
-    q0 = _load_plane(x4_ptr, ms, r, c, k0, 0, M, KW, BM, EVEN)
-    q1 = _load_plane(x4_ptr, ms, r, c, k0, 1, M, KW, BM, EVEN)
-    q2 = _load_plane(x4_ptr, ms, r, c, k0, 2, M, KW, BM, EVEN)
-    q3 = _load_plane(x4_ptr, ms, r, c, k0, 3, M, KW, BM, EVEN)
-    return word, q0, q1, q2, q3
+        return tl.load(word_ptrs, mask=(rows < N)[:, None] & (v < KW)[None, :], other=0), v
+
+
+@triton.jit
+def _load_planes(x4_ptr, ms, rows, v, M, KW, BM: tl.constexpr, EVEN: tl.constexpr):
+    """x's four planes of pairs for the words v: (BN or BM, BK/8) each."""
+    q0 = _load_plane(x4_ptr, ms, rows, v, 0, M, KW, BM, EVEN)
+    q1 = _load_plane(x4_ptr, ms, rows, v, 1, M, KW, BM, EVEN)
+    q2 = _load_plane(x4_ptr, ms, rows, v, 2, M, KW, BM, EVEN)
+    q3 = _load_plane(x4_ptr, ms, rows, v, 3, M, KW, BM, EVEN)
+    return q0, q1, q2, q3
 
 
 @triton.jit
@@ -271,50 +276,38 @@ def _half2_kernel(x4_ptr, inv_ptr, sums_ptr, y_ptr, packed_ptr, words_ptr, pairs
                   GS: tl.constexpr, HAS_ZP: tl.constexpr, DOUBLE_QUANT: tl.constexpr, NESTED_GS: tl.constexpr,
                   PTX: tl.constexpr, BM: tl.constexpr, BN: tl.constexpr, BK: tl.constexpr,
                   STAGES: tl.constexpr, EVEN: tl.constexpr, SMEM: tl.constexpr, AHEAD: tl.constexpr,
-                  PDL: tl.constexpr, COPIES: tl.constexpr, SLICE: tl.constexpr, OCC: tl.constexpr):  # fmt: skip
-    """y[m, rows] for a run of tiles of BN output rows; x4 holds x's prepared pairs, four int32 per packed word.
-    Program p of P takes tiles [p·T/P, (p+1)·T/P) of the T, as one walk of BK-column steps (OCC, the launcher's
-    programs per SM: 0 launches a program per tile; a few per SM fill the table once each, keep loading ahead
-    across tiles, and give every SM the same number of tiles ±1 instead of a last partial wave).
+                  PDL: tl.constexpr, COPIES: tl.constexpr, SLICE: tl.constexpr):  # fmt: skip
+    """y[m, rows] for one block of BN output rows; x4 holds x's prepared pairs, four int32 per packed word.
     EVEN: K and N are multiples of every BK and BN, so the tiles load without masks. AHEAD: each step loads
     the next one's words and pairs before it computes (in registers), and the first step's loads are issued
     before the shared table is filled."""
-    P, T = tl.num_programs(0), tl.cdiv(N, BN)
-    t_first = tl.program_id(0) * T // P
-    row_end = (tl.program_id(0) + 1) * T // P * BN  # (≥ one tile a program: the launcher keeps P ≤ T)
-    items = (row_end // BN - t_first) * tl.cdiv(K, BK)
-    r, c, g, ms = tl.arange(0, BN), tl.arange(0, BK // 8), tl.arange(0, BK // GS), tl.arange(0, BM)
+    rows = tl.program_id(0) * BN + tl.arange(0, BN)
+    ms = tl.arange(0, BM)
     # The table's registers, loaded once. Loaded as scalars they would sit in uniform registers, which a prmt
     # cannot read: ptxas then copies them into ordinary ones at every call (2 instructions a byte). Each lane
     # reads one of four copies of the table instead, so the values are per thread.
     # With SMEM the byte table sits in shared memory instead, a copy per lane (`lut4_asm.shared_dot_asm`).
     words = packed_ptr.to(tl.pointer_type(tl.int32), bitcast=True)
-    if AHEAD:  # the first step's words before the table, its x after the wait
-        word = tl.load(words + t_first.to(tl.int64) * BN * KW + (r[:, None] * KW + c[None, :]),
-                       mask=(t_first * BN + r < N)[:, None] & (c < KW)[None, :], other=0)  # fmt: skip
+    if AHEAD:
+        word, v = _load_words(words, rows, 0, N, KW, BK, EVEN)
     table = _shared_pair_table(pairs_ptr, COPIES) if PTX and SMEM else 0
     _wait_for_x(PDL)
     if AHEAD:
-        q0 = _load_plane(x4_ptr, ms, r, c, 0, 0, M, KW, BM, False)
-        q1 = _load_plane(x4_ptr, ms, r, c, 0, 1, M, KW, BM, False)
-        q2 = _load_plane(x4_ptr, ms, r, c, 0, 2, M, KW, BM, False)
-        q3 = _load_plane(x4_ptr, ms, r, c, 0, 3, M, KW, BM, False)
-    t = words_ptr + 8 * (_lane_id(r[:, None], PTX) & 3)  # (BN, 1)
+        q0, q1, q2, q3 = _load_planes(x4_ptr, ms, rows, v, M, KW, BM, EVEN)
+    t = words_ptr + 8 * (_lane_id(rows[:, None], PTX) & 3)  # (BN, 1)
     lo0, lo1, lo2, lo3 = tl.load(t), tl.load(t + 1), tl.load(t + 2), tl.load(t + 3)
     hi0, hi1, hi2, hi3 = tl.load(t + 4), tl.load(t + 5), tl.load(t + 6), tl.load(t + 7)
     acc = tl.zeros((BM, BN, BK // GS), dtype=tl.float32)
-    row0, k0 = t_first * BN, t_first * 0  # the step: its tile's first row, its first column
-    for _ in tl.range(0, items, num_stages=STAGES, loop_unroll_factor=2 if AHEAD else 1):
-        last = k0 + BK >= K  # the tile's last step: the walk goes on along K, then to the next tile's start
-        next_row0, next_k0 = tl.where(last, row0 + BN, row0), tl.where(last, 0, k0 + BK)
+    for k0 in tl.range(0, K, BK, num_stages=STAGES, loop_unroll_factor=2 if AHEAD else 1):
         if AHEAD:
             cw, c0, c1, c2, c3 = word, q0, q1, q2, q3
             # after the last step it loads the last step again (in bounds, never used): no masks in the loop
-            more = next_row0 < row_end
-            word, q0, q1, q2, q3 = _load_step(words, x4_ptr, ms, r, c, tl.where(more, next_row0, row0),
-                                              tl.where(more, next_k0, k0), M, N, KW, BM, EVEN)  # fmt: skip
+            nxt = tl.minimum(k0 + BK, (K - 1) // BK * BK)
+            word, v = _load_words(words, rows, nxt, N, KW, BK, EVEN)
+            q0, q1, q2, q3 = _load_planes(x4_ptr, ms, rows, v, M, KW, BM, EVEN)
         else:
-            cw, c0, c1, c2, c3 = _load_step(words, x4_ptr, ms, r, c, row0, k0, M, N, KW, BM, EVEN)
+            cw, v = _load_words(words, rows, k0, N, KW, BK, EVEN)
+            c0, c1, c2, c3 = _load_planes(x4_ptr, ms, rows, v, M, KW, BM, EVEN)
         if BM == 1:
             p = _dot_words(cw, c0, c1, c2, c3, lo0, lo1, lo2, lo3,
                            hi0, hi1, hi2, hi3, table, nib_ptr, PTX, SMEM, COPIES)  # (BN, BK/8) fmt: skip
@@ -331,28 +324,22 @@ def _half2_kernel(x4_ptr, inv_ptr, sums_ptr, y_ptr, packed_ptr, words_ptr, pairs
         else:
             lo, hi = _unpack(p)
             lo, hi = tl.sum(lo, axis=3), tl.sum(hi, axis=3)
-        rows = row0 + r
-        idx = (row0 * G + k0 // GS) + (r[:, None] * G + g[None, :])  # the groups' scales, (BN, BK/GS)
-        ok = (rows < N)[:, None] & (k0 + g * GS < K)[None, :]
-        if not EVEN:
-            idx = tl.where(ok, idx, 0)
-        s = _group_scales(scale_ptr, ncode_ptr, nscale_ptr, offset_ptr, idx, DOUBLE_QUANT, NESTED_GS, PTX)
+        idx, ok = pair_scale_index(rows, k0, N, K, G, BK, GS, 1)  # (BN, BK/GS); 1: SCALES_GROUPED
+        s = _group_scales(scale_ptr, ncode_ptr, nscale_ptr, offset_ptr, idx, ok, DOUBLE_QUANT, NESTED_GS, PTX)
         dot = lo.to(tl.float32) + hi.to(tl.float32)  # (BM, BN, BK/GS)
         if HAS_ZP:
             z = tl.load(zp_ptr + idx, mask=ok, other=0).to(tl.float32)
-            sums = tl.load(sums_ptr + ms[:, None] * G + (k0 // GS + g)[None, :],
-                           mask=(ms < M)[:, None] & (k0 // GS + g < G)[None, :], other=0.0)  # fmt: skip
+            g = k0 // GS + tl.arange(0, BK // GS)
+            sums = tl.load(sums_ptr + ms[:, None] * G + g[None, :], mask=(ms < M)[:, None] & (g < G)[None, :],
+                           other=0.0)  # fmt: skip
             dot -= (z - center)[None, :, :] * sums[:, None, :]
         # x's 2^-e of each group's slice (rows past M and groups past K read a valid one: their products are 0)
-        sl = tl.minimum(k0 // SLICE + g * GS // SLICE, S - 1)  # (k0 is a multiple of BK; both powers of two)
+        sl = tl.minimum((k0 + tl.arange(0, BK // GS) * GS) // SLICE, S - 1)
         xinv = _ldg(inv_ptr + tl.minimum(ms, M - 1)[:, None] * S + sl[None, :], PTX)  # (BM, BK/GS)
         acc += dot * s[None, :, :] * xinv[:, None, :]
-        if last:
-            y = tl.sum(acc, axis=2)  # (BM, BN)
-            tl.store(y_ptr + ms[:, None] * stride_ym + rows[None, :], y.to(y_ptr.dtype.element_ty),
-                     mask=(ms < M)[:, None] & (rows < N)[None, :])  # fmt: skip
-            acc = tl.zeros((BM, BN, BK // GS), dtype=tl.float32)
-        row0, k0 = next_row0, next_k0
+    y = tl.sum(acc, axis=2)  # (BM, BN)
+    tl.store(y_ptr + ms[:, None] * stride_ym + rows[None, :], y.to(y_ptr.dtype.element_ty),
+             mask=(ms < M)[:, None] & (rows < N)[None, :])  # fmt: skip
 
 
 SLICE = 1024  # columns of x sharing a power-of-two scale: a multiple of every group size (≤ 1024) and of 8
@@ -370,13 +357,11 @@ def _configs() -> list[triton.Config]:
               (16, 256, 4, False)]  # fmt: skip
     registers = [(4, 1024, 2, 3), (8, 512, 4, 3), (16, 256, 4, 3), (32, 256, 8, 3), (8, 512, 2, 3), (2, 1024, 1, 1)]
     half = [(16, 1024, 4, True), (8, 1024, 4, True), (16, 2048, 8, True)]  # 16 copies: not yet timed
-    # a few programs an SM, each walking many tiles (OCC): not yet timed
-    walks = [(8, 1024, 4, True, 32, 4), (16, 512, 4, True, 32, 4), (8, 2048, 8, True, 32, 2), (4, 2048, 4, True, 32, 4)]
-    smem = [(*c, 32, 0) for c in shared] + [(*c, 16, 0) for c in half] + walks
-    return [triton.Config({"BN": bn, "BK": bk, "STAGES": 1, "SMEM": True, "AHEAD": ahead, "COPIES": copies,
-                           "OCC": occ}, num_warps=w, num_stages=1) for bn, bk, w, ahead, copies, occ in smem] + [
-        triton.Config({"BN": bn, "BK": bk, "STAGES": st, "SMEM": False, "AHEAD": False, "COPIES": 32, "OCC": 0},
-                      num_warps=w, num_stages=1) for bn, bk, w, st in registers]  # fmt: skip
+    smem = [(*c, 32) for c in shared] + [(*c, 16) for c in half]
+    return [triton.Config({"BN": bn, "BK": bk, "STAGES": 1, "SMEM": True, "AHEAD": ahead, "COPIES": copies},
+                          num_warps=w, num_stages=1) for bn, bk, w, ahead, copies in smem] + [
+        triton.Config({"BN": bn, "BK": bk, "STAGES": st, "SMEM": False, "AHEAD": False, "COPIES": 32}, num_warps=w,
+                      num_stages=1) for bn, bk, w, st in registers]  # fmt: skip
 
 
 def _prune(configs, named_args, **kwargs):
@@ -496,36 +481,15 @@ def lut4_gemv_half2(x: torch.Tensor, w: Lut4Weight, config: dict | None = None) 
               GS=gs, HAS_ZP=has_zp, DOUBLE_QUANT=layout["DOUBLE_QUANT"], NESTED_GS=layout["NESTED_GS"], PTX=ptx,
               PDL=pdl, SLICE=SLICE, BM=triton.next_power_of_2(m),
               EVEN=k % MAX_BK == 0 and w.out_features % MAX_BN == 0)  # fmt: skip
-    kw |= {"launch_pdl": True} if pdl else {}
-    sms = _sm_count(x.device)
     if config is None:
-        launch_tuned(_half2_tuned, lambda meta: (_programs(w.out_features, meta, sms),), *args, **kw)
+        kw |= {"launch_pdl": True} if pdl else {}
+        launch_tuned(_half2_tuned, lambda meta: (triton.cdiv(w.out_features, meta["BN"]),), *args, **kw)
     else:
-        config = {"STAGES": 1, "SMEM": False, "AHEAD": False, "COPIES": 32, "OCC": 0} | config
+        config = {"STAGES": 1, "SMEM": False, "AHEAD": False, "COPIES": 32} | config
         kw["EVEN"] = kw["EVEN"] and k % config["BK"] == 0 and w.out_features % config["BN"] == 0
-        grid = (_programs(w.out_features, config, sms),)
-        # OCC only sizes the grid: launches that differ in it alone share one compiled kernel
-        _half2_kernel[grid](*args, **kw, **config | {"OCC": 0})
+        kw |= {"launch_pdl": True} if pdl else {}
+        _half2_kernel[(triton.cdiv(w.out_features, config["BN"]),)](*args, **kw, **config)
     return y
-
-
-def _programs(n: int, meta: dict, sms: int) -> int:
-    """The grid: a program per tile of BN rows, or with OCC, OCC programs per SM (never more than tiles)."""
-    tiles = triton.cdiv(n, meta["BN"])
-    return min(tiles, sms * meta["OCC"]) if meta["OCC"] else tiles
-
-
-_SMS: dict[int, int] = {}
-
-
-def _sm_count(device: torch.device) -> int:
-    """Streaming multiprocessors of a CUDA device; 4 elsewhere (Triton's interpreter: any count is correct)."""
-    if device.type != "cuda":
-        return 4
-    index = device.index if device.index is not None else torch.cuda.current_device()
-    if index not in _SMS:
-        _SMS[index] = torch.cuda.get_device_properties(index).multi_processor_count
-    return _SMS[index]
 
 
 _CENTERS: dict[int, tuple[torch.Tensor, float]] = {}
