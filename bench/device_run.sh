@@ -36,6 +36,7 @@
 #   bash bench/device_run.sh s21c         # session 20's final GEMV (PDL, shared lookups for several rows, new configs)
 #   bash bench/device_run.sh s22a         # s21c re-run (per-slice prepare_x, 16 copies); ncu on the shared-table GEMV
 #   bash bench/device_run.sh s22c         # the shared-table GEMV with its registers capped (.maxnreg)
+#   bash bench/device_run.sh s22d         # session 21's final: gpu_kernels.py (all), the decode op at M = 1-8
 #   bash bench/device_run.sh longest      # memory estimator; fused vs unfused loss curves (carry smol_cfg too);
 #                                         # QLoRA step training peaks; the longest sequence each contender fits
 # from the repository root on the device, with bitsandbytes' wheel carried in .whl/ (see RESULTS.md).
@@ -286,6 +287,10 @@ case ${1:-kernels} in
     ;;
   s22c)  # the shared-table GEMV with its registers capped (ptxas .maxnreg: more blocks an SM)
     part sweep 500 python3 bench/gemv_sweep.py --out "$RES" --sweeps regs
+    ;;
+  s22d)  # session 21's final: every kernel checked and timed (decode, prefill, int8); the decode op at M = 1-8
+    part kernels 330 python3 bench/gpu_kernels.py --out "$RES"
+    part decode 150 python3 bench/gemv_sweep.py --out "$RES" --sweeps none
     ;;
   smemdebug)  # the shared-table GEMV under compute-sanitizer
     part debug 200 /usr/local/cuda/bin/compute-sanitizer --print-limit 5 python3 bench/half2_gpu_check.py

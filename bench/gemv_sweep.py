@@ -32,7 +32,7 @@ from gpu_kernels import DECODE_SHAPES, ceilings, graph_time_us, make_weights  # 
 
 from lowbit.kernels.lut4_gemm import lut4_dequantize  # noqa: E402
 from lowbit.kernels.lut4_gemv import lut4_gemv  # noqa: E402
-from lowbit.kernels.lut4_gemv_half2 import lut4_gemv_half2, prepare_x  # noqa: E402
+from lowbit.kernels.lut4_gemv_half2 import _half2_tuned, lut4_gemv_half2, prepare_x  # noqa: E402
 
 
 @triton.jit
@@ -214,6 +214,7 @@ def main(argv=None) -> int:
         times["x to float16 pairs alone (prepare_x)"] = graph_time_us(lambda i: prepare_x(x), n_rot, device)
         if not args.smoke:
             times["half2 GEMV, autotuned"] = graph_time_us(lambda i: lut4_gemv_half2(x, lw[i]), n_rot, device)
+            print(f"{n}x{k} the autotuner chose {_half2_tuned.best_config}", flush=True)
             times["register GEMV, autotuned"] = graph_time_us(lambda i: lut4_gemv(x, lw[i]), n_rot, device)
             times["op (lowbit::lut4_linear)"] = graph_time_us(lambda i: op(x, lw[i]), n_rot, device)
         if bnb is not None:
