@@ -102,6 +102,21 @@ def regs_configs(quick: bool) -> list[dict]:
     return out[::4] if quick else out
 
 
+def pipe_configs(quick: bool) -> list[dict]:
+    """The shared-table GEMV under Triton's software pipeliner (STAGES: words and x's planes copied into shared
+    memory asynchronously, no registers held for loads in flight), and the autotuner's launches for reference."""
+    from lowbit.kernels.lut4_gemv_half2 import _configs
+
+    out = [dict(c.kwargs, num_warps=c.num_warps) for c in _configs() if c.kwargs["SMEM"]]
+    for bn in (8, 16, 32):
+        for bk in (512, 1024, 2048):
+            for warps in (4, 8, 16):
+                if 4 <= bn * bk // 8 // (32 * warps) <= 32:
+                    out += [dict(BN=bn, BK=bk, num_warps=warps, STAGES=st, SMEM=True, AHEAD=False, COPIES=32)
+                            for st in (2, 3, 4)]
+    return out[::3] if quick else out
+
+
 def sweep(name: str, configs: list[dict], make_fn, n_rot: int, device, reference=None) -> list[dict]:
     """Each launch timed; with a `reference` (the float32 product), checked against it first (relative error
     of the largest output, bf16 rounding allows ~1e-2)."""
@@ -202,7 +217,8 @@ def main(argv=None) -> int:
         sweeps = {"read-only": ("read", read_configs, reader, None), "register GEMV": ("register", register_configs,
                   register, ref), "half2 GEMV": ("half2", half2_configs, half2, ref),
                   "half2 GEMV, shared table": ("shared", shared_configs, half2, ref),
-                  "half2 GEMV, shared table, registers capped": ("regs", regs_configs, half2, ref)}  # fmt: skip
+                  "half2 GEMV, shared table, registers capped": ("regs", regs_configs, half2, ref),
+                  "half2 GEMV, shared table, pipelined": ("pipe", pipe_configs, half2, ref)}  # fmt: skip
         sweeps = {name: sweep(short, configs(quick), make, n_rot, device, reference)
                   for name, (short, configs, make, reference) in sweeps.items() if short in chosen}  # fmt: skip
         for name, rows in sweeps.items():

@@ -57,7 +57,8 @@ def test_unmasked_tiles_give_the_masked_result():
 @pytest.mark.parametrize("fmt", [FORMATS[0], FORMATS[5]], ids=["nf4-dq", "int4-zero-points"])
 def test_loads_ahead_and_shared_table_launches_give_the_same_numbers(fmt):
     """AHEAD loads each step's successor while computing it (past the last step it reloads the last one); SMEM
-    keeps the byte table in shared memory (on the GPU; here the same lanes from memory). Over tiles that leave a
+    keeps the byte table in shared memory (on the GPU; here the same lanes from memory), and with STAGES loads
+    x's planes as vectors for the software pipeliner. Over tiles that leave a
     masked tail in K (384 = 256 + 128) and in N (44 rows), with one step or several, they give the plain
     launch's numbers exactly: the same products in the same order."""
     w, dense = make(fmt, (44, 384), 8)
@@ -65,7 +66,8 @@ def test_loads_ahead_and_shared_table_launches_give_the_same_numbers(fmt):
         x = torch.randn(m, 384).to(torch.bfloat16)
         for tile in ({"BN": 8, "BK": 128}, {"BN": 16, "BK": 256}, {"BN": 4, "BK": 512}):
             plain = lut4_gemv_half2(x, w, tile | {"num_warps": 4})
-            for extra in ({"AHEAD": True}, {"SMEM": True}, {"SMEM": True, "AHEAD": True, "COPIES": 16}):
+            for extra in ({"AHEAD": True}, {"SMEM": True}, {"SMEM": True, "AHEAD": True, "COPIES": 16},
+                          {"SMEM": True, "STAGES": 3}):
                 assert torch.equal(lut4_gemv_half2(x, w, tile | extra | {"num_warps": 4}), plain), (tile, extra)
             assert rel_err(plain, x.double() @ dense.t()) < 8e-3
 

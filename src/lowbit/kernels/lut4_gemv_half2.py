@@ -227,12 +227,16 @@ def _group_scales(scale_ptr, ncode_ptr, nscale_ptr, offset_ptr, idx, ok, DOUBLE_
 
 
 @triton.jit
-def _load_plane(x4_ptr, ms, rows, v, q: tl.constexpr, M, KW, BM: tl.constexpr, EVEN: tl.constexpr):
+def _load_plane(x4_ptr, ms, rows, v, q: tl.constexpr, M, KW, BM: tl.constexpr, EVEN: tl.constexpr,
+                VEC: tl.constexpr):
     """Pair q of words v of each row of x (`prepare_x` with ``words``: plane q of a row holds them in a run). One
     row of x is loaded in the word tile's (BN, BK/8) shape, each thread the pairs of its own words (L1 hits):
     loaded once as a (BK/8,) vector, it would be moved into the tile's layout through shared memory, with two
-    block barriers per plane and step."""
-    if BM == 1 and EVEN:
+    block barriers per plane and step. VEC loads it as that vector anyway: under Triton's software pipeliner
+    (STAGES > 1) it is copied into shared memory asynchronously and read from there in the tile's layout."""
+    if BM == 1 and VEC:
+        return tl.load(x4_ptr + q * KW + v, mask=v < KW, other=0)[None, :]
+    elif BM == 1 and EVEN:
         return tl.load(x4_ptr + q * KW + v[None, :] + 0 * rows[:, None])
     elif BM == 1:
         return tl.load(x4_ptr + q * KW + v[None, :] + 0 * rows[:, None], mask=(v < KW)[None, :], other=0)
@@ -253,12 +257,12 @@ def _load_words(words, rows, k0, N, KW, BK: tl.constexpr, EVEN: tl.constexpr):
 
 
 @triton.jit
-def _load_planes(x4_ptr, ms, rows, v, M, KW, BM: tl.constexpr, EVEN: tl.constexpr):
-    """x's four planes of pairs for the words v: (BN or BM, BK/8) each."""
-    q0 = _load_plane(x4_ptr, ms, rows, v, 0, M, KW, BM, EVEN)
-    q1 = _load_plane(x4_ptr, ms, rows, v, 1, M, KW, BM, EVEN)
-    q2 = _load_plane(x4_ptr, ms, rows, v, 2, M, KW, BM, EVEN)
-    q3 = _load_plane(x4_ptr, ms, rows, v, 3, M, KW, BM, EVEN)
+def _load_planes(x4_ptr, ms, rows, v, M, KW, BM: tl.constexpr, EVEN: tl.constexpr, VEC: tl.constexpr = False):
+    """x's four planes of pairs for the words v: (BN or BM, BK/8) each (VEC: (1, BK/8) at BM = 1)."""
+    q0 = _load_plane(x4_ptr, ms, rows, v, 0, M, KW, BM, EVEN, VEC)
+    q1 = _load_plane(x4_ptr, ms, rows, v, 1, M, KW, BM, EVEN, VEC)
+    q2 = _load_plane(x4_ptr, ms, rows, v, 2, M, KW, BM, EVEN, VEC)
+    q3 = _load_plane(x4_ptr, ms, rows, v, 3, M, KW, BM, EVEN, VEC)
     return q0, q1, q2, q3
 
 
@@ -305,6 +309,9 @@ def _half2_kernel(x4_ptr, inv_ptr, sums_ptr, y_ptr, packed_ptr, words_ptr, pairs
             nxt = tl.minimum(k0 + BK, (K - 1) // BK * BK)
             word, v = _load_words(words, rows, nxt, N, KW, BK, EVEN)
             q0, q1, q2, q3 = _load_planes(x4_ptr, ms, rows, v, M, KW, BM, EVEN)
+        elif SMEM and STAGES > 1:  # pipelined: x's planes as vectors through the pipeliner's shared buffers
+            cw, v = _load_words(words, rows, k0, N, KW, BK, EVEN)
+            c0, c1, c2, c3 = _load_planes(x4_ptr, ms, rows, v, M, KW, BM, EVEN, True)
         else:
             cw, v = _load_words(words, rows, k0, N, KW, BK, EVEN)
             c0, c1, c2, c3 = _load_planes(x4_ptr, ms, rows, v, M, KW, BM, EVEN)
