@@ -37,7 +37,7 @@
 #   bash bench/device_run.sh s22a         # s21c re-run (per-slice prepare_x, 16 copies); ncu on the shared-table GEMV
 #   bash bench/device_run.sh s22c         # the shared-table GEMV with its registers capped (.maxnreg)
 #   bash bench/device_run.sh s22d         # session 21's final: gpu_kernels.py (all), the decode op at M = 1-8
-#   bash bench/device_run.sh s22e         # the shared-table GEMV pipelined (cp.async, STAGES 2-4)
+#   bash bench/device_run.sh s22f         # the decode op with one row of x on a fixed launch per aspect
 #   bash bench/device_run.sh longest      # memory estimator; fused vs unfused loss curves (carry smol_cfg too);
 #                                         # QLoRA step training peaks; the longest sequence each contender fits
 # from the repository root on the device, with bitsandbytes' wheel carried in .whl/ (see RESULTS.md).
@@ -293,8 +293,8 @@ case ${1:-kernels} in
     part kernels 330 python3 bench/gpu_kernels.py --out "$RES"
     part decode 150 python3 bench/gemv_sweep.py --out "$RES" --sweeps none
     ;;
-  s22e)  # the shared-table GEMV under Triton's software pipeliner (STAGES 2-4) vs the autotuner's launches
-    part sweep 420 python3 bench/gemv_sweep.py --out "$RES" --sweeps pipe
+  s22f)  # the decode op at M = 1-8 with one row of x on a fixed launch per aspect (Hopper)
+    part decode 200 python3 bench/gemv_sweep.py --out "$RES" --sweeps none
     ;;
   smemdebug)  # the shared-table GEMV under compute-sanitizer
     part debug 200 /usr/local/cuda/bin/compute-sanitizer --print-limit 5 python3 bench/half2_gpu_check.py

@@ -32,7 +32,12 @@ from gpu_kernels import DECODE_SHAPES, ceilings, graph_time_us, make_weights  # 
 
 from lowbit.kernels.lut4_gemm import lut4_dequantize  # noqa: E402
 from lowbit.kernels.lut4_gemv import lut4_gemv  # noqa: E402
-from lowbit.kernels.lut4_gemv_half2 import _half2_tuned, lut4_gemv_half2, prepare_x  # noqa: E402
+from lowbit.kernels.lut4_gemv_half2 import (  # noqa: E402
+    _half2_tuned,
+    hopper_single_row_launch,
+    lut4_gemv_half2,
+    prepare_x,
+)
 
 
 @triton.jit
@@ -100,21 +105,6 @@ def regs_configs(quick: bool) -> list[dict]:
     out = [dict(BN=bn, BK=bk, num_warps=w, STAGES=1, SMEM=True, AHEAD=a, COPIES=c) | ({"maxnreg": r} if r else {})
            for bn, bk, w, a in tiles for c in (32, 16) for r in (None, 96, 80, 64)]  # fmt: skip
     return out[::4] if quick else out
-
-
-def pipe_configs(quick: bool) -> list[dict]:
-    """The shared-table GEMV under Triton's software pipeliner (STAGES: words and x's planes copied into shared
-    memory asynchronously, no registers held for loads in flight), and the autotuner's launches for reference."""
-    from lowbit.kernels.lut4_gemv_half2 import _configs
-
-    out = [dict(c.kwargs, num_warps=c.num_warps) for c in _configs() if c.kwargs["SMEM"]]
-    for bn in (8, 16, 32):
-        for bk in (512, 1024, 2048):
-            for warps in (4, 8, 16):
-                if 4 <= bn * bk // 8 // (32 * warps) <= 32:
-                    out += [dict(BN=bn, BK=bk, num_warps=warps, STAGES=st, SMEM=True, AHEAD=False, COPIES=32)
-                            for st in (2, 3, 4)]
-    return out[::3] if quick else out
 
 
 def sweep(name: str, configs: list[dict], make_fn, n_rot: int, device, reference=None) -> list[dict]:
@@ -217,8 +207,7 @@ def main(argv=None) -> int:
         sweeps = {"read-only": ("read", read_configs, reader, None), "register GEMV": ("register", register_configs,
                   register, ref), "half2 GEMV": ("half2", half2_configs, half2, ref),
                   "half2 GEMV, shared table": ("shared", shared_configs, half2, ref),
-                  "half2 GEMV, shared table, registers capped": ("regs", regs_configs, half2, ref),
-                  "half2 GEMV, shared table, pipelined": ("pipe", pipe_configs, half2, ref)}  # fmt: skip
+                  "half2 GEMV, shared table, registers capped": ("regs", regs_configs, half2, ref)}  # fmt: skip
         sweeps = {name: sweep(short, configs(quick), make, n_rot, device, reference)
                   for name, (short, configs, make, reference) in sweeps.items() if short in chosen}  # fmt: skip
         for name, rows in sweeps.items():
@@ -230,7 +219,8 @@ def main(argv=None) -> int:
         times["x to float16 pairs alone (prepare_x)"] = graph_time_us(lambda i: prepare_x(x), n_rot, device)
         if not args.smoke:
             times["half2 GEMV, autotuned"] = graph_time_us(lambda i: lut4_gemv_half2(x, lw[i]), n_rot, device)
-            print(f"{n}x{k} the autotuner chose {_half2_tuned.best_config}", flush=True)
+            rule = torch.cuda.get_device_capability()[0] == 9 and hopper_single_row_launch(n, k, 64)
+            print(f"{n}x{k} the launch at M = 1: {rule or _half2_tuned.best_config}", flush=True)
             times["register GEMV, autotuned"] = graph_time_us(lambda i: lut4_gemv(x, lw[i]), n_rot, device)
             times["op (lowbit::lut4_linear)"] = graph_time_us(lambda i: op(x, lw[i]), n_rot, device)
         if bnb is not None:

@@ -13,7 +13,14 @@ pytest.importorskip("triton", reason="Triton is not installed: pip install 'lowb
 
 from lowbit.formats import WeightFormat  # noqa: E402
 from lowbit.kernels.lut4 import lut4_weight  # noqa: E402
-from lowbit.kernels.lut4_gemv_half2 import SLICE, lut4_gemv_half2, nibble_table, prepare_x, supports  # noqa: E402
+from lowbit.kernels.lut4_gemv_half2 import (  # noqa: E402
+    SLICE,
+    hopper_single_row_launch,
+    lut4_gemv_half2,
+    nibble_table,
+    prepare_x,
+    supports,
+)
 from tests.kernels.test_triton_interpreted import rel_err  # noqa: E402
 
 CONFIG = {"BN": 8, "BK": 128, "num_warps": 4}
@@ -57,8 +64,7 @@ def test_unmasked_tiles_give_the_masked_result():
 @pytest.mark.parametrize("fmt", [FORMATS[0], FORMATS[5]], ids=["nf4-dq", "int4-zero-points"])
 def test_loads_ahead_and_shared_table_launches_give_the_same_numbers(fmt):
     """AHEAD loads each step's successor while computing it (past the last step it reloads the last one); SMEM
-    keeps the byte table in shared memory (on the GPU; here the same lanes from memory), and with STAGES loads
-    x's planes as vectors for the software pipeliner. Over tiles that leave a
+    keeps the byte table in shared memory (on the GPU; here the same lanes from memory). Over tiles that leave a
     masked tail in K (384 = 256 + 128) and in N (44 rows), with one step or several, they give the plain
     launch's numbers exactly: the same products in the same order."""
     w, dense = make(fmt, (44, 384), 8)
@@ -66,8 +72,7 @@ def test_loads_ahead_and_shared_table_launches_give_the_same_numbers(fmt):
         x = torch.randn(m, 384).to(torch.bfloat16)
         for tile in ({"BN": 8, "BK": 128}, {"BN": 16, "BK": 256}, {"BN": 4, "BK": 512}):
             plain = lut4_gemv_half2(x, w, tile | {"num_warps": 4})
-            for extra in ({"AHEAD": True}, {"SMEM": True}, {"SMEM": True, "AHEAD": True, "COPIES": 16},
-                          {"SMEM": True, "STAGES": 3}):
+            for extra in ({"AHEAD": True}, {"SMEM": True}, {"SMEM": True, "AHEAD": True, "COPIES": 16}):
                 assert torch.equal(lut4_gemv_half2(x, w, tile | extra | {"num_warps": 4}), plain), (tile, extra)
             assert rel_err(plain, x.double() @ dense.t()) < 8e-3
 
@@ -132,3 +137,19 @@ def test_what_it_does_not_take():
         lut4_gemv_half2(torch.zeros(9, 64), w)
     with pytest.raises(ValueError, match="whole groups"):
         lut4_gemv_half2(torch.zeros(1, 64), w, {"BN": 8, "BK": 32, "num_warps": 4})
+
+
+def test_hopper_single_row_launches_by_aspect():
+    """One row of x on Hopper takes a fixed launch by the weight's aspect (tall, wide, square); each is correct
+    on a weight of that aspect (here with the interpreter's lanes), and a group larger than its step sends
+    the call back to the autotuner."""
+    for n, k in ((128, 64), (32, 512), (64, 64)):
+        launch = hopper_single_row_launch(n, k, 64)
+        w, dense = make(FORMATS[0], (n, k), 9)
+        x = torch.randn(1, k).to(torch.bfloat16)
+        assert rel_err(lut4_gemv_half2(x, w, launch), x.double() @ dense.t()) < 8e-3, (n, k)
+    assert hopper_single_row_launch(8192, 1024, 64)["BK"] == 512  # tall: short steps, many rows a block
+    assert hopper_single_row_launch(1024, 8192, 64)["BK"] == 2048  # wide: long steps
+    assert hopper_single_row_launch(8192, 1024, 1024) is None  # a 1,024-column group spans two 512-column steps
+    with pytest.raises(ValueError, match="unpipelined"):
+        lut4_gemv_half2(x, w, {"BN": 8, "BK": 64, "num_warps": 4, "SMEM": True, "STAGES": 3})

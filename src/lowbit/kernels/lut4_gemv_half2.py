@@ -9,7 +9,7 @@ of an H100's copy bandwidth (bench/gemv_sweep.py), but the earlier GEMVs reached
 Each packed word (eight codes) is one PTX program that looks its values up and multiplies them with the
 activations as one `mul` and three `fma.rn.f16x2`, returning a float16 pair. Two lookups:
 
-- SMEM (the one the autotuner picks at one row of x): each byte indexes a 256-entry table of float16 pairs
+- SMEM (what one row of x runs on Hopper, `hopper_single_row_launch`): each byte indexes a 256-entry table of float16 pairs
   (table[low nibble], table[high nibble]) in shared memory, 32 copies interleaved by word so that each lane
   reads its own bank (`lut4_asm.shared_dot_asm`): 4 instructions a byte. The 32 KB table is declared by
   inline PTX and filled by each block; several rows of x share each word's lookup;
@@ -227,16 +227,12 @@ def _group_scales(scale_ptr, ncode_ptr, nscale_ptr, offset_ptr, idx, ok, DOUBLE_
 
 
 @triton.jit
-def _load_plane(x4_ptr, ms, rows, v, q: tl.constexpr, M, KW, BM: tl.constexpr, EVEN: tl.constexpr,
-                VEC: tl.constexpr):
+def _load_plane(x4_ptr, ms, rows, v, q: tl.constexpr, M, KW, BM: tl.constexpr, EVEN: tl.constexpr):
     """Pair q of words v of each row of x (`prepare_x` with ``words``: plane q of a row holds them in a run). One
     row of x is loaded in the word tile's (BN, BK/8) shape, each thread the pairs of its own words (L1 hits):
     loaded once as a (BK/8,) vector, it would be moved into the tile's layout through shared memory, with two
-    block barriers per plane and step. VEC loads it as that vector anyway: under Triton's software pipeliner
-    (STAGES > 1) it is copied into shared memory asynchronously and read from there in the tile's layout."""
-    if BM == 1 and VEC:
-        return tl.load(x4_ptr + q * KW + v, mask=v < KW, other=0)[None, :]
-    elif BM == 1 and EVEN:
+    block barriers per plane and step."""
+    if BM == 1 and EVEN:
         return tl.load(x4_ptr + q * KW + v[None, :] + 0 * rows[:, None])
     elif BM == 1:
         return tl.load(x4_ptr + q * KW + v[None, :] + 0 * rows[:, None], mask=(v < KW)[None, :], other=0)
@@ -257,12 +253,12 @@ def _load_words(words, rows, k0, N, KW, BK: tl.constexpr, EVEN: tl.constexpr):
 
 
 @triton.jit
-def _load_planes(x4_ptr, ms, rows, v, M, KW, BM: tl.constexpr, EVEN: tl.constexpr, VEC: tl.constexpr = False):
-    """x's four planes of pairs for the words v: (BN or BM, BK/8) each (VEC: (1, BK/8) at BM = 1)."""
-    q0 = _load_plane(x4_ptr, ms, rows, v, 0, M, KW, BM, EVEN, VEC)
-    q1 = _load_plane(x4_ptr, ms, rows, v, 1, M, KW, BM, EVEN, VEC)
-    q2 = _load_plane(x4_ptr, ms, rows, v, 2, M, KW, BM, EVEN, VEC)
-    q3 = _load_plane(x4_ptr, ms, rows, v, 3, M, KW, BM, EVEN, VEC)
+def _load_planes(x4_ptr, ms, rows, v, M, KW, BM: tl.constexpr, EVEN: tl.constexpr):
+    """x's four planes of pairs for the words v: (BN or BM, BK/8) each."""
+    q0 = _load_plane(x4_ptr, ms, rows, v, 0, M, KW, BM, EVEN)
+    q1 = _load_plane(x4_ptr, ms, rows, v, 1, M, KW, BM, EVEN)
+    q2 = _load_plane(x4_ptr, ms, rows, v, 2, M, KW, BM, EVEN)
+    q3 = _load_plane(x4_ptr, ms, rows, v, 3, M, KW, BM, EVEN)
     return q0, q1, q2, q3
 
 
@@ -309,9 +305,6 @@ def _half2_kernel(x4_ptr, inv_ptr, sums_ptr, y_ptr, packed_ptr, words_ptr, pairs
             nxt = tl.minimum(k0 + BK, (K - 1) // BK * BK)
             word, v = _load_words(words, rows, nxt, N, KW, BK, EVEN)
             q0, q1, q2, q3 = _load_planes(x4_ptr, ms, rows, v, M, KW, BM, EVEN)
-        elif SMEM and STAGES > 1:  # pipelined: x's planes as vectors through the pipeliner's shared buffers
-            cw, v = _load_words(words, rows, k0, N, KW, BK, EVEN)
-            c0, c1, c2, c3 = _load_planes(x4_ptr, ms, rows, v, M, KW, BM, EVEN, True)
         else:
             cw, v = _load_words(words, rows, k0, N, KW, BK, EVEN)
             c0, c1, c2, c3 = _load_planes(x4_ptr, ms, rows, v, M, KW, BM, EVEN)
@@ -354,12 +347,11 @@ MAX_BN, MAX_BK = 32, 2048  # the largest tile of any launch (a launch with BK > 
 
 
 def _configs() -> list[triton.Config]:
-    """(BN, BK, warps[, STAGES]) launches. With the byte table in shared memory (SMEM), the launches that won or
-    came within a few per cent at a Llama-3-8B shape, M = 1, in every sweep on an H100 and an H200
-    (bench/gemv_sweep.py, sessions 20-21, 112 launches each); runs differ by up to 10 % per launch, so a longer
-    list only gives the autotuner's own noisy timings more ways to pick a slower one (it did: 18.5 µs instead
-    of 16.6 at 14336×4096, s22c). With the register table, small tiles for several rows of x, which the shared
-    table's 32 KB a block does not favour. The autotuner decides per shape and batch."""
+    """(BN, BK, warps[, STAGES]) launches for the autotuner (several rows of x, and one row off Hopper). With the
+    byte table in shared memory (SMEM), the launches that won or came close at a Llama-3-8B shape, M = 1, in
+    every sweep on an H100 and an H200 (bench/gemv_sweep.py, sessions 20–21); with the register table, small
+    tiles for several rows of x, which the shared table's 32 KB a block does not favour. The autotuner
+    decides per shape and batch."""
     shared = [(32, 512, 4, True, 32), (32, 1024, 16, True, 32), (32, 2048, 16, True, 32), (16, 1024, 8, True, 32),
               (8, 2048, 4, False, 32), (8, 1024, 4, True, 16), (16, 2048, 16, False, 16)]  # fmt: skip
     registers = [(4, 1024, 2, 3), (8, 512, 4, 3), (16, 256, 4, 3), (32, 256, 8, 3), (8, 512, 2, 3), (2, 1024, 1, 1)]
@@ -473,6 +465,10 @@ def lut4_gemv_half2(x: torch.Tensor, w: Lut4Weight, config: dict | None = None) 
     gs, has_zp = layout["GS"], layout["HAS_ZP"]
     if config is not None and config["BK"] % gs:
         raise ValueError(f"config BK={config['BK']} must cover whole groups ({gs})")
+    if config is not None and config.get("SMEM") and config.get("STAGES", 1) > 1:
+        # the 33 KB static table plus the pipeliner's buffers can pass the 48 KB a launch gets without opting in
+        # (a CUDA "invalid argument"), and pipelined it ran 10-20 % slower than with loads ahead (s22e)
+        raise ValueError("a shared-table launch (SMEM) runs unpipelined: STAGES=1 (AHEAD=True to load ahead)")
     x = x if x.stride(1) == 1 else x.contiguous()
     x4, inv, sums = prepare_x(x, gs if has_zp else None)
     m, k = x.shape
@@ -486,6 +482,8 @@ def lut4_gemv_half2(x: torch.Tensor, w: Lut4Weight, config: dict | None = None) 
               GS=gs, HAS_ZP=has_zp, DOUBLE_QUANT=layout["DOUBLE_QUANT"], NESTED_GS=layout["NESTED_GS"], PTX=ptx,
               PDL=pdl, SLICE=SLICE, BM=triton.next_power_of_2(m),
               EVEN=k % MAX_BK == 0 and w.out_features % MAX_BN == 0)  # fmt: skip
+    if config is None and m == 1 and ptx and torch.cuda.get_device_capability(x.device)[0] == 9:
+        config = hopper_single_row_launch(w.out_features, k, gs)
     if config is None:
         kw |= {"launch_pdl": True} if pdl else {}
         launch_tuned(_half2_tuned, lambda meta: (triton.cdiv(w.out_features, meta["BN"]),), *args, **kw)
@@ -495,6 +493,21 @@ def lut4_gemv_half2(x: torch.Tensor, w: Lut4Weight, config: dict | None = None) 
         kw |= {"launch_pdl": True} if pdl else {}
         _half2_kernel[(triton.cdiv(w.out_features, config["BN"]),)](*args, **kw, **config)
     return y
+
+
+def hopper_single_row_launch(n: int, k: int, group_size: int) -> dict | None:
+    """The launch for one row of x on Hopper, by the weight's aspect: the winner of every graph-replayed sweep
+    on an H100 and an H200 (bench/gemv_sweep.py, sessions 20–21) for tall (N ≥ 2K), wide (K ≥ 2N) and square
+    weights. The autotuner times one launch at a time after an L2 flush, and there it ranked launches that run
+    14 % slower in a decoder's graph first (18.5 µs for 16.3 at 14336×4096; s22c, s22e). None (autotune) where
+    the launch's steps would split a group."""
+    if n >= 2 * k:
+        launch = {"BN": 32, "BK": 512, "num_warps": 4, "SMEM": True, "AHEAD": True}
+    elif k >= 2 * n:
+        launch = {"BN": 8, "BK": 2048, "num_warps": 4, "SMEM": True}
+    else:
+        launch = {"BN": 32, "BK": 1024, "num_warps": 16, "SMEM": True, "AHEAD": True}
+    return launch if launch["BK"] % group_size == 0 else None
 
 
 _CENTERS: dict[int, tuple[torch.Tensor, float]] = {}
