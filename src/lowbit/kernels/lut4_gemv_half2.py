@@ -29,11 +29,12 @@ computing it.
 
 Precision: float16 products and group sums carry ~2⁻¹¹ relative rounding, the order of the 16-bit inputs'
 own (bf16: 2⁻⁹); the tests bound it against float64 for activations from 1e-6 to 3e5 and an outlier.
-Measured on an H100 (bench/RESULTS.md, session 21): 7.3 / 16.3 / 15.5 µs at M = 1 on the Llama-3-8B
-shapes, 1.45–1.90× bitsandbytes, 62–65 % of copy bandwidth on the MLP shapes, where a read of the same bytes
+Measured on an H100 (bench/RESULTS.md, session 21): 8.0 / 16.3 / 16.2 µs at M = 1 on the Llama-3-8B
+shapes, 1.34–1.85× bitsandbytes, 61–62 % of copy bandwidth on the MLP shapes, where a read of the same bytes
 takes 11.4 µs. What remains is latency, not the lookup: Nsight Compute (H200) sees one eligible warp per
 scheduler and half an instruction issued per cycle (6.2 instructions a byte would take ~7 µs at full issue).
-Neither a persistent grid of programs walking many tiles nor capped registers (more blocks an SM) gained.
+Neither a persistent grid of programs walking many tiles, capped registers (more blocks an SM) nor Triton's
+software pipeliner (cp.async into shared memory) gained.
 
 On the CPU (Triton's interpreter, no PTX) the same lanes are computed from the 16-entry table in memory.
 """
