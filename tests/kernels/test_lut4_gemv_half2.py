@@ -137,6 +137,8 @@ def test_what_it_does_not_take():
         lut4_gemv_half2(torch.zeros(9, 64), w)
     with pytest.raises(ValueError, match="whole groups"):
         lut4_gemv_half2(torch.zeros(1, 64), w, {"BN": 8, "BK": 32, "num_warps": 4})
+    with pytest.raises(ValueError, match="unpipelined"):  # the shared table with the software pipeliner
+        lut4_gemv_half2(torch.zeros(1, 64), w, {"BN": 8, "BK": 64, "num_warps": 4, "SMEM": True, "STAGES": 3})
 
 
 def test_hopper_single_row_launches_by_aspect():
@@ -151,5 +153,3 @@ def test_hopper_single_row_launches_by_aspect():
     assert hopper_single_row_launch(8192, 1024, 64)["BK"] == 512  # tall: short steps, many rows a block
     assert hopper_single_row_launch(1024, 8192, 64)["BK"] == 2048  # wide: long steps
     assert hopper_single_row_launch(8192, 1024, 1024) is None  # a 1,024-column group spans two 512-column steps
-    with pytest.raises(ValueError, match="unpipelined"):
-        lut4_gemv_half2(x, w, {"BN": 8, "BK": 64, "num_warps": 4, "SMEM": True, "STAGES": 3})

@@ -9,10 +9,10 @@ of an H100's copy bandwidth (bench/gemv_sweep.py), but the earlier GEMVs reached
 Each packed word (eight codes) is one PTX program that looks its values up and multiplies them with the
 activations as one `mul` and three `fma.rn.f16x2`, returning a float16 pair. Two lookups:
 
-- SMEM (what one row of x runs on Hopper, `hopper_single_row_launch`): each byte indexes a 256-entry table of float16 pairs
-  (table[low nibble], table[high nibble]) in shared memory, 32 copies interleaved by word so that each lane
-  reads its own bank (`lut4_asm.shared_dot_asm`): 4 instructions a byte. The 32 KB table is declared by
-  inline PTX and filled by each block; several rows of x share each word's lookup;
+- SMEM (what one row of x runs on Hopper, `hopper_single_row_launch`): each byte indexes a 256-entry table
+  of float16 pairs (table[low nibble], table[high nibble]) in shared memory, 32 copies interleaved by word
+  so that each lane reads its own bank (`lut4_asm.shared_dot_asm`): 4 instructions a byte. The 32 KB table
+  is declared by inline PTX and filled by each block; several rows of x share each word's lookup;
 - registers (`lut4_asm.dot_asm`): the 16 values in eight registers per thread (loaded from an address that
   differs by lane: as uniform values ptxas would copy them at every call), a byte's two codes selected
   together: 8 instructions a byte.
